@@ -1,0 +1,63 @@
+"""Writers for each stored form, and the checks that say before a run whether a recipe can be stored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from compressor.errors import ExportError
+
+if TYPE_CHECKING:
+    from compressor.engine import ModelContext
+    from compressor.methods.base import MethodConfig
+    from compressor.recipe import ExportConfig
+
+
+def check_export_settings(export: ExportConfig, quant_stages: list[MethodConfig]) -> str | None:
+    """Why the quantizing stages' settings cannot be stored in ``export.format``, or None."""
+    if export.format == "dense":
+        return None
+    if not quant_stages:
+        return f"'{export.format}' stores quantized weights, but no stage quantizes (use format: dense)"
+    for stage in quant_stages:
+        bits, group, sym = (getattr(stage, k, None) for k in ("bits", "group_size", "symmetric"))
+        if export.format == "gguf":
+            wanted = {"Q4_0": 4, "Q8_0": 8}.get(export.gguf_type or "", bits)
+            if bits not in (4, 8) or group != 32 or not sym or bits != wanted:
+                return (
+                    f"gguf stores symmetric 4-bit (Q4_0) or 8-bit (Q8_0) blocks of 32 weights; stage "
+                    f"'{stage.method}' has bits={bits}, group_size={group}, symmetric={sym}"
+                )
+    return None
+
+
+def write_model(export: ExportConfig, run: ModelContext, tokenizer: Any, out_dir: Path) -> list[str]:
+    """Write the compressed model into ``out_dir`` in the recipe's format; returns the files written."""
+    max_shard = f"{export.max_shard_mb}MB"
+    if export.format == "dense":
+        run.model.save_pretrained(out_dir, max_shard_size=max_shard)
+    elif export.format == "compressed-tensors":
+        from compressor.export.compressed_tensors import write_compressed_tensors
+
+        write_compressed_tensors(run.model, run.quantized, out_dir, max_shard_bytes=export.max_shard_mb * 2**20)
+        _save_generation_config(run.model, out_dir)
+    elif export.format == "gguf":
+        from compressor.export.gguf import write_gguf
+
+        file_type = export.gguf_type or ("Q4_0" if _bits(run) == 4 else "Q8_0")
+        write_gguf(run.model, run.quantized, out_dir / f"model-{file_type}.gguf", tokenizer, file_type)
+    else:  # pragma: no cover - the recipe schema allows only the formats above
+        raise ExportError(f"unknown export format {export.format}")
+    if export.format != "gguf":
+        tokenizer.save_pretrained(out_dir)
+    return sorted(p.name for p in out_dir.iterdir())
+
+
+def _bits(run: ModelContext) -> int:
+    return max((q.bits for q in run.quantized.values()), default=8)
+
+
+def _save_generation_config(model: Any, out_dir: Path) -> None:
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(out_dir)

@@ -63,16 +63,20 @@ class QuantizedWeight:
 
 
 def effective_group_size(columns: int, group_size: int) -> int:
-    """Largest group size that divides ``columns`` and is at most ``group_size`` (-1: per channel).
+    """The group size to use for ``columns`` when ``group_size`` was asked (-1: per channel).
 
-    Formats need whole groups; SmolLM2's 576-wide projections cannot take 128, so they get 64.
+    Formats need whole groups, and serving kernels want power-of-two groups: when ``group_size`` does
+    not divide the width, take the largest power of two below it that does (SmolLM2's 576-wide
+    projections cannot take 128, so they get 64).
     """
     if group_size <= 0 or group_size >= columns:
         return -1 if group_size <= 0 else columns
-    for size in range(group_size, 0, -1):
-        if columns % size == 0:
-            return size
-    return 1
+    if columns % group_size == 0:
+        return group_size
+    size = 1 << (group_size.bit_length() - 1)
+    while columns % size:
+        size //= 2
+    return size
 
 
 def compute_qparams(

@@ -1,0 +1,35 @@
+"""Options shared by several commands, declared once as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="Model: a local HF directory, a .gguf file, a hub id, or demo:smollm2 (offline SmolLM2-135M).",
+        show_default=False,
+    ),
+]
+RecipeOpt = Annotated[
+    str, typer.Option("--recipe", "-r", help="Shipped recipe name (see `compressor recipes list`) or a YAML file.")
+]
+OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory (written atomically).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe field, e.g. --set stages.0.bits=3 (repeatable)."),
+]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for calibration sampling [default: recipe's, 0].")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, or cuda[:N].")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32, bfloat16 or float16.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or warnings.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output directory if it exists.")]
+SeqLenOpt = Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence/window.")]
+TextFieldOpt = Annotated[
+    str | None, typer.Option("--text-field", help="Column holding the text in json/jsonl/csv/parquet/hf data.")
+]

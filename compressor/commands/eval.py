@@ -1,0 +1,57 @@
+"""``compressor eval MODEL --data SOURCE``: perplexity over non-overlapping windows, streamed."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from compressor.commands._handler import configure_logging, run_guarded
+from compressor.commands._options import (
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    QuietOpt,
+    TextFieldOpt,
+)
+from compressor.commands._render import print_json, print_table
+
+
+def eval_(
+    model: ModelArg,
+    *,
+    data: Annotated[str, typer.Option("--data", "-d", help="Text SOURCE: file, dir, hf:..., demo:wiki.")] = "demo:wiki",
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Window length in tokens.")] = 512,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="Score at most this many tokens (whole windows).")
+    ] = 16384,
+    text_field: TextFieldOpt = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Allow a model directory's own modeling code to run.")
+    ] = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Perplexity of MODEL (any format compressor reads or writes) on held-out text."""
+    configure_logging(quiet or json_output)
+
+    def action() -> None:
+        from compressor.pipeline import evaluate, load
+
+        loaded = load(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        result = evaluate(loaded, data, seq_len=seq_len, max_tokens=max_tokens, device=device,
+                          text_field=text_field)
+        summary = {"model": model, "data": data, **result.to_dict()}
+        if json_output:
+            print_json(summary)
+        elif not quiet:
+            print_table(f"perplexity of {model}", summary)
+        else:
+            typer.echo(f"{result.ppl:.4f}")
+
+    run_guarded(action, debug=debug)

@@ -1,0 +1,215 @@
+"""The layer-wise runner every method goes through (the GPTQ reference driver, written once).
+
+Per pass: run the embeddings once and capture decoder layer 0's inputs (hidden states plus whatever the
+architecture passes: position embeddings, masks); then for each layer move it to the device, let every
+stage of the pass transform it, re-run the calibration set through the transformed layer to make the
+next layer's inputs (so later layers see earlier layers' error), and move it back. Only one layer and
+the calibration hidden states are on the device at a time. A model-level stage (layer removal) ends a
+pass; the stages after it get a fresh capture of the changed model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor.errors import NumericalError
+from compressor.methods.base import LayerRecord, Method
+from compressor.methods.quant.gptq_ops import accumulate_hessian
+from compressor.methods.quant.ops import QuantizedWeight
+from compressor.models.base import LinearGroup, ModelAdapter
+
+log = logging.getLogger(__name__)
+
+#: progress(phase, done, total): the CLI renders it; the library never prints.
+ProgressFn = Callable[[str, int, int], None]
+
+
+class _StopForward(Exception):
+    """Raised from a hook once everything needed from a forward pass was seen."""
+
+
+@dataclass
+class CapturedBatch:
+    """Inputs of one decoder layer for one calibration batch: ``hidden: [B, L, H]`` plus kwargs."""
+
+    hidden: torch.Tensor
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class ModelContext:
+    """What model-level steps see: the model, its adapter, the calibration tokens and the results."""
+
+    model: nn.Module
+    adapter: ModelAdapter
+    tokens: torch.Tensor
+    device: torch.device
+    batch_size: int
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    #: Structural changes the export must record (removed layers, slicing widths...), by method name.
+    structure: dict[str, Any] = field(default_factory=dict)
+    #: Plans handed from one stage to the next (BAQ's bit map), by key.
+    plans: dict[str, Any] = field(default_factory=dict)
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        for start in range(0, self.tokens.shape[0], self.batch_size):
+            yield self.tokens[start : start + self.batch_size].to(self.device)
+
+    def capture_layer_inputs(self) -> list[CapturedBatch]:
+        """Run the model up to decoder layer 0 and keep its inputs for every calibration batch."""
+        return capture_layer_inputs(self.model, self.adapter, self.batches())
+
+
+@dataclass
+class LayerContext:
+    """One decoder layer during a pass: the layer, its inputs and statistics helpers for methods."""
+
+    index: int
+    layer: nn.Module
+    run: ModelContext
+    inputs: list[CapturedBatch]
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        return self.run.adapter
+
+    @property
+    def prefix(self) -> str:
+        return self.adapter.layer_prefix(self.index)
+
+    def module(self, name: str) -> nn.Module:
+        """A submodule of this layer by relative path (names come from the adapter)."""
+        return self.layer.get_submodule(name)
+
+    def path(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    @torch.no_grad()
+    def forward(self) -> list[torch.Tensor]:
+        """Run every calibration batch through the layer as it is now; returns the outputs."""
+        outputs = []
+        for batch in self.inputs:
+            out = self.layer(batch.hidden, **batch.kwargs)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        return outputs
+
+    @torch.no_grad()
+    def collect_inputs(self, module: nn.Module, fold: Callable[[torch.Tensor], None]) -> None:
+        """Call ``fold(x)`` with the input of ``module`` for every batch, stopping each forward there."""
+
+        def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            fold(args[0])
+            raise _StopForward
+
+        handle = module.register_forward_pre_hook(hook)
+        try:
+            for batch in self.inputs:
+                try:
+                    self.layer(batch.hidden, **batch.kwargs)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+
+    def hessian(self, group: LinearGroup) -> torch.Tensor:
+        """``H = 2/n X^T X`` of the input shared by the group's linears (``[in, in]``, float32)."""
+        first = self.module(group.names[0])
+        state: dict[str, Any] = {"H": None, "n": 0}
+
+        def fold(x: torch.Tensor) -> None:
+            state["H"], state["n"] = accumulate_hessian(state["H"], x, state["n"])
+
+        self.collect_inputs(first, fold)
+        H = state["H"]
+        if H is None or not torch.isfinite(H).all():
+            raise NumericalError(f"non-finite inputs reach {self.path(group.names[0])}: cannot quantize it")
+        return H
+
+
+def capture_layer_inputs(
+    model: nn.Module, adapter: ModelAdapter, batches: Iterator[torch.Tensor]
+) -> list[CapturedBatch]:
+    """Inputs (args and kwargs) of decoder layer 0 for each token batch; the forward stops there."""
+    captured: list[CapturedBatch] = []
+    first = adapter.layers()[0]
+
+    def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        kwargs["use_cache"] = False
+        captured.append(CapturedBatch(hidden.detach(), kwargs))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for tokens in batches:
+                try:
+                    model(input_ids=tokens, use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def split_passes(stages: list[Method]) -> list[list[Method]]:
+    """Consecutive layer-wise stages share a pass; a model-level stage closes its pass."""
+    passes: list[list[Method]] = [[]]
+    for stage in stages:
+        passes[-1].append(stage)
+        if stage.model_level:
+            passes.append([])
+    return [p for p in passes if p]
+
+
+def _move_embeddings(adapter: ModelAdapter, device: torch.device) -> None:
+    for module in adapter.embeddings():
+        module.to(device)
+    rotary = getattr(adapter.decoder(), "rotary_emb", None)
+    if rotary is not None:
+        rotary.to(device)
+
+
+def run_pass(run: ModelContext, stages: list[Method], progress: ProgressFn | None = None) -> list[LayerRecord]:
+    """One sweep over the decoder layers applying ``stages`` in order inside each layer."""
+    records: list[LayerRecord] = []
+    for stage in stages:
+        records += stage.prepare(run)
+    _move_embeddings(run.adapter, run.device)
+    inputs = run.capture_layer_inputs()
+    _move_embeddings(run.adapter, torch.device("cpu"))
+    layers = run.adapter.layers()
+    label = "+".join(stage.name for stage in stages)
+    for index in range(len(layers)):
+        layer = layers[index].to(run.device)
+        ctx = LayerContext(index=index, layer=layer, run=run, inputs=inputs)
+        for stage in stages:
+            records += stage.apply(ctx)
+        outputs = ctx.forward()
+        if not all(torch.isfinite(out).all() for out in outputs):
+            raise NumericalError(f"layer {ctx.prefix} produced NaN/inf outputs after {label}")
+        inputs = [CapturedBatch(out, batch.kwargs) for out, batch in zip(outputs, inputs, strict=True)]
+        layers[index].to("cpu")
+        if progress:
+            progress(label, index + 1, len(layers))
+    for stage in stages:
+        records += stage.finalize(run)
+    return records
+
+
+def run_stages(run: ModelContext, stages: list[Method], progress: ProgressFn | None = None) -> list[LayerRecord]:
+    """Every pass in order; returns the per-module records of all stages."""
+    records: list[LayerRecord] = []
+    for stages_of_pass in split_passes(stages):
+        start = time.perf_counter()
+        records += run_pass(run, stages_of_pass, progress)
+        log.info("pass %s took %.1f s", [s.name for s in stages_of_pass], time.perf_counter() - start)
+    return records

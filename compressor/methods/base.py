@@ -1,0 +1,109 @@
+"""What a method is: a strict config plus an object with ``prepare``/``apply``/``finalize``.
+
+The engine calls ``apply`` once per decoder layer with a :class:`LayerContext` that gives the layer,
+its calibration inputs and the statistics helpers; the method transforms the layer in place and
+returns one :class:`LayerRecord` per module it touched. Model-level decisions (dropping layers) go in
+``finalize``. Methods keep no state between layers beyond what they deliberately accumulate for
+``finalize``.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from compressor.engine import LayerContext, ModelContext
+
+
+class MethodConfig(BaseModel):
+    """Base of every stage config: strict (unknown keys rejected) and frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Bumped when a field's meaning changes; written into resolved recipes and reports.
+    version: ClassVar[int] = 1
+
+    method: str = Field(description="Registered method name.")
+
+
+class TargetedConfig(MethodConfig):
+    """A stage that acts on individual linears chosen by class name or ``re:`` regex on the path."""
+
+    targets: list[str] = Field(
+        default_factory=lambda: ["Linear"],
+        description="Module class names, or 're:<regex>' matched against full module paths.",
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="Module names (path suffixes) or 're:<regex>' to leave untouched.",
+    )
+
+    def matches(self, path: str, class_name: str) -> bool:
+        """True when the module at ``path`` is targeted and not ignored."""
+        return any(_match(rule, path, class_name) for rule in self.targets) and not any(
+            _match(rule, path, class_name) for rule in self.ignore
+        )
+
+
+def _match(rule: str, path: str, class_name: str) -> bool:
+    if rule.startswith("re:"):
+        return re.search(rule[3:], path) is not None
+    return rule == class_name or path == rule or path.endswith("." + rule)
+
+
+@dataclass
+class LayerRecord:
+    """One row of the report: what a method did to one module (keyed by its full dotted path)."""
+
+    module: str
+    method: str
+    bits: float | None = None
+    group_size: int | None = None
+    kept_fraction: float | None = None
+    params_before: int = 0
+    params_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    rel_error: float | None = None
+    seconds: float = 0.0
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Method(ABC):
+    """A registered compression method; one instance per recipe stage."""
+
+    config_class: ClassVar[type[MethodConfig]]
+    #: "quant" methods store weights in fewer bits; "prune" methods change shapes; "allocate" methods
+    #: only plan (BAQ writes a bit map the next quantizer reads).
+    kind: ClassVar[Literal["quant", "prune", "allocate"]] = "quant"
+    #: True when the method decides from whole-model statistics in ``finalize`` (layer removal): the
+    #: stages after it get a fresh pass over the changed model.
+    model_level: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.config.method
+
+    def prepare(self, run: ModelContext) -> list[LayerRecord]:
+        """Model-level work before layer 0's inputs are captured (e.g. rotating embeddings)."""
+        return []
+
+    @abstractmethod
+    def apply(self, ctx: LayerContext) -> list[LayerRecord]:
+        """Transform one decoder layer in place (or only measure it) and say what was done."""
+
+    def finalize(self, run: ModelContext) -> list[LayerRecord]:
+        """Model-level work after the last layer (e.g. removing the layers chosen while measuring)."""
+        return []

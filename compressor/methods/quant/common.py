@@ -1,0 +1,127 @@
+"""What the weight quantizers (RTN, GPTQ) share: the scheme config and the write-back of results."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from compressor.errors import RecipeError
+from compressor.methods.base import LayerRecord, TargetedConfig
+from compressor.methods.quant.ops import QuantizedWeight, effective_group_size, relative_error
+
+if TYPE_CHECKING:
+    from compressor.engine import LayerContext
+
+log = logging.getLogger(__name__)
+
+
+class WeightQuantConfig(TargetedConfig):
+    """Integer weight quantization scheme shared by RTN and GPTQ."""
+
+    bits: int = Field(4, description="Code width, 2..8.")
+    group_size: int = Field(
+        128,
+        description="Columns sharing one scale; -1 = one scale per output channel. A width the size "
+        "does not divide gets the largest divisor below it (reported), unless strict_groups.",
+    )
+    symmetric: bool = Field(True, description="Zero point fixed at the middle of the range.")
+    strict_groups: bool = Field(False, description="Fail instead of shrinking a group size that does not divide.")
+    mse: bool = Field(False, description="Grid-search each group's clipping range to minimise its error.")
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_in_range(cls, value: int) -> int:
+        if not 2 <= value <= 8:
+            raise ValueError(f"bits must be between 2 and 8, got {value}")
+        return value
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size_valid(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError(f"group_size must be -1 (per channel) or a positive number, got {value}")
+        return value
+
+
+def layer_group_size(config: WeightQuantConfig, path: str, columns: int) -> tuple[int, str]:
+    """The group size used for one module (-1: per channel) and a report note when it differs."""
+    if config.group_size <= 0:
+        return -1, ""
+    if config.group_size >= columns:
+        return -1, f"group_size {config.group_size} covers all {columns} columns: per channel"
+    size = effective_group_size(columns, config.group_size)
+    if size == config.group_size:
+        return size, ""
+    if config.strict_groups:
+        raise RecipeError(
+            f"group_size {config.group_size} does not divide the {columns} input columns of {path} "
+            "(strict_groups is set)"
+        )
+    note = f"group_size {config.group_size} does not divide {columns} columns; used {size}"
+    log.warning("%s: %s", path, note)
+    return size, note
+
+
+def quantize_layer_linears(
+    ctx: LayerContext,
+    config: WeightQuantConfig,
+    solve: Callable[[torch.Tensor, torch.Tensor, int, int], tuple[QuantizedWeight, str]],
+) -> list[LayerRecord]:
+    """For each linear group in data-flow order: collect H once, solve each targeted linear, write back.
+
+    ``solve(W, H, bits, group_size) -> (qweight, note)`` is the method's math. Groups are processed in
+    order so later groups' Hessians come from already-quantized predecessors.
+    """
+    records = []
+    plan = ctx.run.plans.get("bits", {})
+    for group in ctx.adapter.linear_groups():
+        names = [n for n in group.names if config.matches(ctx.path(n), type(ctx.module(n)).__name__)]
+        if not names:
+            continue
+        H = ctx.hessian(group)
+        for name in names:
+            module = ctx.module(name)
+            assert isinstance(module, nn.Linear)
+            path = ctx.path(name)
+            start = time.perf_counter()
+            W = module.weight.data
+            group_size, group_note = layer_group_size(config, path, W.shape[1])
+            bits = int(plan.get(path, config.bits))
+            qweight, note = solve(W, H, bits, group_size)
+            W_hat = qweight.dequantize(W.dtype)
+            records.append(_record(path, config.method, W, W_hat, H, qweight, start, "; ".join(
+                n for n in (group_note, note) if n)))
+            module.weight.data = W_hat
+            ctx.run.quantized[path] = qweight
+    return records
+
+
+def _record(
+    path: str, method: str, W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor,
+    qweight: QuantizedWeight, start: float, note: str,
+) -> LayerRecord:
+    """Relative output error on the calibration inputs: tr(dW H dW^T) / tr(W H W^T)."""
+    dW = (W - W_hat).float()
+    num = torch.einsum("oi,ij,oj->", dW, H, dW)
+    den = torch.einsum("oi,ij,oj->", W.float(), H, W.float())
+    rel = float(torch.sqrt(num / den)) if den > 0 else relative_error(W, W_hat)
+    numel = W.numel()
+    return LayerRecord(
+        module=path,
+        method=method,
+        bits=float(qweight.bits),
+        group_size=qweight.group_size,
+        params_before=numel,
+        params_after=numel,
+        bytes_before=numel * W.element_size(),
+        bytes_after=(qweight.storage_bits() + 7) // 8,
+        rel_error=rel,
+        seconds=time.perf_counter() - start,
+        note=note,
+    )

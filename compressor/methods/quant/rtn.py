@@ -1,0 +1,43 @@
+"""RTN: round-to-nearest weight quantization, the data-free baseline every other method must beat."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from compressor.methods.base import LayerRecord, Method
+from compressor.methods.quant.common import WeightQuantConfig, quantize_layer_linears
+from compressor.methods.quant.ops import QuantizedWeight, quantize_rtn
+from compressor.methods.registry import register_method
+
+if TYPE_CHECKING:
+    from compressor.engine import LayerContext
+
+
+class RTNConfig(WeightQuantConfig):
+    """Round each weight to the nearest level of its group's min/max grid.
+
+    ```yaml
+    - method: rtn
+      bits: 8
+      group_size: -1     # per output channel
+      symmetric: true
+    ```
+    The calibration data is used only to report each module's output error, not to choose weights.
+    """
+
+
+@register_method("rtn")
+class RTN(Method):
+    config_class = RTNConfig
+    kind = "quant"
+
+    def apply(self, ctx: LayerContext) -> list[LayerRecord]:
+        config = self.config
+        assert isinstance(config, RTNConfig)
+
+        def solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int) -> tuple[QuantizedWeight, str]:
+            return quantize_rtn(W, bits, group_size, config.symmetric, config.mse), ""
+
+        return quantize_layer_linears(ctx, config, solve)

@@ -1,0 +1,120 @@
+"""The adapter contract: roles of a causal LM's modules, so methods never spell attribute names.
+
+One small adapter per family maps roles (embeddings, decoder layers, attention projections, MLP
+projections, norms, head) to that family's modules. Methods branch on capability properties, never on
+the family's name. Everything a shape-changing method needs goes through here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linears of one decoder layer that read the same input (q/k/v; gate/up): one Hessian serves all.
+
+    ``names`` are paths relative to the decoder layer. Groups are listed in data-flow order so a
+    sequential method sees statistics produced by already-transformed predecessors.
+    """
+
+    names: tuple[str, ...]
+
+
+class ModelAdapter(ABC):
+    """Roles of one architecture family. Subclasses are mostly one-line getters."""
+
+    #: ``config.model_type`` values this adapter accepts.
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+
+    # ---- model-level roles -------------------------------------------------------------
+    @abstractmethod
+    def decoder(self) -> nn.Module:
+        """The base transformer that holds embeddings and layers (``model.model`` for Llama)."""
+
+    @abstractmethod
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers, in order (``model.layers`` / ``decoder.layers``)."""
+
+    @abstractmethod
+    def layers_path(self) -> str:
+        """Dotted path of the layer list from the top model: ``model.layers``."""
+
+    @abstractmethod
+    def embeddings(self) -> list[nn.Module]:
+        """Modules that write into the residual stream before layer 0 (token, and learned positions)."""
+
+    @abstractmethod
+    def final_norm(self) -> nn.Module:
+        """The norm applied after the last layer, before the head."""
+
+    def lm_head(self) -> nn.Linear:
+        """The output projection to the vocabulary."""
+        head = self.model.get_output_embeddings()
+        assert isinstance(head, nn.Linear)
+        return head
+
+    # ---- per-layer roles (paths relative to a decoder layer) -----------------------------
+    @abstractmethod
+    def linear_groups(self) -> list[LinearGroup]:
+        """Linears grouped by shared input, in data-flow order: qkv, o, gate/up (fc1), down (fc2)."""
+
+    @abstractmethod
+    def attention_norm(self, layer: nn.Module) -> nn.Module:
+        """The norm before attention (``input_layernorm`` / ``self_attn_layer_norm``)."""
+
+    @abstractmethod
+    def mlp_norm(self, layer: nn.Module) -> nn.Module:
+        """The norm before the MLP (``post_attention_layernorm`` / ``final_layer_norm``)."""
+
+    @abstractmethod
+    def attention(self, layer: nn.Module) -> nn.Module:
+        """The self-attention sublayer."""
+
+    @abstractmethod
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        """The MLP sublayer (for OPT, the pair fc1/fc2 lives on the layer itself)."""
+
+    @abstractmethod
+    def attention_output(self, layer: nn.Module) -> nn.Linear:
+        """The projection that writes attention back into the residual stream (o_proj / out_proj)."""
+
+    @abstractmethod
+    def mlp_output(self, layer: nn.Module) -> nn.Linear:
+        """The projection that writes the MLP back into the residual stream (down_proj / fc2)."""
+
+    # ---- capabilities --------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers())
+
+    @property
+    def uses_layernorm(self) -> bool:
+        """True when norms subtract the mean (LayerNorm); rotation methods must fold it first."""
+        return False
+
+    @property
+    def max_positions(self) -> int | None:
+        """Longest sequence the model was built for, if the config says."""
+        value = getattr(self.config, "max_position_embeddings", None)
+        return int(value) if value else None
+
+    # ---- helpers built on the roles ---------------------------------------------------------
+    def linear_names(self) -> list[str]:
+        """Every grouped linear of a layer, relative to the layer, in data-flow order."""
+        return [name for group in self.linear_groups() for name in group.names]
+
+    def layer_prefix(self, index: int) -> str:
+        """Full module path of decoder layer ``index``: ``model.layers.3``."""
+        return f"{self.layers_path()}.{index}"

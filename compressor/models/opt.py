@@ -1,0 +1,61 @@
+"""OPT roles: LayerNorm with bias, learned positions, fc1/fc2 on the layer itself (the papers' tables)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from compressor.models.base import LinearGroup, ModelAdapter
+
+
+class OPTAdapter(ModelAdapter):
+    model_types = ("opt",)
+
+    def decoder(self) -> nn.Module:
+        return self.model.model.decoder
+
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.decoder.layers
+
+    def layers_path(self) -> str:
+        return "model.decoder.layers"
+
+    def embeddings(self) -> list[nn.Module]:
+        decoder = self.model.model.decoder
+        return [decoder.embed_tokens, decoder.embed_positions]
+
+    def final_norm(self) -> nn.Module:
+        return self.model.model.decoder.final_layer_norm
+
+    def linear_groups(self) -> list[LinearGroup]:
+        return [
+            LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            LinearGroup(("self_attn.out_proj",)),
+            LinearGroup(("fc1",)),
+            LinearGroup(("fc2",)),
+        ]
+
+    def attention_norm(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn_layer_norm
+
+    def mlp_norm(self, layer: nn.Module) -> nn.Module:
+        return layer.final_layer_norm
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return layer
+
+    def attention_output(self, layer: nn.Module) -> nn.Linear:
+        return layer.self_attn.out_proj
+
+    def mlp_output(self, layer: nn.Module) -> nn.Linear:
+        return layer.fc2
+
+    @property
+    def uses_layernorm(self) -> bool:
+        return True
+
+    @property
+    def max_positions(self) -> int | None:
+        return int(self.config.max_position_embeddings)

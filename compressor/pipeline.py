@@ -1,0 +1,196 @@
+"""The library API: ``compress``, ``evaluate``, ``load``. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from compressor.calibration.tokens import calibration_batch, iter_eval_windows
+from compressor.engine import ModelContext, ProgressFn, run_stages
+from compressor.errors import CalibrationError, QualityGateError, RecipeError
+from compressor.evaluate.perplexity import PerplexityResult, perplexity
+from compressor.export import write_model
+from compressor.export.atomic import atomic_output_dir, check_output_dir
+from compressor.methods.base import Method, TargetedConfig
+from compressor.methods.registry import get_method
+from compressor.models import ModelAdapter, get_adapter
+from compressor.models.loading import LoadedModel, load_model, resolve_device
+from compressor.recipe import Recipe
+from compressor.report import (
+    Report,
+    average_bits,
+    model_size,
+    peak_rss_bytes,
+    versions,
+    write_plots,
+    write_report,
+)
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def load(path: str | Path, *, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
+    """Load any model this package reads or writes (HF dir, our exports, .gguf, demo:, hub id)."""
+    return load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def evaluate(
+    model: str | Path | LoadedModel,
+    data: str,
+    *,
+    seq_len: int = 512,
+    max_tokens: int | None = 16384,
+    device: str = "auto",
+    dtype: str = "float32",
+    text_field: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> PerplexityResult:
+    """Perplexity of a model over non-overlapping ``seq_len`` windows of ``data``."""
+    loaded = model if isinstance(model, LoadedModel) else load(model, dtype=dtype)
+    _check_seq_len(get_adapter(loaded.model), seq_len)
+    target = resolve_device(device)
+    loaded.model.to(target)
+    try:
+        windows = iter_eval_windows(loaded.tokenizer, data, seq_len, max_tokens, text_field=text_field)
+        return perplexity(loaded.model, windows, target, progress=progress)
+    finally:
+        loaded.model.to("cpu")
+
+
+def _check_seq_len(adapter: ModelAdapter, seq_len: int) -> None:
+    limit = adapter.max_positions
+    if limit is not None and seq_len > limit:
+        raise CalibrationError(f"seq_len {seq_len} is longer than the model allows ({limit} positions)")
+
+
+def _check_targets(stages: list[Method], adapter: ModelAdapter) -> None:
+    """A stage whose targets match no module of this model is a recipe error, before calibration."""
+    paths = [
+        (adapter.layer_prefix(i) + "." + name, type(layer.get_submodule(name)).__name__)
+        for i, layer in enumerate(adapter.layers())
+        for name in adapter.linear_names()
+    ]
+    for index, stage in enumerate(stages):
+        config = stage.config
+        if isinstance(config, TargetedConfig) and not any(config.matches(p, c) for p, c in paths):
+            raise RecipeError(f"stages.{index} ({stage.name}): targets {config.targets} match no module of this model")
+
+
+def compress(
+    model: str | Path | LoadedModel,
+    recipe: Recipe,
+    out: Path,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    eval_data: str | None = None,
+    eval_max_tokens: int | None = 16384,
+    eval_seq_len: int | None = None,
+    max_ppl_increase: float | None = None,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+) -> Report:
+    """Run ``recipe`` on ``model`` and write the result to ``out`` (atomically); returns the report.
+
+    With ``max_ppl_increase`` (percent) and ``eval_data``, a perplexity increase above the limit raises
+    :class:`QualityGateError` after the output and report are written.
+    """
+    if max_ppl_increase is not None and eval_data is None:
+        raise CalibrationError("--max-ppl-increase needs --eval SOURCE to measure perplexity")
+    check_output_dir(out, overwrite)
+    timings: dict[str, float] = {}
+    stages = [get_method(cfg.method)(cfg) for cfg in recipe.stages]
+    with _phase(timings, "load"):
+        loaded = model if isinstance(model, LoadedModel) else load(model, dtype=dtype)
+    adapter = get_adapter(loaded.model)
+    calib = recipe.calibration
+    _check_seq_len(adapter, calib.seq_len)
+    _check_targets(stages, adapter)
+    target = resolve_device(device)
+    with _phase(timings, "calibration_data"):
+        tokens = calibration_batch(
+            loaded.tokenizer, calib.dataset, calib.samples, calib.seq_len, recipe.seed, text_field=calib.text_field
+        )
+    params_before, bytes_before = model_size(loaded.model)
+    eval_len = eval_seq_len or calib.seq_len
+    evaluation: dict[str, object] = {}
+    if eval_data:
+        with _phase(timings, "eval_before"):
+            evaluation["before"] = evaluate(loaded, eval_data, seq_len=eval_len, max_tokens=eval_max_tokens,
+                                            device=device).to_dict()
+    torch.manual_seed(recipe.seed)
+    run = ModelContext(loaded.model, adapter, tokens, target, calib.batch_size)
+    with _phase(timings, "compress"):
+        records = run_stages(run, stages, progress)
+    if eval_data:
+        with _phase(timings, "eval_after"):
+            evaluation["after"] = evaluate(loaded, eval_data, seq_len=eval_len, max_tokens=eval_max_tokens,
+                                           device=device).to_dict()
+    params_after, bytes_after = model_size(loaded.model, run.quantized)
+    bits, bits_meta = average_bits(run.quantized)
+    report = Report(
+        model=loaded.source, recipe=recipe.to_dict(), recipe_hash=recipe.digest(), seed=recipe.seed,
+        export_format=recipe.export.format,
+        size_bytes={"before": bytes_before, "after": bytes_after}, params={"before": params_before,
+                                                                           "after": params_after},
+        avg_bits_per_weight=bits, avg_bits_incl_metadata=bits_meta,
+        compression_ratio=bytes_before / bytes_after if bytes_after else 0.0,
+        layers=[r.to_dict() for r in records], timings=timings, peak_rss_bytes=0, versions=versions(),
+        calibration={**calib.model_dump(), "tokens": int(tokens.numel())}, structure=run.structure,
+        warnings=sorted({f"{r['module']}: {r['note']}" for r in (x.to_dict() for x in records) if r["note"]}),
+    )
+    if eval_data:
+        report.eval = _eval_summary(evaluation, eval_data)
+        report.quality_gate = _quality_gate(report.eval, max_ppl_increase)
+    _write(report, run, loaded, recipe, out, overwrite, timings)
+    if report.quality_gate and not report.quality_gate["passed"]:
+        raise QualityGateError(report.quality_gate["message"])
+    return report
+
+
+def _eval_summary(evaluation: dict[str, object], source: str) -> dict[str, object]:
+    before, after = evaluation["before"], evaluation["after"]
+    assert isinstance(before, dict) and isinstance(after, dict)
+    increase = 100.0 * (after["ppl"] / before["ppl"] - 1.0)
+    return {"source": source, "before": before, "after": after, "increase_pct": round(increase, 4)}
+
+
+def _quality_gate(evaluation: dict[str, object], limit: float | None) -> dict[str, object] | None:
+    if limit is None:
+        return None
+    increase = float(evaluation["increase_pct"])  # type: ignore[arg-type]
+    passed = increase <= limit
+    verdict = "within" if passed else "exceeds"
+    message = f"perplexity increase {increase:+.2f}% {verdict} the limit of {limit:.2f}%"
+    return {"passed": passed, "limit_pct": limit, "increase_pct": increase, "message": message}
+
+
+def _write(
+    report: Report, run: ModelContext, loaded: LoadedModel, recipe: Recipe, out: Path, overwrite: bool,
+    timings: dict[str, float],
+) -> None:
+    with atomic_output_dir(out, overwrite) as staging:
+        with _phase(timings, "export"):
+            report.files = write_model(recipe.export, run, loaded.tokenizer, staging)
+        (staging / "recipe.yaml").write_text(recipe.dump())
+        report.size_bytes["on_disk"] = sum(
+            p.stat().st_size for p in staging.iterdir() if p.suffix in (".safetensors", ".gguf")
+        )
+        report.peak_rss_bytes = peak_rss_bytes()
+        report.files += write_plots(report, staging)
+        report.files += ["recipe.yaml", "compression_report.json", "compression_report.md"]
+        write_report(report, staging)

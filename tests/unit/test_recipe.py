@@ -1,0 +1,85 @@
+"""Recipe validation names file, line and field; overrides; shipped recipes round-trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compressor.errors import RecipeError
+from compressor.recipe import load_recipe, recipe_from_dict, shipped_recipe_names
+
+GOOD = """\
+name: test
+calibration: {dataset: "demo:lee", samples: 4, seq_len: 32}
+stages:
+  - method: rtn
+    bits: 4
+    group_size: 32
+export: {format: dense}
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_good_recipe_loads(tmp_path: Path) -> None:
+    recipe = load_recipe(_write(tmp_path, GOOD))
+    assert recipe.stages[0].bits == 4 and recipe.calibration.samples == 4
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("method: rtn", "method: nope"), r"recipe.yaml:4: stages.0.method: unknown method 'nope'.*rtn"),
+        (("bits: 4", "bits: 4\n    bitz: 3"), r"recipe.yaml:6: stages.0.bitz: unknown key"),
+        (("bits: 4", "bits: four"), r"recipe.yaml:5: stages.0.bits: .*integer"),
+        (("bits: 4", "bits: 12"), r"recipe.yaml:5: stages.0.bits: bits must be between 2 and 8"),
+        (("samples: 4", "samples: 0"), r"recipe.yaml:2: calibration.samples: .*greater than or equal to 1"),
+        (("format: dense", "format: onnx"), r"export.format"),
+        (("name: test\n", "name: test\ncolour: red\n"), r"recipe.yaml:2: colour: unknown key"),
+    ],
+)
+def test_errors_name_line_and_field(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_write(tmp_path, GOOD.replace(*change)))
+
+
+def test_export_format_rejects_unstorable_bits(tmp_path: Path) -> None:
+    text = GOOD.replace("bits: 4", "bits: 3").replace("format: dense", "format: gguf")
+    with pytest.raises(RecipeError, match="gguf stores symmetric 4-bit"):
+        load_recipe(_write(tmp_path, text))
+
+
+def test_set_overrides_fields(tmp_path: Path) -> None:
+    recipe = load_recipe(_write(tmp_path, GOOD), ["stages.0.bits=3", "calibration.samples=8", "seed=5"])
+    assert recipe.stages[0].bits == 3 and recipe.calibration.samples == 8 and recipe.seed == 5
+    with pytest.raises(RecipeError, match="not an index"):
+        load_recipe(_write(tmp_path, GOOD), ["stages.4.bits=3"])
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
+        load_recipe(_write(tmp_path, GOOD), ["stages.0.bits"])
+
+
+def test_missing_recipe_lists_shipped() -> None:
+    with pytest.raises(RecipeError, match="w8a16-rtn"):
+        load_recipe("no-such-recipe")
+
+
+def test_two_quantizers_on_same_modules_rejected() -> None:
+    data = yaml.safe_load(GOOD)
+    data["stages"].append({"method": "rtn", "bits": 8})
+    with pytest.raises(RecipeError, match="two quantizing stages"):
+        recipe_from_dict(data)
+
+
+@pytest.mark.parametrize("name", shipped_recipe_names())
+def test_shipped_recipes_round_trip(name: str, tmp_path: Path) -> None:
+    recipe = load_recipe(name)
+    dumped = recipe.dump()
+    again = load_recipe(_write(tmp_path, dumped))
+    assert again.to_dict() == recipe.to_dict()
+    assert again.digest() == recipe.digest()
