@@ -162,11 +162,35 @@ def load_model(
     return _load_hub(spec, torch_dtype, trust_remote_code)
 
 
+def is_own_remote_code(directory: Path, config: dict[str, Any]) -> bool:
+    """True when every file ``auto_map`` names is byte-identical to one compressor ships.
+
+    Such code was written by this package, so ``compressor.load`` may run it without the user's
+    ``--trust-remote-code``; anything else still needs the flag.
+    """
+    from compressor.export import remote_code_dir
+
+    modules = {ref.split(".")[0] for ref in (config.get("auto_map") or {}).values() if isinstance(ref, str)}
+    if not modules:
+        return False
+    for module in modules:
+        ours, theirs = remote_code_dir() / f"{module}.py", directory / f"{module}.py"
+        if not (ours.is_file() and theirs.is_file() and ours.read_bytes() == theirs.read_bytes()):
+            return False
+    return True
+
+
 def _load_directory(
     directory: Path, spec: str, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool
 ) -> LoadedModel:
     config = read_config(directory)
-    if "auto_map" not in config:
+    if "auto_map" in config:
+        if not (trust_remote_code or is_own_remote_code(directory, config)):
+            raise ModelLoadError(
+                f"{directory}: config.json asks for custom modeling code; pass --trust-remote-code if you trust it"
+            )
+        trust_remote_code = True
+    else:
         check_supported(config.get("model_type"))
     check_weights(directory, allow_pickle)
     model, tokenizer = _from_pretrained(str(directory), dtype, trust_remote_code, allow_pickle)
