@@ -119,18 +119,44 @@ class LayerContext:
             handle.remove()
 
     def hessian(self, group: LinearGroup) -> torch.Tensor:
-        """``H = 2/n X^T X`` of the input shared by the group's linears (``[in, in]``, float32)."""
-        first = self.module(group.names[0])
-        state: dict[str, Any] = {"H": None, "n": 0}
+        """``H = 2/n X^T X`` of the input shared by the group's linears (``[in, in]``, float32).
 
-        def fold(x: torch.Tensor) -> None:
-            state["H"], state["n"] = accumulate_hessian(state["H"], x, state["n"])
+        The forward stops at the group's first linear, so statistics of a later group reflect every
+        change already made to earlier groups (GPTQ's sequential order).
+        """
+        return self.hessians([group])[group]
 
-        self.collect_inputs(first, fold)
-        H = state["H"]
-        if H is None or not torch.isfinite(H).all():
-            raise NumericalError(f"non-finite inputs reach {self.path(group.names[0])}: cannot quantize it")
-        return H
+    @torch.no_grad()
+    def hessians(self, groups: list[LinearGroup]) -> dict[LinearGroup, torch.Tensor]:
+        """Hessians of several groups from shared forward passes (one pass when all are requested)."""
+        states: dict[LinearGroup, dict[str, Any]] = {g: {"H": None, "n": 0} for g in groups}
+        last = groups[-1]
+        handles = []
+        for group in groups:
+
+            def hook(_: nn.Module, args: tuple[torch.Tensor, ...], group: LinearGroup = group) -> None:
+                state = states[group]
+                state["H"], state["n"] = accumulate_hessian(state["H"], args[0], state["n"])
+                if group == last:
+                    raise _StopForward
+
+            handles.append(self.module(group.names[0]).register_forward_pre_hook(hook))
+        try:
+            for batch in self.inputs:
+                try:
+                    self.layer(batch.hidden, **batch.kwargs)
+                except _StopForward:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        result = {}
+        for group, state in states.items():
+            H = state["H"]
+            if H is None or not torch.isfinite(H).all():
+                raise NumericalError(f"non-finite inputs reach {self.path(group.names[0])}: cannot quantize it")
+            result[group] = H
+        return result
 
 
 def capture_layer_inputs(

@@ -72,34 +72,51 @@ def quantize_layer_linears(
     ctx: LayerContext,
     config: WeightQuantConfig,
     solve: Callable[[torch.Tensor, torch.Tensor, int, int], tuple[QuantizedWeight, str]],
+    sequential: bool = True,
 ) -> list[LayerRecord]:
     """For each linear group in data-flow order: collect H once, solve each targeted linear, write back.
 
-    ``solve(W, H, bits, group_size) -> (qweight, note)`` is the method's math. Groups are processed in
-    order so later groups' Hessians come from already-quantized predecessors.
+    ``solve(W, H, bits, group_size) -> (qweight, note)`` is the method's math. With ``sequential``,
+    groups are processed in order so later groups' Hessians come from already-quantized predecessors
+    (GPTQ); without it, one forward pass collects every Hessian (RTN, whose rounding ignores H).
     """
     records = []
     plan = ctx.run.plans.get("bits", {})
-    for group in ctx.adapter.linear_groups():
-        names = [n for n in group.names if config.matches(ctx.path(n), type(ctx.module(n)).__name__)]
-        if not names:
-            continue
-        H = ctx.hessian(group)
+    groups = [
+        (group, [n for n in group.names if config.matches(ctx.path(n), type(ctx.module(n)).__name__)])
+        for group in ctx.adapter.linear_groups()
+    ]
+    groups = [(group, names) for group, names in groups if names]
+    shared = {} if sequential or not groups else ctx.hessians([group for group, _ in groups])
+    for group, names in groups:
+        H = shared[group] if group in shared else ctx.hessian(group)
         for name in names:
-            module = ctx.module(name)
-            assert isinstance(module, nn.Linear)
-            path = ctx.path(name)
-            start = time.perf_counter()
-            W = module.weight.data
-            group_size, group_note = layer_group_size(config, path, W.shape[1])
-            bits = int(plan.get(path, config.bits))
-            qweight, note = solve(W, H, bits, group_size)
-            W_hat = qweight.dequantize(W.dtype)
-            records.append(_record(path, config.method, W, W_hat, H, qweight, start, "; ".join(
-                n for n in (group_note, note) if n)))
-            module.weight.data = W_hat
-            ctx.run.quantized[path] = qweight
+            records.append(_quantize_module(ctx, config, name, H, int(plan.get(ctx.path(name), config.bits)), solve))
     return records
+
+
+def _quantize_module(
+    ctx: LayerContext,
+    config: WeightQuantConfig,
+    name: str,
+    H: torch.Tensor,
+    bits: int,
+    solve: Callable[[torch.Tensor, torch.Tensor, int, int], tuple[QuantizedWeight, str]],
+) -> LayerRecord:
+    """Solve one linear, write its fake-quantized weight back, and keep its integer form for export."""
+    module = ctx.module(name)
+    assert isinstance(module, nn.Linear)
+    path = ctx.path(name)
+    if path in ctx.run.quantized:
+        raise RecipeError(f"{path} is quantized by two stages; give the stages disjoint targets")
+    start = time.perf_counter()
+    W = module.weight.data
+    group_size, group_note = layer_group_size(config, path, W.shape[1])
+    qweight, note = solve(W, H, bits, group_size)
+    W_hat = qweight.dequantize(W.dtype)
+    module.weight.data = W_hat
+    ctx.run.quantized[path] = qweight
+    return _record(path, config.method, W, W_hat, H, qweight, start, "; ".join(n for n in (group_note, note) if n))
 
 
 def _record(

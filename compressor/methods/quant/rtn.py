@@ -40,4 +40,4 @@ class RTN(Method):
         def solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int) -> tuple[QuantizedWeight, str]:
             return quantize_rtn(W, bits, group_size, config.symmetric, config.mse), ""
 
-        return quantize_layer_linears(ctx, config, solve)
+        return quantize_layer_linears(ctx, config, solve, sequential=False)
