@@ -1,0 +1,307 @@
+"""The GPTQ solver (Frantar et al. 2022, Algorithm 1) as pure functions on tensors.
+
+``accumulate_hessian`` folds calibration inputs into ``H = 2/n * sum_k x_k x_k^T`` (the Hessian of the
+layer-wise objective ``||X W^T - X W_hat^T||^2``); ``gptq_quantize`` quantizes ``W: [out, in]`` one column
+at a time, left to right (or by descending ``diag(H)`` with ``act_order``), and after each column spreads
+its rounding error over the columns not yet quantized through the upper Cholesky factor of ``H^-1``
+(Eq. 3 of the paper with the Cholesky reformulation of Sec. 3.3), updating lazily in blocks (Sec. 3.2).
+
+The paper's symbols are kept: ``H`` the Hessian, ``Hinv`` the upper Cholesky factor of its dampened
+inverse, ``W1``/``Err1`` the current block of weights and of scaled errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compressor.methods.quant.ops import QuantizedWeight, compute_qparams, quantize_codes, search_clip
+
+_MAX_RETRIES = 6  # dampening grows tenfold per retry: 0.01 -> 1e4 at most
+_RETRY_START = 0.01  # first retry when the caller asked for no dampening at all
+
+
+@dataclass
+class GPTQResult:
+    """What ``gptq_quantize`` returns for one weight.
+
+    ``qweight`` holds the codes in original column order with contiguous groups (no ``g_idx``), and
+    ``W_hat = qweight.dequantize()``: ``[out, in]`` float32. ``dampening`` is the fraction of
+    ``mean(diag H)`` finally added to the diagonal (larger than asked after ``cholesky_retries``).
+    ``loss`` is ``sum_j ||w_j - q_j||^2 / (2 [Hinv]_jj^2)``, the reference's ``Losses``. ``dead_columns``
+    counts inputs that were always zero (``H[j, j] == 0``); their weights are zeroed.
+    ``bits_per_group`` echoes the per-group widths when mixed precision was asked, else ``None``; then
+    ``qweight.bits`` is their maximum, and ``qweight.signed()`` / ``storage_bits()`` do not apply.
+    """
+
+    qweight: QuantizedWeight
+    W_hat: torch.Tensor
+    dampening: float
+    cholesky_retries: int
+    loss: float
+    dead_columns: int
+    bits_per_group: list[int] | None = None
+
+
+@dataclass
+class _Groups:
+    """Scale and zero of every (row, group) as the sweep fills them in: ``[out, n_groups]`` float32.
+
+    ``of_column[j]`` is the group of the column quantized ``j``-th (``perm[j] // size``); ``bits[g]`` is
+    group ``g``'s width; ``static`` means every group was fitted before the sweep (act-order).
+    """
+
+    size: int
+    bits: list[int]
+    symmetric: bool
+    mse: bool
+    static: bool
+    of_column: list[int]
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    def fit(self, g: int, w: torch.Tensor) -> None:
+        """Fit group ``g`` to the weights ``w: [out, size]`` (min/max, or the MSE clipping search)."""
+        w = w.contiguous()
+        if self.mse:
+            scale, zero = search_clip(w, self.bits[g], self.symmetric)
+        else:
+            scale, zero = compute_qparams(w, self.bits[g], self.symmetric)
+        self.scale[:, g] = scale
+        self.zero[:, g] = zero
+
+
+def accumulate_hessian(
+    H: torch.Tensor | None, x: torch.Tensor, n_seen: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, int]:
+    """Fold a batch ``x: [..., in]`` into the running mean ``H = 2/n * sum_k x_k x_k^T``: ``[in, in]``.
+
+    ``n`` counts input vectors (every row of ``x`` flattened to ``[-1, in]``, i.e. tokens; the reference
+    counts sequences, which only rescales ``H``, and GPTQ is invariant to the scale of ``H``). The old
+    mean is rescaled by ``n_seen / n_new`` as in the reference. ``H is None`` starts a new sum in ``dtype``
+    (float32, or float64 for long calibration runs); otherwise ``H``'s own dtype is kept. Returns the new
+    ``H`` (the argument is not modified) and ``n_new``.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    columns = rows.shape[1]
+    if H is None:
+        H = torch.zeros(columns, columns, dtype=dtype, device=x.device)
+    if H.shape != (columns, columns):
+        raise ValueError(f"Hessian of shape {tuple(H.shape)} does not match inputs of width {columns}")
+    n_new = n_seen + rows.shape[0]
+    if rows.shape[0] == 0:
+        return H, n_seen
+    rows = rows.to(H.dtype)
+    return torch.addmm(H, rows.T, rows, beta=n_seen / n_new, alpha=2 / n_new), n_new
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    act_order: bool,
+    block_size: int = 128,
+    dampening: float = 0.01,
+    mse: bool = False,
+    bits_per_group: torch.Tensor | None = None,
+) -> GPTQResult:
+    """Quantize ``W: [out, in]`` against the Hessian ``H: [in, in]`` of its inputs (GPTQ, Algorithm 1).
+
+    ``group_size`` -1 is one group per row, otherwise it must divide ``in``. Without ``act_order`` a
+    group's scale and zero are fitted when the sweep reaches its first column, on the weights as updated
+    by every earlier column's error (the result does not depend on ``block_size``; the reference fits on
+    weights missing the current block's updates). With ``act_order`` columns go by descending
+    ``diag(H)`` but groups are static: fitted on the original ``W``'s contiguous groups before the sweep,
+    so the stored groups stay contiguous and no ``g_idx`` is needed. ``dampening * mean(diag H)`` is added
+    to the diagonal, multiplied by 10 up to 6 times while the Cholesky factorisation fails.
+    ``bits_per_group: [n_groups]`` gives each group its own width (see ``GPTQResult``).
+    The caller's tensors are not modified; the sweep runs in float32 (the inverse in float64 when ``H``
+    is float64), on the device ``W`` and ``H`` share.
+    Raises ``ValueError`` on bad arguments, non-finite ``W`` or ``H``, or a Hessian that stays singular.
+    """
+    out, columns = _check_shapes(W, H, block_size, dampening)
+    size = columns if group_size == -1 else group_size
+    group_bits = _group_bits(bits, group_size, columns, bits_per_group)
+    W = W.detach().float().clone()
+    H = H.detach().to(torch.float64 if H.dtype == torch.float64 else torch.float32).clone()
+    dead = torch.nonzero(torch.diagonal(H) == 0).squeeze(1)
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    groups, perm = _plan_groups(W, H, size, group_bits, symmetric, mse, act_order)
+    if act_order:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv, used, retries = _inverse_cholesky(H, dampening)
+    codes, loss = _sweep(W, Hinv, groups, block_size)
+    if act_order:
+        codes = codes[:, torch.argsort(perm)]
+    qweight = QuantizedWeight(
+        q=codes.to(torch.uint8),
+        scale=groups.scale,
+        zero=groups.zero.to(torch.int32),
+        bits=max(group_bits),
+        group_size=group_size,
+        symmetric=symmetric,
+    )
+    mixed = None if bits_per_group is None else group_bits
+    return GPTQResult(qweight, qweight.dequantize(), used, retries, loss, int(dead.numel()), mixed)
+
+
+def _check_shapes(W: torch.Tensor, H: torch.Tensor, block_size: int, dampening: float) -> tuple[int, int]:
+    """``(out, in)`` of ``W``, after checking ``H: [in, in]``, finiteness and the sweep settings."""
+    if W.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(W.shape)}")
+    out, columns = W.shape
+    if H.shape != (columns, columns):
+        raise ValueError(f"Hessian of shape {tuple(H.shape)} does not match a weight with {columns} inputs")
+    if not torch.isfinite(H).all():
+        raise ValueError("Hessian has NaN or inf entries (overflowing activations in calibration?)")
+    if not torch.isfinite(W).all():
+        raise ValueError("weight has NaN or inf entries")
+    if block_size < 1:
+        raise ValueError(f"block_size must be at least 1, got {block_size}")
+    if not dampening >= 0:
+        raise ValueError(f"dampening must be >= 0, got {dampening}")
+    return out, columns
+
+
+def _group_bits(bits: int, group_size: int, columns: int, bits_per_group: torch.Tensor | None) -> list[int]:
+    """The width of every group, ``[n_groups]`` ints in 2..8, after checking ``group_size`` divides."""
+    if group_size != -1 and (group_size < 1 or columns % group_size):
+        raise ValueError(f"group_size {group_size} must be -1 (per channel) or divide the {columns} inputs")
+    n_groups = 1 if group_size == -1 else columns // group_size
+    if bits_per_group is None:
+        widths = [bits] * n_groups
+    else:
+        if bits_per_group.shape != (n_groups,):
+            raise ValueError(f"bits_per_group must have shape ({n_groups},), got {tuple(bits_per_group.shape)}")
+        widths = [int(b) for b in bits_per_group.tolist()]
+    if any(b < 2 or b > 8 for b in widths):
+        raise ValueError(f"bits must lie in 2..8, got {sorted(set(widths))}")
+    return widths
+
+
+def _plan_groups(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    size: int,
+    group_bits: list[int],
+    symmetric: bool,
+    mse: bool,
+    act_order: bool,
+) -> tuple[_Groups, torch.Tensor]:
+    """The sweep order ``perm: [in]`` (descending ``diag(H)`` with act-order) and the empty groups.
+
+    With act-order every group is fitted here, on the unpermuted ``W``'s contiguous columns (static groups).
+    """
+    out, columns = W.shape
+    perm = torch.arange(columns, device=W.device)
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    n_groups = columns // size
+    groups = _Groups(
+        size=size,
+        bits=group_bits,
+        symmetric=symmetric,
+        mse=mse,
+        static=act_order,
+        of_column=(perm // size).tolist(),
+        scale=W.new_ones(out, n_groups),
+        zero=W.new_zeros(out, n_groups),
+    )
+    if act_order:
+        for g in range(n_groups):
+            groups.fit(g, W[:, g * size : (g + 1) * size])
+    return groups, perm
+
+
+def _inverse_cholesky(H: torch.Tensor, dampening: float) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor of ``(H + dampening * mean(diag H) * I)^-1``, float32 ``[in, in]``.
+
+    Retries with tenfold dampening while a factorisation fails or turns non-finite. Returns the factor,
+    the dampening fraction used and the number of retries; raises ``ValueError`` after the last retry.
+    """
+    mean_diag = torch.diagonal(H).mean()
+    fraction = dampening
+    for retries in range(_MAX_RETRIES + 1):
+        Hd = H.clone()
+        Hd.diagonal().add_(fraction * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and torch.isfinite(Hinv).all():
+                return Hinv.float(), fraction, retries
+        if retries < _MAX_RETRIES:
+            fraction = fraction * 10 if fraction > 0 else _RETRY_START
+    raise ValueError(
+        f"Cholesky factorisation of the Hessian failed even with dampening {fraction:g} "
+        f"after {_MAX_RETRIES} retries; use more calibration samples or a larger dampening"
+    )
+
+
+def _sweep(W: torch.Tensor, Hinv: torch.Tensor, groups: _Groups, block_size: int) -> tuple[torch.Tensor, float]:
+    """Quantize all columns of ``W: [out, in]`` (sweep order) in blocks; codes ``[out, in]`` and the loss.
+
+    Each block is quantized column by column, then its accumulated error is applied to the columns right
+    of it at once: ``W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]`` (the lazy batch update, Sec. 3.2).
+    """
+    columns = W.shape[1]
+    codes = torch.zeros_like(W)
+    loss = W.new_zeros(())
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        Err1 = _quantize_block(W, Hinv, i1, i2, groups, codes, loss)
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes, float(loss) / 2
+
+
+def _quantize_block(
+    W: torch.Tensor,
+    Hinv: torch.Tensor,
+    i1: int,
+    i2: int,
+    groups: _Groups,
+    codes: torch.Tensor,
+    loss: torch.Tensor,
+) -> torch.Tensor:
+    """Quantize columns ``i1:i2`` one at a time with in-block error feedback; returns ``Err1: [out, i2-i1]``.
+
+    For column ``j``: ``q = quant(w_j)``, ``err = (w_j - q) / Hinv[j, j]`` and
+    ``W1[:, j:] -= err Hinv[j, j:]`` (Eq. 3 with the Cholesky rows of ``H^-1``). Writes the codes into
+    ``codes[:, i1:i2]`` and adds ``sum err^2`` (twice the objective) to ``loss`` in place.
+    """
+    W1 = W[:, i1:i2].clone()
+    Err1 = torch.zeros_like(W1)
+    Hinv1 = Hinv[i1:i2, i1:i2]
+    for i in range(i2 - i1):
+        j = i1 + i
+        g = groups.of_column[j]
+        if not groups.static and j % groups.size == 0:
+            groups.fit(g, _current_columns(W, W1, Err1, Hinv, i1, i, j + groups.size))
+        scale, zero = groups.scale[:, g], groups.zero[:, g]
+        w = W1[:, i]
+        q = quantize_codes(w, scale, zero, groups.bits[g])
+        codes[:, j] = q
+        err = (w - scale * (q - zero)) / Hinv1[i, i]
+        loss += err.square().sum()
+        W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+        Err1[:, i] = err
+    return Err1
+
+
+def _current_columns(
+    W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.Tensor, i1: int, i: int, end: int
+) -> torch.Tensor:
+    """Columns ``i1 + i .. end`` as an unblocked sweep would see them now: ``[out, end - i1 - i]``.
+
+    Inside the block ``W1`` is up to date; columns past the block (``i2 = i1 + W1.shape[1]``) still owe
+    the block's errors so far, ``Err1[:, :i] @ Hinv[i1:i1+i, i2:end]``.
+    """
+    i2 = i1 + W1.shape[1]
+    inside = W1[:, i : min(end, i2) - i1]
+    if end <= i2:
+        return inside
+    pending = Err1[:, :i] @ Hinv[i1 : i1 + i, i2:end]
+    return torch.cat([inside, W[:, i2:end] - pending], dim=1)
