@@ -1,6 +1,6 @@
 """Built-in methods; importing this package registers each of them by name."""
 
 from compressor.methods import registry
-from compressor.methods.quant import rtn  # noqa: F401
+from compressor.methods.quant import gptq, rtn  # noqa: F401
 
 __all__ = ["registry"]

@@ -1,0 +1,82 @@
+"""GPTQ: second-order, column-by-column weight quantization (Frantar et al., 2022).
+
+The math is in ``gptq_ops.py``; this module is the config and the translation from a decoder layer
+to tensors: linears are solved group by group in data-flow order (q/k/v, o, gate/up, down) so each
+group's Hessian comes from inputs produced by already-quantized predecessors.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from pydantic import Field, field_validator
+
+from compressor.errors import NumericalError
+from compressor.methods.base import LayerRecord, Method
+from compressor.methods.quant.common import WeightQuantConfig, quantize_layer_linears
+from compressor.methods.quant.gptq_ops import gptq_quantize
+from compressor.methods.quant.ops import QuantizedWeight
+from compressor.methods.registry import register_method
+
+if TYPE_CHECKING:
+    from compressor.engine import LayerContext
+
+log = logging.getLogger(__name__)
+
+
+class GPTQConfig(WeightQuantConfig):
+    """GPTQ weight quantization.
+
+    ```yaml
+    - method: gptq
+      targets: [Linear]
+      ignore: [lm_head]
+      bits: 4
+      group_size: 128
+      symmetric: true
+      act_order: true     # columns by descending Hessian diagonal; static groups keep scales contiguous
+      dampening: 0.01     # fraction of mean(diag H) added to the diagonal
+      block_size: 128     # lazy-update block width
+    ```
+    """
+
+    act_order: bool = Field(True, description="Quantize columns by descending diag(H) (static groups).")
+    dampening: float = Field(0.01, gt=0, lt=1, description="Fraction of mean(diag H) added to the diagonal.")
+    block_size: int = Field(128, ge=1, description="Columns per lazy batch update.")
+
+    @field_validator("bits")
+    @classmethod
+    def _storable_bits(cls, value: int) -> int:
+        if value not in (2, 3, 4, 8):
+            raise ValueError(f"gptq supports bits 2, 3, 4 or 8, got {value}")
+        return value
+
+
+@register_method("gptq")
+class GPTQ(Method):
+    config_class = GPTQConfig
+    kind = "quant"
+
+    def apply(self, ctx: LayerContext) -> list[LayerRecord]:
+        config = self.config
+        assert isinstance(config, GPTQConfig)
+
+        def solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int) -> tuple[QuantizedWeight, str]:
+            try:
+                result = gptq_quantize(
+                    W, H, bits, group_size, config.symmetric, config.act_order, config.block_size,
+                    config.dampening, config.mse,
+                )
+            except ValueError as exc:
+                raise NumericalError(f"{ctx.prefix}: GPTQ failed: {exc}") from exc
+            notes = []
+            if result.cholesky_retries:
+                notes.append(f"Cholesky retried {result.cholesky_retries}x, dampening {result.dampening:g}")
+                log.warning("%s: %s", ctx.prefix, notes[-1])
+            if result.dead_columns:
+                notes.append(f"{result.dead_columns} dead input columns")
+            return result.qweight, "; ".join(notes)
+
+        return quantize_layer_linears(ctx, config, solve, sequential=True)
