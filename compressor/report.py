@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import sys
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -61,6 +60,7 @@ class Report:
             "format": self.export_format,
             "size_before_mb": round(self.size_bytes["before"] / 2**20, 2),
             "size_after_mb": round(self.size_bytes["after"] / 2**20, 2),
+            "packed_estimate_mb": round(self.size_bytes.get("packed_estimate", 0) / 2**20, 2),
             "compression_ratio": round(self.compression_ratio, 3),
             "avg_bits_per_weight": self.avg_bits_per_weight,
             "params_before": self.params["before"],
@@ -68,7 +68,11 @@ class Report:
             "seconds": round(sum(self.timings.values()), 1),
         }
         if self.eval:
-            data.update(ppl_before=self.eval.get("before", {}).get("ppl"), ppl_after=self.eval["after"]["ppl"])
+            data.update(
+                ppl_before=round(self.eval["before"]["ppl"], 4),
+                ppl_after=round(self.eval["after"]["ppl"], 4),
+                ppl_increase_pct=self.eval["increase_pct"],
+            )
         return data
 
 
@@ -199,6 +203,3 @@ def write_report(report: Report, out_dir: Path) -> None:
     (out_dir / "compression_report.json").write_text(report.to_json() + "\n")
     (out_dir / "compression_report.md").write_text(to_markdown(report))
 
-
-def python_command() -> str:
-    return " ".join(sys.argv)
