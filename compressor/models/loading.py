@@ -154,6 +154,9 @@ def load_model(
         check_supported(getattr(model.config, "model_type", None))
         return LoadedModel(model, tokenizer, spec, path.parent)
     if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1 and not (path / "config.json").exists():  # a GGUF export directory
+            return load_model(str(ggufs[0]), dtype=dtype)
         return _load_directory(path, spec, torch_dtype, trust_remote_code, allow_pickle)
     if path.exists():
         raise ModelLoadError(f"{path}: expected a model directory or a .gguf file")
