@@ -70,11 +70,16 @@ def test_quality_gate_exit_3_keeps_output(runner: CliRunner, model_dir_factory, 
         (["--set", "stages.0.bits=9"], 2, "bits must be between 2 and 8"),
         (["--seq-len", "100000"], 2, "longer than the model allows"),
         (["--calib", "/no/such/file.txt"], 2, "/no/such/file.txt"),
+        (["--calib", "EMPTY"], 2, "contains no text"),
     ],
 )
 def test_errors_are_one_line_and_leave_nothing(runner: CliRunner, model_dir_factory, recipe_file: Path,
                                                tmp_path: Path, args: list[str], code: int, message: str) -> None:
     out = tmp_path / "never"
+    if "EMPTY" in args:
+        empty = tmp_path / "empty.txt"
+        empty.write_text("\n\n  \n")
+        args = [str(empty) if a == "EMPTY" else a for a in args]
     result = runner.invoke(app, ["compress", str(model_dir_factory("llama")), "-r", str(recipe_file), "-o",
                                  str(out), *args])
     assert result.exit_code == code, result.output

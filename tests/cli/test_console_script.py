@@ -1,0 +1,29 @@
+"""The installed `compressor` console script, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+
+def test_console_script_compress_and_inspect(model_dir_factory, text_file: Path, tmp_path: Path) -> None:
+    exe = shutil.which("compressor")
+    assert exe, "the console script is installed by `pip install -e .`"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f'name: sub\ncalibration: {{dataset: "{text_file}", samples: 2, seq_len: 32}}\n'
+        "stages:\n  - method: rtn\n    bits: 8\n    group_size: -1\n"
+    )
+    out = tmp_path / "out"
+    done = subprocess.run([exe, "compress", str(model_dir_factory("llama")), "-r", str(recipe), "-o", str(out),
+                           "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["avg_bits_per_weight"] == 8.0
+    shown = subprocess.run([exe, "inspect", str(out), "--json"], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["compression_report"]["recipe"] == "sub"
+    failed = subprocess.run([exe, "compress", str(tmp_path / "nope"), "-r", str(recipe), "-o", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2 and failed.stderr.startswith("error: ") and "Traceback" not in failed.stderr
