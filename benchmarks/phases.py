@@ -75,7 +75,8 @@ def main() -> None:
     output = {
         "recipe": args.recipe, "model": args.model, "calibration": f"demo:lee {args.samples}x{args.seq_len}",
         "seconds": times, "per_layer_seconds_mean": round(sum(layer_times) / len(layer_times), 3),
-        "ppl_before": round(before.ppl, 4), "ppl_after": round(result.ppl, 4), "eval_tokens_per_second": round(result.tokens_per_second, 1),
+        "ppl_before": round(before.ppl, 4), "ppl_after": round(result.ppl, 4),
+        "eval_tokens_per_second": round(result.tokens_per_second, 1),
         "peak_rss_mb": round(peak_rss_bytes() / 2**20), "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
     }
