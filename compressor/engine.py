@@ -47,7 +47,7 @@ class CapturedBatch:
 class ModelContext:
     """What model-level steps see: the model, its adapter, the calibration tokens and the results."""
 
-    model: nn.Module
+    model: Any  # a transformers PreTrainedModel (nn.Module with save_pretrained, config, ...)
     adapter: ModelAdapter
     tokens: torch.Tensor
     device: torch.device

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -31,8 +32,9 @@ class ModelAdapter(ABC):
     model_types: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.config = model.config
+        # Typed Any: transformers modules expose their children as dynamic attributes.
+        self.model: Any = model
+        self.config: Any = model.config
 
     # ---- model-level roles -------------------------------------------------------------
     @abstractmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from compressor.models.base import LinearGroup, ModelAdapter
@@ -33,20 +35,20 @@ class LlamaAdapter(ModelAdapter):
             LinearGroup(("mlp.down_proj",)),
         ]
 
-    def attention_norm(self, layer: nn.Module) -> nn.Module:
+    def attention_norm(self, layer: Any) -> nn.Module:
         return layer.input_layernorm
 
-    def mlp_norm(self, layer: nn.Module) -> nn.Module:
+    def mlp_norm(self, layer: Any) -> nn.Module:
         return layer.post_attention_layernorm
 
-    def attention(self, layer: nn.Module) -> nn.Module:
+    def attention(self, layer: Any) -> nn.Module:
         return layer.self_attn
 
-    def mlp(self, layer: nn.Module) -> nn.Module:
+    def mlp(self, layer: Any) -> nn.Module:
         return layer.mlp
 
-    def attention_output(self, layer: nn.Module) -> nn.Linear:
+    def attention_output(self, layer: Any) -> nn.Linear:
         return layer.self_attn.o_proj
 
-    def mlp_output(self, layer: nn.Module) -> nn.Linear:
+    def mlp_output(self, layer: Any) -> nn.Linear:
         return layer.mlp.down_proj

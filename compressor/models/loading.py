@@ -95,11 +95,11 @@ def ensure_demo_model(name: str) -> Path:
     return target
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot read GGUF file {path}: {_first_line(exc)}") from exc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from compressor.models.base import LinearGroup, ModelAdapter
@@ -34,22 +36,22 @@ class OPTAdapter(ModelAdapter):
             LinearGroup(("fc2",)),
         ]
 
-    def attention_norm(self, layer: nn.Module) -> nn.Module:
+    def attention_norm(self, layer: Any) -> nn.Module:
         return layer.self_attn_layer_norm
 
-    def mlp_norm(self, layer: nn.Module) -> nn.Module:
+    def mlp_norm(self, layer: Any) -> nn.Module:
         return layer.final_layer_norm
 
-    def attention(self, layer: nn.Module) -> nn.Module:
+    def attention(self, layer: Any) -> nn.Module:
         return layer.self_attn
 
-    def mlp(self, layer: nn.Module) -> nn.Module:
+    def mlp(self, layer: Any) -> nn.Module:
         return layer
 
-    def attention_output(self, layer: nn.Module) -> nn.Linear:
+    def attention_output(self, layer: Any) -> nn.Linear:
         return layer.self_attn.out_proj
 
-    def mlp_output(self, layer: nn.Module) -> nn.Linear:
+    def mlp_output(self, layer: Any) -> nn.Linear:
         return layer.fc2
 
     @property
