@@ -1,0 +1,218 @@
+"""compressed-tensors ``pack-quantized`` export: our integers, packed by the library, for transformers/vLLM.
+
+We pack the engine's own integer codes with the library's ``pack_to_int32`` instead of letting the library
+re-quantize the fake-quantized weights: its model-level path re-rounds weight and scale in the model dtype and
+flips integers in bf16 (FORMATS.md). The library's convention differs from ours by an offset: it stores
+signed codes ``q - 2**(b-1)`` and a signed zero point ``zero - 2**(b-1)`` (``calculate_qparams`` puts zero
+points in ``[-2**(b-1), 2**(b-1) - 1]``; ``pack_to_int32`` adds the offset back before packing), and
+dequantizes ``scale * (q_signed - zp_signed)``, which equals our ``scale * (q - zero)``. Asymmetric zero
+points are packed along rows (``packed_dim=0``), exactly as the library's compressor writes them.
+
+Known upstream limit: transformers 5.23 + compressed-tensors 0.20 cannot load ANY asymmetric pack-quantized
+file through the default path (the library's meta-device compress step leaves ``weight_zero_point``
+unpacked, so the packed tensor is refused as a size mismatch; files the library writes itself fail the same
+way). Such files load with ``CompressedTensorsConfig(dequantize=True)`` when they have one config group.
+
+Each distinct (bits, group_size, symmetric) becomes one config group whose ``targets`` are anchored regexes of
+the exact module paths, so per-module mixed precision loads with the default transformers path. Do not
+recommend ``CompressedTensorsConfig(dequantize=True)`` for such files: in transformers 5.23 it applies the
+first group's settings to every layer (FORMATS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+from compressor.errors import ExportError
+from compressor.methods.quant.ops import QuantizedWeight
+
+FORMAT = "pack-quantized"
+#: ``pack_to_int32`` packs 1..8 bits; below 2 bits the symmetric grid has no zero-centred level worth storing.
+SUPPORTED_BITS = range(2, 9)
+
+Scheme = tuple[int, int, bool]  # (bits, group_size, symmetric); group_size -1 is per channel
+
+
+def validate_compressed_tensors(
+    bits: int, group_size: int, symmetric: bool, columns: int | None = None
+) -> str | None:
+    """Why (bits, group_size, symmetric) cannot be stored as pack-quantized, or None when it can.
+
+    Callable before any model is loaded (``columns`` unknown) and again per module once widths are known.
+    ``symmetric`` is accepted both ways: asymmetric group/channel weights carry a packed zero point.
+    """
+    del symmetric  # both are storable; kept in the signature so every format's check reads the same
+    if bits not in SUPPORTED_BITS:
+        return f"compressed-tensors pack-quantized stores 2..8-bit integers; got bits={bits}"
+    if group_size == 0 or group_size < -1:
+        return f"group_size must be -1 (per channel) or a positive group width; got {group_size}"
+    if columns is not None and group_size > 0 and columns % group_size:
+        return f"group_size {group_size} does not divide {columns} columns (groups must be whole)"
+    return None
+
+
+def round_scales(qweight: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
+    """The same weight with its scales rounded to ``dtype`` (kept as float32).
+
+    The file stores scales in the model dtype and the loader dequantizes ``(q - zp) * scale`` in that dtype.
+    That equals the in-memory ``dequantize(dtype)`` bit for bit only when the float32 scale is already
+    representable in ``dtype`` (the product of a small integer and such a scale is exact in float32, so both
+    round once). Apply before writing the fake-quantized weight for bf16/fp16 models; a no-op for float32.
+    """
+    return replace(qweight, scale=qweight.scale.to(dtype).float())
+
+
+def scheme_of(qweight: QuantizedWeight) -> Scheme:
+    """The config-group key of one weight; per-channel is normalised to group_size -1."""
+    columns = qweight.shape[1]
+    per_channel = qweight.group_size <= 0 or qweight.group_size == columns
+    return (qweight.bits, -1 if per_channel else qweight.group_size, qweight.symmetric)
+
+
+def pack_weight(qweight: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``weight_packed / weight_scale / weight_shape (/ weight_zero_point)`` for one module.
+
+    ``weight_packed: [out, ceil(in * bits / 32)]`` int32; ``weight_scale: [out, n_groups]`` in ``dtype``;
+    ``weight_shape: [2]`` int64; asymmetric adds ``weight_zero_point: [ceil(out * bits / 32), n_groups]``
+    int32 (packed along rows, as the library's compressor does).
+    """
+    _check_storable(qweight)
+    offset = 1 << (qweight.bits - 1)
+    signed = (qweight.q.to(torch.int16) - offset).to(torch.int8)
+    tensors = {
+        "weight_packed": pack_to_int32(signed, qweight.bits),
+        "weight_scale": qweight.scale.to(dtype).contiguous(),
+        "weight_shape": torch.tensor(qweight.shape, dtype=torch.int64),
+    }
+    if not qweight.symmetric:
+        zero = (qweight.zero.to(torch.int16) - offset).to(torch.int8)
+        tensors["weight_zero_point"] = pack_to_int32(zero, qweight.bits, packed_dim=0)
+    return tensors
+
+
+def _check_storable(qweight: QuantizedWeight) -> None:
+    bits, group_size, symmetric = scheme_of(qweight)
+    problem = validate_compressed_tensors(bits, group_size, symmetric, qweight.shape[1])
+    if problem:
+        raise ExportError(problem)
+    if qweight.g_idx is not None and not torch.equal(qweight.g_idx.long().cpu(), _contiguous_groups(qweight)):
+        raise ExportError("compressed-tensors 0.20 cannot store a column order (g_idx); use static groups")
+    if symmetric and not bool((qweight.zero == 1 << (bits - 1)).all()):
+        raise ExportError(f"a symmetric {bits}-bit weight must have zero point {1 << (bits - 1)} everywhere")
+
+
+def _contiguous_groups(qweight: QuantizedWeight) -> torch.Tensor:
+    """The group of each column without reordering; a ``g_idx`` equal to this carries no permutation."""
+    columns = qweight.shape[1]
+    return torch.arange(columns) // (columns if qweight.group_size <= 0 else qweight.group_size)
+
+
+def target_regex(path: str) -> str:
+    """An anchored regex matching exactly one module path (``re:^model\\.layers\\.0\\.mlp\\.up_proj$``)."""
+    return f"re:^{re.escape(path)}$"
+
+
+def build_quantization_config(
+    model: Any, quantized: dict[str, QuantizedWeight]
+) -> QuantizationConfig:
+    """One config group per distinct scheme, targets naming exact paths; unquantized linears go to ``ignore``.
+
+    Exact anchored paths (not ``Linear``) keep mixed precision unambiguous and never match the attention
+    module itself, which compressed-tensors would read as KV-cache quantization.
+    """
+    groups: dict[Scheme, list[str]] = {}
+    for path, qweight in quantized.items():
+        groups.setdefault(scheme_of(qweight), []).append(path)
+    config_groups = {}
+    for index, ((bits, group_size, symmetric), paths) in enumerate(sorted(groups.items())):
+        weights = QuantizationArgs(
+            num_bits=bits, type="int", symmetric=symmetric,
+            strategy="channel" if group_size == -1 else "group",
+            group_size=None if group_size == -1 else group_size,
+        )
+        config_groups[f"group_{index}"] = QuantizationScheme(targets=[target_regex(p) for p in sorted(paths)],
+                                                             weights=weights)
+    ignore = [name for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and name not in quantized]
+    return QuantizationConfig(config_groups=config_groups, format=FORMAT, quantization_status="compressed",
+                              ignore=ignore)
+
+
+def compressed_state_dict(
+    model: Any, quantized: dict[str, QuantizedWeight]
+) -> dict[str, torch.Tensor]:
+    """Every tensor the file holds: packed quantized linears, everything else dense under its usual name.
+
+    Tied weights are dropped the way ``save_pretrained`` drops them (transformers re-ties on load), so a tied
+    lm_head is written once, as the embedding. A quantized tied lm_head cannot be expressed and is refused.
+    """
+    modules = dict(model.named_modules())
+    missing = [path for path in quantized if not isinstance(modules.get(path), torch.nn.Linear)]
+    if missing:
+        raise ExportError(f"quantized paths are not linear modules of the model: {', '.join(missing[:5])}")
+    dtype = _model_dtype(model)
+    state = remove_tied_weights_from_state_dict(dict(model.state_dict()), model)
+    tied = [path for path in quantized if f"{path}.weight" not in state]
+    if tied:
+        raise ExportError(f"{tied[0]} is quantized but its weight is tied to another tensor; "
+                          "leave tied lm_head/embeddings out of the quantized targets")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        module_path = name.rsplit(".", 1)[0]
+        if module_path in quantized and name.endswith(".weight"):
+            continue
+        tensors[name] = tensor.detach().cpu().contiguous().clone()
+    for path, qweight in quantized.items():
+        for suffix, tensor in pack_weight(qweight, dtype).items():
+            tensors[f"{path}.{suffix}"] = tensor.cpu()
+    return tensors
+
+
+def _model_dtype(model: Any) -> torch.dtype:
+    """The dtype config.json records: scales are stored in it (transformers casts float scales to it)."""
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def write_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> list[str]:
+    """``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` + index above ``max_shard_bytes``."""
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_bytes)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: tensors[name] for name in names}, str(out_dir / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata, "total_size": sum(t.nbytes for t in tensors.values())},
+                 "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return sorted(split.filename_to_tensors)
+
+
+def write_compressed_tensors(
+    model: Any, quantized: dict[str, QuantizedWeight], out_dir: Path, max_shard_bytes: int = 2 * 1024**3
+) -> dict[str, Any]:
+    """Write safetensors + config.json with a pack-quantized ``quantization_config``; returns that dict.
+
+    ``model`` holds fake-quantized float weights (only its dense tensors and config are read); ``quantized``
+    maps module paths to the integers that are stored. ``out_dir`` must exist; tokenizer and generation
+    config are the caller's.
+    """
+    if not quantized:
+        raise ExportError("compressed-tensors export needs at least one quantized module (use format: dense)")
+    out_dir = Path(out_dir)
+    qconfig = build_quantization_config(model, quantized)
+    write_shards(compressed_state_dict(model, quantized), out_dir, max_shard_bytes)
+    model.config.save_pretrained(out_dir)
+    ModelCompressor(quantization_config=qconfig).update_config(str(out_dir))
+    written: dict[str, Any] = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    return written
