@@ -1,0 +1,274 @@
+"""GGUF export (llama.cpp, Ollama): our own integers in Q4_0 / Q8_0 blocks, plus the metadata llama.cpp needs.
+
+We fill the blocks with the engine's codes instead of calling ``gguf.quants.quantize`` (llama.cpp's own RTN),
+so what GPTQ or BAQ optimised is what the file holds. Both block types are symmetric groups of 32 with an fp16
+scale ``d``: Q4_0 stores unsigned nibbles with value ``d * (q - 8)`` (our symmetric 4-bit codes, zero 8, map
+one to one), Q8_0 stores the signed byte ``q - 128``. The scale is rounded to fp16 on the way: for the file to
+equal the in-memory model bit for bit, the engine must dequantize with ``round_scales_fp16(qweight)``.
+
+Tensor names come from gguf-py's own ``TensorNameMap`` (llama.cpp's table), and q/k rows are stored permuted
+the way llama.cpp's converter permutes them (q with n_head, k with n_kv_head): files without it load in both
+transformers and llama.cpp and silently give wrong output (FORMATS.md). The permutation only moves rows, so
+blocks are built in HF row order and the packed rows are permuted.
+
+Dense tensors: norms are F32 (llama.cpp wants 1-D tensors in F32); embeddings, an untied output and any linear
+left unquantized are F16 when the model is float16 and F32 otherwise (bf16 -> F32 is lossless, -> F16 is not).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+from compressor.errors import ExportError
+from compressor.methods.quant.ops import QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+BLOCK = 32
+#: file type -> (bits, block type, general.file_type)
+FILE_TYPES = {
+    "Q4_0": (4, gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+    "Q8_0": (8, gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+BLOCK_TYPES = {bits: block for bits, block, _ in FILE_TYPES.values()}
+FAMILIES = ("llama", "mistral")
+
+
+def validate_gguf(bits: int, group_size: int, symmetric: bool) -> str | None:
+    """Why (bits, group_size, symmetric) has no GGUF block type we write, or None when it has."""
+    if bits not in BLOCK_TYPES:
+        return f"GGUF export writes 4-bit (Q4_0) or 8-bit (Q8_0) blocks; got bits={bits}"
+    if group_size != BLOCK:
+        return f"Q4_0/Q8_0 blocks hold {BLOCK} weights per scale; need group_size={BLOCK}, not {group_size}"
+    if not symmetric:
+        return "GGUF Q4_0/Q8_0 blocks have no zero point; use symmetric: true"
+    return None
+
+
+def round_scales_fp16(qweight: QuantizedWeight) -> QuantizedWeight:
+    """The same weight with scales rounded to fp16 (kept as float32), as a GGUF block stores them.
+
+    ``dequantize()`` of the result equals what llama.cpp and transformers' GGUF loader read back from the
+    file: the product of an fp16 scale and a code below 256 is exact in float32.
+    """
+    return replace(qweight, scale=qweight.scale.to(torch.float16).float())
+
+
+def pack_blocks(qweight: QuantizedWeight) -> np.ndarray:
+    """``[out, in / 32 * block_bytes]`` uint8 rows of Q4_0 (18-byte) or Q8_0 (34-byte) blocks, HF rows."""
+    problem = validate_gguf(qweight.bits, qweight.group_size, qweight.symmetric)
+    if problem:
+        raise ExportError(problem)
+    out, columns = qweight.shape
+    if columns % BLOCK or qweight.g_idx is not None and not _trivial_groups(qweight):
+        raise ExportError(f"GGUF blocks need {columns} columns in contiguous groups of {BLOCK}")
+    if not bool((qweight.zero == 1 << (qweight.bits - 1)).all()):
+        raise ExportError("symmetric weights must have zero point 2**(bits-1) everywhere")
+    d = qweight.scale.to(torch.float16)
+    if not bool(torch.isfinite(d).all()):
+        raise ExportError("a scale overflows fp16; GGUF blocks store fp16 scales")
+    scales = d.numpy().reshape(out, columns // BLOCK, 1).view(np.uint8)  # 2 little-endian bytes
+    codes = qweight.q.cpu().numpy().astype(np.uint8).reshape(out, columns // BLOCK, BLOCK)
+    if qweight.bits == 4:
+        payload = codes[..., :16] | (codes[..., 16:] << 4)
+    else:
+        payload = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+    return np.ascontiguousarray(np.concatenate([scales, payload], axis=-1).reshape(out, -1))
+
+
+def _trivial_groups(qweight: QuantizedWeight) -> bool:
+    columns = qweight.shape[1]
+    return torch.equal(qweight.column_groups().cpu(), torch.arange(columns) // BLOCK)
+
+
+def permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's ``permute`` for q/k: per head, interleave the two rotary halves (rows only).
+
+    HF stores each head's rows as ``[first half, second half]`` of the rotary pairs; llama.cpp's rope wants
+    them as pairs ``(0, d/2), (1, d/2+1), ...``. Works on dense rows and on packed block rows alike.
+    """
+    shape = rows.shape
+    return rows.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of :func:`permute_rows` (what transformers' GGUF loader applies)."""
+    shape = rows.shape
+    return rows.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _check_model(model: Any) -> None:
+    """Refuse what the llama tensors and keys we write cannot express, rather than write a wrong file."""
+    config = model.config
+    if config.model_type not in FAMILIES:
+        raise ExportError(f"GGUF export supports the llama family ({', '.join(FAMILIES)}); "
+                          f"this model is '{config.model_type}' (use compressed-tensors)")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ExportError("GGUF export writes no biases; this model has attention/MLP bias")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ExportError(f"GGUF export supports plain RoPE; this model has rope_type '{rope['rope_type']}'")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ExportError(f"llama GGUF assumes SiLU; this model uses {config.hidden_act}")
+    if getattr(config, "sliding_window", None):
+        logger.warning("llama.cpp runs llama with full attention: sliding_window=%s is dropped",
+                       config.sliding_window)
+
+
+def _add_hparams(writer: gguf.GGUFWriter, model: Any, file_type: gguf.LlamaFileType) -> None:
+    """The architecture keys transformers' GGUF loader and llama.cpp read for ``llama``."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    name = Path(str(getattr(config, "_name_or_path", "") or config.model_type)).name
+    if config.model_type == "mistral" and "mistral" not in name.lower():
+        name = f"mistral {name}"  # transformers' loader picks Mistral only from general.name
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _pre_tokenizer_name(spec: dict[str, Any] | None) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` for a byte-level pre-tokenizer, decided by its structure.
+
+    Plain ``ByteLevel`` with the GPT-2 regex is ``gpt-2``; ``Digits(individual) + ByteLevel`` is ``smollm``
+    (SmolLM's original tokenizer.json). Anything else would be tokenized differently by llama.cpp, so refuse.
+    """
+    if spec and spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
+        return "gpt-2"
+    parts = (spec or {}).get("pretokenizers", [])
+    kinds = [p.get("type") for p in parts]
+    digits_first = kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits")
+    if digits_first and parts[1].get("use_regex", True):
+        return "smollm"
+    raise ExportError(f"GGUF export knows the gpt-2 and smollm pre-tokenizers, not {kinds or spec}")
+
+
+def _token_types(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Every id below ``vocab_size`` with its llama.cpp type; ids the tokenizer lacks become ``[PADn]``."""
+    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+    if max(by_id) >= vocab_size:
+        raise ExportError(f"the tokenizer has ids up to {max(by_id)}; the model's vocab_size is {vocab_size}")
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for index in range(vocab_size):
+        if index not in by_id:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.USER_DEFINED)
+        elif index in added:
+            tokens.append(by_id[index])
+            types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[index])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, [int(t) for t in types]
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None:
+    """A gpt2-style byte-level BPE tokenizer, as llama.cpp's converter writes it (without it none loads)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError("GGUF export needs a fast (tokenizers-backed) tokenizer")
+    spec = json.loads(backend.to_str())
+    if spec["model"]["type"] != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ExportError(f"GGUF export writes byte-level BPE tokenizers, not {spec['model']['type']}")
+    if spec.get("normalizer"):
+        raise ExportError(f"llama.cpp's gpt2 tokenizer has no normalizer; this one has {spec['normalizer']}")
+    pre = spec.get("pre_tokenizer")
+    tokens, types = _token_types(tokenizer, vocab_size)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(pre))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                     ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+        token_id = getattr(tokenizer, f"{key}_token_id", None)
+        if token_id is not None:
+            add(int(token_id))
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a", add_special_tokens=True)
+    writer.add_add_bos_token(len(full) > len(plain) and full[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(len(full) > len(plain) and full[-1] == tokenizer.eos_token_id)
+    parts = [pre or {}, *(pre or {}).get("pretokenizers", [])]
+    byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
+    writer.add_add_space_prefix(bool(byte_level and byte_level[0].get("add_prefix_space")))
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _tensors(model: Any, quantized: dict[str, QuantizedWeight]) -> list[tuple[str, np.ndarray, Any]]:
+    """``(gguf name, array, raw dtype or None)`` for every stored tensor; a tied output is not stored."""
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    heads = {"attn_q": config.num_attention_heads,
+             "attn_k": config.num_key_value_heads or config.num_attention_heads}
+    dense_dtype = np.float16 if model.dtype == torch.float16 else np.float32
+    state = remove_tied_weights_from_state_dict(dict(model.state_dict()), model)
+    unknown = [path for path in quantized if f"{path}.weight" not in state]
+    if unknown:
+        raise ExportError(f"quantized module {unknown[0]} has no own weight in the model (tied or missing)")
+    out = []
+    for key, tensor in state.items():
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ExportError(f"no llama GGUF tensor name for {key}")
+        path = key.rsplit(".", 1)[0]
+        if path in quantized:
+            array, raw = pack_blocks(quantized[path]), BLOCK_TYPES[quantized[path].bits]
+        else:
+            array = tensor.detach().float().cpu().numpy()
+            array, raw = array.astype(np.float32 if array.ndim == 1 else dense_dtype), None
+        role = name.split(".")[-2]
+        if role in heads:
+            array = permute_rows(array, heads[role])
+        out.append((name, np.ascontiguousarray(array), raw))
+    return out
+
+
+def write_gguf(model: Any, quantized: dict[str, QuantizedWeight], out_path: Path, tokenizer: Any,
+               file_type: str) -> None:
+    """Write one ``.gguf`` file: llama hparams, the tokenizer, blocks for quantized linears, dense the rest.
+
+    ``file_type`` ("Q4_0" or "Q8_0") is the file's ``general.file_type``; every quantized linear is stored in
+    the block type of its own bits (4 -> Q4_0, 8 -> Q8_0), so a BAQ mix of the two is one valid file, as
+    llama.cpp's own mixed files are. The parent directory must exist.
+    """
+    if file_type not in FILE_TYPES:
+        raise ExportError(f"GGUF file type must be one of {', '.join(FILE_TYPES)}; got {file_type}")
+    _check_model(model)
+    tensors = _tensors(model, quantized)
+    writer = gguf.GGUFWriter(str(out_path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    try:
+        _add_hparams(writer, model, FILE_TYPES[file_type][2])
+        _add_tokenizer(writer, tokenizer, model.config.vocab_size)
+        for name, array, raw in tensors:
+            writer.add_tensor(name, array, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()

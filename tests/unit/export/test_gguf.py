@@ -1,0 +1,207 @@
+"""GGUF export: blocks bit-exact, q/k permuted; transformers' GGUF loader reproduces model and tokenizer."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+from compressor.errors import ExportError
+from compressor.export import gguf as gguf_export
+from compressor.export.gguf import (
+    permute_rows,
+    round_scales_fp16,
+    unpermute_rows,
+    validate_gguf,
+    write_gguf,
+)
+from compressor.methods.quant.ops import quantize_rtn
+
+VOCAB = 320  # the shared tiny byte-level tokenizer has 312 tokens; the padding ids become [PADn]
+SENTENCE = "The model reads text and predicts the next token.<|endoftext|> News from the city council!"
+BITS = {"Q4_0": 4, "Q8_0": 8}
+
+
+@pytest.fixture
+def quantized_llama(make_llama, fake_quantize, all_but_head):
+    """``make(file_type, tied, dtype, kv_heads) -> (model, quantized)`` with fp16-rounded scales."""
+
+    def make(file_type: str = "Q4_0", tied: bool = True, dtype: torch.dtype = torch.float32,
+             kv_heads: int = 2) -> tuple:
+        model = make_llama(tied=tied, dtype=dtype, vocab_size=VOCAB, num_key_value_heads=kv_heads)
+        scheme = all_but_head(BITS[file_type], 32, True)
+        return model, fake_quantize(model, scheme, prepare=round_scales_fp16)
+
+    return make
+
+
+def _metadata(path) -> dict:
+    reader = gguf.GGUFReader(path)
+    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+
+
+@pytest.mark.parametrize(("bits", "group", "sym", "ok"), [
+    (4, 32, True, True), (8, 32, True, True), (4, 64, True, False), (8, -1, True, False),
+    (4, 32, False, False), (3, 32, True, False),
+])
+def test_validate_gguf(bits, group, sym, ok) -> None:
+    message = validate_gguf(bits, group, sym)
+    assert (message is None) == ok, message
+
+
+def test_round_scales_fp16_is_what_a_block_stores() -> None:
+    qweight = quantize_rtn(torch.randn(8, 64), 4, 32, True)
+    rounded = round_scales_fp16(qweight)
+    assert torch.equal(rounded.scale, rounded.scale.half().float())
+    assert torch.equal(rounded.q, qweight.q)
+    torch.testing.assert_close(rounded.scale, qweight.scale, rtol=2**-11, atol=0)
+
+
+@pytest.mark.parametrize("file_type", ["Q4_0", "Q8_0"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_transformers_gguf_loader_reproduces_logits(tmp_path, quantized_llama, tiny_tokenizer, logits,
+                                                    input_ids, file_type, tied) -> None:
+    model, quantized = quantized_llama(file_type, tied)
+    write_gguf(model, quantized, tmp_path / "m.gguf", tiny_tokenizer, file_type)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
+    assert loaded.config.tie_word_embeddings == tied
+    assert torch.equal(logits(loaded, input_ids), logits(model, input_ids))
+    meta = _metadata(tmp_path / "m.gguf")
+    expected_type = gguf.LlamaFileType.MOSTLY_Q4_0 if file_type == "Q4_0" else gguf.LlamaFileType.MOSTLY_Q8_0
+    assert meta["general.file_type"] == expected_type
+    assert meta["llama.attention.head_count_kv"] == 2 and meta["llama.rope.dimension_count"] == 16
+    assert meta["llama.vocab_size"] == VOCAB and meta["llama.context_length"] == 256
+
+
+def test_tokenizer_round_trips_through_the_file(tmp_path, quantized_llama, tiny_tokenizer) -> None:
+    model, quantized = quantized_llama()
+    template = "{% for m in messages %}<|endoftext|>{{ m['content'] }}{% endfor %}"
+    special = "<|endoftext|>"
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer,
+                                        chat_template=template, bos_token=special, eos_token=special,
+                                        unk_token=special)
+    write_gguf(model, quantized, tmp_path / "m.gguf", tokenizer, "Q4_0")
+    loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    ids = tokenizer.encode(SENTENCE, add_special_tokens=False)
+    assert special in SENTENCE and tokenizer.eos_token_id in ids
+    assert loaded.encode(SENTENCE, add_special_tokens=False) == ids
+    assert loaded.decode(tokenizer.encode(SENTENCE)) == SENTENCE
+    assert loaded.chat_template == template
+    meta = _metadata(tmp_path / "m.gguf")
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    tokens = meta["tokenizer.ggml.tokens"]
+    assert len(tokens) == VOCAB and tokens[-1] == f"[PAD{VOCAB - 1}]"
+    eos = tokenizer.eos_token_id
+    assert meta["tokenizer.ggml.eos_token_id"] == eos
+    assert meta["tokenizer.ggml.token_type"][eos] == gguf.TokenType.CONTROL
+    assert meta["tokenizer.ggml.add_bos_token"] is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("file_type", ["Q4_0", "Q8_0"])
+def test_blocks_round_trip_bit_exact(tmp_path, quantized_llama, tiny_tokenizer, dtype, file_type) -> None:
+    """Read the file with gguf-py, dequantize its blocks, undo the q/k permutation: our weights exactly."""
+    model, quantized = quantized_llama(file_type, tied=False, dtype=dtype)
+    write_gguf(model, quantized, tmp_path / "m.gguf", tiny_tokenizer, file_type)
+    stored = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    heads = {"attn_q": 4, "attn_k": 2}
+    state = model.state_dict()
+    assert len(stored) == len(state)
+    for key, tensor in state.items():
+        entry = stored[names.get_name(key, try_suffixes=(".weight",))]
+        values = gguf.quants.dequantize(entry.data, entry.tensor_type)
+        role = entry.name.split(".")[-2]
+        values = unpermute_rows(values, heads[role]) if role in heads else values
+        path = key.rsplit(".", 1)[0]
+        if path in quantized:
+            assert entry.tensor_type == gguf.GGMLQuantizationType[file_type]
+            assert torch.equal(torch.from_numpy(values.copy()), quantized[path].dequantize()), key
+        else:
+            assert entry.tensor_type == gguf.GGMLQuantizationType.F32
+            assert torch.equal(torch.from_numpy(values.copy()), tensor.float()), key
+
+
+def test_qk_rows_must_be_permuted(tmp_path, make_llama, fake_quantize, all_but_head, tiny_tokenizer, logits,
+                                  input_ids, monkeypatch) -> None:
+    """The FORMATS.md trap: an unpermuted file loads without complaint and gives different logits.
+
+    4 query heads share 2 key heads, so q and k are permuted with different head counts. q/k are scaled up
+    so attention is far from uniform and a rotary mix-up moves the logits visibly.
+    """
+    model = make_llama(vocab_size=VOCAB)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    quantized = fake_quantize(model, all_but_head(8, 32, True), prepare=round_scales_fp16)
+    reference = logits(model, input_ids)
+    write_gguf(model, quantized, tmp_path / "ok.gguf", tiny_tokenizer, "Q8_0")
+    monkeypatch.setattr(gguf_export, "permute_rows", lambda rows, n_head: rows)
+    write_gguf(model, quantized, tmp_path / "plain.gguf", tiny_tokenizer, "Q8_0")
+    ok = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="ok.gguf").eval()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="plain.gguf").eval()
+    assert torch.equal(logits(ok, input_ids), reference)
+    assert (logits(plain, input_ids) - reference).abs().max() > 0.1 * reference.std()
+
+
+@pytest.mark.parametrize("n_head", [1, 2, 3, 9])
+def test_permutation_is_inverted_by_transformers(n_head) -> None:
+    rows = np.arange(n_head * 8 * 5, dtype=np.float32).reshape(n_head * 8, 5)
+    permuted = permute_rows(rows, n_head)
+    assert not np.array_equal(permuted, rows)
+    assert np.array_equal(unpermute_rows(permuted, n_head), rows)
+    undo = LlamaTensorProcessor()._reverse_permute_weights(permuted, n_head, n_head)
+    assert np.array_equal(undo, rows)
+
+
+def test_mixed_q4_q8_file_loads_exactly(tmp_path, make_llama, fake_quantize, tiny_tokenizer, logits,
+                                        input_ids) -> None:
+    model = make_llama(vocab_size=VOCAB)
+
+    def scheme(name: str) -> tuple[int, int, bool] | None:
+        return None if name == "lm_head" else ((8 if ".mlp." in name else 4), 32, True)
+
+    quantized = fake_quantize(model, scheme, prepare=round_scales_fp16)
+    write_gguf(model, quantized, tmp_path / "m.gguf", tiny_tokenizer, "Q4_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert types["blk.0.ffn_up.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q4_0"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
+    assert torch.equal(logits(loaded, input_ids), logits(model, input_ids))
+
+
+def test_pre_tokenizer_is_chosen_by_structure(tmp_path, quantized_llama, tiny_tokenizer) -> None:
+    model, quantized = quantized_llama()
+    backend = Tokenizer.from_str(tiny_tokenizer.backend_tokenizer.to_str())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    smollm = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    write_gguf(model, quantized, tmp_path / "s.gguf", smollm, "Q4_0")
+    assert _metadata(tmp_path / "s.gguf")["tokenizer.ggml.pre"] == "smollm"
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ExportError, match="pre-tokenizers"):
+        write_gguf(model, quantized, tmp_path / "w.gguf",
+                   PreTrainedTokenizerFast(tokenizer_object=backend), "Q4_0")
+
+
+def test_refuses_what_llama_gguf_cannot_hold(tmp_path, make_llama, quantized_llama, tiny_tokenizer) -> None:
+    model, quantized = quantized_llama()
+    out = tmp_path / "m.gguf"
+    with pytest.raises(ExportError, match="Q4_0, Q8_0"):
+        write_gguf(model, quantized, out, tiny_tokenizer, "Q5_K")
+    path = "model.layers.0.self_attn.q_proj"
+    for bits, group, sym, match in [(4, 64, True, "group_size=32"), (4, 32, False, "symmetric"),
+                                    (3, 32, True, "4-bit")]:
+        bad = dict(quantized, **{path: quantize_rtn(torch.randn(64, 64), bits, group, sym)})
+        with pytest.raises(ExportError, match=match):
+            write_gguf(model, bad, out, tiny_tokenizer, "Q4_0")
+    small = make_llama(vocab_size=256)
+    with pytest.raises(ExportError, match="vocab_size is 256"):
+        write_gguf(small, {}, out, tiny_tokenizer, "Q8_0")
+    model.config.model_type = "qwen2"
+    with pytest.raises(ExportError, match="llama family"):
+        write_gguf(model, quantized, out, tiny_tokenizer, "Q4_0")
