@@ -86,19 +86,29 @@ def pack_weight(qweight: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch
 
     ``weight_packed: [out, ceil(in * bits / 32)]`` int32; ``weight_scale: [out, n_groups]`` in ``dtype``;
     ``weight_shape: [2]`` int64; asymmetric adds ``weight_zero_point: [ceil(out * bits / 32), n_groups]``
-    int32 (packed along rows, as the library's compressor does).
+    int32 (packed along rows, as the library's compressor does). Symmetric codes are stored as ``q - zero``
+    per group, so a group with narrower codes (its own midpoint as zero) inside a ``bits``-wide weight is
+    still stored exactly.
     """
     _check_storable(qweight)
-    offset = 1 << (qweight.bits - 1)
-    signed = (qweight.q.to(torch.int16) - offset).to(torch.int8)
+    bits = qweight.bits
+    low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    q = qweight.q.to(torch.int16)
+    if qweight.symmetric:
+        signed = q - qweight.zero[:, qweight.column_groups()].to(torch.int16)
+    else:
+        signed = q - (high + 1)
+    zero = qweight.zero.to(torch.int16) - (high + 1)
+    if not (low <= int(signed.min()) and int(signed.max()) <= high and low <= int(zero.min())
+            and int(zero.max()) <= high):
+        raise ExportError(f"codes or zero points outside the {bits}-bit range; the weight is not {bits}-bit")
     tensors = {
-        "weight_packed": pack_to_int32(signed, qweight.bits),
+        "weight_packed": pack_to_int32(signed.to(torch.int8), bits),
         "weight_scale": qweight.scale.to(dtype).contiguous(),
         "weight_shape": torch.tensor(qweight.shape, dtype=torch.int64),
     }
     if not qweight.symmetric:
-        zero = (qweight.zero.to(torch.int16) - offset).to(torch.int8)
-        tensors["weight_zero_point"] = pack_to_int32(zero, qweight.bits, packed_dim=0)
+        tensors["weight_zero_point"] = pack_to_int32(zero.to(torch.int8), bits, packed_dim=0)
     return tensors
 
 
@@ -109,8 +119,6 @@ def _check_storable(qweight: QuantizedWeight) -> None:
         raise ExportError(problem)
     if qweight.g_idx is not None and not torch.equal(qweight.g_idx.long().cpu(), _contiguous_groups(qweight)):
         raise ExportError("compressed-tensors 0.20 cannot store a column order (g_idx); use static groups")
-    if symmetric and not bool((qweight.zero == 1 << (bits - 1)).all()):
-        raise ExportError(f"a symmetric {bits}-bit weight must have zero point {1 << (bits - 1)} everywhere")
 
 
 def _contiguous_groups(qweight: QuantizedWeight) -> torch.Tensor:

@@ -71,17 +71,21 @@ def pack_blocks(qweight: QuantizedWeight) -> np.ndarray:
     out, columns = qweight.shape
     if columns % BLOCK or qweight.g_idx is not None and not _trivial_groups(qweight):
         raise ExportError(f"GGUF blocks need {columns} columns in contiguous groups of {BLOCK}")
-    if not bool((qweight.zero == 1 << (qweight.bits - 1)).all()):
-        raise ExportError("symmetric weights must have zero point 2**(bits-1) everywhere")
+    # q - zero per group: a group with narrower codes (its own midpoint as zero) still fits the block exactly
+    signed = qweight.q.to(torch.int16) - qweight.zero[:, qweight.column_groups()].to(torch.int16)
+    half = 1 << (qweight.bits - 1)
+    if int(signed.min()) < -half or int(signed.max()) >= half:
+        raise ExportError(f"codes minus zero leave [-{half}, {half - 1}]: not a {qweight.bits}-bit weight")
     d = qweight.scale.to(torch.float16)
     if not bool(torch.isfinite(d).all()):
         raise ExportError("a scale overflows fp16; GGUF blocks store fp16 scales")
-    scales = d.numpy().reshape(out, columns // BLOCK, 1).view(np.uint8)  # 2 little-endian bytes
-    codes = qweight.q.cpu().numpy().astype(np.uint8).reshape(out, columns // BLOCK, BLOCK)
+    scales = d.cpu().numpy().reshape(out, columns // BLOCK, 1).view(np.uint8)  # 2 little-endian bytes
+    values = signed.cpu().numpy().reshape(out, columns // BLOCK, BLOCK)
     if qweight.bits == 4:
+        codes = (values + 8).astype(np.uint8)  # Q4_0 reads d * (nibble - 8)
         payload = codes[..., :16] | (codes[..., 16:] << 4)
     else:
-        payload = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+        payload = values.astype(np.int8).view(np.uint8)
     return np.ascontiguousarray(np.concatenate([scales, payload], axis=-1).reshape(out, -1))
 
 

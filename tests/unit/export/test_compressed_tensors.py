@@ -21,7 +21,7 @@ from compressor.export.compressed_tensors import (
     validate_compressed_tensors,
     write_compressed_tensors,
 )
-from compressor.methods.quant.ops import quantize_rtn
+from compressor.methods.quant.ops import QuantizedWeight, quantize_rtn
 
 
 def _stored(out_dir: Path) -> dict[str, torch.Tensor]:
@@ -186,3 +186,17 @@ def test_refuses_what_it_cannot_store(tmp_path, make_llama, fake_quantize) -> No
         write_compressed_tensors(model, {"model.layers.0.self_attn": qweight}, tmp_path)
     with pytest.raises(ExportError, match="at least one"):
         write_compressed_tensors(model, {}, tmp_path)
+
+
+def test_narrow_groups_inside_a_wider_weight_are_exact() -> None:
+    """A symmetric weight whose second group holds 2-bit codes (zero 2) packs as 4-bit ``q - zero``."""
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
+    wide, narrow = quantize_rtn(w[:, :32], 4, 32, True), quantize_rtn(w[:, 32:], 2, 32, True)
+    qweight = QuantizedWeight(
+        q=torch.cat([wide.q, narrow.q], 1), scale=torch.cat([wide.scale, narrow.scale], 1),
+        zero=torch.cat([wide.zero, narrow.zero], 1), bits=4, group_size=32, symmetric=True)
+    packed = pack_weight(qweight, torch.float32)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    dense = PackedQuantizationCompressor.decompress(packed, scheme)
+    assert torch.equal(dense["weight"], qweight.dequantize())

@@ -13,13 +13,14 @@ from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 from compressor.errors import ExportError
 from compressor.export import gguf as gguf_export
 from compressor.export.gguf import (
+    pack_blocks,
     permute_rows,
     round_scales_fp16,
     unpermute_rows,
     validate_gguf,
     write_gguf,
 )
-from compressor.methods.quant.ops import quantize_rtn
+from compressor.methods.quant.ops import QuantizedWeight, quantize_rtn
 
 VOCAB = 320  # the shared tiny byte-level tokenizer has 312 tokens; the padding ids become [PADn]
 SENTENCE = "The model reads text and predicts the next token.<|endoftext|> News from the city council!"
@@ -205,3 +206,16 @@ def test_refuses_what_llama_gguf_cannot_hold(tmp_path, make_llama, quantized_lla
     model.config.model_type = "qwen2"
     with pytest.raises(ExportError, match="llama family"):
         write_gguf(model, quantized, out, tiny_tokenizer, "Q4_0")
+
+
+@pytest.mark.parametrize(("file_type", "narrow_bits"), [("Q4_0", 2), ("Q8_0", 4)])
+def test_narrow_groups_fill_blocks_exactly(file_type, narrow_bits) -> None:
+    """A group with narrower codes (its own zero) inside a 4/8-bit weight still decodes to our values."""
+    bits = BITS[file_type]
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    wide, narrow = quantize_rtn(w[:, :32], bits, 32, True), quantize_rtn(w[:, 32:], narrow_bits, 32, True)
+    qweight = round_scales_fp16(QuantizedWeight(
+        q=torch.cat([wide.q, narrow.q], 1), scale=torch.cat([wide.scale, narrow.scale], 1),
+        zero=torch.cat([wide.zero, narrow.zero], 1), bits=bits, group_size=32, symmetric=True))
+    values = gguf.quants.dequantize(pack_blocks(qweight), gguf.GGMLQuantizationType[file_type])
+    assert torch.equal(torch.from_numpy(values), qweight.dequantize())
