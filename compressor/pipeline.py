@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from compressor.calibration.tokens import calibration_batch, iter_eval_windows
 from compressor.engine import ModelContext, ProgressFn, run_stages
 from compressor.errors import CalibrationError, QualityGateError, RecipeError
 from compressor.evaluate.perplexity import PerplexityResult, perplexity
-from compressor.export import write_model
+from compressor.export import storage_scale_dtype, write_model
 from compressor.export.atomic import atomic_output_dir, check_output_dir
 from compressor.methods.base import Method, TargetedConfig
 from compressor.methods.registry import get_method
@@ -136,6 +137,7 @@ def compress(
     run = ModelContext(loaded.model, adapter, tokens, target, calib.batch_size)
     with _phase(timings, "compress"):
         records = run_stages(run, stages, progress)
+        _round_scales_for_storage(run, recipe)
     if eval_data:
         with _phase(timings, "eval_after"):
             evaluation["after"] = evaluate(loaded, eval_data, seq_len=eval_len, max_tokens=eval_max_tokens,
@@ -160,6 +162,23 @@ def compress(
     if report.quality_gate and not report.quality_gate["passed"]:
         raise QualityGateError(report.quality_gate["message"])
     return report
+
+
+def _round_scales_for_storage(run: ModelContext, recipe: Recipe) -> None:
+    """Make the in-memory weights exactly what the file will hold.
+
+    Formats store scales in fp16 (GGUF) or the model dtype; rounding a float32 scale moves each weight by
+    at most ~1e-3 relative and never changes its integer code, so the codes stay and only the dequantized
+    weight is refreshed. Evaluation after compression then measures the exported model, bit for bit.
+    """
+    for path, qweight in run.quantized.items():
+        module = run.model.get_submodule(path)
+        scale_dtype = storage_scale_dtype(recipe.export, module.weight.dtype)
+        if scale_dtype == torch.float32:
+            continue
+        rounded = replace(qweight, scale=qweight.scale.to(scale_dtype).float())
+        run.quantized[path] = rounded
+        module.weight.data = rounded.dequantize(module.weight.dtype)
 
 
 def _eval_summary(evaluation: dict[str, object], source: str) -> dict[str, object]:

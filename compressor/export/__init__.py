@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from compressor.errors import ExportError
 
 if TYPE_CHECKING:
@@ -14,21 +16,43 @@ if TYPE_CHECKING:
 
 
 def check_export_settings(export: ExportConfig, quant_stages: list[MethodConfig]) -> str | None:
-    """Why the quantizing stages' settings cannot be stored in ``export.format``, or None."""
+    """Why the quantizing stages' settings cannot be stored in ``export.format``, or None.
+
+    Runs before any model is loaded, so widths are unknown here; the writers check per module again.
+    """
     if export.format == "dense":
         return None
     if not quant_stages:
         return f"'{export.format}' stores quantized weights, but no stage quantizes (use format: dense)"
     for stage in quant_stages:
-        bits, group, sym = (getattr(stage, k, None) for k in ("bits", "group_size", "symmetric"))
-        if export.format == "gguf":
-            wanted = {"Q4_0": 4, "Q8_0": 8}.get(export.gguf_type or "", bits)
-            if bits not in (4, 8) or group != 32 or not sym or bits != wanted:
-                return (
-                    f"gguf stores symmetric 4-bit (Q4_0) or 8-bit (Q8_0) blocks of 32 weights; stage "
-                    f"'{stage.method}' has bits={bits}, group_size={group}, symmetric={sym}"
-                )
+        bits, group, symmetric = (getattr(stage, k) for k in ("bits", "group_size", "symmetric"))
+        problem = _format_problem(export, bits, group, symmetric)
+        if problem:
+            return f"stage '{stage.method}': {problem}"
     return None
+
+
+def _format_problem(export: ExportConfig, bits: int, group: int, symmetric: bool) -> str | None:
+    if export.format == "gguf":
+        from compressor.export.gguf import validate_gguf
+
+        wanted = {"Q4_0": 4, "Q8_0": 8}.get(export.gguf_type or "", bits)
+        if bits != wanted:
+            return f"gguf_type {export.gguf_type} stores {wanted}-bit weights, the stage has bits={bits}"
+        return validate_gguf(bits, group, symmetric)
+    from compressor.export.compressed_tensors import validate_compressed_tensors
+
+    if not symmetric:
+        return (
+            "asymmetric pack-quantized files do not load in transformers 5.23 + compressed-tensors 0.20 "
+            "(upstream bug); use symmetric: true, or format: dense"
+        )
+    return validate_compressed_tensors(bits, group, symmetric)
+
+
+def storage_scale_dtype(export: ExportConfig, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the format stores scales in: fp16 in GGUF blocks, the model dtype otherwise."""
+    return torch.float16 if export.format == "gguf" else model_dtype
 
 
 def write_model(export: ExportConfig, run: ModelContext, tokenizer: Any, out_dir: Path) -> list[str]:

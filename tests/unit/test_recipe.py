@@ -51,7 +51,13 @@ def test_errors_name_line_and_field(tmp_path: Path, change: tuple[str, str], mes
 
 def test_export_format_rejects_unstorable_bits(tmp_path: Path) -> None:
     text = GOOD.replace("bits: 4", "bits: 3").replace("format: dense", "format: gguf")
-    with pytest.raises(RecipeError, match="gguf stores symmetric 4-bit"):
+    with pytest.raises(RecipeError, match=r"export.format: stage 'rtn': GGUF export writes 4-bit \(Q4_0\)"):
+        load_recipe(_write(tmp_path, text))
+    text = GOOD.replace("format: dense", "format: compressed-tensors").replace("bits: 4", "bits: 4\n    symmetric: false")
+    with pytest.raises(RecipeError, match="asymmetric pack-quantized files do not load"):
+        load_recipe(_write(tmp_path, text))
+    text = GOOD.replace("format: dense", "format: gguf").replace("group_size: 32", "group_size: 64")
+    with pytest.raises(RecipeError, match="need group_size=32"):
         load_recipe(_write(tmp_path, text))
 
 
