@@ -10,6 +10,7 @@ import typer
 
 from compressor.commands import compress as compress_command
 from compressor.commands import eval as eval_command
+from compressor.commands import export as export_command
 from compressor.commands import inspect as inspect_command
 from compressor.commands import recipes as recipes_command
 
@@ -24,6 +25,7 @@ app = typer.Typer(
 app.command("compress", no_args_is_help=True)(compress_command.compress)
 app.command("eval", no_args_is_help=True)(eval_command.eval_)
 app.command("inspect", no_args_is_help=True)(inspect_command.inspect)
+app.command("export", no_args_is_help=True)(export_command.export)
 app.add_typer(recipes_command.app, name="recipes")
 
 

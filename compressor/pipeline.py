@@ -15,13 +15,13 @@ from compressor.calibration.tokens import calibration_batch, iter_eval_windows
 from compressor.engine import ModelContext, ProgressFn, run_stages
 from compressor.errors import CalibrationError, QualityGateError, RecipeError
 from compressor.evaluate.perplexity import PerplexityResult, perplexity
-from compressor.export import storage_scale_dtype, write_model
+from compressor.export import format_problem, storage_scale_dtype, write_model
 from compressor.export.atomic import atomic_output_dir, check_output_dir
 from compressor.methods.base import Method, TargetedConfig
 from compressor.methods.registry import get_method
 from compressor.models import ModelAdapter, get_adapter
 from compressor.models.loading import LoadedModel, load_model, resolve_device
-from compressor.recipe import Recipe
+from compressor.recipe import ExportConfig, Recipe
 from compressor.report import (
     Report,
     average_bits,
@@ -70,6 +70,26 @@ def evaluate(
         return perplexity(loaded.model, windows, target, progress=progress)
     finally:
         loaded.model.to("cpu")
+
+
+def export(source: str | Path, export_config: ExportConfig, out: Path, *, overwrite: bool = False) -> list[str]:
+    """Store a finished compressed-tensors run in another format without re-running calibration."""
+    from compressor.export.reader import read_compressed_tensors
+
+    check_output_dir(out, overwrite)
+    model, quantized, tokenizer = read_compressed_tensors(Path(source))
+    for path, qweight in quantized.items():
+        problem = format_problem(export_config, qweight.bits, qweight.group_size, qweight.symmetric)
+        if problem:
+            raise RecipeError(f"cannot store {path} as {export_config.format}: {problem}")
+    run = ModelContext(model, get_adapter(model), torch.empty(0, dtype=torch.long), torch.device("cpu"), 1, quantized)
+    _round_scales_for_storage(run, export_config)
+    with atomic_output_dir(out, overwrite) as staging:
+        files = write_model(export_config, run, tokenizer, staging)
+        for name in ("recipe.yaml", "compression_report.json", "compression_report.md"):
+            if (Path(source) / name).is_file():
+                (staging / name).write_bytes((Path(source) / name).read_bytes())
+    return files
 
 
 def _check_seq_len(adapter: ModelAdapter, seq_len: int) -> None:
@@ -137,7 +157,7 @@ def compress(
     run = ModelContext(loaded.model, adapter, tokens, target, calib.batch_size)
     with _phase(timings, "compress"):
         records = run_stages(run, stages, progress)
-        _round_scales_for_storage(run, recipe)
+        _round_scales_for_storage(run, recipe.export)
     if eval_data:
         with _phase(timings, "eval_after"):
             evaluation["after"] = evaluate(loaded, eval_data, seq_len=eval_len, max_tokens=eval_max_tokens,
@@ -164,7 +184,7 @@ def compress(
     return report
 
 
-def _round_scales_for_storage(run: ModelContext, recipe: Recipe) -> None:
+def _round_scales_for_storage(run: ModelContext, export_config: ExportConfig) -> None:
     """Make the in-memory weights exactly what the file will hold.
 
     Formats store scales in fp16 (GGUF) or the model dtype; rounding a float32 scale moves each weight by
@@ -173,7 +193,7 @@ def _round_scales_for_storage(run: ModelContext, recipe: Recipe) -> None:
     """
     for path, qweight in run.quantized.items():
         module = run.model.get_submodule(path)
-        scale_dtype = storage_scale_dtype(recipe.export, module.weight.dtype)
+        scale_dtype = storage_scale_dtype(export_config, module.weight.dtype)
         if scale_dtype == torch.float32:
             continue
         rounded = replace(qweight, scale=qweight.scale.to(scale_dtype).float())

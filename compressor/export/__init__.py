@@ -26,13 +26,16 @@ def check_export_settings(export: ExportConfig, quant_stages: list[MethodConfig]
         return f"'{export.format}' stores quantized weights, but no stage quantizes (use format: dense)"
     for stage in quant_stages:
         bits, group, symmetric = (getattr(stage, k) for k in ("bits", "group_size", "symmetric"))
-        problem = _format_problem(export, bits, group, symmetric)
+        problem = format_problem(export, bits, group, symmetric)
         if problem:
             return f"stage '{stage.method}': {problem}"
     return None
 
 
-def _format_problem(export: ExportConfig, bits: int, group: int, symmetric: bool) -> str | None:
+def format_problem(export: ExportConfig, bits: int, group: int, symmetric: bool) -> str | None:
+    """Why one weight scheme cannot be stored in ``export.format``, or None."""
+    if export.format == "dense":
+        return None
     if export.format == "gguf":
         from compressor.export.gguf import validate_gguf
 

@@ -15,6 +15,7 @@ from compressor.cli import app
         (["compress"], "--recipe"),
         (["eval"], "--data"),
         (["inspect"], "PATH"),
+        (["export"], "--format"),
         (["recipes"], "validate"),
         (["recipes", "list"], "--json"),
         (["recipes", "show"], "NAME"),

@@ -62,3 +62,26 @@ def test_gguf_q8_0(model_dir_factory, text_file: Path, tmp_path: Path) -> None:
     compress(loaded, _recipe(text_file, {"format": "gguf", "gguf_type": "Q8_0"}, bits=8), out, device="cpu")
     reloaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="model-Q8_0.gguf")
     torch.testing.assert_close(_logits(reloaded), _logits(loaded.model), rtol=0, atol=0)
+
+
+def test_export_command_turns_compressed_tensors_into_gguf(model_dir_factory, text_file: Path, tmp_path: Path,
+                                                           runner) -> None:
+    from compressor.cli import app
+
+    loaded = load(model_dir_factory("llama"))
+    ct = tmp_path / "ct"
+    compress(loaded, _recipe(text_file, {"format": "compressed-tensors"}), ct, device="cpu")
+    in_memory = _logits(loaded.model)
+    result = runner.invoke(app, ["export", str(ct), "--format", "gguf", "--out", str(tmp_path / "g"), "--json"])
+    assert result.exit_code == 0, result.output
+    gguf = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file="model-Q4_0.gguf")
+    # GGUF stores scales in fp16: within fp16 rounding of the scales, never a different integer
+    torch.testing.assert_close(_logits(gguf), in_memory, rtol=0, atol=2e-3)
+    dense = runner.invoke(app, ["export", str(ct), "--format", "dense", "--out", str(tmp_path / "d")])
+    assert dense.exit_code == 0, dense.output
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "d")), in_memory,
+                               rtol=0, atol=0)
+    bad = runner.invoke(app, ["export", str(ct), "--format", "gguf", "--gguf-type", "Q8_0", "--out",
+                              str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "Q8_0 stores 8-bit" in bad.stderr
+    assert not (tmp_path / "x").exists()
