@@ -100,15 +100,23 @@ class LayerContext:
             outputs.append(out[0] if isinstance(out, tuple) else out)
         return outputs
 
-    @torch.no_grad()
     def collect_inputs(self, module: nn.Module, fold: Callable[[torch.Tensor], None]) -> None:
         """Call ``fold(x)`` with the input of ``module`` for every batch, stopping each forward there."""
+        self.collect_many([(module, fold)])
 
-        def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            fold(args[0])
-            raise _StopForward
+    @torch.no_grad()
+    def collect_many(self, folds: list[tuple[nn.Module, Callable[[torch.Tensor], None]]]) -> None:
+        """Like :meth:`collect_inputs` for several modules in one pass; it stops at the last one listed."""
+        last = folds[-1][0]
+        handles = []
+        for module, fold in folds:
 
-        handle = module.register_forward_pre_hook(hook)
+            def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], fold: Callable = fold) -> None:
+                fold(args[0])
+                if mod is last:
+                    raise _StopForward
+
+            handles.append(module.register_forward_pre_hook(hook))
         try:
             for batch in self.inputs:
                 try:
@@ -116,7 +124,8 @@ class LayerContext:
                 except _StopForward:
                     pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     def hessian(self, group: LinearGroup) -> torch.Tensor:
         """``H = 2/n X^T X`` of the input shared by the group's linears (``[in, in]``, float32).
@@ -130,26 +139,14 @@ class LayerContext:
     def hessians(self, groups: list[LinearGroup]) -> dict[LinearGroup, torch.Tensor]:
         """Hessians of several groups from shared forward passes (one pass when all are requested)."""
         states: dict[LinearGroup, dict[str, Any]] = {g: {"H": None, "n": 0} for g in groups}
-        last = groups[-1]
-        handles = []
-        for group in groups:
 
-            def hook(_: nn.Module, args: tuple[torch.Tensor, ...], group: LinearGroup = group) -> None:
-                state = states[group]
-                state["H"], state["n"] = accumulate_hessian(state["H"], args[0], state["n"])
-                if group == last:
-                    raise _StopForward
+        def folder(state: dict[str, Any]) -> Callable[[torch.Tensor], None]:
+            def fold(x: torch.Tensor) -> None:
+                state["H"], state["n"] = accumulate_hessian(state["H"], x, state["n"])
 
-            handles.append(self.module(group.names[0]).register_forward_pre_hook(hook))
-        try:
-            for batch in self.inputs:
-                try:
-                    self.layer(batch.hidden, **batch.kwargs)
-                except _StopForward:
-                    pass
-        finally:
-            for handle in handles:
-                handle.remove()
+            return fold
+
+        self.collect_many([(self.module(g.names[0]), folder(states[g])) for g in groups])
         result = {}
         for group, state in states.items():
             H = state["H"]
