@@ -2,5 +2,6 @@
 
 from compressor.methods import registry
 from compressor.methods.quant import gptq, rtn  # noqa: F401
+from compressor.methods.prune import slicegpt  # noqa: F401
 
 __all__ = ["registry"]

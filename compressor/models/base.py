@@ -85,12 +85,24 @@ class ModelAdapter(ABC):
         """The MLP sublayer (for OPT, the pair fc1/fc2 lives on the layer itself)."""
 
     @abstractmethod
+    def attention_inputs(self, layer: nn.Module) -> list[nn.Linear]:
+        """The linears that read the attention norm's output (q/k/v), in order."""
+
+    @abstractmethod
+    def mlp_inputs(self, layer: nn.Module) -> list[nn.Linear]:
+        """The linears that read the MLP norm's output (gate/up; fc1), in order."""
+
+    @abstractmethod
     def attention_output(self, layer: nn.Module) -> nn.Linear:
         """The projection that writes attention back into the residual stream (o_proj / out_proj)."""
 
     @abstractmethod
     def mlp_output(self, layer: nn.Module) -> nn.Linear:
         """The projection that writes the MLP back into the residual stream (down_proj / fc2)."""
+
+    @abstractmethod
+    def norm_eps(self, norm: nn.Module) -> float:
+        """The epsilon a norm of this family adds to the variance (``variance_epsilon`` / ``eps``)."""
 
     # ---- capabilities --------------------------------------------------------------------
     @property
@@ -105,6 +117,10 @@ class ModelAdapter(ABC):
     def uses_layernorm(self) -> bool:
         """True when norms subtract the mean (LayerNorm); rotation methods must fold it first."""
         return False
+
+    def rotation_blocker(self) -> str | None:
+        """Why this model's norms cannot be folded to make it rotation-invariant (SliceGPT), or None."""
+        return None
 
     @property
     def max_positions(self) -> int | None:

@@ -47,8 +47,17 @@ class LlamaAdapter(ModelAdapter):
     def mlp(self, layer: Any) -> nn.Module:
         return layer.mlp
 
+    def attention_inputs(self, layer: Any) -> list[nn.Linear]:
+        return [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+
+    def mlp_inputs(self, layer: Any) -> list[nn.Linear]:
+        return [layer.mlp.gate_proj, layer.mlp.up_proj]
+
     def attention_output(self, layer: Any) -> nn.Linear:
         return layer.self_attn.o_proj
 
     def mlp_output(self, layer: Any) -> nn.Linear:
         return layer.mlp.down_proj
+
+    def norm_eps(self, norm: Any) -> float:
+        return float(norm.variance_epsilon)

@@ -48,11 +48,33 @@ class OPTAdapter(ModelAdapter):
     def mlp(self, layer: Any) -> nn.Module:
         return layer
 
+    def attention_inputs(self, layer: Any) -> list[nn.Linear]:
+        return [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+
+    def mlp_inputs(self, layer: Any) -> list[nn.Linear]:
+        return [layer.fc1]
+
     def attention_output(self, layer: Any) -> nn.Linear:
         return layer.self_attn.out_proj
 
     def mlp_output(self, layer: Any) -> nn.Linear:
         return layer.fc2
+
+    def norm_eps(self, norm: Any) -> float:
+        return float(norm.eps)
+
+    def rotation_blocker(self) -> str | None:
+        config = self.config
+        if not config.do_layer_norm_before:
+            return "OPT with LayerNorm after each block (do_layer_norm_before=false) is not rotation-invariant"
+        if config.word_embed_proj_dim != config.hidden_size:
+            return (f"OPT with project_in/project_out (word_embed_proj_dim {config.word_embed_proj_dim} != "
+                    f"hidden_size {config.hidden_size}) is not supported")
+        if getattr(config, "_remove_final_layer_norm", False):
+            return "OPT without a final LayerNorm is not supported"
+        if config.layer_norm_elementwise_affine and not config.enable_bias:
+            return "OPT LayerNorm biases cannot be folded into linears without biases (enable_bias=false)"
+        return None
 
     @property
     def uses_layernorm(self) -> bool:

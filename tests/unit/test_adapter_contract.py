@@ -40,6 +40,15 @@ class AdapterContract:
             assert norm.weight.shape == (adapter.hidden_size,)
         assert adapter.attention(layer) is not None and adapter.mlp(layer) is not None
 
+    def test_norm_readers_eps_and_rotation(self, adapter) -> None:  # type: ignore[no-untyped-def]
+        layer = adapter.layers()[0]
+        qkv, _, mlp_in, _ = adapter.linear_groups()
+        assert adapter.attention_inputs(layer) == [layer.get_submodule(n) for n in qkv.names]
+        assert adapter.mlp_inputs(layer) == [layer.get_submodule(n) for n in mlp_in.names]
+        for norm in (adapter.attention_norm(layer), adapter.mlp_norm(layer), adapter.final_norm()):
+            assert 0 < adapter.norm_eps(norm) < 1e-3
+        assert adapter.rotation_blocker() is None
+
     def test_embeddings_and_head(self, adapter) -> None:  # type: ignore[no-untyped-def]
         assert adapter.embeddings()
         assert adapter.lm_head().in_features == adapter.hidden_size
@@ -56,6 +65,11 @@ class TestQwen2Adapter(AdapterContract):
 
 class TestOPTAdapter(AdapterContract):
     family = "opt"
+
+
+def test_opt_without_pre_norm_cannot_rotate() -> None:
+    adapter = get_adapter(tiny_model("opt", do_layer_norm_before=False))
+    assert "do_layer_norm_before" in (adapter.rotation_blocker() or "")
 
 
 def test_unknown_family_lists_supported() -> None:
