@@ -164,6 +164,7 @@ def to_markdown(report: Report) -> str:
             f"| {row['module']} | {row['method']} | {_fmt(row['bits'])} | {_fmt(row['group_size'])} | "
             f"{_fmt(row['kept_fraction'])} | {err} | {row['seconds']:.2f} | {row['note']} |"
         )
+    lines += scores_markdown(report.layers)
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report.versions.items()), ""]
     return "\n".join(lines)
 
@@ -173,7 +174,11 @@ def _fmt(value: Any) -> str:
 
 
 def write_plots(report: Report, out_dir: Path) -> list[str]:
-    """Bits and error per module; silently nothing without matplotlib (it is the 'plots' extra)."""
+    """Bits and error per module (and removal scores); silently nothing without matplotlib (the 'plots' extra)."""
+    return _plot_layers(report, out_dir) + plot_scores(report, out_dir)
+
+
+def _plot_layers(report: Report, out_dir: Path) -> list[str]:
     rows = [r for r in report.layers if r["rel_error"] is not None]
     if not rows:
         return []
@@ -197,6 +202,60 @@ def write_plots(report: Report, out_dir: Path) -> list[str]:
     fig.savefig(out_dir / "layers.png", dpi=90)
     plt.close(fig)
     return ["layers.png"]
+
+
+def _scored(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of layer-removal methods: ``extra`` carries a per-layer ``score`` (layer_drop, finercut)."""
+    return [r for r in layers if r["extra"].get("score") is not None and "layer" in r["extra"]]
+
+
+def scores_markdown(layers: list[dict[str, Any]]) -> list[str]:
+    """Removal scores per layer (or sublayer) and what was removed, in order; empty when nothing was scored."""
+    rows = _scored(layers)
+    if not rows:
+        return []
+    lines = ["", "## Removal scores", "", "| module | method | score | removed | order |", "|---|---|---|---|---|"]
+    for row in rows:
+        extra = row["extra"]
+        order = extra.get("order") or extra.get("rank") or ""
+        lines.append(f"| {row['module']} | {row['method']} | {extra['score']:.6g} | "
+                     f"{'yes' if extra.get('removed') else ''} | {order} |")
+    return lines
+
+
+def plot_scores(report: Report, out_dir: Path) -> list[str]:
+    """``scores.png``: each method's per-layer removal scores (one line per sublayer kind), removed ones marked."""
+    rows = _scored(report.layers)
+    if not rows:
+        return []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(len(methods), 1, figsize=(12, 3.5 * len(methods)), squeeze=False)
+    for ax, method in zip(axes[:, 0], methods, strict=True):
+        mine = [r for r in rows if r["method"] == method]
+        for series in dict.fromkeys(r["extra"].get("sublayer", "layer") for r in mine):
+            part = [r for r in mine if r["extra"].get("sublayer", "layer") == series]
+            ax.plot([r["extra"]["layer"] for r in part], [r["extra"]["score"] for r in part], marker=".", label=series)
+            gone = [r for r in part if r["extra"].get("removed")]
+            ax.plot([r["extra"]["layer"] for r in gone], [r["extra"]["score"] for r in gone], "rx", markersize=9)
+        scores = [r["extra"]["score"] for r in mine]
+        if min(scores) > 0 and max(scores) / min(scores) > 100:
+            ax.set_yscale("log")
+        metric = mine[0]["extra"].get("metric") or mine[0]["extra"].get("measure") or "score"
+        ax.set_ylabel(str(metric))
+        ax.set_title(f"{method}: per-layer scores (x = removed)")
+        ax.legend(fontsize=8)
+    axes[-1, 0].set_xlabel("layer")
+    fig.tight_layout()
+    fig.savefig(out_dir / "scores.png", dpi=90)
+    plt.close(fig)
+    return ["scores.png"]
 
 
 def write_report(report: Report, out_dir: Path) -> None:

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -56,6 +57,10 @@ class ModelAdapter(ABC):
     @abstractmethod
     def final_norm(self) -> nn.Module:
         """The norm applied after the last layer, before the head."""
+
+    def after_layers(self) -> list[nn.Module]:
+        """Modules the decoder applies, in order, between its last layer and the head (the final norm)."""
+        return [self.final_norm()]
 
     def lm_head(self) -> nn.Linear:
         """The output projection to the vocabulary."""
@@ -136,3 +141,44 @@ class ModelAdapter(ABC):
     def layer_prefix(self, index: int) -> str:
         """Full module path of decoder layer ``index``: ``model.layers.3``."""
         return f"{self.layers_path()}.{index}"
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``[..., V]`` from the last layer's output ``hidden: [..., H]``."""
+        for module in self.after_layers():
+            hidden = module(hidden)
+        return self.lm_head()(hidden)
+
+    #: Config attributes holding one entry per decoder layer, trimmed with the layers (``finercut_removed``
+    #: lists the sublayers compressor's FinerCut removed from each layer).
+    per_layer_config: tuple[str, ...] = ("layer_types", "finercut_removed")
+
+    def remove_layers(self, indices: list[int]) -> None:
+        """Delete decoder layers in place and make the model a standard, smaller one of its family.
+
+        The survivors keep their order and are renumbered (module paths, every ``layer_idx`` attribute
+        that indexes the KV cache); ``config.num_hidden_layers`` and per-layer config lists shrink with them.
+        """
+        layers = self.layers()
+        count = len(layers)
+        doomed = sorted(set(indices))
+        if any(not 0 <= i < count for i in doomed):
+            raise IndexError(f"layer indices {doomed} out of range for {count} layers")
+        keep = [i for i in range(count) if i not in doomed]
+        survivors = [layers[i] for i in keep]
+        for _ in range(count):
+            del layers[0]
+        for new_index, layer in enumerate(survivors):
+            layers.append(layer)
+            for module in layer.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    setattr(module, "layer_idx", new_index)  # noqa: B010  (nn.Module typing refuses ints)
+        self.config.num_hidden_layers = len(survivors)
+        for name in self.per_layer_config:
+            values = getattr(self.config, name, None)
+            if isinstance(values, list) and len(values) == count:
+                setattr(self.config, name, [values[i] for i in keep])
+        self._layers_removed(keep)
+
+    def _layers_removed(self, kept: list[int]) -> None:
+        """Family-specific config updates after :meth:`remove_layers` (``kept``: old indices, in order)."""
+        return None

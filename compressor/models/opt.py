@@ -28,6 +28,10 @@ class OPTAdapter(ModelAdapter):
     def final_norm(self) -> nn.Module:
         return self.model.model.decoder.final_layer_norm
 
+    def after_layers(self) -> list[nn.Module]:
+        decoder = self.model.model.decoder
+        return [m for m in (decoder.final_layer_norm, decoder.project_out) if m is not None]
+
     def linear_groups(self) -> list[LinearGroup]:
         return [
             LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),

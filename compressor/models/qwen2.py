@@ -7,3 +7,9 @@ from compressor.models.llama import LlamaAdapter
 
 class Qwen2Adapter(LlamaAdapter):
     model_types = ("qwen2", "qwen3")
+
+    def _layers_removed(self, kept: list[int]) -> None:
+        # Layers from max_window_layers on use the sliding window: count the survivors below the threshold.
+        threshold = getattr(self.config, "max_window_layers", None)
+        if isinstance(threshold, int):
+            self.config.max_window_layers = sum(1 for i in kept if i < threshold)

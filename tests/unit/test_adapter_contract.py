@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from tiny import tiny_model
 from torch import nn
 
@@ -53,6 +54,36 @@ class AdapterContract:
         assert adapter.embeddings()
         assert adapter.lm_head().in_features == adapter.hidden_size
         assert adapter.max_positions == 256
+
+    def test_logits_from_the_last_layer_output(self, adapter) -> None:  # type: ignore[no-untyped-def]
+        tokens = torch.arange(12).reshape(2, 6)
+        seen = []
+        handle = adapter.layers()[-1].register_forward_hook(lambda _m, _a, out: seen.append(out))
+        with torch.no_grad():
+            expected = adapter.model(tokens).logits
+            handle.remove()
+            last = seen[0][0] if isinstance(seen[0], tuple) else seen[0]
+            torch.testing.assert_close(adapter.logits(last), expected)
+
+    def test_remove_layers_renumbers_and_shrinks_the_config(self, adapter) -> None:  # type: ignore[no-untyped-def]
+        model = adapter.model
+        survivors = [adapter.layers()[0], adapter.layers()[2]]
+        adapter.remove_layers([1])
+        assert list(adapter.layers()) == survivors and adapter.num_layers == 2
+        assert model.config.num_hidden_layers == 2
+        for i, layer in enumerate(adapter.layers()):
+            assert model.get_submodule(adapter.layer_prefix(i)) is layer
+            indices = {m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)}
+            assert indices == {i}
+        if getattr(model.config, "layer_types", None) is not None:
+            assert len(model.config.layer_types) == 2
+        assert {key.split(".layers.")[1].split(".")[0] for key in model.state_dict() if ".layers." in key} == {"0", "1"}
+        tokens = torch.arange(6).reshape(1, 6)
+        with torch.no_grad():
+            cached = model.generate(tokens, max_new_tokens=4, do_sample=False)
+            assert torch.equal(cached, model.generate(tokens, max_new_tokens=4, do_sample=False, use_cache=False))
+        with pytest.raises(IndexError):
+            adapter.remove_layers([2])
 
 
 class TestLlamaAdapter(AdapterContract):
