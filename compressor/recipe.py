@@ -219,6 +219,10 @@ def check_combination(recipe: Recipe, source: str) -> None:
         if kind == "allocate" and "quant" not in kinds[i + 1 :]:
             raise RecipeError(f"{source}: stages.{i}: {recipe.stages[i].method} plans bits for a later "
                               "quantizing stage (rtn, gptq), but none follows")
+    for i, stage in enumerate(recipe.stages):
+        problem = get_method(stage.method).check_recipe(stage, recipe.stages[i + 1 :], recipe.export.format)
+        if problem:
+            raise RecipeError(f"{source}: stages.{i}: {problem}")
     quant = [(i, s) for i, s in enumerate(recipe.stages) if get_method(s.method).kind == "quant"]
     seen: set[str] = set()
     for i, stage in quant:

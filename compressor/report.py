@@ -104,7 +104,7 @@ def average_bits(quantized: dict[str, QuantizedWeight]) -> tuple[float | None, f
     numel = sum(q.q.numel() for q in quantized.values())
     if not numel:
         return None, None
-    codes = sum(q.bits * q.q.numel() for q in quantized.values())
+    codes = sum(q.code_bits() for q in quantized.values())
     total = sum(q.storage_bits() for q in quantized.values())
     return round(codes / numel, 4), round(total / numel, 4)
 
@@ -164,9 +164,32 @@ def to_markdown(report: Report) -> str:
             f"| {row['module']} | {row['method']} | {_fmt(row['bits'])} | {_fmt(row['group_size'])} | "
             f"{_fmt(row['kept_fraction'])} | {err} | {row['seconds']:.2f} | {row['note']} |"
         )
+    lines += allocation_markdown(report.layers)
     lines += scores_markdown(report.layers)
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report.versions.items()), ""]
     return "\n".join(lines)
+
+
+def allocation_markdown(layers: list[dict[str, Any]]) -> list[str]:
+    """The bit allocation (rows whose ``extra`` has ``planned_bits``): planned bits, predicted vs measured.
+
+    "Measured" is the relative output error of the quantizer's row for the same module; "predicted" is
+    the planner's model of it. Empty when no stage planned bits.
+    """
+    planned = [r for r in layers if r["extra"].get("planned_bits") is not None]
+    if not planned:
+        return []
+    measured = {r["module"]: r["rel_error"] for r in layers if r["rel_error"] is not None}
+    params = sum(r["params_before"] for r in planned)
+    average = sum(r["extra"]["planned_bits"] * r["params_before"] for r in planned) / max(params, 1)
+    lines = ["", "## Bit allocation", "",
+             f"Planned average: {average:.4f} bits per weight over {len(planned)} modules ({params} weights).", "",
+             "| module | planned bits | predicted rel. error | measured rel. error |", "|---|---|---|---|"]
+    for row in planned:
+        predicted, real = row["extra"].get("predicted_rel_error"), measured.get(row["module"])
+        lines.append(f"| {row['module']} | {row['extra']['planned_bits']:.3f} | "
+                     f"{'' if predicted is None else f'{predicted:.4f}'} | {'' if real is None else f'{real:.4f}'} |")
+    return lines
 
 
 def _fmt(value: Any) -> str:
@@ -174,8 +197,53 @@ def _fmt(value: Any) -> str:
 
 
 def write_plots(report: Report, out_dir: Path) -> list[str]:
-    """Bits and error per module (and removal scores); silently nothing without matplotlib (the 'plots' extra)."""
-    return _plot_layers(report, out_dir) + plot_scores(report, out_dir)
+    """Bits and error per module, the bit allocation and removal scores when there are any; silently nothing
+    without matplotlib (the 'plots' extra)."""
+    return _plot_layers(report, out_dir) + plot_bit_allocation(report, out_dir) + plot_scores(report, out_dir)
+
+
+def plot_bit_allocation(report: Report, out_dir: Path) -> list[str]:
+    """``bit_allocation.png``: planned bits as a heatmap of layer x module, and predicted vs measured error.
+
+    Drawn from rows whose ``extra`` carries ``planned_bits``, ``layer`` and ``name`` (BAQ's rows).
+    """
+    planned = [r for r in report.layers if r["extra"].get("planned_bits") is not None and "layer" in r["extra"]]
+    if not planned:
+        return []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    names = list(dict.fromkeys(r["extra"]["name"] for r in planned))
+    layers = sorted({r["extra"]["layer"] for r in planned})
+    grid = torch.full((len(layers), len(names)), float("nan"))
+    for r in planned:
+        grid[layers.index(r["extra"]["layer"]), names.index(r["extra"]["name"])] = r["extra"]["planned_bits"]
+    measured = {r["module"]: r["rel_error"] for r in report.layers if r["rel_error"] is not None}
+    pairs = [(r["extra"].get("predicted_rel_error"), measured.get(r["module"])) for r in planned]
+    pairs = [(p, m) for p, m in pairs if p and m]
+    fig, axes = plt.subplots(1, 2, figsize=(12, max(4, 0.22 * len(layers) + 1.5)))
+    image = axes[0].imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    axes[0].set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+    axes[0].set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
+    axes[0].set_ylabel("layer")
+    axes[0].set_title("planned bits per weight")
+    fig.colorbar(image, ax=axes[0])
+    if pairs:
+        axes[1].loglog([p for p, _ in pairs], [m for _, m in pairs], ".", alpha=0.6)
+        low, high = min(min(pair) for pair in pairs), max(max(pair) for pair in pairs)
+        axes[1].plot([low, high], [low, high], "k--", linewidth=0.8)
+    axes[1].set_xlabel("predicted relative output error")
+    axes[1].set_ylabel("measured relative output error")
+    axes[1].set_title("allocation model vs quantizer")
+    fig.suptitle(f"{report.recipe.get('name')}: bit allocation")
+    fig.tight_layout()
+    fig.savefig(out_dir / "bit_allocation.png", dpi=90)
+    plt.close(fig)
+    return ["bit_allocation.png"]
 
 
 def _plot_layers(report: Report, out_dir: Path) -> list[str]:

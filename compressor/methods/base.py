@@ -88,6 +88,8 @@ class Method(ABC):
     #: True when the method decides from whole-model statistics in ``finalize`` (layer removal): the
     #: stages after it get a fresh pass over the changed model.
     model_level: ClassVar[bool] = False
+    #: True for quantizers that honour a per-group bit plan (``run.plans["group_bits"]``, written by BAQ).
+    per_group_bits: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
@@ -95,6 +97,14 @@ class Method(ABC):
     @property
     def name(self) -> str:
         return self.config.method
+
+    @classmethod
+    def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
+        """Why this stage cannot run before the ``later`` stages or be stored as ``export_format``, or None.
+
+        Called by the recipe validator before any model is loaded; the default accepts everything.
+        """
+        return None
 
     def prepare(self, run: ModelContext) -> list[LayerRecord]:
         """Model-level work before layer 0's inputs are captured (e.g. rotating embeddings)."""

@@ -68,20 +68,30 @@ def layer_group_size(config: WeightQuantConfig, path: str, columns: int) -> tupl
     return size, note
 
 
+Solve = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[QuantizedWeight, str]]
+#: ``solve_mixed(W, H, group_size, bits_per_group)``: the same with one width per group (``[n_groups]``).
+SolveMixed = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], tuple[QuantizedWeight, str]]
+
+
 def quantize_layer_linears(
     ctx: LayerContext,
     config: WeightQuantConfig,
-    solve: Callable[[torch.Tensor, torch.Tensor, int, int], tuple[QuantizedWeight, str]],
+    solve: Solve,
     sequential: bool = True,
+    solve_mixed: SolveMixed | None = None,
 ) -> list[LayerRecord]:
     """For each linear group in data-flow order: collect H once, solve each targeted linear, write back.
 
     ``solve(W, H, bits, group_size) -> (qweight, note)`` is the method's math. With ``sequential``,
     groups are processed in order so later groups' Hessians come from already-quantized predecessors
     (GPTQ); without it, one forward pass collects every Hessian (RTN, whose rounding ignores H).
+    A module in the plan ``run.plans["bits"]`` gets its planned width; one in ``run.plans["group_bits"]``
+    (``{path: int64 [n_groups]}``, BAQ's finer plans) goes through ``solve_mixed``, which a method
+    that cannot honour per-group widths leaves None (then such a plan is an error).
     """
     records = []
     plan = ctx.run.plans.get("bits", {})
+    group_plan = ctx.run.plans.get("group_bits", {})
     groups = [
         (group, [n for n in group.names if config.matches(ctx.path(n), type(ctx.module(n)).__name__)])
         for group in ctx.adapter.linear_groups()
@@ -91,8 +101,32 @@ def quantize_layer_linears(
     for group, names in groups:
         H = shared[group] if group in shared else ctx.hessian(group)
         for name in names:
-            records.append(_quantize_module(ctx, config, name, H, int(plan.get(ctx.path(name), config.bits)), solve))
+            path = ctx.path(name)
+            bits = int(plan.get(path, config.bits))
+            mixed = _mixed_solver(solve_mixed, group_plan.get(path), config.method, path)
+            records.append(_quantize_module(ctx, config, name, H, bits, mixed or solve))
     return records
+
+
+def _mixed_solver(
+    solve_mixed: SolveMixed | None, widths: torch.Tensor | None, method: str, path: str
+) -> Solve | None:
+    """``solve`` bound to a module's planned group widths, or None without such a plan."""
+    if widths is None:
+        return None
+    if solve_mixed is None:
+        raise RecipeError(f"{path}: {method} cannot quantize with per-group widths (planned by an earlier stage)")
+
+    def solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int) -> tuple[QuantizedWeight, str]:
+        n_groups = 1 if group_size <= 0 else W.shape[1] // group_size
+        if widths.numel() != n_groups:
+            raise RecipeError(
+                f"{path}: {widths.numel()} planned group widths, but {method} uses {n_groups} groups here; "
+                "give the planning stage the quantizer's group_size"
+            )
+        return solve_mixed(W, H, group_size, widths)
+
+    return solve
 
 
 def _quantize_module(
@@ -101,7 +135,7 @@ def _quantize_module(
     name: str,
     H: torch.Tensor,
     bits: int,
-    solve: Callable[[torch.Tensor, torch.Tensor, int, int], tuple[QuantizedWeight, str]],
+    solve: Solve,
 ) -> LayerRecord:
     """Solve one linear, write its fake-quantized weight back, and keep its integer form for export."""
     module = ctx.module(name)
@@ -132,7 +166,7 @@ def _record(
     return LayerRecord(
         module=path,
         method=method,
-        bits=float(qweight.bits),
+        bits=round(qweight.average_bits(), 4),
         group_size=qweight.group_size,
         params_before=numel,
         params_after=numel,

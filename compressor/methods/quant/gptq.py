@@ -58,16 +58,19 @@ class GPTQConfig(WeightQuantConfig):
 class GPTQ(Method):
     config_class = GPTQConfig
     kind = "quant"
+    per_group_bits = True
 
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
         config = self.config
         assert isinstance(config, GPTQConfig)
 
-        def solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int) -> tuple[QuantizedWeight, str]:
+        def solve(
+            W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, bits_per_group: torch.Tensor | None = None
+        ) -> tuple[QuantizedWeight, str]:
             try:
                 result = gptq_quantize(
                     W, H, bits, group_size, config.symmetric, config.act_order, config.block_size,
-                    config.dampening, config.mse,
+                    config.dampening, config.mse, bits_per_group,
                 )
             except ValueError as exc:
                 raise NumericalError(f"{ctx.prefix}: GPTQ failed: {exc}") from exc
@@ -79,4 +82,9 @@ class GPTQ(Method):
                 notes.append(f"{result.dead_columns} dead input columns")
             return result.qweight, "; ".join(notes)
 
-        return quantize_layer_linears(ctx, config, solve, sequential=True)
+        def solve_mixed(
+            W: torch.Tensor, H: torch.Tensor, group_size: int, bits_per_group: torch.Tensor
+        ) -> tuple[QuantizedWeight, str]:
+            return solve(W, H, int(bits_per_group.max()), group_size, bits_per_group)
+
+        return quantize_layer_linears(ctx, config, solve, sequential=True, solve_mixed=solve_mixed)

@@ -32,7 +32,7 @@ class GPTQResult:
     ``loss`` is ``sum_j ||w_j - q_j||^2 / (2 [Hinv]_jj^2)``, the reference's ``Losses``. ``dead_columns``
     counts inputs that were always zero (``H[j, j] == 0``); their weights are zeroed.
     ``bits_per_group`` echoes the per-group widths when mixed precision was asked, else ``None``; then
-    ``qweight.bits`` is their maximum, and ``qweight.signed()`` / ``storage_bits()`` do not apply.
+    ``qweight.bits`` is their maximum and ``qweight.group_bits`` holds them.
     """
 
     qweight: QuantizedWeight
@@ -144,6 +144,7 @@ def gptq_quantize(
         bits=max(group_bits),
         group_size=group_size,
         symmetric=symmetric,
+        group_bits=None if bits_per_group is None else torch.tensor(group_bits, dtype=torch.int64),
     )
     mixed = None if bits_per_group is None else group_bits
     return GPTQResult(qweight, qweight.dequantize(), used, retries, loss, int(dead.numel()), mixed)

@@ -19,7 +19,9 @@ class QuantizedWeight:
 
     ``q: [out, in]`` uint8 codes; ``scale: [out, n_groups]`` float32; ``zero: [out, n_groups]`` int32.
     Column ``j`` uses group ``g_idx[j]`` when ``g_idx`` is set, else ``j // group_size`` (per channel:
-    one group covering every column). ``bits`` is the code width (2..8).
+    one group covering every column). ``bits`` is the code width (2..8). ``group_bits: [n_groups]``
+    int64, when set, gives each group its own width (mixed precision planned by BAQ); ``bits`` is then
+    their maximum, and the per-group ``zero`` already holds each group's midpoint when symmetric.
     """
 
     q: torch.Tensor
@@ -29,6 +31,7 @@ class QuantizedWeight:
     group_size: int
     symmetric: bool
     g_idx: torch.Tensor | None = None
+    group_bits: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -52,14 +55,37 @@ class QuantizedWeight:
         """``q - zero`` for symmetric weights, as int8: the values compressed-tensors and GGUF store."""
         if not self.symmetric:
             raise ValueError("signed() is only defined for symmetric quantization")
-        return (self.q.to(torch.int16) - (1 << (self.bits - 1))).to(torch.int8)
+        if self.group_bits is None:
+            return (self.q.to(torch.int16) - (1 << (self.bits - 1))).to(torch.int8)
+        offset = torch.bitwise_left_shift(1, self.group_bits.long()[self.column_groups()] - 1)
+        return (self.q.to(torch.int16) - offset.to(torch.int16)).to(torch.int8)
+
+    def column_bits(self) -> torch.Tensor:
+        """Code width of every input column, ``[in]`` int64."""
+        if self.group_bits is None:
+            return torch.full((self.shape[1],), self.bits, dtype=torch.int64)
+        return self.group_bits.long().cpu()[self.column_groups().cpu()]
+
+    def code_bits(self) -> int:
+        """Bits of the codes alone: ``out * sum of the column widths``."""
+        return self.shape[0] * int(self.column_bits().sum())
+
+    def average_bits(self) -> float:
+        """Mean code width per weight (``bits`` unless the groups are mixed)."""
+        return self.code_bits() / self.q.numel() if self.q.numel() else float(self.bits)
 
     def storage_bits(self) -> int:
-        """Bits of codes plus per-group metadata (16-bit scale, and zero point when asymmetric)."""
-        out, columns = self.shape
+        """Bits of codes plus per-group metadata (16-bit scale, and zero point when asymmetric).
+
+        An asymmetric zero point is stored at its group's code width.
+        """
+        out = self.shape[0]
         n_groups = int(self.scale.shape[1])
-        meta = 16 + (0 if self.symmetric else self.bits)
-        return out * columns * self.bits + out * n_groups * meta
+        if self.group_bits is None:
+            zero_bits = n_groups * self.bits
+        else:
+            zero_bits = int(self.group_bits.long().sum())
+        return self.code_bits() + out * n_groups * 16 + (0 if self.symmetric else out * zero_bits)
 
 
 def effective_group_size(columns: int, group_size: int) -> int:
@@ -151,13 +177,36 @@ def group_qparams(
 
 
 def quantize_rtn(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, mse: bool = False
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    mse: bool = False,
+    bits_per_group: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    """Round-to-nearest of ``w: [out, in]`` with per-group ranges: the baseline every method must beat."""
-    scale, zero = group_qparams(w, bits, group_size, symmetric, mse)
+    """Round-to-nearest of ``w: [out, in]`` with per-group ranges: the baseline every method must beat.
+
+    ``bits_per_group: [n_groups]`` gives each group its own width (``bits`` is then ignored).
+    """
     size = w.shape[1] if group_size <= 0 else group_size
     groups = torch.arange(w.shape[1], device=w.device) // size
-    q = quantize_codes(w, scale[:, groups], zero[:, groups], bits)
+    if bits_per_group is None:
+        scale, zero = group_qparams(w, bits, group_size, symmetric, mse)
+        q = quantize_codes(w, scale[:, groups], zero[:, groups], bits)
+        widths = None
+    else:
+        widths = bits_per_group.long().to(w.device)
+        if widths.shape != (w.shape[1] // size,) or bool(((widths < 2) | (widths > 8)).any()):
+            raise ValueError(f"bits_per_group must be {w.shape[1] // size} widths in 2..8, got {widths.tolist()}")
+        scale = torch.zeros(w.shape[0], widths.numel(), device=w.device)
+        zero = torch.zeros_like(scale)
+        for width in sorted(set(widths.tolist())):
+            s, z = group_qparams(w, width, group_size, symmetric, mse)
+            mask = widths == width
+            scale[:, mask], zero[:, mask] = s[:, mask], z[:, mask]
+        maxq = torch.bitwise_left_shift(1, widths[groups]) - 1
+        q = torch.minimum((torch.round(w.float() / scale[:, groups]) + zero[:, groups]).clamp(min=0), maxq.float())
+        bits = int(widths.max())
     return QuantizedWeight(
         q=q.to(torch.uint8),
         scale=scale.float(),
@@ -165,6 +214,7 @@ def quantize_rtn(
         bits=bits,
         group_size=group_size,
         symmetric=symmetric,
+        group_bits=widths,
     )
 
 

@@ -32,6 +32,7 @@ class RTNConfig(WeightQuantConfig):
 class RTN(Method):
     config_class = RTNConfig
     kind = "quant"
+    per_group_bits = True
 
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
         config = self.config
@@ -40,4 +41,10 @@ class RTN(Method):
         def solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int) -> tuple[QuantizedWeight, str]:
             return quantize_rtn(W, bits, group_size, config.symmetric, config.mse), ""
 
-        return quantize_layer_linears(ctx, config, solve, sequential=False)
+        def solve_mixed(
+            W: torch.Tensor, H: torch.Tensor, group_size: int, bits_per_group: torch.Tensor
+        ) -> tuple[QuantizedWeight, str]:
+            widths = int(bits_per_group.max())
+            return quantize_rtn(W, widths, group_size, config.symmetric, config.mse, bits_per_group), ""
+
+        return quantize_layer_linears(ctx, config, solve, sequential=False, solve_mixed=solve_mixed)

@@ -1,0 +1,268 @@
+"""BAQ: sensitivity-driven bit allocation under an average-bits budget (the allocation half of BAQ).
+
+BAQ only plans. Its pass measures every targeted linear's column sensitivities from the calibration
+Hessian (``ops.column_sensitivity``) without changing weights; after the last layer, ``finalize``
+solves one global allocation (``ops.allocate_bits``) and hands it to the next quantizing stage through
+``run.plans``: ``"bits"`` (``{module path: bits}``) for ``granularity: module``, ``"group_bits"``
+(``{module path: int64 tensor [n_groups]}``) for ``group`` and ``column``. Being model-level, the
+stages after it get a fresh pass.
+
+Objective. The loss model (``ops``) predicts each module's output error ``tr(dW H dW^T)``. Summing it
+raw across modules (``objective: absolute``) favours modules with large activations: on SmolLM2 it put
+the first layers at 2 bits and the last ``down_proj`` at 8, and BAQ+RTN at 3.0 bits scored ppl 2560.
+The default (``relative``) divides each module's loss by its output energy ``tr(W H W^T)``, so every
+module is weighed by its relative output error, as the reference implementation does by scaling its
+loss level with that trace per module.
+
+Granularity and the stored forms:
+- ``module``: one width per linear. Stores as compressed-tensors with one config group per width.
+- ``group``: one width per quantizer group of ``group_size`` columns (the quantizer must use the same
+  group size; the recipe checks). Dense (fake-quantized) export only.
+- ``column``: the paper's per-column closed form (every column at the same loss level), pooled into
+  the quantizer's groups: a group starts from the mean of its columns' widths, and rounding and the
+  budget work on groups. No format here stores a width per column with group-shared scales, so the
+  per-column widths cannot be kept as such; under the additive loss model ``group`` is the optimum for
+  group-stored widths, and ``column`` is there to compare with the paper's rule. Dense export only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from torch import nn
+
+from compressor.methods.base import LayerRecord, Method, MethodConfig, TargetedConfig
+from compressor.methods.quant.baq.ops import allocate_bits, column_weight, predicted_loss, range_sensitivity
+from compressor.methods.quant.ops import effective_group_size
+from compressor.methods.registry import get_method, register_method
+
+if TYPE_CHECKING:
+    from compressor.engine import LayerContext, ModelContext
+
+log = logging.getLogger(__name__)
+
+
+class BAQConfig(TargetedConfig):
+    """Bit allocation for the quantizing stage that follows (gptq or rtn).
+
+    ```yaml
+    - method: baq
+      targets: [Linear]
+      ignore: [lm_head]
+      avg_bits: 3.0              # parameter-weighted average over the targeted linears
+      candidates: [2, 3, 4, 8]   # widths a unit may get
+      granularity: module        # module | group | column
+      group_size: 128            # the quantizer's group_size (sets the ranges; the unit for group/column)
+      act_order: true            # the quantizer's column order (GPTQ's d_j depend on it)
+      dampening: 0.01            # as GPTQ's
+      error_feedback: true       # false: model plain rounding (rtn) instead of GPTQ's sweep
+      objective: relative        # each module's error over its output energy; or absolute
+    - method: gptq
+      group_size: 128
+    ```
+    """
+
+    candidates: list[int] = Field(default_factory=lambda: [2, 3, 4, 8], description="Allowed widths, each 2..8.")
+    avg_bits: float = Field(3.0, description="Budget: average bits per targeted weight, within the candidates.")
+    granularity: Literal["module", "group", "column"] = Field(
+        "module", description="Unit that gets one width: a linear, a quantizer group, or a column (pooled)."
+    )
+    group_size: int = Field(
+        128, description="The following quantizer's group_size (-1 per channel); shrunk like the quantizer's."
+    )
+    act_order: bool = Field(True, description="Model GPTQ's sweep by descending diag(H) (set as the quantizer).")
+    dampening: float = Field(0.01, gt=0, lt=1, description="Fraction of mean(diag H) added to the diagonal.")
+    error_feedback: bool = Field(True, description="Sensitivity with GPTQ's error feedback (1/d^2) or without (H_jj).")
+    objective: Literal["relative", "absolute"] = Field(
+        "relative",
+        description="Minimise the sum of each module's output error relative to its output energy "
+        "tr(dW H dW^T) / tr(W H W^T), or the summed absolute output error of all modules.",
+    )
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates_valid(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("candidates must list at least one bit width")
+        bad = [b for b in value if not 2 <= b <= 8]
+        if bad:
+            raise ValueError(f"candidates must each be between 2 and 8, got {bad}")
+        return sorted(set(value))
+
+    @field_validator("avg_bits")
+    @classmethod
+    def _avg_in_range(cls, value: float, info: ValidationInfo) -> float:
+        candidates = info.data.get("candidates")
+        if candidates and not min(candidates) <= value <= max(candidates):
+            raise ValueError(f"avg_bits must lie within the candidates [{min(candidates)}, {max(candidates)}], "
+                             f"got {value}")
+        return value
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size_valid(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError(f"group_size must be -1 (per channel) or a positive number, got {value}")
+        return value
+
+
+@dataclass
+class _Measured:
+    """What the pass keeps per targeted linear: column sensitivities ``[in]`` and ``tr(W H W^T)``."""
+
+    path: str
+    layer: int
+    name: str
+    rows: int
+    group: int  # columns per stored group (the whole width when per channel)
+    sensitivity: torch.Tensor
+    trace: float
+
+
+@register_method("baq")
+class BAQ(Method):
+    config_class = BAQConfig
+    kind = "allocate"
+    model_level = True
+
+    def __init__(self, config: MethodConfig) -> None:
+        super().__init__(config)
+        #: Filled layer by layer, reset by ``prepare``; kept after ``finalize`` so that other budgets can be
+        #: allocated from one measuring pass (benchmarks/baq.py does).
+        self.measured: list[_Measured] = []
+
+    @classmethod
+    def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
+        assert isinstance(config, BAQConfig)
+        quant = next((s for s in later if get_method(s.method).kind == "quant"), None)
+        if quant is None:
+            return None  # recipe.py says that a quantizer must follow
+        if export_format == "gguf":
+            return "gguf holds one block type per file; BAQ's mixed widths need export dense or compressed-tensors"
+        if config.granularity != "module":
+            if export_format != "dense":
+                return (f"baq granularity '{config.granularity}' gives each group its own width, which only the "
+                        f"dense export stores; use granularity module for {export_format}")
+            if not get_method(quant.method).per_group_bits:
+                return f"{quant.method} cannot quantize with per-group widths; use baq granularity module"
+            if getattr(quant, "group_size", None) != config.group_size:
+                return (f"baq group_size {config.group_size} differs from {quant.method}'s "
+                        f"{getattr(quant, 'group_size', None)}: the planned groups must be the quantizer's")
+        for bits in config.candidates:
+            try:
+                type(quant).model_validate({**quant.model_dump(), "bits": bits})
+            except ValidationError as exc:
+                reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                return f"baq candidate {bits} bits cannot be used by {quant.method}: {reason}"
+        return None
+
+    def prepare(self, run: ModelContext) -> list[LayerRecord]:
+        self.measured = []
+        return []
+
+    def apply(self, ctx: LayerContext) -> list[LayerRecord]:
+        """Measure the targeted linears' column sensitivities; the layer is left unchanged."""
+        config = self.config
+        assert isinstance(config, BAQConfig)
+        groups = [
+            (group, [n for n in group.names if config.matches(ctx.path(n), type(ctx.module(n)).__name__)])
+            for group in ctx.adapter.linear_groups()
+        ]
+        groups = [(group, names) for group, names in groups if names]
+        if not groups:
+            return []
+        hessians = ctx.hessians([group for group, _ in groups])
+        for group, names in groups:
+            H = hessians[group]
+            weight = column_weight(H, config.dampening, config.act_order, config.error_feedback)
+            for name in names:
+                module = ctx.module(name)
+                assert isinstance(module, nn.Linear)
+                W = module.weight.data.float()
+                size = effective_group_size(W.shape[1], config.group_size)
+                size = W.shape[1] if size <= 0 else size
+                s = range_sensitivity(W, weight, size)
+                trace = float(torch.einsum("oi,ij,oj->", W.double(), H.double(), W.double()))
+                self.measured.append(_Measured(ctx.path(name), ctx.index, name, W.shape[0], size, s.cpu(), trace))
+        return []
+
+    def finalize(self, run: ModelContext) -> list[LayerRecord]:
+        """Allocate globally, write the plan for the next quantizer, and report one row per module."""
+        config = self.config
+        assert isinstance(config, BAQConfig)
+        if not self.measured:
+            return []
+        S, sizes, pool, spans = self._units(config.granularity, config.objective == "relative")
+        bits = allocate_bits(S, sizes, config.candidates, config.avg_bits, pool)
+        records, total_bits, total_params = [], 0, 0
+        for m, (start, stop) in zip(self.measured, spans, strict=True):
+            b = bits[start:stop]
+            s = m.sensitivity.reshape(len(b), -1).sum(dim=1)
+            if config.granularity == "module":
+                run.plans.setdefault("bits", {})[m.path] = int(b[0])
+            else:
+                run.plans.setdefault("group_bits", {})[m.path] = b.clone()
+            records.append(self._record(m, b, float(predicted_loss(s, b).sum())))
+            per_unit = m.rows * m.sensitivity.numel() // len(b)
+            total_bits += int(b.sum()) * per_unit
+            total_params += per_unit * len(b)
+        log.info("baq: %d modules, average %.4f bits (budget %.4f)", len(records), total_bits / total_params,
+                 config.avg_bits)
+        return records
+
+    def _units(
+        self, granularity: str, relative: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[tuple[int, int]]]:
+        """Sensitivities and sizes of the allocation elements, the column-to-group pool, and each module's
+        span of units (one for module granularity, its groups otherwise). ``relative`` divides each
+        module's sensitivities by its ``tr(W H W^T)``."""
+        S, sizes, pool, spans, unit = [], [], [], [], 0
+        for m in self.measured:
+            sensitivity = m.sensitivity / m.trace if relative and m.trace > 0 else m.sensitivity
+            n_groups = m.sensitivity.numel() // m.group
+            per_group = sensitivity.reshape(n_groups, m.group)
+            if granularity == "module":
+                S.append(sensitivity.sum().reshape(1))
+                sizes.append(torch.tensor([m.rows * m.sensitivity.numel()]))
+                spans.append((unit, unit + 1))
+                unit += 1
+                continue
+            if granularity == "group":
+                S.append(per_group.sum(dim=1))
+                sizes.append(torch.full((n_groups,), m.rows * m.group))
+            else:
+                S.append(sensitivity)
+                sizes.append(torch.full((m.sensitivity.numel(),), m.rows))
+                pool.append(torch.arange(unit, unit + n_groups).repeat_interleave(m.group))
+            spans.append((unit, unit + n_groups))
+            unit += n_groups
+        return torch.cat(S), torch.cat(sizes), torch.cat(pool) if pool else None, spans
+
+    def _record(self, m: _Measured, bits: torch.Tensor, loss: float) -> LayerRecord:
+        numel = m.rows * m.sensitivity.numel()
+        mean = float(bits.double().mean())
+        config = self.config
+        assert isinstance(config, BAQConfig)
+        extra: dict[str, object] = {
+            "layer": m.layer,
+            "name": m.name,
+            "planned_bits": mean,
+            "predicted_loss": loss,
+            "predicted_rel_error": math.sqrt(loss / m.trace) if m.trace > 0 else None,
+        }
+        if config.granularity != "module":
+            extra["bits_per_group"] = [int(b) for b in bits.tolist()]
+        return LayerRecord(
+            module=m.path,
+            method="baq",
+            bits=round(mean, 4),
+            group_size=m.group if config.granularity != "module" else None,
+            params_before=numel,
+            params_after=numel,
+            extra=extra,
+        )
