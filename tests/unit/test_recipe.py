@@ -53,7 +53,8 @@ def test_export_format_rejects_unstorable_bits(tmp_path: Path) -> None:
     text = GOOD.replace("bits: 4", "bits: 3").replace("format: dense", "format: gguf")
     with pytest.raises(RecipeError, match=r"export.format: stage 'rtn': GGUF export writes 4-bit \(Q4_0\)"):
         load_recipe(_write(tmp_path, text))
-    text = GOOD.replace("format: dense", "format: compressed-tensors").replace("bits: 4", "bits: 4\n    symmetric: false")
+    text = GOOD.replace("format: dense", "format: compressed-tensors")
+    text = text.replace("bits: 4", "bits: 4\n    symmetric: false")
     with pytest.raises(RecipeError, match="asymmetric pack-quantized files do not load"):
         load_recipe(_write(tmp_path, text))
     text = GOOD.replace("format: dense", "format: gguf").replace("group_size: 32", "group_size: 64")

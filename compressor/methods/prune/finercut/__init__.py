@@ -1,0 +1,257 @@
+"""FinerCut: remove attention and MLP sublayers one at a time, each time the one the output misses least.
+
+Candidates are every decoder layer's attention and MLP sublayers. Each greedy step scores every remaining
+candidate by how far the model's next-token distribution (KL or Jensen-Shannon divergence from the original
+model's, at the scored positions) or final hidden states (cosine distance) move when that sublayer is removed
+on top of those already gone, and removes the best one; it stops after ``remove`` sublayers or before the
+removed parameters would pass ``ratio`` of the decoder layers' parameters.
+
+What makes it fast: the engine's pass leaves the hidden states entering every layer cached, so a candidate
+in layer ``i`` is scored by running layers ``i..L-1`` only; a committed removal in layer ``i`` recomputes only
+the states after it; the original outputs are computed once, at a configurable subset of positions; and the
+default lazy search rescores only the candidates that could still be the best (see ``ops.greedy_removal``).
+
+A removed sublayer is swapped for weightless stand-ins that add exactly zero to the residual stream (the
+classes of ``compressor/export/remote_code/modeling_finercut.py``, the file the export ships, so the model in
+memory and the reloaded one compute the same thing). A layer that lost both sublayers is the identity and is
+removed whole through the adapter; when nothing else was removed the export is a standard config.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from compressor.errors import RecipeError
+from compressor.export.remote_code.modeling_finercut import MODEL_CLASSES, SUBLAYERS, is_removed, unsupported
+from compressor.methods.base import LayerRecord, Method, MethodConfig
+from compressor.methods.prune.finercut.ops import SearchResult, greedy_removal, scored_positions
+from compressor.methods.prune.finercut.search import Key, SublayerSearch, sublayer_params
+from compressor.methods.registry import register_method
+
+if TYPE_CHECKING:
+    from compressor.engine import LayerContext, ModelContext
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RATIO = 0.25
+REMOTE_CODE_FILE = "modeling_finercut.py"
+
+
+class FinerCutConfig(MethodConfig):
+    """Greedy removal of attention / MLP sublayers by their effect on the model's output.
+
+    ```yaml
+    - method: finercut
+      ratio: 0.25          # of the decoder layers' parameters (never exceeded); or remove: 16 sublayers
+      measure: kl          # kl | js | cosine
+      sublayers: both      # both | attention | mlp
+      positions: 64        # scored positions per calibration sequence (null: all)
+      search: lazy         # lazy | exact
+    ```
+    Set at most one of ``remove`` and ``ratio``; with neither, 25% of the layers' parameters are removed.
+    """
+
+    remove: int | None = Field(None, description="Number of sublayers to remove (0 keeps the model as it is).")
+    ratio: float | None = Field(
+        None, description="Fraction of the decoder layers' parameters to remove, in (0, 1); never exceeded."
+    )
+    measure: Literal["kl", "js", "cosine"] = Field(
+        "kl", description="kl / js: divergence of next-token distributions from the original model's; "
+        "cosine: cosine distance of the final hidden states."
+    )
+    sublayers: Literal["both", "attention", "mlp"] = Field("both", description="Which sublayers are candidates.")
+    positions: int | None = Field(
+        64, description="Evenly spaced positions per calibration sequence at which outputs are compared "
+        "(the forward still sees every token); null compares all."
+    )
+    search: Literal["lazy", "exact"] = Field(
+        "lazy", description="exact: rescore every candidate at every step (the paper); lazy: rescore only "
+        "candidates whose last score says they could be the best (same result when removals only add harm)."
+    )
+
+    @field_validator("remove")
+    @classmethod
+    def _remove_non_negative(cls, value: int | None) -> int | None:
+        if value is not None and value < 0:
+            raise ValueError(f"remove must be 0 or more sublayers, got {value}")
+        return value
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_in_range(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value < 1:
+            raise ValueError(f"ratio must be between 0 and 1 (exclusive), got {value}")
+        return value
+
+    @field_validator("positions")
+    @classmethod
+    def _positions_positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"positions must be at least 1 (or null for all), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> FinerCutConfig:
+        if self.remove is not None and self.ratio is not None:
+            raise ValueError("set only one of remove and ratio")
+        return self
+
+
+@register_method("finercut")
+class FinerCut(Method):
+    config_class = FinerCutConfig
+    kind = "prune"
+    model_level = True
+
+    def __init__(self, config: MethodConfig) -> None:
+        super().__init__(config)
+        self._states: list[list[torch.Tensor]] = []
+        self._kwargs: list[dict[str, object]] = []
+
+    @property
+    def cfg(self) -> FinerCutConfig:
+        assert isinstance(self.config, FinerCutConfig)
+        return self.config
+
+    @classmethod
+    def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
+        from compressor.methods.registry import get_method
+
+        if export_format == "gguf":
+            return "finercut: GGUF cannot store layers without an attention or MLP sublayer (use dense)"
+        for stage in later:
+            if get_method(stage.method).kind == "prune":
+                return (f"finercut must be the last pruning stage: {stage.method} after it would change the "
+                        "layers whose sublayers it removed")
+            if any(rule.startswith("re:") for rule in getattr(stage, "targets", [])):
+                return (f"finercut: {stage.method} after it must target modules by class name (e.g. Linear), "
+                        "not by regex: removed sublayers leave weightless stand-ins at their paths")
+        return None
+
+    def _candidates(self, run: ModelContext) -> list[Key]:
+        kinds = SUBLAYERS if self.cfg.sublayers == "both" else (self.cfg.sublayers,)
+        model_type = str(run.adapter.config.model_type)
+        return [(i, kind) for i, layer in enumerate(run.adapter.layers()) for kind in kinds
+                if not is_removed(layer, model_type, kind)]
+
+    def prepare(self, run: ModelContext) -> list[LayerRecord]:
+        reason = unsupported(run.adapter.config)
+        if reason:
+            raise RecipeError(f"finercut cannot remove sublayers of {reason}")
+        available = len(self._candidates(run))
+        if self.cfg.remove is not None and self.cfg.remove >= available:
+            raise RecipeError(f"finercut: cannot remove {self.cfg.remove} of the model's {available} candidate "
+                              "sublayers (remove must leave at least one)")
+        self._states, self._kwargs = [], []
+        return []
+
+    def apply(self, ctx: LayerContext) -> list[LayerRecord]:
+        """Keep the hidden states entering every layer (and leaving the last) for the search."""
+        if ctx.index == 0:
+            self._kwargs = [batch.kwargs for batch in ctx.inputs]
+        self._states.append([batch.hidden for batch in ctx.inputs])
+        if ctx.index == ctx.adapter.num_layers - 1:
+            self._states.append(ctx.forward())
+        return []
+
+    def finalize(self, run: ModelContext) -> list[LayerRecord]:
+        start = time.perf_counter()
+        adapter = run.adapter
+        model_type = str(adapter.config.model_type)
+        candidates = self._candidates(run)
+        layers = adapter.layers()
+        sizes = {key: sublayer_params(layers[key[0]], model_type, key[1]) for key in candidates}
+        total = sum(p.numel() for layer in layers for p in layer.parameters())
+        count, budget = self._amount(total)
+        _move(run, run.device)
+        try:
+            search = SublayerSearch(adapter, self._states, self._kwargs,  # type: ignore[arg-type]
+                                    scored_positions(run.tokens.shape[1], self.cfg.positions), self.cfg.measure)
+            result = greedy_removal(candidates, {k: v[0] for k, v in sizes.items()}, search.evaluate, search.commit,
+                                    count=count, budget=budget, lazy=self.cfg.search == "lazy")
+        finally:
+            _move(run, torch.device("cpu"))
+            self._states, self._kwargs = [], []
+        seconds = time.perf_counter() - start
+        records = self._records(run, candidates, sizes, result, search.seconds)
+        folded = _store_removals(run)
+        removed_params = sum(sizes[s.key][0] for s in result.steps)
+        run.structure["finercut"] = {
+            "measure": self.cfg.measure, "search": self.cfg.search, "positions": self.cfg.positions,
+            "removed": [[s.key[0], s.key[1], round(s.score, 6)] for s in result.steps], "folded_layers": folded,
+            "params_removed": removed_params, "params_budget": budget, "decoder_params": total,
+            "evaluations": result.evaluations, "candidates": len(candidates), "seconds": round(seconds, 3),
+        }
+        log.info("finercut removed %d sublayers (%d params) with %d evaluations in %.1f s",
+                 len(result.steps), removed_params, result.evaluations, seconds)
+        return records
+
+    def _amount(self, total: int) -> tuple[int | None, int | None]:
+        """(sublayer count, parameter budget): exactly one of them is set."""
+        if self.cfg.remove is not None:
+            return self.cfg.remove, None
+        return None, int((self.cfg.ratio or DEFAULT_RATIO) * total + 0.5)
+
+    def _records(
+        self, run: ModelContext, candidates: list[Key], sizes: dict[Key, tuple[int, int]],
+        result: SearchResult[Key], seconds: dict[Key, float],
+    ) -> list[LayerRecord]:
+        """One row per candidate, in layer order: first-step score, removal order and score, parameters."""
+        order = {step.key: (n + 1, step.score) for n, step in enumerate(result.steps)}
+        records = []
+        for key in candidates:
+            index, sublayer = key
+            params, size = sizes[key]
+            gone = key in order
+            step, score = order.get(key, (None, None))
+            note = f"removed #{step} ({self.cfg.measure} {score:.4g} when removed)" if gone else ""
+            records.append(LayerRecord(
+                module=f"{run.adapter.layer_prefix(index)}.{sublayer}", method=self.name,
+                kept_fraction=0.0 if gone else 1.0, params_before=params, params_after=0 if gone else params,
+                bytes_before=size, bytes_after=0 if gone else size, seconds=round(seconds.get(key, 0.0), 4),
+                note=note, extra={"layer": index, "sublayer": sublayer, "score": result.first_scores.get(key),
+                                  "measure": self.cfg.measure, "removed": gone, "order": step,
+                                  "score_when_removed": score},
+            ))
+        return records
+
+
+def _move(run: ModelContext, device: torch.device) -> None:
+    for module in [*run.adapter.layers(), *run.adapter.after_layers(), run.adapter.lm_head()]:
+        module.to(device)
+
+
+def _store_removals(run: ModelContext) -> list[int]:
+    """Record the removals in the config, drop layers that lost both sublayers, ship the modeling file.
+
+    Returns the (pre-folding) indices of the layers removed whole.
+    """
+    adapter, config = run.adapter, run.adapter.config
+    model_type = str(config.model_type)
+    removed = [[s for s in SUBLAYERS if is_removed(layer, model_type, s)] for layer in adapter.layers()]
+    config.finercut_removed = removed
+    folded = [i for i, subs in enumerate(removed) if len(subs) == len(SUBLAYERS)]
+    adapter.remove_layers(folded)
+    if not any(config.finercut_removed) and not _was_finercut(config):
+        del config.finercut_removed
+        return folded
+    existing = run.structure.get("remote_code")
+    if existing and existing.get("file") != REMOTE_CODE_FILE:
+        raise RecipeError(f"finercut cannot be combined with a stage that ships {existing.get('file')}")
+    run.structure["remote_code"] = {
+        "file": REMOTE_CODE_FILE,
+        "auto_map": {"AutoModelForCausalLM": f"modeling_finercut.{MODEL_CLASSES[model_type].__name__}"},
+        "config": {"finercut_removed": config.finercut_removed},
+    }
+    return folded
+
+
+def _was_finercut(config: object) -> bool:
+    """True when the model was loaded from a FinerCut export (its config names our modeling file)."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    return any(str(ref).startswith("modeling_finercut.") for ref in auto_map.values())
