@@ -5,7 +5,8 @@
 
 Every setting starts from the same dense weights (reloaded), calibrates on the same demo:lee windows and is
 scored on the same demo:wiki windows of 512 tokens. Each setting runs in a fresh process so its peak RSS is
-its own; "cpu s" is the process CPU time (the machine may be shared, so wall time alone can mislead).
+its own; "cpu s" is the process CPU time (the machine may be shared, so wall time alone can mislead: on an
+oversubscribed machine --threads 1 is faster than 2, whose OpenMP barriers wait for descheduled threads).
 Reference (microsoft/TransformerCompression on this model and data, METHODS.md): dense 22.73; 10% -> 58.6;
 25% (dim 432) -> 188.3 with 140.7M parameters (134.5M dense); 650-750 s per run.
 """

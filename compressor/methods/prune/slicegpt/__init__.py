@@ -156,7 +156,7 @@ class SliceGPT(Method):
         try:
             return ops.sliced_width(adapter.hidden_size, config.slicing, config.dim, config.round_to)
         except ValueError as exc:
-            raise RecipeError(f"slicegpt: {exc}; choose dim <= {adapter.hidden_size} or a smaller slicing") from None
+            raise RecipeError(f"slicegpt: {exc}; change slicing, dim or round_to") from None
 
     def finalize(self, run: ModelContext) -> list[LayerRecord]:
         assert self._ready is not None and self._basis is not None

@@ -18,12 +18,14 @@ def sliced_width(hidden: int, slicing: float | None, dim: int | None, round_to: 
     when the result is not in ``[1, hidden]``.
     """
     if dim is None:
-        width = int((1.0 - (0.25 if slicing is None else slicing)) * hidden)
+        slicing = 0.25 if slicing is None else slicing
+        width = int((1.0 - slicing) * hidden)
         width -= width % round_to
+        how = f"{1.0 - slicing:g} x {hidden} rounded down to a multiple of round_to {round_to}"
     else:
-        width = dim
+        width, how = dim, "dim"
     if not 1 <= width <= hidden:
-        raise ValueError(f"sliced width {width} is outside [1, {hidden}] (hidden size {hidden})")
+        raise ValueError(f"sliced width {width} ({how}) is outside [1, {hidden}]")
     return width
 
 

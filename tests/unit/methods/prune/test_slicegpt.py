@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -53,8 +52,8 @@ def test_sliced_width_dim_and_limits() -> None:
     assert ops.sliced_width(576, None, 576, 8) == 576  # rotation only
     with pytest.raises(ValueError, match="outside"):
         ops.sliced_width(576, None, 600, 8)
-    with pytest.raises(ValueError, match="outside"):
-        ops.sliced_width(16, 0.9, None, 8)
+    with pytest.raises(ValueError, match=r"sliced width 0 \(0.75 x 64 rounded down to a multiple of round_to 128\)"):
+        ops.sliced_width(64, 0.25, None, 128)
 
 
 def test_covariance_is_xtx_and_normalized_tokens_weigh_the_same() -> None:
@@ -153,7 +152,7 @@ def test_model_dependent_errors_come_before_calibration() -> None:
     calls: list[int] = []
     model = tiny_model("llama")
     model.register_forward_pre_hook(lambda *_: calls.append(1))
-    with pytest.raises(RecipeError, match=r"sliced width 72 is outside \[1, 64\]"):
+    with pytest.raises(RecipeError, match=r"sliced width 72 \(dim\) is outside \[1, 64\]"):
         _slice(model, _tokens(), dim=72)
     opt = tiny_model("opt", do_layer_norm_before=False)
     with pytest.raises(RecipeError, match="cannot fold this model's norms.*do_layer_norm_before"):
@@ -222,37 +221,39 @@ except ImportError:
     pass
 import torch
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
-tokens, expected = torch.load(sys.argv[2]), torch.load(sys.argv[3])
-with torch.no_grad():
-    logits = model(tokens).logits
-print(type(model).__name__, float((logits - expected).abs().max()))
+for directory in sys.argv[1:]:
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
+    tokens, expected = torch.load(directory + "/tokens.pt"), torch.load(directory + "/logits.pt")
+    with torch.no_grad():
+        logits = model(tokens).logits
+    print(type(model).__name__, float((logits - expected).abs().max()))
 """
 
 
-@pytest.mark.parametrize(("family", "rotation"), [("llama", "per_layer"), ("qwen2", "shared"), ("opt", "per_layer")])
-def test_export_loads_without_compressor(family: str, rotation: str, tmp_path: Path, tiny_tokenizer) -> None:
-    model, tokens = tiny_model(family), _tokens()
-    run = _slice(model, tokens, rotation=rotation)
-    expected = _logits(model, tokens)
-    out = tmp_path / "out"
-    out.mkdir()
-    files = write_model(ExportConfig(format="dense"), run, tiny_tokenizer, out)
-    assert "modeling_sliced.py" in files
-    config = json.loads((out / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_sliced.Sliced")
-    assert config["slicing"]["layers"][0]["in"] == 48
-    reloaded = load(out).model  # compressor.load trusts its own shipped file
-    torch.testing.assert_close(_logits(reloaded, tokens), expected, rtol=0, atol=0)
-    torch.save(tokens, tmp_path / "tokens.pt")
-    torch.save(expected, tmp_path / "logits.pt")
-    command = [sys.executable, "-I", "-S", "-c", _ISOLATED, str(out), str(tmp_path / "tokens.pt"),
-               str(tmp_path / "logits.pt")]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+def test_export_loads_without_compressor(tmp_path: Path, tiny_tokenizer) -> None:
+    directories = []
+    for family, rotation in (("llama", "per_layer"), ("qwen2", "shared"), ("opt", "per_layer")):
+        model, tokens = tiny_model(family), _tokens()
+        run = _slice(model, tokens, rotation=rotation)
+        expected = _logits(model, tokens)
+        out = tmp_path / family
+        out.mkdir()
+        files = write_model(ExportConfig(format="dense"), run, tiny_tokenizer, out)
+        assert "modeling_sliced.py" in files
+        config = json.loads((out / "config.json").read_text())
+        assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_sliced.Sliced")
+        assert config["slicing"]["layers"][0]["in"] == 48
+        reloaded = load(out).model  # compressor.load trusts its own shipped file
+        torch.testing.assert_close(_logits(reloaded, tokens), expected, rtol=0, atol=0)
+        torch.save(tokens, out / "tokens.pt")
+        torch.save(expected, out / "logits.pt")
+        directories.append(str(out))
+    command = [sys.executable, "-I", "-S", "-c", _ISOLATED, *directories]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    name, diff = result.stdout.split()[-2:]
-    assert name.startswith("Sliced") and float(diff) == 0.0
-    assert sysconfig.get_paths()["purelib"]  # the subprocess relies on it
+    lines = [line.split() for line in result.stdout.splitlines() if line.startswith("Sliced")]
+    assert [name for name, _ in lines] == ["SlicedLlamaForCausalLM", "SlicedQwen2ForCausalLM", "SlicedOPTForCausalLM"]
+    assert all(float(diff) == 0.0 for _, diff in lines)
 
 
 def test_quantized_after_slicing_exports_as_compressed_tensors(tmp_path: Path, tiny_tokenizer) -> None:
@@ -291,3 +292,19 @@ def test_compress_and_eval_through_the_pipeline(model_dir_factory, text_file: Pa
                                  "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["ppl"] > 1
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen3"])
+def test_other_llama_layout_families(model_type: str, tmp_path: Path, tiny_tokenizer) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=320, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model, tokens = AutoModelForCausalLM.from_config(config).eval(), _tokens()
+    expected = _logits(model, tokens)
+    run = _slice(model, tokens, dim=64)
+    torch.testing.assert_close(_logits(model, tokens), expected, rtol=1e-5, atol=2e-5)
+    write_model(ExportConfig(format="dense"), run, tiny_tokenizer, tmp_path)
+    torch.testing.assert_close(_logits(load(tmp_path).model, tokens), _logits(model, tokens), rtol=0, atol=0)
