@@ -33,11 +33,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from compressor.methods.base import LayerRecord, Method, MethodConfig, TargetedConfig
-from compressor.methods.quant.baq.ops import allocate_bits, column_weight, predicted_loss, range_sensitivity
+from compressor.methods.quant.baq.ops import (
+    allocate_bits,
+    column_weight,
+    predicted_loss,
+    range_sensitivity,
+    row_energy,
+)
 from compressor.methods.quant.ops import effective_group_size
 from compressor.methods.registry import get_method, register_method
 
@@ -78,10 +84,18 @@ class BAQConfig(TargetedConfig):
     act_order: bool = Field(True, description="Model GPTQ's sweep by descending diag(H) (set as the quantizer).")
     dampening: float = Field(0.01, gt=0, lt=1, description="Fraction of mean(diag H) added to the diagonal.")
     error_feedback: bool = Field(True, description="Sensitivity with GPTQ's error feedback (1/d^2) or without (H_jj).")
-    objective: Literal["relative", "absolute"] = Field(
+    objective: Literal["relative", "channel", "absolute"] = Field(
         "relative",
-        description="Minimise the sum of each module's output error relative to its output energy "
-        "tr(dW H dW^T) / tr(W H W^T), or the summed absolute output error of all modules.",
+        description="What the allocation minimises: the sum over every module's output channels of each "
+        "channel's relative error (channel), each module's relative error tr(dW H dW^T) / tr(W H W^T) "
+        "(relative), or the summed output error (absolute).",
+    )
+
+    budget: Literal["model", "module"] = Field(
+        "model",
+        description="Where avg_bits must hold: over all targeted weights together (model: modules compete for "
+        "bits), or inside every module (module: bits move only between one module's groups or columns, the "
+        "paper's layer-wise allocation; needs granularity group or column).",
     )
 
     @field_validator("candidates")
@@ -110,6 +124,13 @@ class BAQConfig(TargetedConfig):
             raise ValueError(f"group_size must be -1 (per channel) or a positive number, got {value}")
         return value
 
+    @model_validator(mode="after")
+    def _module_budget_needs_finer_units(self) -> BAQConfig:
+        if self.budget == "module" and self.granularity == "module":
+            raise ValueError("budget 'module' keeps every module at avg_bits, so granularity module would be "
+                             "uniform: use granularity group or column, or budget model")
+        return self
+
 
 @dataclass
 class _Measured:
@@ -122,6 +143,7 @@ class _Measured:
     group: int  # columns per stored group (the whole width when per channel)
     sensitivity: torch.Tensor
     trace: float
+    channel_sensitivity: torch.Tensor  # the same with every output row weighted by 1 / its output energy
 
 
 @register_method("baq")
@@ -186,9 +208,12 @@ class BAQ(Method):
                 W = module.weight.data.float()
                 size = effective_group_size(W.shape[1], config.group_size)
                 size = W.shape[1] if size <= 0 else size
+                energy = row_energy(W, H)
+                inverse = torch.where(energy > 0, 1 / energy.clamp(min=1e-300), torch.zeros_like(energy))
                 s = range_sensitivity(W, weight, size)
-                trace = float(torch.einsum("oi,ij,oj->", W.double(), H.double(), W.double()))
-                self.measured.append(_Measured(ctx.path(name), ctx.index, name, W.shape[0], size, s.cpu(), trace))
+                per_channel = range_sensitivity(W, weight, size, inverse)
+                self.measured.append(_Measured(ctx.path(name), ctx.index, name, W.shape[0], size, s.cpu(),
+                                               float(energy.sum()), per_channel.cpu()))
         return []
 
     def finalize(self, run: ModelContext) -> list[LayerRecord]:
@@ -197,8 +222,18 @@ class BAQ(Method):
         assert isinstance(config, BAQConfig)
         if not self.measured:
             return []
-        S, sizes, pool, spans = self._units(config.granularity, config.objective == "relative")
-        bits = allocate_bits(S, sizes, config.candidates, config.avg_bits, pool)
+        if config.budget == "model":
+            S, sizes, pool, spans = self._units(self.measured, config.granularity, config.objective)
+            bits = allocate_bits(S, sizes, config.candidates, config.avg_bits, pool)
+        else:  # every module on its own budget (relative and absolute then agree; channel still weighs rows)
+            parts = []
+            for m in self.measured:
+                S, sizes, pool, _ = self._units([m], config.granularity, config.objective)
+                parts.append(allocate_bits(S, sizes, config.candidates, config.avg_bits, pool))
+            bits, spans, unit = torch.cat(parts), [], 0
+            for part in parts:
+                spans.append((unit, unit + len(part)))
+                unit += len(part)
         records, total_bits, total_params = [], 0, 0
         for m, (start, stop) in zip(self.measured, spans, strict=True):
             b = bits[start:stop]
@@ -215,15 +250,19 @@ class BAQ(Method):
                  config.avg_bits)
         return records
 
+    @staticmethod
     def _units(
-        self, granularity: str, relative: bool
+        measured: list[_Measured], granularity: str, objective: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[tuple[int, int]]]:
         """Sensitivities and sizes of the allocation elements, the column-to-group pool, and each module's
-        span of units (one for module granularity, its groups otherwise). ``relative`` divides each
-        module's sensitivities by its ``tr(W H W^T)``."""
+        span of units (one for module granularity, its groups otherwise), for the ``objective``."""
         S, sizes, pool, spans, unit = [], [], [], [], 0
-        for m in self.measured:
-            sensitivity = m.sensitivity / m.trace if relative and m.trace > 0 else m.sensitivity
+        for m in measured:
+            sensitivity = {
+                "absolute": m.sensitivity,
+                "relative": m.sensitivity / m.trace if m.trace > 0 else m.sensitivity,
+                "channel": m.channel_sensitivity,
+            }[objective]
             n_groups = m.sensitivity.numel() // m.group
             per_group = sensitivity.reshape(n_groups, m.group)
             if granularity == "module":

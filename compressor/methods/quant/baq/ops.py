@@ -66,16 +66,30 @@ def column_weight(H: torch.Tensor, dampening: float, act_order: bool, error_feed
     return torch.where(dead, torch.zeros_like(weight), weight)
 
 
-def range_sensitivity(W: torch.Tensor, weight: torch.Tensor, group_size: int = -1) -> torch.Tensor:
-    """``S_j = sum_r range_rg^2 / 12 * weight_j`` for ``W: [out, in]`` and ``weight: [in]``: ``[in]`` float64."""
+def range_sensitivity(
+    W: torch.Tensor, weight: torch.Tensor, group_size: int = -1, row_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``S_j = sum_r a_r range_rg^2 / 12 * weight_j`` for ``W: [out, in]``, ``weight: [in]``: ``[in]`` float64.
+
+    ``row_weight: [out]`` (``a_r``, default 1) weighs each output row, e.g. by the inverse of its output
+    energy (``row_energy``) to count every output channel by its relative error.
+    """
     columns = W.shape[1]
     size = columns if group_size <= 0 else group_size
     if columns % size:
         raise ValueError(f"group size {size} does not divide {columns} columns")
     Wd = W.detach().double() * (weight > 0)  # dead columns are zeroed, as GPTQ does
     blocks = Wd.reshape(W.shape[0], columns // size, size)
-    ranges = blocks.amax(dim=2).clamp(min=0) - blocks.amin(dim=2).clamp(max=0)  # [out, n_groups]
-    return ranges.square().sum(dim=0).repeat_interleave(size) / 12 * weight.double()
+    ranges_sq = (blocks.amax(dim=2).clamp(min=0) - blocks.amin(dim=2).clamp(max=0)).square()  # [out, n_groups]
+    if row_weight is not None:
+        ranges_sq = ranges_sq * row_weight.double().unsqueeze(1)
+    return ranges_sq.sum(dim=0).repeat_interleave(size) / 12 * weight.double()
+
+
+def row_energy(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Output energy of every row of ``W: [out, in]`` under ``H: [in, in]``: ``diag(W H W^T)``, ``[out]`` float64."""
+    Wd = W.detach().double()
+    return ((Wd @ H.detach().double()) * Wd).sum(dim=1)
 
 
 def cholesky_diagonal_weight(H: torch.Tensor, dampening: float, act_order: bool) -> torch.Tensor:

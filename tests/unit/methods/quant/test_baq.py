@@ -21,6 +21,8 @@ from compressor.methods.quant.baq.ops import (
     column_sensitivity,
     continuous_bits,
     predicted_loss,
+    range_sensitivity,
+    row_energy,
 )
 from compressor.methods.quant.gptq import GPTQ, GPTQConfig
 from compressor.methods.quant.gptq_ops import gptq_quantize
@@ -75,6 +77,21 @@ def test_cholesky_weight_matches_the_sweep_order(act_order: bool) -> None:
     expected = torch.empty(columns, dtype=torch.float64)
     expected[perm] = 1 / torch.diagonal(U) ** 2
     torch.testing.assert_close(cholesky_diagonal_weight(H, 0.01, act_order), expected)
+
+
+def test_channel_weights_ignore_each_rows_scale() -> None:
+    """Weighting rows by 1 / diag(W H W^T) counts each output channel by its relative error: a channel made
+    100x larger (a massive activation) neither dominates nor dilutes the others."""
+    W, H = _layer()
+    weight = column_sensitivity(W, H) / column_sensitivity(W, H).max()  # any positive column weights
+    energy = row_energy(W, H)
+    torch.testing.assert_close(energy, torch.diagonal(W.double() @ H.double() @ W.double().T))
+    scaled = W.clone()
+    scaled[3] *= 100
+    before = range_sensitivity(W, weight, 16, 1 / energy)
+    after = range_sensitivity(scaled, weight, 16, 1 / row_energy(scaled, H))
+    torch.testing.assert_close(after, before)
+    assert not torch.allclose(range_sensitivity(scaled, weight, 16), range_sensitivity(W, weight, 16))
 
 
 def test_dead_columns_are_insensitive() -> None:
@@ -259,6 +276,26 @@ def test_plan_is_honoured_by_the_quantizer(granularity: str, quantizer: str) -> 
     assert 2.3 <= codes <= 2.5
     row = next(iter(planned.values()))
     assert {"layer", "name", "planned_bits", "predicted_loss", "predicted_rel_error"} <= row.extra.keys()
+
+
+@pytest.mark.parametrize("granularity", ["group", "column"])
+def test_module_budget_holds_inside_every_module(granularity: str) -> None:
+    """budget: module moves bits only between one module's groups: each module averages at most avg_bits,
+    and at least one whole unit's upgrade below it (the integer grid); the widths still vary inside."""
+    baq = BAQ(BAQConfig(method="baq", avg_bits=2.5, granularity=granularity, group_size=16, candidates=[2, 3, 4],
+                        budget="module"))
+    run, _ = _run([baq, GPTQ(GPTQConfig(method="gptq", group_size=16))])
+    varied = 0
+    for path, qweight in run.quantized.items():
+        widths = run.plans["group_bits"][path]
+        assert 2.5 - 1 / len(widths) - 1e-9 <= qweight.average_bits() <= 2.5 + 1e-9, path
+        varied += len(set(widths.tolist())) > 1
+    assert varied > 0
+
+
+def test_module_budget_needs_finer_units() -> None:
+    with pytest.raises(ValidationError, match="granularity group or column"):
+        BAQConfig.model_validate({"method": "baq", "budget": "module", "granularity": "module"})
 
 
 def test_group_plan_with_other_group_size_is_an_error() -> None:

@@ -1,0 +1,81 @@
+"""RTN vs GPTQ on the demo model: perplexity, wall time, peak RSS; prints JSON and a Markdown table.
+
+    python benchmarks/quant.py --samples 128 --seq-len 512 --eval-tokens 16384 [--settings w4g128,w3g128]
+
+Every setting starts from the same dense weights and is scored on the same demo:wiki windows. The
+"floor" is one plain forward pass of the calibration set through the decoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from compressor.calibration.tokens import calibration_batch
+from compressor.engine import ModelContext, run_stages
+from compressor.methods.quant.gptq import GPTQ, GPTQConfig
+from compressor.methods.quant.rtn import RTN, RTNConfig
+from compressor.models import get_adapter
+from compressor.pipeline import evaluate, load
+from compressor.report import average_bits, peak_rss_bytes
+
+SETTINGS = {  # name: (bits, group_size)
+    "w8pc": (8, -1),
+    "w4g128": (4, 128),
+    "w4pc": (4, -1),
+    "w3g128": (3, 128),
+    "w2g64": (2, 64),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo:smollm2")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--methods", default="rtn,gptq")
+    args = parser.parse_args()
+    loaded = load(args.model)
+    dense = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    tokens = calibration_batch(loaded.tokenizer, "demo:lee", args.samples, args.seq_len, seed=0)
+
+    def ppl() -> float:
+        return round(evaluate(loaded, "demo:wiki", seq_len=512, max_tokens=args.eval_tokens, device="cpu").ppl, 4)
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in tokens.split(8):
+            loaded.model.model(batch)
+    rows = [{"setting": "dense", "method": "-", "ppl": ppl(), "seconds": 0.0}]
+    floor = round(time.perf_counter() - start, 1)
+    for name in args.settings.split(","):
+        bits, group = SETTINGS[name]
+        for method in args.methods.split(","):
+            loaded.model.load_state_dict(dense)
+            stage = (GPTQ(GPTQConfig(method="gptq", bits=bits, group_size=group)) if method == "gptq"
+                     else RTN(RTNConfig(method="rtn", bits=bits, group_size=group)))
+            run = ModelContext(loaded.model, get_adapter(loaded.model), tokens, torch.device("cpu"), 8)
+            start = time.perf_counter()
+            run_stages(run, [stage])
+            seconds = round(time.perf_counter() - start, 1)
+            bpw, bpw_meta = average_bits(run.quantized)
+            rows.append({"setting": name, "method": method, "ppl": ppl(), "seconds": seconds,
+                         "bits_per_weight": bpw, "bits_incl_metadata": bpw_meta})
+            print(json.dumps(rows[-1]), flush=True)
+    result = {"model": args.model, "calibration": f"demo:lee {args.samples}x{args.seq_len}",
+              "eval": f"demo:wiki {args.eval_tokens} tokens, windows of 512", "floor_forward_seconds": floor,
+              "peak_rss_mb": round(peak_rss_bytes() / 2**20), "rows": rows}
+    print(json.dumps(result, indent=2))
+    print("\n| setting | method | ppl | bits/weight (incl. scales) | seconds |\n|---|---|---|---|---|")
+    for row in rows:
+        bits = f"{row.get('bits_per_weight', 32)} ({row.get('bits_incl_metadata', 32)})"
+        print(f"| {row['setting']} | {row['method']} | {row['ppl']} | {bits} | {row['seconds']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""BAQ + GPTQ on the real SmolLM2-135M with real text, at an average of 3 bits per weight.
+
+Small on purpose (16 x 256 calibration tokens, 4096 evaluation tokens): it asserts what holds at any
+size (the budget, the plan reaching the quantizer, the report) and a quality bound loose enough to
+survive the noise of a small calibration set; benchmarks/baq.py measures the comparison properly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from compressor.pipeline import compress, evaluate, load
+from compressor.recipe import load_recipe
+
+pytestmark = pytest.mark.slow
+
+CALIBRATION = ["calibration.samples=16", "calibration.seq_len=256", "export.format=dense"]
+
+
+def _ppl(loaded: object) -> float:
+    return evaluate(loaded, "demo:wiki", seq_len=512, max_tokens=4096, device="cpu").ppl  # type: ignore[arg-type]
+
+
+def test_baq_gptq_at_3_bits(smollm2_dir: Path, baseline_ppl: float, tmp_path: Path) -> None:
+    recipe = load_recipe("baq-3bit-gptq", CALIBRATION)
+    loaded = load(smollm2_dir)
+    report = compress(loaded, recipe, tmp_path / "baq", device="cpu")
+    baq_ppl = _ppl(loaded)
+
+    assert report.avg_bits_per_weight is not None and 2.99 <= report.avg_bits_per_weight <= 3.0
+    rows = json.loads((tmp_path / "baq" / "compression_report.json").read_text())["layers"]
+    planned = {r["module"]: r["extra"]["planned_bits"] for r in rows if r["method"] == "baq"}
+    quantized = {r["module"]: r["bits"] for r in rows if r["method"] == "gptq"}
+    assert planned == quantized and len(planned) == 30 * 7
+    assert len(set(planned.values())) > 1, "a real model's modules are not equally sensitive"
+
+    uniform = load(smollm2_dir)
+    compress(uniform, load_recipe("w3a16-gptq", CALIBRATION), tmp_path / "uniform", device="cpu")
+    uniform_ppl = _ppl(uniform)
+    assert baseline_ppl < baq_ppl < 1.1 * uniform_ppl, (baseline_ppl, baq_ppl, uniform_ppl)
