@@ -12,12 +12,36 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
 if TYPE_CHECKING:
     from compressor.engine import LayerContext, ModelContext
+
+
+def _non_negative(value: int | None, info: ValidationInfo) -> int | None:
+    if value is not None and value < 0:
+        raise ValueError(f"{info.field_name} must be 0 or more, got {value}")
+    return value
+
+
+def _open_fraction(value: float | None, info: ValidationInfo) -> float | None:
+    if value is not None and not 0 < value < 1:
+        raise ValueError(f"{info.field_name} must be between 0 and 1 (exclusive), got {value}")
+    return value
+
+
+def _group_size(value: int) -> int:
+    if value == 0 or value < -1:
+        raise ValueError(f"group_size must be -1 (per channel) or a positive number, got {value}")
+    return value
+
+
+# Field types shared by method configs, so one rule has one message everywhere.
+Count = Annotated[int | None, AfterValidator(_non_negative)]
+Fraction = Annotated[float | None, AfterValidator(_open_fraction)]
+GroupSize = Annotated[int, AfterValidator(_group_size)]
 
 
 class MethodConfig(BaseModel):

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from compressor.errors import RecipeError
-from compressor.methods.base import LayerRecord, Method, MethodConfig
+from compressor.methods.base import Count, Fraction, LayerRecord, Method, MethodConfig
 from compressor.methods.registry import register_method
 
 if TYPE_CHECKING:
@@ -42,25 +42,11 @@ class LayerDropConfig(MethodConfig):
         description="block_influence: drop the n layers whose output is most like their input (ShortGPT); "
         "angular: drop the contiguous block of n layers whose input and output are closest in angle.",
     )
-    remove: int | None = Field(None, description="Number of layers to remove (0 keeps the model as it is).")
-    ratio: float | None = Field(None, description="Fraction of the layers to remove, in (0, 1); rounded.")
+    remove: Count = Field(None, description="Number of layers to remove (0 keeps the model as it is).")
+    ratio: Fraction = Field(None, description="Fraction of the layers to remove, in (0, 1); rounded.")
     layers: list[int] | None = Field(
         None, description="Remove exactly these layer indices (scores are still measured for the report)."
     )
-
-    @field_validator("remove")
-    @classmethod
-    def _remove_non_negative(cls, value: int | None) -> int | None:
-        if value is not None and value < 0:
-            raise ValueError(f"remove must be 0 or more layers, got {value}")
-        return value
-
-    @field_validator("ratio")
-    @classmethod
-    def _ratio_in_range(cls, value: float | None) -> float | None:
-        if value is not None and not 0 < value < 1:
-            raise ValueError(f"ratio must be between 0 and 1 (exclusive), got {value}")
-        return value
 
     @field_validator("layers")
     @classmethod

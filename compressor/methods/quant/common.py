@@ -12,7 +12,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from compressor.errors import RecipeError
-from compressor.methods.base import LayerRecord, TargetedConfig
+from compressor.methods.base import GroupSize, LayerRecord, TargetedConfig
 from compressor.methods.quant.ops import QuantizedWeight, effective_group_size, relative_error
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ class WeightQuantConfig(TargetedConfig):
     """Integer weight quantization scheme shared by RTN and GPTQ."""
 
     bits: int = Field(4, description="Code width, 2..8.")
-    group_size: int = Field(
+    group_size: GroupSize = Field(
         128,
         description="Columns sharing one scale; -1 = one scale per output channel. A width the size "
         "does not divide gets the largest divisor below it (reported), unless strict_groups.",
@@ -41,12 +41,6 @@ class WeightQuantConfig(TargetedConfig):
             raise ValueError(f"bits must be between 2 and 8, got {value}")
         return value
 
-    @field_validator("group_size")
-    @classmethod
-    def _group_size_valid(cls, value: int) -> int:
-        if value == 0 or value < -1:
-            raise ValueError(f"group_size must be -1 (per channel) or a positive number, got {value}")
-        return value
 
 
 def layer_group_size(config: WeightQuantConfig, path: str, columns: int) -> tuple[int, str]:

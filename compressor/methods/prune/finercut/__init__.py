@@ -28,7 +28,7 @@ from pydantic import Field, field_validator, model_validator
 
 from compressor.errors import RecipeError
 from compressor.export.remote_code.modeling_finercut import MODEL_CLASSES, SUBLAYERS, is_removed, unsupported
-from compressor.methods.base import LayerRecord, Method, MethodConfig
+from compressor.methods.base import Count, Fraction, LayerRecord, Method, MethodConfig
 from compressor.methods.prune.finercut.ops import SearchResult, greedy_removal, scored_positions
 from compressor.methods.prune.finercut.search import Key, SublayerSearch, sublayer_params
 from compressor.methods.registry import register_method
@@ -56,8 +56,8 @@ class FinerCutConfig(MethodConfig):
     Set at most one of ``remove`` and ``ratio``; with neither, 25% of the layers' parameters are removed.
     """
 
-    remove: int | None = Field(None, description="Number of sublayers to remove (0 keeps the model as it is).")
-    ratio: float | None = Field(
+    remove: Count = Field(None, description="Number of sublayers to remove (0 keeps the model as it is).")
+    ratio: Fraction = Field(
         None, description="Fraction of the decoder layers' parameters to remove, in (0, 1); never exceeded."
     )
     measure: Literal["kl", "js", "cosine"] = Field(
@@ -73,20 +73,6 @@ class FinerCutConfig(MethodConfig):
         "lazy", description="exact: rescore every candidate at every step (the paper); lazy: rescore only "
         "candidates whose last score says they could be the best (same result when removals only add harm)."
     )
-
-    @field_validator("remove")
-    @classmethod
-    def _remove_non_negative(cls, value: int | None) -> int | None:
-        if value is not None and value < 0:
-            raise ValueError(f"remove must be 0 or more sublayers, got {value}")
-        return value
-
-    @field_validator("ratio")
-    @classmethod
-    def _ratio_in_range(cls, value: float | None) -> float | None:
-        if value is not None and not 0 < value < 1:
-            raise ValueError(f"ratio must be between 0 and 1 (exclusive), got {value}")
-        return value
 
     @field_validator("positions")
     @classmethod

@@ -36,7 +36,7 @@ import torch
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from torch import nn
 
-from compressor.methods.base import LayerRecord, Method, MethodConfig, TargetedConfig
+from compressor.methods.base import GroupSize, LayerRecord, Method, MethodConfig, TargetedConfig
 from compressor.methods.quant.baq.ops import (
     allocate_bits,
     column_weight,
@@ -78,7 +78,7 @@ class BAQConfig(TargetedConfig):
     granularity: Literal["module", "group", "column"] = Field(
         "module", description="Unit that gets one width: a linear, a quantizer group, or a column (pooled)."
     )
-    group_size: int = Field(
+    group_size: GroupSize = Field(
         128, description="The following quantizer's group_size (-1 per channel); shrunk like the quantizer's."
     )
     act_order: bool = Field(True, description="Model GPTQ's sweep by descending diag(H) (set as the quantizer).")
@@ -117,12 +117,6 @@ class BAQConfig(TargetedConfig):
                              f"got {value}")
         return value
 
-    @field_validator("group_size")
-    @classmethod
-    def _group_size_valid(cls, value: int) -> int:
-        if value == 0 or value < -1:
-            raise ValueError(f"group_size must be -1 (per channel) or a positive number, got {value}")
-        return value
 
     @model_validator(mode="after")
     def _module_budget_needs_finer_units(self) -> BAQConfig:
