@@ -53,6 +53,7 @@ def run_setting(loaded: LoadedModel, tokens: torch.Tensor, strategy: str, count:
     adapter = get_adapter(loaded.model)
     layers = adapter.num_layers
     start = time.perf_counter()
+    extra: dict[str, Any] = {}
     if strategy in ("evenly_spaced", "last"):
         removed: Any = _fixed_layers(strategy, count, layers)
         adapter.remove_layers(removed)
@@ -62,9 +63,11 @@ def run_setting(loaded: LoadedModel, tokens: torch.Tensor, strategy: str, count:
         if strategy == "finercut":
             summary = run.structure["finercut"]
             removed = [f"{index}.{'attn' if kind == 'attention' else 'mlp'}" for index, kind, _ in summary["removed"]]
+            extra = {"evaluations": summary["evaluations"], "search_seconds": summary["seconds"]}
         else:
             removed = run.structure["layer_drop"]["removed"]
-    return {"strategy": strategy, "count": count, "removed": removed, "seconds": round(time.perf_counter() - start, 1)}
+    return {"strategy": strategy, "count": count, "removed": removed, "seconds": round(time.perf_counter() - start, 1),
+            **extra}
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
