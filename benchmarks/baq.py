@@ -2,6 +2,8 @@
 
     python benchmarks/baq.py --samples 64 --seq-len 512 --eval-tokens 16384 [--settings ...] [--json out.json]
 
+A setting may name its BAQ objective after "@" (``baq-module-3.0@fisher``); otherwise ``--objective``.
+
 Every setting starts from the same dense weights, uses the same calibration tokens and is scored on
 the same demo:wiki windows (512 tokens). BAQ's sensitivities do not depend on the budget, so one
 measuring pass serves every BAQ setting (both proxies, GPTQ's error feedback and plain rounding, are
@@ -68,10 +70,11 @@ def _baq(avg_bits: float, granularity: str, error_feedback: bool, budget: str = 
                                          "budget": budget, "objective": objective}))
 
 
-def _measure(run: ModelContext) -> tuple[dict[bool, list[Any]], float]:
-    """One pass measuring both proxies; returns the measured modules by ``error_feedback`` and seconds."""
+def _measure(run: ModelContext, objective: str) -> tuple[dict[bool, list[Any]], float]:
+    """One pass measuring both proxies; returns the measured modules by ``error_feedback`` and seconds.
+    With objective fisher each stage also takes the loss gradients (one forward and backward each)."""
     start = time.perf_counter()
-    stages = {feedback: _baq(3.0, "module", feedback) for feedback in (True, False)}
+    stages = {feedback: _baq(3.0, "module", feedback, objective=objective) for feedback in (True, False)}
     run_pass(run, list(stages.values()))  # the plans it writes are dropped with this context
     return {k: list(v.measured) for k, v in stages.items()}, round(time.perf_counter() - start, 1)
 
@@ -103,7 +106,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--skip-dense", action="store_true", help="Do not evaluate the dense model.")
-    parser.add_argument("--objective", default="relative", help="BAQ objective: channel, relative or absolute.")
+    parser.add_argument("--objective", default="relative", help="BAQ objective: relative, channel, absolute or fisher.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the result here.")
     args = parser.parse_args()
     loaded = load(args.model)
@@ -120,7 +123,10 @@ def main() -> None:
     if not args.skip_dense:
         rows.append({"setting": "dense", "ppl": ppl(), "seconds": 0.0})
         print(json.dumps(rows[-1]), flush=True)
-    measured, measure_seconds = _measure(context())
+    # "name@objective" runs a setting with another objective; fisher measured once serves them all
+    wanted = [(n.partition("@")[0], n.partition("@")[2] or args.objective) for n in args.settings.split(",")]
+    needs_fisher = any(objective == "fisher" for _, objective in wanted)
+    measured, measure_seconds = _measure(context(), "fisher" if needs_fisher else args.objective)
 
     def result() -> dict[str, Any]:
         return {"model": args.model, "calibration": f"demo:lee {args.samples}x{args.seq_len}",
@@ -129,11 +135,11 @@ def main() -> None:
                 "baq_measure_seconds": measure_seconds, "threads": torch.get_num_threads(),
                 "peak_rss_mb": round(peak_rss_bytes() / 2**20), "rows": rows}
 
-    for name in args.settings.split(","):
+    for name, objective in wanted:
         setting = SETTINGS[name]
         loaded.model.load_state_dict(dense)
         run = context()
-        baq_rows, plan_seconds = _plan(run, setting, measured, args.objective)
+        baq_rows, plan_seconds = _plan(run, setting, measured, objective)
         start = time.perf_counter()
         records = run_stages(run, [_quantizer(setting[0], setting[1] or 3)])
         bpw, bpw_meta = average_bits(run.quantized)
@@ -144,7 +150,8 @@ def main() -> None:
             if r.module in predicted and r.rel_error:
                 by_width.setdefault(r.bits or 0.0, []).append(r.rel_error / predicted[r.module])
         rows.append({
-            "setting": name, "quantizer": setting[0], "ppl": ppl(), "bits_per_weight": bpw,
+            "setting": name if setting[2] is None else f"{name}@{objective}", "quantizer": setting[0],
+            "ppl": ppl(), "bits_per_weight": bpw,
             "bits_incl_metadata": bpw_meta, "seconds": round(time.perf_counter() - start + plan_seconds, 1),
             "widths": _histogram(run),
             "predicted_over_measured_error": round(sum(p for p, _ in pairs) / sum(m for _, m in pairs), 3)

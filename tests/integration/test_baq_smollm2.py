@@ -1,8 +1,9 @@
 """BAQ + GPTQ on the real SmolLM2-135M with real text, at an average of 3 bits per weight.
 
 Small on purpose (16 x 256 calibration tokens, 4096 evaluation tokens): it asserts what holds at any
-size (the budget, the plan reaching the quantizer, the report) and a quality bound loose enough to
-survive the noise of a small calibration set; benchmarks/baq.py measures the comparison properly.
+size (the budget, the plan reaching the quantizer, the report) and that the shipped recipe beats uniform
+3-bit GPTQ (at this size: ppl 77.8 against 147.9; the layer-local relative objective scored 677 here,
+which is why the recipe uses the loss-gradient one); benchmarks/baq.py measures it properly.
 """
 
 from __future__ import annotations
@@ -40,4 +41,4 @@ def test_baq_gptq_at_3_bits(smollm2_dir: Path, baseline_ppl: float, tmp_path: Pa
     uniform = load(smollm2_dir)
     compress(uniform, load_recipe("w3a16-gptq", CALIBRATION), tmp_path / "uniform", device="cpu")
     uniform_ppl = _ppl(uniform)
-    assert baseline_ppl < baq_ppl < 1.1 * uniform_ppl, (baseline_ppl, baq_ppl, uniform_ppl)
+    assert baseline_ppl < baq_ppl < uniform_ppl, (baseline_ppl, baq_ppl, uniform_ppl)

@@ -15,6 +15,7 @@ from tiny import tiny_model
 from compressor.engine import ModelContext, run_stages
 from compressor.errors import RecipeError
 from compressor.methods.quant.baq import BAQ, BAQConfig
+from compressor.methods.quant.baq.fisher import output_fisher
 from compressor.methods.quant.baq.ops import (
     allocate_bits,
     cholesky_diagonal_weight,
@@ -291,6 +292,49 @@ def test_module_budget_holds_inside_every_module(granularity: str) -> None:
         assert 2.5 - 1 / len(widths) - 1e-9 <= qweight.average_bits() <= 2.5 + 1e-9, path
         varied += len(set(widths.tolist())) > 1
     assert varied > 0
+
+
+def test_output_fisher_is_the_mean_squared_gradient_of_each_output() -> None:
+    """Against autograd by another route: a zero leaf added to the linear's output receives dL/dy per token."""
+    model = tiny_model("llama")
+    tokens = torch.randint(0, 300, (4, 16), generator=_gen(2))
+    path = "model.layers.1.mlp.up_proj"
+    fisher = output_fisher(model, [tokens[:2], tokens[2:]], {path})[path]
+    assert all(p.grad is None and p.requires_grad for p in model.parameters()), "no gradients kept, flags restored"
+    probes = []
+
+    def add_probe(_module: object, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        probes.append(torch.zeros_like(output, requires_grad=True))
+        return output + probes[-1]
+
+    handle = model.get_submodule(path).register_forward_hook(add_probe)
+    for batch in (tokens[:2], tokens[2:]):
+        out = model(input_ids=batch, labels=batch, use_cache=False)
+        (out.loss * batch.shape[0] * (batch.shape[1] - 1)).backward()
+    handle.remove()
+    expected = sum(p.grad.double().pow(2).reshape(-1, p.shape[-1]).sum(dim=0) for p in probes) / tokens.numel()
+    torch.testing.assert_close(fisher, expected)
+
+
+def test_fisher_gives_the_fewest_bits_to_outputs_the_loss_ignores() -> None:
+    """Layer 0's MLP output is zeroed (down_proj = 0), so its gate/up outputs cannot move the loss: the fisher
+    objective gives them the narrowest width, though their relative output error is as large as anyone's."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+    tokens = torch.randint(0, 300, (8, 32), generator=_gen(1))
+    run = ModelContext(model, get_adapter(model), tokens, torch.device("cpu"), batch_size=4)
+    baq = BAQ(BAQConfig(method="baq", avg_bits=3.0, granularity="module", group_size=16, candidates=[2, 3, 4],
+                        objective="fisher"))
+    run_stages(run, [baq])
+    bits = run.plans["bits"]
+    for name in ("gate_proj", "up_proj"):
+        assert bits[f"model.layers.0.mlp.{name}"] == 2
+    assert max(bits.values()) > 2
+    relative = BAQ(BAQConfig(method="baq", avg_bits=3.0, granularity="module", group_size=16, candidates=[2, 3, 4]))
+    relative.measured = baq.measured
+    relative.finalize(run)
+    assert run.plans["bits"]["model.layers.0.mlp.up_proj"] > 2, "the layer-local proxy cannot see it"
 
 
 def test_module_budget_needs_finer_units() -> None:
