@@ -3,7 +3,8 @@
 # (it pins other versions than ours). Our side of the comparison: python benchmarks/quant.py --settings w4g128
 # --methods gptq (group 128 falls back to 64 on the 576-wide modules; llm-compressor refuses 128 there, so it
 # runs group 64 everywhere, including the 1536-wide down_proj where ours keeps 128).
-#   SAMPLES=128 SEQ_LEN=512 EVAL_TOKENS=16384 GROUP=64 LLMC_VENV=/tmp/venv-llmc bash benchmarks/llmcompressor_gptq.sh
+#   SAMPLES=128 SEQ_LEN=512 EVAL_TOKENS=16384 GROUP=64 ACT_ORDER=1 THREADS=2 LLMC_VENV=/tmp/venv-llmc \
+#     bash benchmarks/llmcompressor_gptq.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${LLMC_VENV:-/tmp/venv-llmc}
@@ -15,4 +16,5 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import llmcompressor"
 fi
 python benchmarks/llmcompressor_data.py --out "$DATA" --samples "${SAMPLES:-128}" --seq-len "${SEQ_LEN:-512}" \
   --eval-tokens "${EVAL_TOKENS:-16384}"
-"$VENV/bin/python" benchmarks/llmcompressor_run.py --data "$DATA" --group "${GROUP:-64}"
+"$VENV/bin/python" benchmarks/llmcompressor_run.py --data "$DATA" --group "${GROUP:-64}" \
+  ${ACT_ORDER:+--act-order} ${THREADS:+--threads "$THREADS"}

@@ -38,7 +38,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="Directory written by llmcompressor_data.py.")
     parser.add_argument("--group", type=int, default=64)
     parser.add_argument("--act-order", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     calibration = torch.load(args.data / "calibration.pt")
     windows = torch.load(args.data / "eval.pt")
     model_dir = (args.data / "model.txt").read_text().strip()
