@@ -64,7 +64,7 @@ def _quantizer(name: str, bits: int) -> Method:
 
 
 def _baq(avg_bits: float, granularity: str, error_feedback: bool, budget: str = "model",
-         objective: str = "relative") -> BAQ:
+         objective: str = "fisher") -> BAQ:
     return BAQ(BAQConfig.model_validate({"method": "baq", "avg_bits": avg_bits, "granularity": granularity,
                                          "group_size": GROUP, "error_feedback": error_feedback,
                                          "budget": budget, "objective": objective}))
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--skip-dense", action="store_true", help="Do not evaluate the dense model.")
-    parser.add_argument("--objective", default="relative", help="BAQ objective: relative, channel, absolute or fisher.")
+    parser.add_argument("--objective", default="fisher", help="BAQ objective: fisher, relative, channel or absolute.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the result here.")
     args = parser.parse_args()
     loaded = load(args.model)

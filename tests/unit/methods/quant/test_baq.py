@@ -331,7 +331,8 @@ def test_fisher_gives_the_fewest_bits_to_outputs_the_loss_ignores() -> None:
     for name in ("gate_proj", "up_proj"):
         assert bits[f"model.layers.0.mlp.{name}"] == 2
     assert max(bits.values()) > 2
-    relative = BAQ(BAQConfig(method="baq", avg_bits=3.0, granularity="module", group_size=16, candidates=[2, 3, 4]))
+    relative = BAQ(BAQConfig(method="baq", avg_bits=3.0, granularity="module", group_size=16, candidates=[2, 3, 4],
+                             objective="relative"))
     relative.measured = baq.measured
     relative.finalize(run)
     assert run.plans["bits"]["model.layers.0.mlp.up_proj"] > 2, "the layer-local proxy cannot see it"
@@ -349,7 +350,7 @@ def test_group_plan_with_other_group_size_is_an_error() -> None:
 
 
 def test_baq_gptq_beats_uniform_rtn_at_the_same_bits() -> None:
-    baq = BAQ(BAQConfig(method="baq", avg_bits=3.0, group_size=16))
+    baq = BAQ(BAQConfig(method="baq", avg_bits=3.0, group_size=16, objective="relative"))
     run, records = _run([baq, GPTQ(GPTQConfig(method="gptq", group_size=16))])
     _, uniform = _run([RTN(RTNConfig(method="rtn", bits=3, group_size=16))])
     assert average_bits(run.quantized)[0] <= 3.0
