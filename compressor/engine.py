@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -68,6 +70,15 @@ class ModelContext:
 
 
 @dataclass
+class _Replay:
+    """A sublayer replayed as its output projection applied to recorded inputs (one per batch)."""
+
+    projection: nn.Module
+    inputs: list[torch.Tensor]
+    returns_tuple: bool
+
+
+@dataclass
 class LayerContext:
     """One decoder layer during a pass: the layer, its inputs and statistics helpers for methods."""
 
@@ -75,6 +86,9 @@ class LayerContext:
     layer: nn.Module
     run: ModelContext
     inputs: list[CapturedBatch]
+    #: Sublayers (attention, MLP) whose output is replayed instead of recomputed; see :meth:`hessian`.
+    _replays: dict[nn.Module, _Replay] = field(default_factory=dict, repr=False)
+    _batch: int = field(default=0, repr=False)
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -95,10 +109,49 @@ class LayerContext:
     def forward(self) -> list[torch.Tensor]:
         """Run every calibration batch through the layer as it is now; returns the outputs."""
         outputs = []
-        for batch in self.inputs:
-            out = self.layer(batch.hidden, **batch.kwargs)
-            outputs.append(out[0] if isinstance(out, tuple) else out)
+        with self._replaying():
+            for index, batch in enumerate(self.inputs):
+                self._batch = index
+                out = self.layer(batch.hidden, **batch.kwargs)
+                outputs.append(out[0] if isinstance(out, tuple) else out)
         return outputs
+
+    @contextmanager
+    def _replaying(self) -> Iterator[None]:
+        """Patch replayed sublayers' forwards for the duration of one sweep over the batches."""
+        patched = list(self._replays)
+        for module in patched:
+            module.forward = partial(self._replayed_forward, module)
+        try:
+            yield
+        finally:
+            for module in patched:
+                del module.forward
+
+    def _replayed_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        replay = self._replays[module]
+        out = replay.projection(replay.inputs[self._batch])
+        return (out, None) if replay.returns_tuple else out
+
+    def thaw(self) -> None:
+        """Recompute every sublayer again (a stage that may change any weight starts from here)."""
+        self._replays.clear()
+
+    def _replayable(self, group: LinearGroup) -> tuple[nn.Module, bool] | None:
+        """The sublayer a lone output projection closes (attention, or an MLP module), or None.
+
+        transformers' attention modules return ``(output, weights)``; MLP modules return the output.
+        OPT has no MLP module (fc1/fc2 live on the layer), so only its attention is replayable.
+        """
+        if len(group.names) != 1:
+            return None
+        first = self.module(group.names[0])
+        if first is self.adapter.attention_output(self.layer):
+            return self.adapter.attention(self.layer), True
+        mlp = self.adapter.mlp(self.layer)
+        if first is self.adapter.mlp_output(self.layer) and mlp is not self.layer:
+            return mlp, False
+        return None
 
     def collect_inputs(self, module: nn.Module, fold: Callable[[torch.Tensor], None]) -> None:
         """Call ``fold(x)`` with the input of ``module`` for every batch, stopping each forward there."""
@@ -118,31 +171,56 @@ class LayerContext:
 
             handles.append(module.register_forward_pre_hook(hook))
         try:
-            for batch in self.inputs:
-                try:
-                    self.layer(batch.hidden, **batch.kwargs)
-                except _StopForward:
-                    pass
+            with self._replaying():
+                for index, batch in enumerate(self.inputs):
+                    self._batch = index
+                    try:
+                        self.layer(batch.hidden, **batch.kwargs)
+                    except _StopForward:
+                        pass
         finally:
             for handle in handles:
                 handle.remove()
 
-    def hessian(self, group: LinearGroup) -> torch.Tensor:
+    def hessian(self, group: LinearGroup, replay: bool = False) -> torch.Tensor:
         """``H = 2/n X^T X`` of the input shared by the group's linears (``[in, in]``, float32).
 
         The forward stops at the group's first linear, so statistics of a later group reflect every
         change already made to earlier groups (GPTQ's sequential order).
+
+        With ``replay``, when the group is a sublayer's output projection (o_proj, down_proj), its inputs
+        are kept and later forwards of this layer compute that sublayer as ``projection(kept input)``
+        instead of re-running it: GPTQ's later groups and the layer's final output then skip the
+        attention (and the MLP's first half). Only valid while nothing upstream of the projection
+        inside that sublayer changes again: the caller promises it (GPTQ's data-flow order), and the
+        engine thaws before every stage. The projection itself may change (it is applied live).
         """
-        return self.hessians([group])[group]
+        target = self._replayable(group) if replay else None
+        if target is None:
+            return self.hessians([group])[group]
+        kept: list[torch.Tensor] = []
+        H = self.hessians([group], keep=kept)[group]
+        sublayer, returns_tuple = target
+        self._replays[sublayer] = _Replay(self.module(group.names[0]), kept, returns_tuple)
+        return H
 
     @torch.no_grad()
-    def hessians(self, groups: list[LinearGroup]) -> dict[LinearGroup, torch.Tensor]:
-        """Hessians of several groups from shared forward passes (one pass when all are requested)."""
+    def hessians(
+        self, groups: list[LinearGroup], keep: list[torch.Tensor] | None = None
+    ) -> dict[LinearGroup, torch.Tensor]:
+        """Hessians of several groups from shared forward passes (one pass when all are requested).
+
+        ``keep`` (one group only) receives the inputs themselves, one tensor per batch.
+        """
+        if keep is not None and len(groups) != 1:
+            raise ValueError("hessians(keep=...) records the inputs of exactly one group")
         states: dict[LinearGroup, dict[str, Any]] = {g: {"H": None, "n": 0} for g in groups}
 
         def folder(state: dict[str, Any]) -> Callable[[torch.Tensor], None]:
             def fold(x: torch.Tensor) -> None:
                 state["H"], state["n"] = accumulate_hessian(state["H"], x, state["n"])
+                if keep is not None:
+                    keep.append(x)
 
             return fold
 
@@ -215,8 +293,9 @@ def run_pass(run: ModelContext, stages: list[Method], progress: ProgressFn | Non
         layer = layers[index].to(run.device)
         ctx = LayerContext(index=index, layer=layer, run=run, inputs=inputs)
         for stage in stages:
+            ctx.thaw()
             records += stage.apply(ctx)
-        outputs = ctx.forward()
+        outputs = ctx.forward()  # replays what the last stage left replayable
         if not all(torch.isfinite(out).all() for out in outputs):
             raise NumericalError(f"layer {ctx.prefix} produced NaN/inf outputs after {label}")
         inputs = [CapturedBatch(out, batch.kwargs) for out, batch in zip(outputs, inputs, strict=True)]

@@ -64,3 +64,99 @@ def test_model_level_stage_closes_a_pass() -> None:
     a, b, c = _Observe(), _Observe(model_level=True), _Observe()
     assert split_passes([a, b, c]) == [[a, b], [c]]
     assert split_passes([a, c]) == [[a, c]]
+
+
+def _layer_context(family: str, index: int = 0) -> LayerContext:
+    model = tiny_model(family)
+    run = ModelContext(model, get_adapter(model), _tokens(), torch.device("cpu"), batch_size=3)
+    return LayerContext(index, run.adapter.layers()[index], run, run.capture_layer_inputs())
+
+
+def _full_forward(ctx: LayerContext) -> list[torch.Tensor]:
+    replays = dict(ctx._replays)
+    ctx.thaw()
+    outputs = ctx.forward()
+    ctx._replays.update(replays)
+    return outputs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replayed_sublayers_give_the_recomputed_outputs(family: str) -> None:
+    """After the o and down Hessians with replay, forwards reuse their inputs and apply the live projection."""
+    ctx = _layer_context(family)
+    qkv, o, fc_in, fc_out = ctx.adapter.linear_groups()
+    ctx.hessian(qkv, replay=True)
+    assert not ctx._replays  # q/k/v share an input but close no sublayer
+    ctx.hessian(o, replay=True)
+    assert list(ctx._replays) == [ctx.adapter.attention(ctx.layer)]
+    with torch.no_grad():
+        ctx.module(o.names[0]).weight.mul_(0.5)  # the projection changes after its inputs were kept
+    torch.testing.assert_close(ctx.hessian(fc_in), _hessian_without_replay(ctx, fc_in))
+    ctx.hessian(fc_out, replay=True)
+    assert len(ctx._replays) == (1 if family == "opt" else 2)  # OPT's fc1/fc2 live on the layer
+    with torch.no_grad():
+        ctx.module(fc_out.names[0]).weight.mul_(0.5)
+    replayed, recomputed = ctx.forward(), _full_forward(ctx)
+    for got, expected in zip(replayed, recomputed, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert "forward" not in vars(ctx.adapter.attention(ctx.layer))  # the patch is gone after the sweep
+
+
+def _hessian_without_replay(ctx: LayerContext, group: object) -> torch.Tensor:
+    replays = dict(ctx._replays)
+    ctx.thaw()
+    H = ctx.hessian(group)  # type: ignore[arg-type]
+    ctx._replays.update(replays)
+    return H
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gptq_with_replay_equals_gptq_recomputing_every_sublayer(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from compressor.methods.quant.gptq import GPTQ, GPTQConfig
+
+    def quantize() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        model = tiny_model(family)
+        run = ModelContext(model, get_adapter(model), _tokens(6, 24), torch.device("cpu"), batch_size=4)
+        run_stages(run, [GPTQ(GPTQConfig(method="gptq", bits=3, group_size=16))])
+        with torch.no_grad():
+            logits = model(_tokens(2, 24)).logits
+        return {path: q.dequantize(torch.float32) for path, q in run.quantized.items()}, logits
+
+    replayed, replayed_logits = quantize()
+    monkeypatch.setattr(LayerContext, "_replayable", lambda self, group: None)
+    recomputed, recomputed_logits = quantize()
+    assert replayed.keys() == recomputed.keys()
+    for path, weight in replayed.items():
+        torch.testing.assert_close(weight, recomputed[path], rtol=1e-4, atol=1e-4, msg=path)
+    torch.testing.assert_close(replayed_logits, recomputed_logits, rtol=1e-4, atol=1e-4)
+
+
+class _ZeroQuery(Method):
+    """Changes a weight upstream of the attention's output projection after GPTQ left replays behind."""
+
+    config_class = MethodConfig
+
+    def __init__(self) -> None:
+        super().__init__(MethodConfig(method="zero_query"))
+        self.inputs: list[torch.Tensor] = []
+
+    def apply(self, ctx: LayerContext) -> list[LayerRecord]:
+        with torch.no_grad():
+            ctx.adapter.attention_inputs(ctx.layer)[0].weight.zero_()
+        self.inputs.append(torch.cat([batch.hidden for batch in ctx.inputs]))
+        return []
+
+
+def test_a_later_stage_in_the_same_pass_invalidates_replays() -> None:
+    from compressor.methods.quant.gptq import GPTQ, GPTQConfig
+
+    model = tiny_model("llama")
+    tokens = _tokens()
+    run = ModelContext(model, get_adapter(model), tokens, torch.device("cpu"), batch_size=3)
+    zero = _ZeroQuery()
+    run_stages(run, [GPTQ(GPTQConfig(method="gptq", bits=4, group_size=16)), zero])
+    with torch.no_grad():
+        hidden = model(tokens, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(zero.inputs[1], hidden[1], rtol=1e-5, atol=1e-5)

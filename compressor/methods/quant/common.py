@@ -93,7 +93,8 @@ def quantize_layer_linears(
     groups = [(group, names) for group, names in groups if names]
     shared = {} if sequential or not groups else ctx.hessians([group for group, _ in groups])
     for group, names in groups:
-        H = shared[group] if group in shared else ctx.hessian(group)
+        # Sequentially, nothing upstream of a group changes after its Hessian: its sublayer may replay.
+        H = shared[group] if group in shared else ctx.hessian(group, replay=sequential)
         for name in names:
             path = ctx.path(name)
             bits = int(plan.get(path, config.bits))
