@@ -76,6 +76,8 @@ class _Replay:
     projection: nn.Module
     inputs: list[torch.Tensor]
     returns_tuple: bool
+    #: Set by :meth:`LayerContext.settle` once the projection is final: the outputs, computed once.
+    outputs: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -130,8 +132,24 @@ class LayerContext:
 
     def _replayed_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         replay = self._replays[module]
-        out = replay.projection(replay.inputs[self._batch])
+        if replay.outputs is not None:
+            out = replay.outputs[self._batch]
+        else:
+            out = replay.projection(replay.inputs[self._batch])
         return (out, None) if replay.returns_tuple else out
+
+    @torch.no_grad()
+    def settle(self, group: LinearGroup) -> None:
+        """The group's projection is final for this stage: replay its outputs instead of re-applying it.
+
+        Computes them once and frees the recorded inputs (an MLP's are wider than its outputs).
+        """
+        target = self._replayable(group)
+        replay = self._replays.get(target[0]) if target else None
+        if replay is None or replay.outputs is not None:
+            return
+        replay.outputs = [replay.projection(x) for x in replay.inputs]
+        replay.inputs = []
 
     def thaw(self) -> None:
         """Recompute every sublayer again (a stage that may change any weight starts from here)."""

@@ -160,3 +160,19 @@ def test_a_later_stage_in_the_same_pass_invalidates_replays() -> None:
     with torch.no_grad():
         hidden = model(tokens, output_hidden_states=True).hidden_states
     torch.testing.assert_close(zero.inputs[1], hidden[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_settled_replays_keep_the_outputs_of_the_final_projection(family: str) -> None:
+    ctx = _layer_context(family)
+    groups = ctx.adapter.linear_groups()
+    for group in groups:
+        ctx.hessian(group, replay=True)
+        with torch.no_grad():
+            for name in group.names:
+                ctx.module(name).weight.mul_(0.5)  # the "quantization" of this group
+        ctx.settle(group)
+    assert all(replay.outputs is not None and not replay.inputs for replay in ctx._replays.values())
+    replayed, recomputed = ctx.forward(), _full_forward(ctx)
+    for got, expected in zip(replayed, recomputed, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -100,6 +100,8 @@ def quantize_layer_linears(
             bits = int(plan.get(path, config.bits))
             mixed = _mixed_solver(solve_mixed, group_plan.get(path), config.method, path)
             records.append(_quantize_module(ctx, config, name, H, bits, mixed or solve))
+        if sequential:
+            ctx.settle(group)
     return records
 
 

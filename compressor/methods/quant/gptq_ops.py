@@ -93,7 +93,28 @@ def accumulate_hessian(
     if rows.shape[0] == 0:
         return H, n_seen
     rows = rows.to(H.dtype)
-    return torch.addmm(H, rows.T, rows, beta=n_seen / n_new, alpha=2 / n_new), n_new
+    return _symmetric_update(H, rows, beta=n_seen / n_new, alpha=2 / n_new), n_new
+
+
+def _symmetric_update(H: torch.Tensor, rows: torch.Tensor, beta: float, alpha: float, block: int = 512) -> torch.Tensor:
+    """``beta * H + alpha * rows^T rows``, computing only the blocks on and above the diagonal.
+
+    ``H`` is symmetric, so the blocks below mirror those above: for a 1536-wide input (an MLP's down
+    projection) that is 6 of 9 block products, a third less of the work that dominates GPTQ's statistics.
+    """
+    columns = rows.shape[1]
+    if columns <= block:
+        return torch.addmm(H, rows.T, rows, beta=beta, alpha=alpha)
+    out = torch.empty_like(H)
+    for i in range(0, columns, block):
+        left = rows[:, i : i + block]
+        for j in range(i, columns, block):
+            corner = H[i : i + block, j : j + block]
+            product = torch.addmm(corner, left.T, rows[:, j : j + block], beta=beta, alpha=alpha)
+            out[i : i + block, j : j + block] = product
+            if j != i:
+                out[j : j + block, i : i + block] = product.T
+    return out
 
 
 def gptq_quantize(
