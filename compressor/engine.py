@@ -111,21 +111,29 @@ class LayerContext:
     def forward(self) -> list[torch.Tensor]:
         """Run every calibration batch through the layer as it is now; returns the outputs."""
         outputs = []
-        with self._replaying():
-            for index, batch in enumerate(self.inputs):
-                self._batch = index
+        with self._sweep() as batches:
+            for batch in batches:
                 out = self.layer(batch.hidden, **batch.kwargs)
                 outputs.append(out[0] if isinstance(out, tuple) else out)
         return outputs
 
     @contextmanager
-    def _replaying(self) -> Iterator[None]:
-        """Patch replayed sublayers' forwards for the duration of one sweep over the batches."""
+    def _sweep(self) -> Iterator[Iterator[CapturedBatch]]:
+        """One pass over the calibration batches, with replayed sublayers patched in for its duration.
+
+        The yielded iterator records which batch is running, so a replayed sublayer returns that batch's.
+        """
         patched = list(self._replays)
         for module in patched:
             module.forward = partial(self._replayed_forward, module)
+
+        def batches() -> Iterator[CapturedBatch]:
+            for index, batch in enumerate(self.inputs):
+                self._batch = index
+                yield batch
+
         try:
-            yield
+            yield batches()
         finally:
             for module in patched:
                 del module.forward
@@ -189,9 +197,8 @@ class LayerContext:
 
             handles.append(module.register_forward_pre_hook(hook))
         try:
-            with self._replaying():
-                for index, batch in enumerate(self.inputs):
-                    self._batch = index
+            with self._sweep() as batches:
+                for batch in batches:
                     try:
                         self.layer(batch.hidden, **batch.kwargs)
                     except _StopForward:

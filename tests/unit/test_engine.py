@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from tiny import FAMILIES, tiny_model
@@ -72,12 +75,20 @@ def _layer_context(family: str, index: int = 0) -> LayerContext:
     return LayerContext(index, run.adapter.layers()[index], run, run.capture_layer_inputs())
 
 
-def _full_forward(ctx: LayerContext) -> list[torch.Tensor]:
+@contextmanager
+def _without_replays(ctx: LayerContext) -> Iterator[None]:
+    """Recompute every sublayer inside the block; the replays come back after it."""
     replays = dict(ctx._replays)
     ctx.thaw()
-    outputs = ctx.forward()
-    ctx._replays.update(replays)
-    return outputs
+    try:
+        yield
+    finally:
+        ctx._replays.update(replays)
+
+
+def _full_forward(ctx: LayerContext) -> list[torch.Tensor]:
+    with _without_replays(ctx):
+        return ctx.forward()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -91,7 +102,9 @@ def test_replayed_sublayers_give_the_recomputed_outputs(family: str) -> None:
     assert list(ctx._replays) == [ctx.adapter.attention(ctx.layer)]
     with torch.no_grad():
         ctx.module(o.names[0]).weight.mul_(0.5)  # the projection changes after its inputs were kept
-    torch.testing.assert_close(ctx.hessian(fc_in), _hessian_without_replay(ctx, fc_in))
+    with _without_replays(ctx):
+        recomputed_hessian = ctx.hessian(fc_in)
+    torch.testing.assert_close(ctx.hessian(fc_in), recomputed_hessian)
     ctx.hessian(fc_out, replay=True)
     assert len(ctx._replays) == (1 if family == "opt" else 2)  # OPT's fc1/fc2 live on the layer
     with torch.no_grad():
@@ -100,14 +113,6 @@ def test_replayed_sublayers_give_the_recomputed_outputs(family: str) -> None:
     for got, expected in zip(replayed, recomputed, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert "forward" not in vars(ctx.adapter.attention(ctx.layer))  # the patch is gone after the sweep
-
-
-def _hessian_without_replay(ctx: LayerContext, group: object) -> torch.Tensor:
-    replays = dict(ctx._replays)
-    ctx.thaw()
-    H = ctx.hessian(group)  # type: ignore[arg-type]
-    ctx._replays.update(replays)
-    return H
 
 
 @pytest.mark.parametrize("family", FAMILIES)
