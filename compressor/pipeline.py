@@ -99,16 +99,36 @@ def _check_seq_len(adapter: ModelAdapter, seq_len: int) -> None:
 
 
 def _check_targets(stages: list[Method], adapter: ModelAdapter) -> None:
-    """A stage whose targets match no module of this model is a recipe error, before calibration."""
-    paths = [
+    """Resolve every stage's targets on this model's module paths, before any calibration runs.
+
+    A stage whose targets match no module, or two quantizing stages that match one module, is a recipe
+    error here rather than after minutes of calibration. The recipe validator compares target strings only;
+    regexes (``re:.*mlp.*`` and ``re:.*down_proj``) overlap only on real paths. Pruning stages may renumber
+    layers or replace sublayers later, but the surviving modules keep these name patterns, so an overlap
+    found on the loaded model is an overlap when the quantizers run.
+    """
+    modules = [
         (adapter.layer_prefix(i) + "." + name, type(layer.get_submodule(name)).__name__)
         for i, layer in enumerate(adapter.layers())
         for name in adapter.linear_names()
     ]
+    claimed: dict[str, int] = {}  # module path -> the first quantizing stage that targets it
     for index, stage in enumerate(stages):
         config = stage.config
-        if isinstance(config, TargetedConfig) and not any(config.matches(p, c) for p, c in paths):
+        if not isinstance(config, TargetedConfig):
+            continue
+        matched = [path for path, class_name in modules if config.matches(path, class_name)]
+        if not matched:
             raise RecipeError(f"stages.{index} ({stage.name}): targets {config.targets} match no module of this model")
+        if stage.kind != "quant":
+            continue
+        for path in matched:
+            first = claimed.setdefault(path, index)
+            if first != index:
+                raise RecipeError(
+                    f"stages.{first} ({stages[first].name}) and stages.{index} ({stage.name}) both target {path}; "
+                    "give the stages disjoint targets"
+                )
 
 
 def compress(
