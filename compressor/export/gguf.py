@@ -154,11 +154,21 @@ def _add_hparams(writer: gguf.GGUFWriter, model: Any, file_type: gguf.LlamaFileT
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+#: Meta-Llama-3's ``Split`` regex (its tokenizer.json). llama.cpp's converter names that tokenizer ``llama-bpe``,
+#: its llama-vocab.cpp splits with this expression (LLAMA_VOCAB_PRE_TYPE_LLAMA3), and transformers' GGUF loader
+#: rebuilds ``Split(this, Isolated) + ByteLevel(use_regex=False)`` from the name.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+#: ``tokenizer.ggml.pre`` for a ``Split(regex) + ByteLevel(use_regex=False)`` pre-tokenizer, by its regex.
+SPLIT_PRE_TOKENIZERS = {LLAMA3_SPLIT: "llama-bpe"}
+
+
 def _pre_tokenizer_name(spec: dict[str, Any] | None) -> str:
     """llama.cpp's ``tokenizer.ggml.pre`` for a byte-level pre-tokenizer, decided by its structure.
 
     Plain ``ByteLevel`` with the GPT-2 regex is ``gpt-2``; ``Digits(individual) + ByteLevel`` is ``smollm``
-    (SmolLM's original tokenizer.json). Anything else would be tokenized differently by llama.cpp, so refuse.
+    (SmolLM's original tokenizer.json); ``Split(regex) + ByteLevel(use_regex=False)`` is named by its regex
+    (Llama 3's is ``llama-bpe``). Anything else would be tokenized differently by llama.cpp, so refuse.
     """
     if spec and spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
         return "gpt-2"
@@ -167,7 +177,24 @@ def _pre_tokenizer_name(spec: dict[str, Any] | None) -> str:
     digits_first = kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits")
     if digits_first and parts[1].get("use_regex", True):
         return "smollm"
-    raise ExportError(f"GGUF export knows the gpt-2 and smollm pre-tokenizers, not {kinds or spec}")
+    if kinds == ["Split", "ByteLevel"]:
+        return _split_name(parts[0], parts[1])
+    raise ExportError(f"GGUF export knows the gpt-2, smollm and {', '.join(SPLIT_PRE_TOKENIZERS.values())} "
+                      f"pre-tokenizers, not {kinds or spec}")
+
+
+def _split_name(split: dict[str, Any], byte_level: dict[str, Any]) -> str:
+    """The name of a ``Split + ByteLevel`` pre-tokenizer; only the shape llama.cpp runs, with a regex it knows."""
+    regex = (split.get("pattern") or {}).get("Regex")
+    shape_ok = split.get("behavior") == "Isolated" and not split.get("invert")
+    if not shape_ok or byte_level.get("use_regex", True) or byte_level.get("add_prefix_space"):
+        raise ExportError("GGUF export writes a Split + ByteLevel pre-tokenizer only as llama.cpp runs it (Split "
+                          "behavior Isolated, not inverted; ByteLevel use_regex=false, add_prefix_space=false); "
+                          f"got {split.get('behavior')}, invert={split.get('invert')}, ByteLevel {byte_level}")
+    if regex not in SPLIT_PRE_TOKENIZERS:
+        raise ExportError(f"GGUF export knows the Split regex of {', '.join(SPLIT_PRE_TOKENIZERS.values())}; "
+                          f"this tokenizer splits with {regex!r}, which llama.cpp would tokenize differently")
+    return SPLIT_PRE_TOKENIZERS[regex]
 
 
 def _token_types(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:

@@ -6,7 +6,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, pre_tokenizers
+from tiny import make_text
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
@@ -25,6 +26,18 @@ from compressor.methods.quant.ops import QuantizedWeight, quantize_rtn
 VOCAB = 320  # the shared tiny byte-level tokenizer has 312 tokens; the padding ids become [PADn]
 SENTENCE = "The model reads text and predicts the next token.<|endoftext|> News from the city council!"
 BITS = {"Q4_0": 4, "Q8_0": 8}
+#: Llama 3's split regex as its tokenizer.json spells it (written here, not taken from the code under test).
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_VOCAB = 512
+#: Where Llama 3's split differs from GPT-2's: digit runs cut in threes, a symbol glued to the next word,
+#: contractions in any case, runs of spaces and newlines, non-ASCII letters.
+LLAMA3_TEXTS = [
+    "In 2024 the council spent 1234567 dollars on 365 days of rain.",
+    "IT'S the model's (best) guess:  42%!! They'LL see...",
+    "café naïve Zürich — 3.14\n\n\tnews   from the city\r\n",
+    "the  river\n  fell   on 99 birds, 1000000 times; \"quoted\" [the] end",
+]
 
 
 @pytest.fixture
@@ -187,6 +200,63 @@ def test_pre_tokenizer_is_chosen_by_structure(tmp_path, quantized_llama, tiny_to
     with pytest.raises(ExportError, match="pre-tokenizers"):
         write_gguf(model, quantized, tmp_path / "w.gguf",
                    PreTrainedTokenizerFast(tokenizer_object=backend), "Q4_0")
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer in Meta-Llama-3's shape: Split(regex, isolated) + ByteLevel(no regex), BOS added in front.
+
+    Its merges are learned on unsplit text, so they cross every boundary either regex could draw ("Ġ2",
+    "'L", "ĉn"): a file naming the wrong split gives other ids, not the same ones by luck.
+    """
+    bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    trainer = trainers.BpeTrainer(vocab_size=LLAMA3_VOCAB, special_tokens=[bos, eos],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([make_text(200, 0), *LLAMA3_TEXTS * 20], trainer)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos)
+
+
+def test_llama3_tokenizer_round_trips_as_llama_bpe(tmp_path, make_llama, llama3_tokenizer) -> None:
+    """Llama 3's pre-tokenizer is written as llama.cpp's ``llama-bpe``; transformers' loader splits the same."""
+    tokenizer = llama3_tokenizer
+    write_gguf(make_llama(vocab_size=LLAMA3_VOCAB), {}, tmp_path / "m.gguf", tokenizer, "Q8_0")
+    meta = _metadata(tmp_path / "m.gguf")
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "llama-bpe"
+    assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.add_space_prefix"] is False
+    loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in [*LLAMA3_TEXTS, make_text(60, 7)]:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert loaded.encode(text, add_special_tokens=False) == ids, text
+        assert loaded.encode(text) == tokenizer.encode(text) == [tokenizer.bos_token_id, *ids]
+        assert loaded.decode(ids) == text
+    gpt2 = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    gpt2.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    same = [t for t in LLAMA3_TEXTS if gpt2.encode(t, add_special_tokens=False).ids == tokenizer.encode(t)[1:]]
+    assert same == []  # every text splits into other ids under GPT-2's regex: the check above can fail
+
+
+@pytest.mark.parametrize(("split", "byte_level", "match"), [
+    (pre_tokenizers.Split(Regex(r"\p{N}|[^\p{N}]+"), behavior="isolated"), {}, "Split regex of llama-bpe"),
+    (pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="removed"), {}, "Isolated"),
+    (pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"), {"use_regex": True}, "use_regex=false"),
+    (pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"), {"add_prefix_space": True}, "add_prefix"),
+])
+def test_unknown_split_pre_tokenizers_are_refused(tmp_path, make_llama, llama3_tokenizer, split, byte_level,
+                                                  match) -> None:
+    """Only Llama 3's exact shape is named; another regex or Split/ByteLevel setting would split otherwise."""
+    backend = Tokenizer.from_str(llama3_tokenizer.backend_tokenizer.to_str())
+    settings = {"add_prefix_space": False, "use_regex": False, **byte_level}
+    backend.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(**settings)])
+    with pytest.raises(ExportError, match=match):
+        write_gguf(make_llama(vocab_size=LLAMA3_VOCAB), {}, tmp_path / "m.gguf",
+                   PreTrainedTokenizerFast(tokenizer_object=backend), "Q8_0")
 
 
 def test_refuses_what_llama_gguf_cannot_hold(tmp_path, make_llama, quantized_llama, tiny_tokenizer) -> None:
