@@ -2,7 +2,7 @@
 
     python benchmarks/phases.py --recipe w8a16-rtn --samples 32 --eval-tokens 16384
 
-Phases: load, calibration tokens, capture of layer-0 inputs, the layer-wise pass (per layer and total),
+Phases: load, calibration tokens, capture of the layers' inputs, the layer-wise pass (per layer and total),
 export, evaluation; and the floor: one plain forward pass of the calibration set through the model.
 """
 
@@ -57,7 +57,7 @@ def main() -> None:
     times["eval_before"] = round(before.seconds, 2)
     adapter = get_adapter(loaded.model)
     run = ModelContext(loaded.model, adapter, tokens, torch.device("cpu"), recipe.calibration.batch_size)
-    timed("capture_layer0", run.capture_layer_inputs)
+    timed("capture_inputs", run.capture_inputs)
     stages = [get_method(c.method)(c) for c in recipe.stages]
     layer_times: list[float] = []
     last = [time.perf_counter()]

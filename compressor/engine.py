@@ -1,11 +1,12 @@
 """The layer-wise runner every method goes through (the GPTQ reference driver, written once).
 
-Per pass: run the embeddings once and capture decoder layer 0's inputs (hidden states plus whatever the
-architecture passes: position embeddings, masks); then for each layer move it to the device, let every
-stage of the pass transform it, re-run the calibration set through the transformed layer to make the
-next layer's inputs (so later layers see earlier layers' error), and move it back. Only one layer and
-the calibration hidden states are on the device at a time. A model-level stage (layer removal) ends a
-pass; the stages after it get a fresh capture of the changed model.
+Per pass: run the embeddings once and capture decoder layer 0's hidden states plus every layer's own
+keyword arguments (its attention mask, which differs between sliding-window and full-attention layers,
+position embeddings...); then for each layer move it to the device, let every stage of the pass
+transform it, re-run the calibration set through the transformed layer to make the next layer's inputs
+(so later layers see earlier layers' error), move it back, and move the integer codes it produced to
+``storage_device``. Only one layer and the calibration hidden states are on the device at a time. A
+model-level stage (layer removal) ends a pass; the stages after it get a fresh capture of the changed model.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.errors import NumericalError
+from compressor.errors import NumericalError, UnsupportedModelError
 from compressor.methods.base import LayerRecord, Method
 from compressor.methods.quant.gptq_ops import accumulate_hessian
 from compressor.methods.quant.ops import QuantizedWeight
@@ -46,6 +47,24 @@ class CapturedBatch:
 
 
 @dataclass
+class CapturedInputs:
+    """What the model's own forward hands its decoder layers, for every calibration batch.
+
+    ``hidden[b]``: layer 0's hidden input (the embeddings' output); ``kwargs[i][b]``: layer ``i``'s keyword
+    arguments. The model builds each mask (and the position embeddings) once per forward and passes the
+    same tensor object to every layer of a type, so per-layer kwargs are references, not copies.
+    """
+
+    hidden: list[torch.Tensor]
+    kwargs: list[list[dict[str, Any]]]
+
+    def layer(self, index: int, hidden: list[torch.Tensor] | None = None) -> list[CapturedBatch]:
+        """Inputs of layer ``index``: ``hidden`` (default: layer 0's) with that layer's own kwargs."""
+        states = self.hidden if hidden is None else hidden
+        return [CapturedBatch(h, kwargs) for h, kwargs in zip(states, self.kwargs[index], strict=True)]
+
+
+@dataclass
 class ModelContext:
     """What model-level steps see: the model, its adapter, the calibration tokens and the results."""
 
@@ -59,14 +78,22 @@ class ModelContext:
     structure: dict[str, Any] = field(default_factory=dict)
     #: Plans handed from one stage to the next (BAQ's bit map), by key.
     plans: dict[str, Any] = field(default_factory=dict)
+    #: Where a finished layer's integer codes and scales go (on a GPU they would add ~1 byte per parameter).
+    storage_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def batches(self) -> Iterator[torch.Tensor]:
         for start in range(0, self.tokens.shape[0], self.batch_size):
             yield self.tokens[start : start + self.batch_size].to(self.device)
 
-    def capture_layer_inputs(self) -> list[CapturedBatch]:
-        """Run the model up to decoder layer 0 and keep its inputs for every calibration batch."""
-        return capture_layer_inputs(self.model, self.adapter, self.batches())
+    def capture_inputs(self) -> CapturedInputs:
+        """Layer 0's hidden states and every layer's kwargs for each calibration batch."""
+        return capture_inputs(self.model, self.adapter, self.batches())
+
+    def store_codes(self) -> None:
+        """Move every quantized weight not yet there to ``storage_device`` (exports read them from there)."""
+        for path, qweight in self.quantized.items():
+            if qweight.q.device != self.storage_device:
+                self.quantized[path] = qweight.to(self.storage_device)
 
 
 @dataclass
@@ -87,6 +114,7 @@ class LayerContext:
     index: int
     layer: nn.Module
     run: ModelContext
+    #: Per batch: the hidden states entering this layer and the kwargs the model's forward gives this layer.
     inputs: list[CapturedBatch]
     #: Sublayers (attention, MLP) whose output is replayed instead of recomputed; see :meth:`hessian`.
     _replays: dict[nn.Module, _Replay] = field(default_factory=dict, repr=False)
@@ -123,20 +151,15 @@ class LayerContext:
 
         The yielded iterator records which batch is running, so a replayed sublayer returns that batch's.
         """
-        patched = list(self._replays)
-        for module in patched:
-            module.forward = partial(self._replayed_forward, module)
+        patches = {module: partial(self._replayed_forward, module) for module in self._replays}
 
         def batches() -> Iterator[CapturedBatch]:
             for index, batch in enumerate(self.inputs):
                 self._batch = index
                 yield batch
 
-        try:
+        with _patched_forwards(patches):
             yield batches()
-        finally:
-            for module in patched:
-                del module.forward
 
     def _replayed_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         replay = self._replays[module]
@@ -259,30 +282,58 @@ class LayerContext:
         return result
 
 
-def capture_layer_inputs(
-    model: nn.Module, adapter: ModelAdapter, batches: Iterator[torch.Tensor]
-) -> list[CapturedBatch]:
-    """Inputs (args and kwargs) of decoder layer 0 for each token batch; the forward stops there."""
-    captured: list[CapturedBatch] = []
-    first = adapter.layers()[0]
+@contextmanager
+def _patched_forwards(patches: dict[nn.Module, Callable[..., Any]]) -> Iterator[None]:
+    """Give modules another ``forward`` (an instance attribute) for the block, then restore what was there.
 
-    def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        kwargs["use_cache"] = False
-        captured.append(CapturedBatch(hidden.detach(), kwargs))
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    An existing instance attribute (accelerate's offload hooks put one there) is put back, not deleted.
+    """
+    saved = {module: vars(module).get("forward") for module in patches}
+    for module, forward in patches.items():
+        module.forward = forward
     try:
-        with torch.no_grad():
-            for tokens in batches:
-                try:
-                    model(input_ids=tokens, use_cache=False)
-                except _StopForward:
-                    pass
+        yield
     finally:
-        handle.remove()
+        for module, previous in saved.items():
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+
+
+def capture_inputs(model: nn.Module, adapter: ModelAdapter, batches: Iterator[torch.Tensor]) -> CapturedInputs:
+    """What the model's own forward gives each decoder layer, for each token batch.
+
+    Every layer's forward is swapped for a recorder that keeps its kwargs and returns the hidden states
+    untouched, so no layer computes (none needs to be on the device) and each gets exactly the mask and
+    position embeddings of its own attention type; the last layer's recorder stops the forward before
+    the final norm and head.
+    """
+    layers = list(adapter.layers())
+    captured = CapturedInputs([], [[] for _ in layers])
+
+    def record(index: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if index == 0:
+            captured.hidden.append(hidden.detach())
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        captured.kwargs[index].append({**kwargs, "use_cache": False})
+        if index == len(layers) - 1:
+            raise _StopForward
+        return hidden
+
+    with _patched_forwards({layer: partial(record, i) for i, layer in enumerate(layers)}), torch.no_grad():
+        for tokens in batches:
+            try:
+                model(input_ids=tokens, use_cache=False)
+            except _StopForward:
+                pass
+            ran = [len(kwargs) for kwargs in captured.kwargs]
+            if ran != [len(captured.hidden)] * len(layers):
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}'s forward called its {len(layers)} decoder layers {ran} times for "
+                    f"{len(captured.hidden)} batches: cannot capture each layer's inputs"
+                )
     return captured
 
 
@@ -310,21 +361,22 @@ def run_pass(run: ModelContext, stages: list[Method], progress: ProgressFn | Non
     for stage in stages:
         records += stage.prepare(run)
     _move_embeddings(run.adapter, run.device)
-    inputs = run.capture_layer_inputs()
+    captured = run.capture_inputs()
     _move_embeddings(run.adapter, torch.device("cpu"))
     layers = run.adapter.layers()
     label = "+".join(stage.name for stage in stages)
+    hidden = captured.hidden
     for index in range(len(layers)):
         layer = layers[index].to(run.device)
-        ctx = LayerContext(index=index, layer=layer, run=run, inputs=inputs)
+        ctx = LayerContext(index=index, layer=layer, run=run, inputs=captured.layer(index, hidden))
         for stage in stages:
             ctx.thaw()
             records += stage.apply(ctx)
-        outputs = ctx.forward()  # replays what the last stage left replayable
-        if not all(torch.isfinite(out).all() for out in outputs):
+        hidden = ctx.forward()  # replays what the last stage left replayable
+        if not all(torch.isfinite(out).all() for out in hidden):
             raise NumericalError(f"layer {ctx.prefix} produced NaN/inf outputs after {label}")
-        inputs = [CapturedBatch(out, batch.kwargs) for out, batch in zip(outputs, inputs, strict=True)]
         layers[index].to("cpu")
+        run.store_codes()
         if progress:
             progress(label, index + 1, len(layers))
     for stage in stages:

@@ -10,7 +10,9 @@ import torch
 from tiny import FAMILIES, tiny_model
 
 from compressor.engine import LayerContext, ModelContext, run_stages, split_passes
+from compressor.errors import UnsupportedModelError
 from compressor.methods.base import LayerRecord, Method, MethodConfig
+from compressor.methods.quant.ops import QuantizedWeight
 from compressor.models import get_adapter
 
 
@@ -51,9 +53,8 @@ def test_layer_chain_matches_model_hidden_states(family: str) -> None:
 def test_hessian_is_two_over_n_xtx() -> None:
     model = tiny_model("llama")
     run = ModelContext(model, get_adapter(model), _tokens(), torch.device("cpu"), batch_size=2)
-    inputs = run.capture_layer_inputs()
     layer = run.adapter.layers()[0]
-    ctx = LayerContext(0, layer, run, inputs)
+    ctx = LayerContext(0, layer, run, run.capture_inputs().layer(0))
     group = run.adapter.linear_groups()[0]
     seen = []
     handle = ctx.module(group.names[0]).register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, 64)))
@@ -69,10 +70,10 @@ def test_model_level_stage_closes_a_pass() -> None:
     assert split_passes([a, c]) == [[a, c]]
 
 
-def _layer_context(family: str, index: int = 0) -> LayerContext:
+def _layer_context(family: str) -> LayerContext:
     model = tiny_model(family)
     run = ModelContext(model, get_adapter(model), _tokens(), torch.device("cpu"), batch_size=3)
-    return LayerContext(index, run.adapter.layers()[index], run, run.capture_layer_inputs())
+    return LayerContext(0, run.adapter.layers()[0], run, run.capture_inputs().layer(0))
 
 
 @contextmanager
@@ -181,3 +182,111 @@ def test_settled_replays_keep_the_outputs_of_the_final_projection(family: str) -
     replayed, recomputed = ctx.forward(), _full_forward(ctx)
     for got, expected in zip(replayed, recomputed, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---- every layer gets the arguments the model's own forward gives it ---------------------------------------
+
+LAYER_TYPES = ["full_attention", "sliding_attention", "full_attention"]
+
+
+def _sliding_qwen2() -> torch.nn.Module:
+    """Qwen2 whose middle layer attends to a 4-token window, shorter than the 16-token sequences."""
+    return tiny_model("qwen2", use_sliding_window=True, sliding_window=4, layer_types=LAYER_TYPES)
+
+
+class _RecordInputs(Method):
+    """Keeps the hidden states and kwargs each layer receives from the engine."""
+
+    config_class = MethodConfig
+
+    def __init__(self) -> None:
+        super().__init__(MethodConfig(method="record_inputs"))
+        self.hidden: list[torch.Tensor] = []
+        self.kwargs: list[list[dict[str, object]]] = []
+
+    def apply(self, ctx: LayerContext) -> list[LayerRecord]:
+        self.hidden.append(torch.cat([batch.hidden for batch in ctx.inputs]))
+        self.kwargs.append([batch.kwargs for batch in ctx.inputs])
+        return []
+
+
+def test_sliding_window_layers_get_their_own_mask() -> None:
+    model = _sliding_qwen2()
+    assert model.config.layer_types == LAYER_TYPES and model.config.sliding_window == 4
+    tokens = _tokens(4, 16)
+    with torch.no_grad():
+        expected = model(tokens, output_hidden_states=True).hidden_states
+    run = ModelContext(model, get_adapter(model), tokens, torch.device("cpu"), batch_size=3)
+    seen = _RecordInputs()
+    run_stages(run, [seen])
+    assert len(seen.hidden) == 3
+    for i, hidden in enumerate(seen.hidden):
+        torch.testing.assert_close(hidden, expected[i], rtol=1e-5, atol=1e-5, msg=f"input of layer {i}")
+    assert all("forward" not in vars(layer) for layer in run.adapter.layers())  # the recorders are gone
+
+    # Not vacuous: the sliding layer given the full-attention layer's arguments computes something else.
+    layer = run.adapter.layers()[1]
+    with torch.no_grad():
+        wrong = torch.cat([layer(h, **kw) for h, kw in zip(expected[1].split(3), seen.kwargs[0], strict=True)])
+    assert (wrong - expected[2]).abs().max() > 1e-2
+    # One mask per attention type and forward, shared by reference: per-layer kwargs cost no memory.
+    for full, sliding, full_again in zip(*seen.kwargs, strict=True):
+        assert full["attention_mask"] is full_again["attention_mask"]
+        assert full["position_embeddings"] is sliding["position_embeddings"]
+
+
+def test_capture_refuses_a_forward_that_skips_layers() -> None:
+    model = tiny_model("qwen2")
+    model.config.num_hidden_layers = 2  # the forward runs layers[:2] of 3
+    run = ModelContext(model, get_adapter(model), _tokens(), torch.device("cpu"), batch_size=2)
+    with pytest.raises(UnsupportedModelError, match="decoder layers"):
+        run.capture_inputs()
+    assert all("forward" not in vars(layer) for layer in run.adapter.layers())
+
+
+# ---- finished layers' codes leave the compute device --------------------------------------------------------
+
+
+class _CodeDevices(Method):
+    """Records, at each layer, the devices holding every quantized weight's tensors so far."""
+
+    config_class = MethodConfig
+
+    def __init__(self) -> None:
+        super().__init__(MethodConfig(method="code_devices"))
+        self.seen: list[dict[str, set[str]]] = []
+
+    def apply(self, ctx: LayerContext) -> list[LayerRecord]:
+        self.seen.append({path: _devices(q) for path, q in ctx.run.quantized.items()})
+        return []
+
+
+def _devices(qweight: QuantizedWeight) -> set[str]:
+    tensors = [qweight.q, qweight.scale, qweight.zero, qweight.g_idx, qweight.group_bits]
+    return {t.device.type for t in tensors if t is not None}
+
+
+def test_finished_layers_codes_move_to_the_storage_device() -> None:
+    from compressor.methods.quant.gptq import GPTQ, GPTQConfig
+
+    model = tiny_model("llama")
+    run = ModelContext(model, get_adapter(model), _tokens(), torch.device("cpu"), batch_size=3,
+                       storage_device=torch.device("meta"))
+    probe = _CodeDevices()
+    run_stages(run, [GPTQ(GPTQConfig(method="gptq", bits=4, group_size=16)), probe])
+    for index, devices in enumerate(probe.seen):  # this layer's codes are still on the device
+        prefix = run.adapter.layer_prefix(index) + "."
+        assert devices and all(where == ({"cpu"} if path.startswith(prefix) else {"meta"})
+                               for path, where in devices.items()), (index, devices)
+    assert len(run.quantized) == 7 * 3
+    assert all(_devices(q) == {"meta"} for q in run.quantized.values())
+
+
+def test_quantized_weight_to_moves_every_tensor() -> None:
+    ones = torch.ones(2, 1)
+    qweight = QuantizedWeight(torch.zeros(2, 4, dtype=torch.uint8), ones, ones.int(), 4, 4, True,
+                              g_idx=torch.tensor([0, 0, 0, 0]), group_bits=torch.tensor([4]))
+    moved = qweight.to(torch.device("meta"))
+    assert _devices(moved) == {"meta"} and _devices(qweight) == {"cpu"}
+    assert (moved.bits, moved.group_size, moved.symmetric) == (4, 4, True)
+    assert moved.g_idx is not None and moved.group_bits is not None

@@ -8,7 +8,7 @@ special case ``zero = 2**(bits - 1)``, so the signed value ``q - zero`` lies in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,6 +36,13 @@ class QuantizedWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.q.shape[0]), int(self.q.shape[1]))
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        """The same weight with every tensor on ``device`` (the engine moves finished layers' codes off the GPU)."""
+        g_idx = None if self.g_idx is None else self.g_idx.to(device)
+        group_bits = None if self.group_bits is None else self.group_bits.to(device)
+        return replace(self, q=self.q.to(device), scale=self.scale.to(device), zero=self.zero.to(device),
+                       g_idx=g_idx, group_bits=group_bits)
 
     def column_groups(self) -> torch.Tensor:
         """Group index of every input column, ``[in]`` int64."""

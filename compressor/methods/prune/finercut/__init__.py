@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -97,7 +97,8 @@ class FinerCut(Method):
     def __init__(self, config: MethodConfig) -> None:
         super().__init__(config)
         self._states: list[list[torch.Tensor]] = []
-        self._kwargs: list[dict[str, object]] = []
+        #: ``_kwargs[l][b]``: the keyword arguments layer ``l`` gets for batch ``b`` (its own attention mask).
+        self._kwargs: list[list[dict[str, Any]]] = []
 
     @property
     def cfg(self) -> FinerCutConfig:
@@ -137,9 +138,8 @@ class FinerCut(Method):
         return []
 
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
-        """Keep the hidden states entering every layer (and leaving the last) for the search."""
-        if ctx.index == 0:
-            self._kwargs = [batch.kwargs for batch in ctx.inputs]
+        """Keep the hidden states and kwargs entering every layer (and the states leaving the last)."""
+        self._kwargs.append([batch.kwargs for batch in ctx.inputs])
         self._states.append([batch.hidden for batch in ctx.inputs])
         if ctx.index == ctx.adapter.num_layers - 1:
             self._states.append(ctx.forward())
@@ -156,7 +156,7 @@ class FinerCut(Method):
         count, budget = self._amount(total)
         _move(run, run.device)
         try:
-            search = SublayerSearch(adapter, self._states, self._kwargs,  # type: ignore[arg-type]
+            search = SublayerSearch(adapter, self._states, self._kwargs,
                                     scored_positions(run.tokens.shape[1], self.cfg.positions), self.cfg.measure)
             result = greedy_removal(candidates, {k: v[0] for k, v in sizes.items()}, search.evaluate, search.commit,
                                     count=count, budget=budget, lazy=self.cfg.search == "lazy")

@@ -1,10 +1,11 @@
 """The state FinerCut's greedy search works on: cached hidden states and trial removals of sublayers.
 
 ``states[l][b]`` holds calibration batch ``b``'s hidden states entering decoder layer ``l`` of the model as
-pruned so far (``states[L]``: after the last layer). A trial removal in layer ``i`` only changes what comes
-after it, so a candidate is scored by running ``states[i]`` through layers ``i..L-1`` alone; committing a
-removal recomputes only ``states[i+1..L]``. The original model's outputs are kept once, at the scored
-positions, as the reference every candidate is compared with.
+pruned so far (``states[L]``: after the last layer); ``kwargs[l][b]`` the keyword arguments the model's own
+forward gives layer ``l`` (a sliding-window layer's mask differs from a full-attention layer's). A trial
+removal in layer ``i`` only changes what comes after it, so a candidate is scored by running ``states[i]``
+through layers ``i..L-1`` alone; committing a removal recomputes only ``states[i+1..L]``. The original
+model's outputs are kept once, at the scored positions, as the reference every candidate is compared with.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class SublayerSearch:
     """Scores and commits sublayer removals for :func:`~.ops.greedy_removal`."""
 
     def __init__(
-        self, adapter: ModelAdapter, states: list[list[torch.Tensor]], kwargs: list[dict[str, Any]],
+        self, adapter: ModelAdapter, states: list[list[torch.Tensor]], kwargs: list[list[dict[str, Any]]],
         positions: torch.Tensor, measure: Measure,
     ) -> None:
         self.adapter = adapter
@@ -49,10 +50,9 @@ class SublayerSearch:
             return hidden
         return self.adapter.logits(hidden)
 
-    def _run(self, start: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-        for layer in self.layers[start:]:
-            out = layer(hidden, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
+    def _run(self, start: int, hidden: torch.Tensor, batch: int) -> torch.Tensor:
+        for index in range(start, len(self.layers)):
+            hidden = self._run_one(index, hidden, batch)
         return hidden
 
     @torch.no_grad()
@@ -64,8 +64,8 @@ class SublayerSearch:
         replaced = remove_sublayer(layer, self.model_type, sublayer)
         total, tokens = 0.0, 0
         try:
-            for hidden, kwargs, ref in zip(self.states[index], self.kwargs, self.references, strict=True):
-                part, count = divergence(ref, self._output(self._run(index, hidden, kwargs)), self.measure)
+            for batch, (hidden, ref) in enumerate(zip(self.states[index], self.references, strict=True)):
+                part, count = divergence(ref, self._output(self._run(index, hidden, batch)), self.measure)
                 total, tokens = total + part, tokens + count
         finally:
             for path, module in replaced.items():
@@ -78,14 +78,15 @@ class SublayerSearch:
         """Remove sublayer ``key`` for good and recompute the hidden states after its layer."""
         index, sublayer = key
         remove_sublayer(self.layers[index], self.model_type, sublayer)
-        for b, kwargs in enumerate(self.kwargs):
+        for b in range(len(self.references)):
             hidden = self.states[index][b]
             for j in range(index, len(self.layers)):
-                hidden = self._run_one(j, hidden, kwargs)
+                hidden = self._run_one(j, hidden, b)
                 self.states[j + 1][b] = hidden
 
-    def _run_one(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-        out = self.layers[index](hidden, **kwargs)
+    def _run_one(self, index: int, hidden: torch.Tensor, batch: int) -> torch.Tensor:
+        """Layer ``index`` on batch ``batch``'s hidden states, with the kwargs that layer gets for that batch."""
+        out = self.layers[index](hidden, **self.kwargs[index][batch])
         return out[0] if isinstance(out, tuple) else out
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from test_layer_drop import TOKENS, deep_model, logits
-from tiny import FAMILIES
+from tiny import FAMILIES, tiny_model
 from transformers import AutoModelForCausalLM
 
 from compressor.engine import ModelContext, run_stages
@@ -19,6 +19,7 @@ from compressor.errors import RecipeError
 from compressor.export import write_model
 from compressor.methods.prune.finercut import FinerCut, FinerCutConfig
 from compressor.methods.prune.finercut.ops import divergence, greedy_removal, reference, scored_positions
+from compressor.methods.prune.finercut.search import SublayerSearch
 from compressor.models import get_adapter
 from compressor.pipeline import compress, load
 from compressor.recipe import ExportConfig, recipe_from_dict
@@ -173,6 +174,41 @@ def test_cosine_measure_and_attention_only_candidates() -> None:
     run, records = run_cut(deep_model("opt"), remove=2, measure="cosine", sublayers="attention", positions=None)
     assert {r.extra["sublayer"] for r in records} == {"attention"} and len(records) == 5
     assert all(kind == "attention" for _, kind, _ in run.structure["finercut"]["removed"])
+
+
+class _KeptSearch(SublayerSearch):
+    """The search FinerCut builds, kept for the test to read its cached states."""
+
+    made: list[SublayerSearch] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.made.append(self)
+
+
+def test_cached_states_follow_each_layers_own_attention_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sliding-window layer among full-attention ones: the states the search scores with are the model's."""
+    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=4,
+                       layer_types=["full_attention", "sliding_attention", "full_attention"])
+    silence_sublayer(model, 0, "mlp")  # removed first, so the commit recomputes through the sliding layer
+    tokens = TOKENS[:, :16]
+    with torch.no_grad():
+        original = model(tokens, output_hidden_states=True).hidden_states
+    monkeypatch.setattr("compressor.methods.prune.finercut.SublayerSearch", _KeptSearch)
+    _KeptSearch.made = []
+    run = ModelContext(model, get_adapter(model), tokens, torch.device("cpu"), batch_size=3)
+    run_stages(run, [FinerCut(FinerCutConfig(method="finercut", remove=1, sublayers="mlp", search="exact"))])
+    (search,) = _KeptSearch.made
+    assert [key for key, kind in enumerate(model.config.finercut_removed) if kind] == [0]
+    norm = run.adapter.final_norm()
+    with torch.no_grad():
+        pruned = model(tokens, output_hidden_states=True).hidden_states
+        final = [norm(h) for h in search.states[-1]]
+    for index, states in enumerate([*search.states[:-1], final]):  # committed: recomputed after layer 0
+        torch.testing.assert_close(torch.cat(states), pruned[index], rtol=1e-5, atol=1e-5, msg=f"states[{index}]")
+    with torch.no_grad():  # what a candidate in layer 0 is scored with
+        scored = [norm(search._run(0, h, b)) for b, h in enumerate(original[0].split(3))]
+    torch.testing.assert_close(torch.cat(scored), pruned[-1], rtol=1e-5, atol=1e-5)
 
 
 # ---- validation ----------------------------------------------------------------------------------------
