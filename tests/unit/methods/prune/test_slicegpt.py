@@ -4,12 +4,11 @@ the export that loads without compressor, composition with quantization, and bad
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from isolation import run_without_compressor
 from pydantic import ValidationError
 from tiny import FAMILIES, tiny_model
 
@@ -212,13 +211,7 @@ def test_linear_group_names_still_resolve_after_slicing() -> None:
 
 # ---- export ----------------------------------------------------------------------------------
 _ISOLATED = """
-import sys, sysconfig
-sys.path.append(sysconfig.get_paths()["purelib"])  # site-packages without its .pth hooks: no editable compressor
-try:
-    import compressor
-    raise SystemExit("compressor is importable")
-except ImportError:
-    pass
+import sys
 import torch
 from transformers import AutoModelForCausalLM
 for directory in sys.argv[1:]:
@@ -248,8 +241,7 @@ def test_export_loads_without_compressor(tmp_path: Path, tiny_tokenizer) -> None
         torch.save(tokens, out / "tokens.pt")
         torch.save(expected, out / "logits.pt")
         directories.append(str(out))
-    command = [sys.executable, "-I", "-S", "-c", _ISOLATED, *directories]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    result = run_without_compressor(_ISOLATED, *directories, cwd=tmp_path)  # a user's Python: no compressor
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line.split() for line in result.stdout.splitlines() if line.startswith("Sliced")]
     assert [name for name, _ in lines] == ["SlicedLlamaForCausalLM", "SlicedQwen2ForCausalLM", "SlicedOPTForCausalLM"]
