@@ -193,7 +193,7 @@ def compress(
         compression_ratio=bytes_before / bytes_after if bytes_after else 0.0,
         layers=[r.to_dict() for r in records], timings=timings, peak_rss_bytes=0, versions=versions(),
         calibration={**calib.model_dump(), "tokens": int(tokens.numel())}, structure=run.structure,
-        warnings=sorted({f"{r['module']}: {r['note']}" for r in (x.to_dict() for x in records) if r["note"]}),
+        warnings=Report.grouped_warnings(records),
     )
     if eval_data:
         report.eval = _eval_summary(evaluation, eval_data)

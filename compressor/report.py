@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -43,8 +45,14 @@ class Report:
     eval: dict[str, Any] | None = None
     quality_gate: dict[str, Any] | None = None
     structure: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+    #: One entry per distinct note: ``{message, count, pattern, modules}`` (see :func:`group_warnings`).
+    warnings: list[dict[str, Any]] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def grouped_warnings(records: Iterable[LayerRecord]) -> list[dict[str, Any]]:
+        """The records' notes grouped by message (:func:`group_warnings`), for the constructor's ``warnings``."""
+        return group_warnings(records)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,28 +60,58 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
-    def summary(self) -> dict[str, Any]:
-        """The few numbers a person or a CI log wants first."""
-        data = {
-            "model": self.model,
-            "recipe": self.recipe.get("name"),
-            "format": self.export_format,
-            "size_before_mb": round(self.size_bytes["before"] / 2**20, 2),
-            "size_after_mb": round(self.size_bytes["after"] / 2**20, 2),
-            "packed_estimate_mb": round(self.size_bytes.get("packed_estimate", 0) / 2**20, 2),
-            "compression_ratio": round(self.compression_ratio, 3),
-            "avg_bits_per_weight": self.avg_bits_per_weight,
-            "params_before": self.params["before"],
-            "params_after": self.params["after"],
-            "seconds": round(sum(self.timings.values()), 1),
-        }
+    def summary(self) -> dict[str, str]:
+        """What a person asks first, formatted for reading; ``to_dict`` keeps the numbers for machines."""
+        before, after = self.size_bytes["before"], self.size_bytes["after"]
+        bits = "not quantized" if self.avg_bits_per_weight is None else f"{self.avg_bits_per_weight:.2f}"
+        if self.avg_bits_incl_metadata is not None:
+            bits += f" ({self.avg_bits_incl_metadata:.2f} with scales)"
+        rows = {"bits per weight": bits,
+                "size on disk": f"{format_bytes(before)} -> {format_bytes(after)}{_ratio_text(before, after)}"}
         if self.eval:
-            data.update(
-                ppl_before=round(self.eval["before"]["ppl"], 4),
-                ppl_after=round(self.eval["after"]["ppl"], 4),
-                ppl_increase_pct=self.eval["increase_pct"],
-            )
-        return data
+            ppl_before, ppl_after = self.eval["before"]["ppl"], self.eval["after"]["ppl"]
+            rows["perplexity"] = f"{ppl_before:.2f} -> {ppl_after:.2f} ({self.eval['increase_pct']:+.2f}%)"
+        rows["time"] = format_duration(sum(self.timings.values()))
+        params_before, params_after = self.params["before"], self.params["after"]
+        rows["parameters"] = format_count(params_before) + (
+            f" -> {format_count(params_after)}" if params_after != params_before else "")
+        rows |= {"model": self.model, "recipe": str(self.recipe.get("name")), "format": self.export_format}
+        return rows
+
+
+def _ratio_text(before: int, after: int) -> str:
+    if not before or not after:
+        return ""
+    return f" ({before / after:.2f}x smaller)" if after <= before else f" ({after / before:.2f}x larger)"
+
+
+#: A value that would print as 1000.0 of one unit is shown as 1.0 of the next.
+_ROUND_UP = 1 - 5e-5
+
+
+def format_count(count: int) -> str:
+    """134_515_008 -> ``134.5M``: thousands (K), millions (M), billions (B) with one decimal."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(count) >= scale * _ROUND_UP:
+            return f"{count / scale:.1f}{unit}"
+    return str(count)
+
+
+def format_bytes(size: int) -> str:
+    """538_060_032 -> ``538.1 MB``: decimal units (1 MB = 10^6 bytes, as model hubs count), GB to 2 decimals."""
+    for scale, unit, digits in ((1e9, "GB", 2), (1e6, "MB", 1), (1e3, "kB", 1)):
+        if size >= scale * _ROUND_UP:
+            return f"{size / scale:.{digits}f} {unit}"
+    return f"{size} B"
+
+
+def format_duration(seconds: float) -> str:
+    """112 -> ``1 m 52 s``; under a minute one decimal (``4.2 s``); from an hour on ``1 h 5 m``."""
+    if seconds < 59.95:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} m" if hours else f"{minutes} m {secs} s"
 
 
 def unique_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -134,11 +172,110 @@ def records_to_rows(records: list[LayerRecord]) -> list[dict[str, Any]]:
     return [r.to_dict() for r in records]
 
 
+_IN_LAYER = re.compile(r"^(?P<head>.*?)\.(?P<index>\d+)(?:\.(?P<tail>.+))?$")
+
+
+def split_layer_path(path: str) -> tuple[str, int, str] | None:
+    """``model.layers.12.mlp.up_proj`` -> ``("model.layers", 12, "mlp.up_proj")``: split at the first
+    numbered segment (the layer index); None for a path without one (``lm_head``)."""
+    match = _IN_LAYER.match(path)
+    return None if match is None else (match["head"], int(match["index"]), match["tail"] or "")
+
+
+def natural_key(text: str) -> tuple[Any, ...]:
+    """Sort key that orders numbers by value: ``layers.2`` before ``layers.10``."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+
+
+def group_warnings(records: Iterable[LayerRecord]) -> list[dict[str, Any]]:
+    """One entry per distinct note, most frequent first.
+
+    Each entry is ``{message, count, pattern, modules}``: the modules sorted by layer number and the
+    compact ``pattern`` of :func:`module_pattern`, so 180 identical group-size notes are one line. A note
+    is kept whole: notes themselves contain ``"; "``, so the several a record may join cannot be told apart.
+    """
+    found: dict[str, list[str]] = {}
+    for record in records:
+        if record.note:
+            found.setdefault(record.note, []).append(record.module)
+    groups = []
+    for message, modules in found.items():
+        in_order = list(dict.fromkeys(modules))
+        groups.append({"message": message, "count": len(in_order), "pattern": module_pattern(in_order),
+                       "modules": sorted(in_order, key=natural_key)})
+    return sorted(groups, key=lambda g: (-g["count"], natural_key(g["message"])))
+
+
+def module_pattern(modules: list[str], limit: int = 4) -> str:
+    """Module paths folded into brace patterns, e.g. ``model.layers.{0..29}.self_attn.{q,k,v,o}_proj``.
+
+    Modules sharing a parent and the same set of layers fold together; names keep the given (data-flow)
+    order. More than ``limit`` patterns end in ``... +N more``.
+    """
+    by_tail: dict[tuple[str, str], list[int]] = {}
+    parts: list[str] = []
+    for path in dict.fromkeys(modules):
+        where = split_layer_path(path)
+        if where is None:
+            parts.append(path)
+        else:
+            by_tail.setdefault((where[0], where[2]), []).append(where[1])
+    folded: dict[tuple[str, str, str], list[str]] = {}
+    for (head, tail), indices in by_tail.items():
+        parent, _, leaf = tail.rpartition(".")
+        folded.setdefault((head, _index_set(indices), parent), []).append(leaf)
+    parts = [".".join(p for p in (head, index, parent, _braces(leaves)) if p)
+             for (head, index, parent), leaves in folded.items()] + parts
+    more = f", ... +{len(parts) - limit} more" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more
+
+
+def _index_set(indices: list[int]) -> str:
+    """``[0, 1, 2, 3, 7]`` -> ``{0..3,7}``; one index stays bare."""
+    values = sorted(set(indices))
+    if len(values) == 1:
+        return str(values[0])
+    runs: list[list[int]] = []
+    for value in values:
+        if runs and value == runs[-1][-1] + 1:
+            runs[-1].append(value)
+        else:
+            runs.append([value])
+    text = [f"{r[0]}..{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs]
+    return "{" + ",".join(text) + "}"
+
+
+def _braces(names: list[str]) -> str:
+    """``[q_proj, k_proj]`` -> ``{q,k}_proj``: the common prefix and suffix outside the braces."""
+    if len(names) == 1:
+        return names[0]
+    shortest = min(len(n) for n in names)
+    prefix = 0
+    while prefix < shortest and len({n[prefix] for n in names}) == 1:
+        prefix += 1
+    suffix = 0
+    while suffix < shortest - prefix and len({n[len(n) - 1 - suffix] for n in names}) == 1:
+        suffix += 1
+    middles = [n[prefix:len(n) - suffix] for n in names]
+    return names[0][:prefix] + "{" + ",".join(middles) + "}" + names[0][len(names[0]) - suffix:]
+
+
+def warning_lines(groups: list[dict[str, Any]]) -> list[str]:
+    """One line per warning group: ``module: message`` when alone, else ``message (N modules: pattern)``."""
+    return [f"{g['modules'][0]}: {g['message']}" if g["count"] == 1 else
+            f"{g['message']} ({g['count']} modules: {g['pattern']})" for g in groups]
+
+
 def to_markdown(report: Report) -> str:
-    lines = [f"# Compression report: {report.recipe.get('name')}", ""]
-    lines += ["| | value |", "|---|---|"]
-    for key, value in report.summary().items():
-        lines.append(f"| {key} | {value} |")
+    """The report for people: the summary first, then warnings (grouped), evaluation, timings, modules."""
+    lines = [f"# Compression report: {report.recipe.get('name')}", "", "| | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in report.summary().items()]
+    if report.quality_gate:
+        gate = report.quality_gate
+        lines += ["", f"**Quality gate {'passed' if gate['passed'] else 'FAILED'}:** {gate['message']}"]
+    if report.warnings:
+        lines += ["", "## Warnings", ""] + [f"- {line}" for line in warning_lines(report.warnings)]
+        lines += ["", "Every module of each warning is listed in compression_report.json (`warnings`)."]
     if report.eval:
         lines += ["", "## Evaluation", "", "| model | ppl | tokens |", "|---|---|---|"]
         for which in ("before", "after"):
@@ -147,14 +284,9 @@ def to_markdown(report: Report) -> str:
                 lines.append(f"| {which} | {result['ppl']:.4f} | {result['tokens']} |")
         if "increase_pct" in report.eval:
             lines.append(f"\nPerplexity change: {report.eval['increase_pct']:+.2f}% on {report.eval['source']}.")
-    if report.quality_gate:
-        gate = report.quality_gate
-        lines += ["", f"**Quality gate {'passed' if gate['passed'] else 'FAILED'}:** {gate['message']}"]
-    if report.warnings:
-        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report.warnings]
-    lines += ["", "## Timings (s)", "", "| phase | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in report.timings.items()]
-    lines += ["", f"Peak RSS: {report.peak_rss_bytes / 2**20:.0f} MiB. Seed: {report.seed}. "
+    lines += ["", "## Timings", "", "| phase | time |", "|---|---|"]
+    lines += [f"| {k} | {format_duration(v)} |" for k, v in report.timings.items()]
+    lines += ["", f"Peak RSS: {format_bytes(report.peak_rss_bytes)}. Seed: {report.seed}. "
               f"Recipe hash: {report.recipe_hash}.", ""]
     lines += ["## Modules", "", "| module | method | bits | group | kept | rel. error | s | note |",
               "|---|---|---|---|---|---|---|---|"]
@@ -197,89 +329,20 @@ def _fmt(value: Any) -> str:
 
 
 def write_plots(report: Report, out_dir: Path) -> list[str]:
-    """Bits and error per module, the bit allocation and removal scores when there are any; silently nothing
-    without matplotlib (the 'plots' extra)."""
-    return _plot_layers(report, out_dir) + plot_bit_allocation(report, out_dir) + plot_scores(report, out_dir)
+    """The PNG plots (``compressor/plots.py``, imported only here so matplotlib stays an optional extra)."""
+    from compressor.plots import write_plots as draw
+
+    return draw(report, out_dir)
 
 
-def plot_bit_allocation(report: Report, out_dir: Path) -> list[str]:
-    """``bit_allocation.png``: planned bits as a heatmap of layer x module, and predicted vs measured error.
-
-    Drawn from rows whose ``extra`` carries ``planned_bits``, ``layer`` and ``name`` (BAQ's rows).
-    """
-    planned = [r for r in report.layers if r["extra"].get("planned_bits") is not None and "layer" in r["extra"]]
-    if not planned:
-        return []
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    names = list(dict.fromkeys(r["extra"]["name"] for r in planned))
-    layers = sorted({r["extra"]["layer"] for r in planned})
-    grid = torch.full((len(layers), len(names)), float("nan"))
-    for r in planned:
-        grid[layers.index(r["extra"]["layer"]), names.index(r["extra"]["name"])] = r["extra"]["planned_bits"]
-    measured = {r["module"]: r["rel_error"] for r in report.layers if r["rel_error"] is not None}
-    pairs = [(r["extra"].get("predicted_rel_error"), measured.get(r["module"])) for r in planned]
-    pairs = [(p, m) for p, m in pairs if p and m]
-    fig, axes = plt.subplots(1, 2, figsize=(12, max(4, 0.22 * len(layers) + 1.5)))
-    image = axes[0].imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    axes[0].set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
-    axes[0].set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
-    axes[0].set_ylabel("layer")
-    axes[0].set_title("planned bits per weight")
-    fig.colorbar(image, ax=axes[0])
-    if pairs:
-        axes[1].loglog([p for p, _ in pairs], [m for _, m in pairs], ".", alpha=0.6)
-        low, high = min(min(pair) for pair in pairs), max(max(pair) for pair in pairs)
-        axes[1].plot([low, high], [low, high], "k--", linewidth=0.8)
-    axes[1].set_xlabel("predicted relative output error")
-    axes[1].set_ylabel("measured relative output error")
-    axes[1].set_title("allocation model vs quantizer")
-    fig.suptitle(f"{report.recipe.get('name')}: bit allocation")
-    fig.tight_layout()
-    fig.savefig(out_dir / "bit_allocation.png", dpi=90)
-    plt.close(fig)
-    return ["bit_allocation.png"]
-
-
-def _plot_layers(report: Report, out_dir: Path) -> list[str]:
-    rows = [r for r in report.layers if r["rel_error"] is not None]
-    if not rows:
-        return []
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib not installed: no plots (pip install 'compressor[plots]')")
-        return []
-    fig, axes = plt.subplots(2, 1, figsize=(12, 6), sharex=True)
-    x = range(len(rows))
-    axes[0].bar(x, [r["bits"] or 0 for r in rows])
-    axes[0].set_ylabel("bits")
-    axes[1].plot(x, [r["rel_error"] for r in rows], marker=".")
-    axes[1].set_ylabel("relative output error")
-    axes[1].set_xlabel("module (data-flow order)")
-    fig.suptitle(f"{report.recipe.get('name')}: per-module bits and error")
-    fig.tight_layout()
-    fig.savefig(out_dir / "layers.png", dpi=90)
-    plt.close(fig)
-    return ["layers.png"]
-
-
-def _scored(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def scored_rows(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of layer-removal methods: ``extra`` carries a per-layer ``score`` (layer_drop, finercut)."""
     return [r for r in layers if r["extra"].get("score") is not None and "layer" in r["extra"]]
 
 
 def scores_markdown(layers: list[dict[str, Any]]) -> list[str]:
     """Removal scores per layer (or sublayer) and what was removed, in order; empty when nothing was scored."""
-    rows = _scored(layers)
+    rows = scored_rows(layers)
     if not rows:
         return []
     lines = ["", "## Removal scores", "", "| module | method | score | removed | order |", "|---|---|---|---|---|"]
@@ -289,41 +352,6 @@ def scores_markdown(layers: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {row['module']} | {row['method']} | {extra['score']:.6g} | "
                      f"{'yes' if extra.get('removed') else ''} | {order} |")
     return lines
-
-
-def plot_scores(report: Report, out_dir: Path) -> list[str]:
-    """``scores.png``: each method's per-layer removal scores (one line per sublayer kind), removed ones marked."""
-    rows = _scored(report.layers)
-    if not rows:
-        return []
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(len(methods), 1, figsize=(12, 3.5 * len(methods)), squeeze=False)
-    for ax, method in zip(axes[:, 0], methods, strict=True):
-        mine = [r for r in rows if r["method"] == method]
-        for series in dict.fromkeys(r["extra"].get("sublayer", "layer") for r in mine):
-            part = [r for r in mine if r["extra"].get("sublayer", "layer") == series]
-            ax.plot([r["extra"]["layer"] for r in part], [r["extra"]["score"] for r in part], marker=".", label=series)
-            gone = [r for r in part if r["extra"].get("removed")]
-            ax.plot([r["extra"]["layer"] for r in gone], [r["extra"]["score"] for r in gone], "rx", markersize=9)
-        scores = [r["extra"]["score"] for r in mine]
-        if min(scores) > 0 and max(scores) / min(scores) > 100:
-            ax.set_yscale("log")
-        metric = mine[0]["extra"].get("metric") or mine[0]["extra"].get("measure") or "score"
-        ax.set_ylabel(str(metric))
-        ax.set_title(f"{method}: per-layer scores (x = removed)")
-        ax.legend(fontsize=8)
-    axes[-1, 0].set_xlabel("layer")
-    fig.tight_layout()
-    fig.savefig(out_dir / "scores.png", dpi=90)
-    plt.close(fig)
-    return ["scores.png"]
 
 
 def write_report(report: Report, out_dir: Path) -> None:

@@ -1,8 +1,9 @@
-"""Terminal rendering shared by commands: Rich progress (quiet off a TTY) and JSON output."""
+"""Terminal rendering shared by commands: Rich progress (quiet off a TTY), tables, warnings and JSON output."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +34,18 @@ def layer_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | 
             bar.update(tasks[phase], completed=done)
 
         yield update
+
+
+def log_warnings(groups: list[dict[str, Any]]) -> None:
+    """The run's warnings, one log line per distinct message, once the progress bars are gone.
+
+    The library only records notes (per module, in the report); logging them as they happen would print
+    one line per module through the bars. Silent with --quiet and --json (logging is at ERROR there).
+    """
+    from compressor.report import warning_lines
+
+    for line in warning_lines(groups):
+        logging.getLogger("compressor").warning("%s", line)
 
 
 def print_json(data: Any) -> None:

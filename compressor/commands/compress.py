@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -23,7 +23,7 @@ from compressor.commands._options import (
     SetOpt,
     TextFieldOpt,
 )
-from compressor.commands._render import layer_progress, print_json, print_table
+from compressor.commands._render import layer_progress, log_warnings, print_json, print_table
 
 
 def parse_percent(value: str | None) -> float | None:
@@ -86,22 +86,21 @@ def compress(
                                       eval_max_tokens=eval_tokens, max_ppl_increase=limit, overwrite=overwrite,
                                       progress=progress)
             except QualityGateError:
+                written = _read_report(out)
+                log_warnings(written["warnings"])
                 if json_output:
-                    print_json(_read_report(out))
+                    print_json(written)
                 raise
+        log_warnings(report.warnings)
         if json_output:
             print_json(report.to_dict())
         elif not quiet:
-            _render_summary(report.summary(), out)
+            print_table(f"compressed -> {out}", report.summary())
 
     run_guarded(action, debug=debug)
 
 
-def _read_report(out: Path) -> dict[str, object]:
+def _read_report(out: Path) -> dict[str, Any]:
     import json
 
     return json.loads((out / "compression_report.json").read_text())
-
-
-def _render_summary(summary: dict[str, object], out: Path) -> None:
-    print_table(f"compressed -> {out}", summary)

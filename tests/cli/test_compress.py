@@ -130,3 +130,25 @@ def test_debug_shows_traceback(runner: CliRunner, model_dir_factory, recipe_file
                                  str(tmp_path / "o"), "--debug"])
     assert result.exit_code == 2
     assert "Traceback" in result.stderr
+
+
+def test_repeated_warnings_are_one_line_each_and_the_summary_leads_with_bits_size_time(
+        runner: CliRunner, model_dir_factory, recipe_file: Path, tmp_path: Path) -> None:
+    """Groups of 48 divide none of the tiny Llama's widths (64 and 128): 21 modules, two distinct notes."""
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["compress", str(model_dir_factory("llama")), "-r", str(recipe_file), "-o", str(out),
+                                 "--set", "stages.0.group_size=48"])
+    assert result.exit_code == 0, result.output
+    narrow = ("group_size 48 does not divide 64 columns; used 32 (18 modules: "
+              "model.layers.{0..2}.self_attn.{q,k,v,o}_proj, model.layers.{0..2}.mlp.{gate,up}_proj)")
+    wide = "group_size 48 does not divide 128 columns; used 32 (3 modules: model.layers.{0..2}.mlp.down_proj)"
+    assert [line for line in result.stderr.splitlines() if "does not divide" in line] == [
+        f"WARNING: {narrow}", f"WARNING: {wide}"]
+    rows = [line for line in result.stdout.splitlines() if "│" in line]
+    assert rows[0].split("│")[1].strip() == "bits per weight" and "4.00" in rows[0]
+    assert rows[1].split("│")[1].strip() == "size on disk" and " kB -> " in rows[1]
+    assert rows[2].split("│")[1].strip() == "time"
+    report = json.loads((out / "compression_report.json").read_text())
+    assert [(w["count"], len(w["modules"])) for w in report["warnings"]] == [(18, 18), (3, 3)]
+    assert report["warnings"][1]["modules"] == [f"model.layers.{i}.mlp.down_proj" for i in range(3)]
+    assert f"- {narrow}" in (out / "compression_report.md").read_text()

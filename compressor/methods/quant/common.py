@@ -58,7 +58,7 @@ def layer_group_size(config: WeightQuantConfig, path: str, columns: int) -> tupl
             "(strict_groups is set)"
         )
     note = f"group_size {config.group_size} does not divide {columns} columns; used {size}"
-    log.warning("%s: %s", path, note)
+    log.debug("%s: %s", path, note)  # one grouped warning per message after the run (report.warning_lines)
     return size, note
 
 
