@@ -26,6 +26,7 @@ from compressor.calibration.tokens import calibration_batch
 from compressor.engine import ModelContext, run_pass, run_stages
 from compressor.methods.base import Method
 from compressor.methods.quant.baq import BAQ, BAQConfig
+from compressor.methods.quant.common import WeightQuantConfig
 from compressor.methods.quant.gptq import GPTQ, GPTQConfig
 from compressor.methods.quant.rtn import RTN, RTNConfig
 from compressor.models import get_adapter
@@ -57,17 +58,25 @@ SETTINGS: dict[str, tuple[str, int | None, Allocation | None, bool]] = {
 }
 
 
-def _quantizer(name: str, bits: int) -> Method:
+def _quantizer_config(name: str, bits: int) -> WeightQuantConfig:
     if name == "gptq":
-        return GPTQ(GPTQConfig(method="gptq", bits=bits, group_size=GROUP))
-    return RTN(RTNConfig(method="rtn", bits=bits, group_size=GROUP))
+        return GPTQConfig(method="gptq", bits=bits, group_size=GROUP)
+    return RTNConfig(method="rtn", bits=bits, group_size=GROUP)
+
+
+def _quantizer(name: str, bits: int) -> Method:
+    config = _quantizer_config(name, bits)
+    return GPTQ(config) if name == "gptq" else RTN(config)
 
 
 def _baq(avg_bits: float, granularity: str, error_feedback: bool, budget: str = "model",
          objective: str = "fisher") -> BAQ:
-    return BAQ(BAQConfig.model_validate({"method": "baq", "avg_bits": avg_bits, "granularity": granularity,
-                                         "group_size": GROUP, "error_feedback": error_feedback,
-                                         "budget": budget, "objective": objective}))
+    """A BAQ stage planning for the quantizer it models: GPTQ with error feedback, RTN without (both GROUP)."""
+    stage = BAQ(BAQConfig.model_validate({"method": "baq", "avg_bits": avg_bits, "granularity": granularity,
+                                          "error_feedback": error_feedback, "budget": budget,
+                                          "objective": objective}))
+    stage.bind([_quantizer_config("gptq" if error_feedback else "rtn", 3)], "dense")
+    return stage
 
 
 def _measure(run: ModelContext, objective: str) -> tuple[dict[bool, list[Any]], float]:

@@ -18,10 +18,9 @@ from compressor.evaluate.perplexity import PerplexityResult, perplexity
 from compressor.export import format_problem, storage_scale_dtype, write_model
 from compressor.export.atomic import atomic_output_dir, check_output_dir
 from compressor.methods.base import Method, TargetedConfig
-from compressor.methods.registry import get_method
 from compressor.models import ModelAdapter, get_adapter
 from compressor.models.loading import LoadedModel, load_model, resolve_device
-from compressor.recipe import ExportConfig, Recipe
+from compressor.recipe import ExportConfig, Recipe, build_stages
 from compressor.report import (
     Report,
     average_bits,
@@ -154,7 +153,7 @@ def compress(
         raise CalibrationError("--max-ppl-increase needs --eval SOURCE to measure perplexity")
     check_output_dir(out, overwrite)
     timings: dict[str, float] = {}
-    stages = [get_method(cfg.method)(cfg) for cfg in recipe.stages]
+    stages = build_stages(recipe.stages, recipe.export.format)
     with _phase(timings, "load"):
         loaded = model if isinstance(model, LoadedModel) else load(model, dtype=dtype)
     adapter = get_adapter(loaded.model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import compressor.methods  # noqa: F401  (registers the built-in methods)
 from compressor.errors import RecipeError
-from compressor.methods.base import MethodConfig
+from compressor.methods.base import Method, MethodConfig
 from compressor.methods.registry import get_method
 
 RECIPE_VERSION = 1
@@ -209,16 +210,16 @@ def _line(node: yaml.Node | None, loc: tuple[Any, ...]) -> str:
 
 
 def check_combination(recipe: Recipe, source: str) -> None:
-    """Cross-stage rules: pruning before quantizing, one quantizer per module, exportable settings."""
+    """Cross-stage rules: pruning before quantizing, plans next to their quantizer, one quantizer per module,
+    exportable settings."""
     kinds = [get_method(s.method).kind for s in recipe.stages]
     for i, kind in enumerate(kinds):
         if kind == "prune" and "quant" in kinds[:i]:
             raise RecipeError(
                 f"{source}: stages.{i}: pruning ({recipe.stages[i].method}) must come before quantization"
             )
-        if kind == "allocate" and "quant" not in kinds[i + 1 :]:
-            raise RecipeError(f"{source}: stages.{i}: {recipe.stages[i].method} plans bits for a later "
-                              "quantizing stage (rtn, gptq), but none follows")
+        if kind == "allocate":
+            _check_plan_reaches_quantizer(recipe.stages, kinds, i, source)
     for i, stage in enumerate(recipe.stages):
         problem = get_method(stage.method).check_recipe(stage, recipe.stages[i + 1 :], recipe.export.format)
         if problem:
@@ -235,3 +236,38 @@ def check_combination(recipe: Recipe, source: str) -> None:
     problem = check_export_settings(recipe.export, [s for _, s in quant])
     if problem:
         raise RecipeError(f"{source}: export.format: {problem}")
+
+
+def _check_plan_reaches_quantizer(stages: list[MethodConfig], kinds: Sequence[str], i: int, source: str) -> None:
+    """A plan (``kind == "allocate"``, keyed by module path) must reach the next quantizer unchanged.
+
+    A structure-changing stage in between renumbers layers or reshapes linears, so the planned widths
+    would land on other modules; a second plan in between would overwrite the first.
+    """
+    plan = stages[i].method
+    j = next((k for k in range(i + 1, len(kinds)) if kinds[k] == "quant"), None)
+    if j is None:
+        raise RecipeError(f"{source}: stages.{i}: {plan} plans bits for a later quantizing stage (rtn, gptq), "
+                          "but none follows")
+    for k in range(i + 1, j):
+        between = stages[k].method
+        if kinds[k] == "prune":
+            raise RecipeError(
+                f"{source}: stages.{k}: {between} between {plan} (stages.{i}) and the {stages[j].method} it plans "
+                f"for (stages.{j}) would move the planned widths onto other modules; put {plan} after it"
+            )
+        if kinds[k] == "allocate":
+            raise RecipeError(f"{source}: stages.{k}: {between} would overwrite the plan of {plan} (stages.{i}) "
+                              f"before {stages[j].method} (stages.{j}) uses it; keep one planning stage")
+
+
+def build_stages(configs: list[MethodConfig], export_format: str = "dense") -> list[Method]:
+    """The registered method of every stage, each told the stages after it and the export format.
+
+    ``compress`` runs recipes through here; library users who assemble stages by hand should too, since a
+    planner (BAQ) takes its quantizer's settings from the stage it plans for (``Method.bind``).
+    """
+    stages = [get_method(config.method)(config) for config in configs]
+    for i, stage in enumerate(stages):
+        stage.bind(configs[i + 1 :], export_format)
+    return stages

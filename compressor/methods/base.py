@@ -130,6 +130,15 @@ class Method(ABC):
         """
         return None
 
+    def bind(self, later: list[MethodConfig], export_format: str) -> None:
+        """Learn this stage's place in the recipe: the ``later`` stages and the export format.
+
+        ``compressor.recipe.build_stages`` calls it once, before any pass, with what ``check_recipe``
+        validated, so a stage that serves a later one (BAQ plans for the quantizer after it) reads that
+        stage's settings instead of keeping copies. The default needs nothing.
+        """
+        return None
+
     def prepare(self, run: ModelContext) -> list[LayerRecord]:
         """Model-level work before layer 0's inputs are captured (e.g. rotating embeddings)."""
         return []

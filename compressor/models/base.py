@@ -73,6 +73,17 @@ class ModelAdapter(ABC):
     def linear_groups(self) -> list[LinearGroup]:
         """Linears grouped by shared input, in data-flow order: qkv, o, gate/up (fc1), down (fc2)."""
 
+    def fused_groups(self) -> list[LinearGroup]:
+        """Linears a serving engine fuses into one layer, which must therefore share one quantization scheme.
+
+        vLLM loads q/k/v as one ``qkv_proj`` and gate/up as one ``gate_up_proj`` (its
+        ``packed_modules_mapping`` for Llama, Mistral, Qwen2 and Qwen3; OPT fuses only q/k/v, fc1 stays
+        alone) and quantizes the fused layer with the scheme of its first part. For these families that is
+        exactly :meth:`linear_groups` (linears fused because they read the same input), the default; a
+        family whose engine fuses differently overrides it. Groups of one linear constrain nothing.
+        """
+        return self.linear_groups()
+
     @abstractmethod
     def attention_norm(self, layer: nn.Module) -> nn.Module:
         """The norm before attention (``input_layernorm`` / ``self_attn_layer_norm``)."""

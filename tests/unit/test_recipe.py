@@ -90,3 +90,44 @@ def test_shipped_recipes_round_trip(name: str, tmp_path: Path) -> None:
     again = load_recipe(_write(tmp_path, dumped))
     assert again.to_dict() == recipe.to_dict()
     assert again.digest() == recipe.digest()
+
+
+BAQ_GPTQ = """\
+name: test
+stages:
+  - method: baq
+    avg_bits: 3.0
+  - method: gptq
+    group_size: 32
+export: {format: compressed-tensors}
+"""
+
+
+@pytest.mark.parametrize("between", [{"method": "layer_drop", "remove": 1}, {"method": "slicegpt", "slicing": 0.25}])
+def test_pruning_between_a_plan_and_its_quantizer_is_rejected(between: dict[str, object]) -> None:
+    """BAQ's plan is keyed by module path; removing layers or slicing after it moves widths to other modules."""
+    data = yaml.safe_load(BAQ_GPTQ)
+    data["stages"].insert(1, between)
+    name = between["method"]
+    with pytest.raises(RecipeError, match=rf"stages.1: {name} between baq \(stages.0\) and the gptq it plans for "
+                                          r"\(stages.2\) would move the planned widths onto other modules; "
+                                          r"put baq after it"):
+        recipe_from_dict(data)
+    data["stages"].insert(0, data["stages"].pop(1))  # pruning first is fine
+    assert [s.method for s in recipe_from_dict(data).stages] == [name, "baq", "gptq"]
+
+
+def test_two_plans_for_one_quantizer_are_rejected() -> None:
+    data = yaml.safe_load(BAQ_GPTQ)
+    data["stages"].insert(1, {"method": "baq", "avg_bits": 4.0})
+    with pytest.raises(RecipeError, match=r"stages.1: baq would overwrite the plan of baq \(stages.0\)"):
+        recipe_from_dict(data)
+
+
+@pytest.mark.parametrize(("key", "value"), [("group_size", 128), ("act_order", True), ("dampening", 0.01)])
+def test_baq_refuses_the_quantizers_knobs_and_says_where_they_live(tmp_path: Path, key: str, value: object) -> None:
+    text = BAQ_GPTQ.replace("avg_bits: 3.0", f"avg_bits: 3.0\n    {key}: {str(value).lower()}")
+    with pytest.raises(RecipeError, match=rf"recipe.yaml:3: stages.0: {key}: baq takes these from the quantizing "
+                                          r"stage it plans for \(the gptq/rtn stage after it\); set them there"):
+        load_recipe(_write(tmp_path, text))
+    assert load_recipe(_write(tmp_path, BAQ_GPTQ)).stages[1].group_size == 32

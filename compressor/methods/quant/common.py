@@ -5,18 +5,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 
 from compressor.errors import RecipeError
-from compressor.methods.base import GroupSize, LayerRecord, TargetedConfig
+from compressor.methods.base import GroupSize, LayerRecord, Method, TargetedConfig
 from compressor.methods.quant.ops import QuantizedWeight, effective_group_size, relative_error
 
 if TYPE_CHECKING:
-    from compressor.engine import LayerContext
+    from compressor.engine import LayerContext, ModelContext
+    from compressor.models.base import ModelAdapter
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +69,106 @@ Solve = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[QuantizedWeight, 
 SolveMixed = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], tuple[QuantizedWeight, str]]
 
 
+@dataclass
+class BitPlan:
+    """Widths a planning stage (BAQ) left in ``run.plans`` for the quantizer after it, by module path.
+
+    ``bits``: ``{path: int}`` (one width per linear); ``group_bits``: ``{path: int64 [n_groups]}``. The
+    quantizer takes the plan off ``run.plans`` when its pass starts (a plan is for one quantizer), must
+    find an entry for every module it targets, and must have used every entry when its pass ends:
+    anything else means the paths changed between planning and quantizing, and the budget would be
+    missed silently.
+    """
+
+    bits: dict[str, int]
+    group_bits: dict[str, torch.Tensor]
+    used: set[str] = field(default_factory=set)
+
+    @classmethod
+    def take(cls, plans: dict[str, Any]) -> BitPlan | None:
+        """Remove the plan from ``plans`` (``run.plans``); None when no stage planned."""
+        bits, group_bits = plans.pop("bits", None), plans.pop("group_bits", None)
+        if bits is None and group_bits is None:
+            return None
+        return cls(dict(bits or {}), dict(group_bits or {}))
+
+    def check_targets(self, targeted: list[str], method: str) -> None:
+        """Before the quantizer's pass: the plan names exactly the modules ``method`` targets."""
+        planned = self.bits.keys() | self.group_bits.keys()
+        missing = [path for path in targeted if path not in planned]
+        if missing:
+            raise RecipeError(f"{missing[0]}{_more(missing)}: {method} targets it, but the plan from the stage "
+                              f"before has no width for it; give the planning stage the same targets and ignore")
+        unused = sorted(planned - set(targeted))
+        if unused:
+            raise RecipeError(f"{unused[0]}{_more(unused)}: planned for {method}, but {method} does not target "
+                              "such a module; the module paths changed after planning, or the targets differ")
+
+    def widths(self, path: str, method: str) -> tuple[int | None, torch.Tensor | None]:
+        """The planned (width, per-group widths) of ``path``, one of them None; an unplanned module is an error."""
+        if path not in self.bits and path not in self.group_bits:
+            self.check_targets([path], method)
+        self.used.add(path)
+        return self.bits.get(path), self.group_bits.get(path)
+
+    def check_all_used(self, method: str) -> None:
+        """After the quantizer's pass: every planned module was quantized."""
+        self.check_targets(sorted(self.used), method)
+
+
+def _more(items: list[str]) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def targeted_linears(adapter: ModelAdapter, config: TargetedConfig) -> list[str]:
+    """Full paths of the grouped linears of every layer that ``config`` targets, in layer order."""
+    paths = []
+    for index, layer in enumerate(adapter.layers()):
+        for name in adapter.linear_names():
+            path = f"{adapter.layer_prefix(index)}.{name}"
+            if config.matches(path, type(layer.get_submodule(name)).__name__):
+                paths.append(path)
+    return paths
+
+
+class WeightQuantizer(Method):
+    """A quantizer that honours a :class:`BitPlan`: takes and checks it in ``prepare``, again in ``finalize``."""
+
+    kind = "quant"
+    plan: BitPlan | None = None
+
+    def prepare(self, run: ModelContext) -> list[LayerRecord]:
+        config = self.config
+        assert isinstance(config, TargetedConfig)
+        self.plan = BitPlan.take(run.plans)
+        if self.plan is not None:
+            self.plan.check_targets(targeted_linears(run.adapter, config), self.name)
+        return []
+
+    def finalize(self, run: ModelContext) -> list[LayerRecord]:
+        if self.plan is not None:
+            self.plan.check_all_used(self.name)
+        return []
+
+
 def quantize_layer_linears(
     ctx: LayerContext,
     config: WeightQuantConfig,
     solve: Solve,
     sequential: bool = True,
     solve_mixed: SolveMixed | None = None,
+    plan: BitPlan | None = None,
 ) -> list[LayerRecord]:
     """For each linear group in data-flow order: collect H once, solve each targeted linear, write back.
 
     ``solve(W, H, bits, group_size) -> (qweight, note)`` is the method's math. With ``sequential``,
     groups are processed in order so later groups' Hessians come from already-quantized predecessors
     (GPTQ); without it, one forward pass collects every Hessian (RTN, whose rounding ignores H).
-    A module in the plan ``run.plans["bits"]`` gets its planned width; one in ``run.plans["group_bits"]``
-    (``{path: int64 [n_groups]}``, BAQ's finer plans) goes through ``solve_mixed``, which a method
-    that cannot honour per-group widths leaves None (then such a plan is an error).
+    With a ``plan`` every targeted module gets its planned width (``config.bits`` is not used); one with
+    per-group widths goes through ``solve_mixed``, which a method that cannot honour them leaves None
+    (then such a plan is an error).
     """
     records = []
-    plan = ctx.run.plans.get("bits", {})
-    group_plan = ctx.run.plans.get("group_bits", {})
     groups = [
         (group, [n for n in group.names if config.matches(ctx.path(n), type(ctx.module(n)).__name__)])
         for group in ctx.adapter.linear_groups()
@@ -97,9 +180,10 @@ def quantize_layer_linears(
         H = shared[group] if group in shared else ctx.hessian(group, replay=sequential)
         for name in names:
             path = ctx.path(name)
-            bits = int(plan.get(path, config.bits))
-            mixed = _mixed_solver(solve_mixed, group_plan.get(path), config.method, path)
-            records.append(_quantize_module(ctx, config, name, H, bits, mixed or solve))
+            bits, widths = (config.bits, None) if plan is None else plan.widths(path, config.method)
+            mixed = _mixed_solver(solve_mixed, widths, config.method, path)
+            records.append(_quantize_module(ctx, config, name, H, config.bits if bits is None else bits,
+                                            mixed or solve))
         if sequential:
             ctx.settle(group)
     return records

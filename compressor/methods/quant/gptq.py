@@ -14,8 +14,8 @@ import torch
 from pydantic import Field, field_validator
 
 from compressor.errors import NumericalError
-from compressor.methods.base import LayerRecord, Method
-from compressor.methods.quant.common import WeightQuantConfig, quantize_layer_linears
+from compressor.methods.base import LayerRecord
+from compressor.methods.quant.common import WeightQuantConfig, WeightQuantizer, quantize_layer_linears
 from compressor.methods.quant.gptq_ops import gptq_quantize
 from compressor.methods.quant.ops import QuantizedWeight
 from compressor.methods.registry import register_method
@@ -55,9 +55,8 @@ class GPTQConfig(WeightQuantConfig):
 
 
 @register_method("gptq")
-class GPTQ(Method):
+class GPTQ(WeightQuantizer):
     config_class = GPTQConfig
-    kind = "quant"
     per_group_bits = True
 
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
@@ -87,4 +86,4 @@ class GPTQ(Method):
         ) -> tuple[QuantizedWeight, str]:
             return solve(W, H, int(bits_per_group.max()), group_size, bits_per_group)
 
-        return quantize_layer_linears(ctx, config, solve, sequential=True, solve_mixed=solve_mixed)
+        return quantize_layer_linears(ctx, config, solve, sequential=True, solve_mixed=solve_mixed, plan=self.plan)

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from compressor.methods.base import LayerRecord, Method
-from compressor.methods.quant.common import WeightQuantConfig, quantize_layer_linears
+from compressor.methods.base import LayerRecord
+from compressor.methods.quant.common import WeightQuantConfig, WeightQuantizer, quantize_layer_linears
 from compressor.methods.quant.ops import QuantizedWeight, quantize_rtn
 from compressor.methods.registry import register_method
 
@@ -29,9 +29,8 @@ class RTNConfig(WeightQuantConfig):
 
 
 @register_method("rtn")
-class RTN(Method):
+class RTN(WeightQuantizer):
     config_class = RTNConfig
-    kind = "quant"
     per_group_bits = True
 
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
@@ -47,4 +46,4 @@ class RTN(Method):
             widths = int(bits_per_group.max())
             return quantize_rtn(W, widths, group_size, config.symmetric, config.mse, bits_per_group), ""
 
-        return quantize_layer_linears(ctx, config, solve, sequential=False, solve_mixed=solve_mixed)
+        return quantize_layer_linears(ctx, config, solve, sequential=False, solve_mixed=solve_mixed, plan=self.plan)

@@ -7,6 +7,12 @@ solves one global allocation (``ops.allocate_bits``) and hands it to the next qu
 (``{module path: int64 tensor [n_groups]}``) for ``group`` and ``column``. Being model-level, the
 stages after it get a fresh pass.
 
+One home per knob. The quantizer BAQ plans for (the first ``rtn``/``gptq`` stage after it) owns
+``group_size``, ``act_order`` and ``dampening``; BAQ reads them from that stage (``bind``, called by
+``compressor.recipe.build_stages``), so the modelled groups and sweep are always the quantizer's.
+The plan is keyed by module path: the recipe allows no pruning stage between BAQ and its quantizer,
+and the quantizer refuses a plan that does not name exactly the modules it targets.
+
 Objective. The loss model (``ops``) predicts each module's output error ``tr(dW H dW^T)``. Summing it
 raw across modules (``objective: absolute``) favours modules with large activations: on SmolLM2 it put
 the first layers at 2 bits and the last ``down_proj`` at 8, and BAQ+RTN at 3.0 bits scored ppl 2560.
@@ -19,9 +25,10 @@ The default, ``fisher``, weighs every output channel's error by its mean squared
 of the whole model (ppl 57.9 at the same 3 bits; README has the table).
 
 Granularity and the stored forms:
-- ``module``: one width per linear. Stores as compressed-tensors with one config group per width.
-- ``group``: one width per quantizer group of ``group_size`` columns (the quantizer must use the same
-  group size; the recipe checks). Dense (fake-quantized) export only.
+- ``module``: one width per linear. Stores as compressed-tensors with one config group per width. For
+  that export the linears a serving engine fuses (``adapter.fused_groups()``: q/k/v, gate/up) are one
+  unit with one width (their sensitivities and sizes summed): vLLM applies one scheme per fused layer.
+- ``group``: one width per quantizer group of ``group_size`` columns. Dense (fake-quantized) export only.
 - ``column``: the paper's per-column closed form (every column at the same loss level), pooled into
   the quantizer's groups: a group starts from the mean of its columns' widths, and rounding and the
   budget work on groups. No format here stores a width per column with group-shared scales, so the
@@ -41,7 +48,8 @@ import torch
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from torch import nn
 
-from compressor.methods.base import GroupSize, LayerRecord, Method, MethodConfig, TargetedConfig
+from compressor.errors import RecipeError
+from compressor.methods.base import LayerRecord, Method, MethodConfig, TargetedConfig
 from compressor.methods.quant.baq.fisher import output_fisher
 from compressor.methods.quant.baq.ops import (
     allocate_bits,
@@ -50,6 +58,7 @@ from compressor.methods.quant.baq.ops import (
     range_sensitivity,
     row_energy,
 )
+from compressor.methods.quant.common import WeightQuantConfig, targeted_linears
 from compressor.methods.quant.ops import effective_group_size
 from compressor.methods.registry import get_method, register_method
 
@@ -57,6 +66,13 @@ if TYPE_CHECKING:
     from compressor.engine import LayerContext, ModelContext
 
 log = logging.getLogger(__name__)
+
+#: Knobs of the quantizer BAQ plans for; BAQ reads them there (``_QuantizerModel``).
+_QUANTIZER_KNOBS = ("group_size", "act_order", "dampening")
+#: Dampening modelled for a quantizer without one (rtn with error_feedback: true): GPTQ's default.
+_DAMPENING = 0.01
+#: Exports whose consumers fuse ``adapter.fused_groups()`` into one layer with one scheme (vLLM).
+_FUSING_EXPORTS = ("compressed-tensors",)
 
 
 class BAQConfig(TargetedConfig):
@@ -69,14 +85,17 @@ class BAQConfig(TargetedConfig):
       avg_bits: 3.0              # parameter-weighted average over the targeted linears
       candidates: [2, 3, 4, 8]   # widths a unit may get
       granularity: module        # module | group | column
-      group_size: 128            # the quantizer's group_size (sets the ranges; the unit for group/column)
-      act_order: true            # the quantizer's column order (GPTQ's d_j depend on it)
-      dampening: 0.01            # as GPTQ's
       error_feedback: true       # false: model plain rounding (rtn) instead of GPTQ's sweep
       objective: fisher          # each output channel's error times its loss gradient^2; relative, channel, absolute
-    - method: gptq
-      group_size: 128
+    - method: gptq               # the stage BAQ plans for: its widths come from the plan
+      targets: [Linear]          # the same modules as baq's
+      ignore: [lm_head]
+      group_size: 128            # BAQ models these groups (the unit for granularity group/column),
+      act_order: true            # this column order
+      dampening: 0.01            # and this dampening
     ```
+    ``group_size``, ``act_order`` and ``dampening`` are the quantizer's (one home): BAQ reads them from the
+    stage it plans for and refuses them in its own stage.
     """
 
     candidates: list[int] = Field(default_factory=lambda: [2, 3, 4, 8], description="Allowed widths, each 2..8.")
@@ -84,11 +103,6 @@ class BAQConfig(TargetedConfig):
     granularity: Literal["module", "group", "column"] = Field(
         "module", description="Unit that gets one width: a linear, a quantizer group, or a column (pooled)."
     )
-    group_size: GroupSize = Field(
-        128, description="The following quantizer's group_size (-1 per channel); shrunk like the quantizer's."
-    )
-    act_order: bool = Field(True, description="Model GPTQ's sweep by descending diag(H) (set as the quantizer).")
-    dampening: float = Field(0.01, gt=0, lt=1, description="Fraction of mean(diag H) added to the diagonal.")
     error_feedback: bool = Field(True, description="Sensitivity with GPTQ's error feedback (1/d^2) or without (H_jj).")
     objective: Literal["relative", "channel", "absolute", "fisher"] = Field(
         "fisher",
@@ -105,6 +119,15 @@ class BAQConfig(TargetedConfig):
         "bits), or inside every module (module: bits move only between one module's groups or columns, the "
         "paper's layer-wise allocation; needs granularity group or column).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _quantizer_knobs_live_in_the_quantizer(cls, data: object) -> object:
+        moved = [k for k in _QUANTIZER_KNOBS if isinstance(data, dict) and k in data]
+        if moved:
+            raise ValueError(f"{', '.join(moved)}: baq takes these from the quantizing stage it plans for (the "
+                             "gptq/rtn stage after it); set them there and remove them here")
+        return data
 
     @field_validator("candidates")
     @classmethod
@@ -147,6 +170,7 @@ class _Measured:
     trace: float
     channel_sensitivity: torch.Tensor  # the same with every output row weighted by 1 / its output energy
     fisher_sensitivity: torch.Tensor | None = None  # ... by its mean squared loss gradient (objective fisher)
+    fused: tuple[int, int] | None = None  # (layer, fused group): modules that must share one width
 
 
 @register_method("baq")
@@ -161,6 +185,9 @@ class BAQ(Method):
         #: allocated from one measuring pass (benchmarks/baq.py does).
         self.measured: list[_Measured] = []
         self.fisher: dict[str, torch.Tensor] = {}
+        #: The stage the plan is for and the export format, from ``bind``.
+        self.quantizer: WeightQuantConfig | None = None
+        self.export_format = "dense"
 
     @classmethod
     def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
@@ -168,6 +195,8 @@ class BAQ(Method):
         quant = next((s for s in later if get_method(s.method).kind == "quant"), None)
         if quant is None:
             return None  # recipe.py says that a quantizer must follow
+        if not isinstance(quant, WeightQuantConfig):
+            return f"baq plans for integer weight quantizers (rtn, gptq), not {quant.method}"
         if export_format == "gguf":
             return "gguf holds one block type per file; BAQ's mixed widths need export dense or compressed-tensors"
         if config.granularity != "module":
@@ -176,9 +205,6 @@ class BAQ(Method):
                         f"dense export stores; use granularity module for {export_format}")
             if not get_method(quant.method).per_group_bits:
                 return f"{quant.method} cannot quantize with per-group widths; use baq granularity module"
-            if getattr(quant, "group_size", None) != config.group_size:
-                return (f"baq group_size {config.group_size} differs from {quant.method}'s "
-                        f"{getattr(quant, 'group_size', None)}: the planned groups must be the quantizer's")
         for bits in config.candidates:
             try:
                 type(quant).model_validate({**quant.model_dump(), "bits": bits})
@@ -187,27 +213,40 @@ class BAQ(Method):
                 return f"baq candidate {bits} bits cannot be used by {quant.method}: {reason}"
         return None
 
+    def bind(self, later: list[MethodConfig], export_format: str) -> None:
+        """Plan for the first quantizing stage in ``later``, to be stored as ``export_format``."""
+        problem = self.check_recipe(self.config, later, export_format)
+        quant = next((s for s in later if get_method(s.method).kind == "quant"), None)
+        if problem or not isinstance(quant, WeightQuantConfig):
+            raise RecipeError(f"baq: {problem or 'it plans bits for a later quantizing stage, but none follows'}")
+        self.quantizer, self.export_format = quant, export_format
+
+    def _quantizer(self) -> WeightQuantConfig:
+        if self.quantizer is None:
+            raise RecipeError("baq does not know the quantizing stage it plans for: build the stages with "
+                              "compressor.recipe.build_stages (or call BAQ.bind) before running them")
+        return self.quantizer
+
     def prepare(self, run: ModelContext) -> list[LayerRecord]:
         self.measured, self.fisher = [], {}
-        config = self.config
+        config, quant = self.config, self._quantizer()
         assert isinstance(config, BAQConfig)
+        paths = targeted_linears(run.adapter, config)
+        theirs = targeted_linears(run.adapter, quant)
+        if paths != theirs:
+            odd = next(p for p in [*paths, *theirs] if (p in paths) != (p in theirs))
+            who = "baq" if odd in paths else quant.method
+            raise RecipeError(f"{odd}: only {who} targets it; give baq the same targets and ignore as the "
+                              f"{quant.method} it plans for (every module it quantizes needs a planned width)")
         if config.objective == "fisher":
             start = time.perf_counter()
-            adapter, paths = run.adapter, set()
-            for index in range(adapter.num_layers):
-                layer = adapter.layers()[index]
-                for group in adapter.linear_groups():
-                    for name in group.names:
-                        path = f"{adapter.layer_prefix(index)}.{name}"
-                        if config.matches(path, type(layer.get_submodule(name)).__name__):
-                            paths.add(path)
-            self.fisher = output_fisher(run.model, run.batches(), paths)
+            self.fisher = output_fisher(run.model, run.batches(), set(paths))
             log.info("baq: loss gradients of %d linears in %.1f s", len(paths), time.perf_counter() - start)
         return []
 
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
         """Measure the targeted linears' column sensitivities; the layer is left unchanged."""
-        config = self.config
+        config, quant = self.config, self._quantizer()
         assert isinstance(config, BAQConfig)
         groups = [
             (group, [n for n in group.names if config.matches(ctx.path(n), type(ctx.module(n)).__name__)])
@@ -216,15 +255,19 @@ class BAQ(Method):
         groups = [(group, names) for group, names in groups if names]
         if not groups:
             return []
+        fused = {}
+        if config.granularity == "module" and self.export_format in _FUSING_EXPORTS:
+            fused = {name: (ctx.index, i) for i, group in enumerate(ctx.adapter.fused_groups()) for name in group.names}
         hessians = ctx.hessians([group for group, _ in groups])
         for group, names in groups:
             H = hessians[group]
-            weight = column_weight(H, config.dampening, config.act_order, config.error_feedback)
+            weight = column_weight(H, getattr(quant, "dampening", _DAMPENING), getattr(quant, "act_order", False),
+                                   config.error_feedback)
             for name in names:
                 module = ctx.module(name)
                 assert isinstance(module, nn.Linear)
                 W = module.weight.data.float()
-                size = effective_group_size(W.shape[1], config.group_size)
+                size = effective_group_size(W.shape[1], quant.group_size)
                 size = W.shape[1] if size <= 0 else size
                 energy = row_energy(W, H)
                 inverse = torch.where(energy > 0, 1 / energy.clamp(min=1e-300), torch.zeros_like(energy))
@@ -233,7 +276,7 @@ class BAQ(Method):
                 fisher = self.fisher.get(ctx.path(name))
                 by_loss = None if fisher is None else range_sensitivity(W, weight, size, fisher.to(W.device)).cpu()
                 self.measured.append(_Measured(ctx.path(name), ctx.index, name, W.shape[0], size, s.cpu(),
-                                               float(energy.sum()), per_channel.cpu(), by_loss))
+                                               float(energy.sum()), per_channel.cpu(), by_loss, fused.get(name)))
         return []
 
     def finalize(self, run: ModelContext) -> list[LayerRecord]:
@@ -275,8 +318,13 @@ class BAQ(Method):
         measured: list[_Measured], granularity: str, objective: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[tuple[int, int]]]:
         """Sensitivities and sizes of the allocation elements, the column-to-group pool, and each module's
-        span of units (one for module granularity, its groups otherwise), for the ``objective``."""
-        S, sizes, pool, spans, unit = [], [], [], [], 0
+        span of units (one for module granularity, its groups otherwise), for the ``objective``. At module
+        granularity the modules of one fused group share a unit: sensitivities and sizes add up."""
+        S: list[torch.Tensor] = []
+        sizes: list[torch.Tensor] = []
+        pool: list[torch.Tensor] = []
+        spans: list[tuple[int, int]] = []
+        unit, fused_units = 0, dict[tuple[int, int], int]()
         for m in measured:
             if objective == "fisher":
                 if m.fisher_sensitivity is None:
@@ -291,6 +339,14 @@ class BAQ(Method):
             n_groups = m.sensitivity.numel() // m.group
             per_group = sensitivity.reshape(n_groups, m.group)
             if granularity == "module":
+                shared = fused_units.get(m.fused) if m.fused is not None else None
+                if shared is not None:  # S and sizes hold one element per unit here
+                    S[shared] = S[shared] + sensitivity.sum()
+                    sizes[shared] = sizes[shared] + m.rows * m.sensitivity.numel()
+                    spans.append((shared, shared + 1))
+                    continue
+                if m.fused is not None:
+                    fused_units[m.fused] = unit
                 S.append(sensitivity.sum().reshape(1))
                 sizes.append(torch.tensor([m.rows * m.sensitivity.numel()]))
                 spans.append((unit, unit + 1))

@@ -25,12 +25,12 @@ from compressor.methods.quant.baq.ops import (
     range_sensitivity,
     row_energy,
 )
-from compressor.methods.quant.gptq import GPTQ, GPTQConfig
+from compressor.methods.quant.gptq import GPTQConfig
 from compressor.methods.quant.gptq_ops import gptq_quantize
 from compressor.methods.quant.ops import QuantizedWeight, quantize_rtn
-from compressor.methods.quant.rtn import RTN, RTNConfig
+from compressor.methods.quant.rtn import RTNConfig
 from compressor.models import get_adapter
-from compressor.recipe import recipe_from_dict
+from compressor.recipe import build_stages, recipe_from_dict
 from compressor.report import average_bits
 
 
@@ -251,28 +251,36 @@ def test_gptq_records_its_group_widths() -> None:
 # ---- the method through the engine ------------------------------------------------------------------
 
 
-def _run(stages: list[object], family: str = "llama") -> tuple[ModelContext, list]:
+def _run(configs: list[object], family: str = "llama") -> tuple[ModelContext, list]:
+    """Run the stages of ``configs`` (built and bound as ``compress`` does) on a tiny model."""
     model = tiny_model(family)
     tokens = torch.randint(0, 300, (8, 32), generator=_gen(1))
     run = ModelContext(model, get_adapter(model), tokens, torch.device("cpu"), batch_size=4)
-    return run, run_stages(run, stages)
+    return run, run_stages(run, build_stages(configs))
+
+
+def _plan_of(records: list) -> dict[str, list[int]]:
+    """The widths BAQ planned, per module (one entry, or one per group), from its report rows."""
+    return {r.module: r.extra.get("bits_per_group", [int(r.bits)]) for r in records if r.method == "baq"}
 
 
 @pytest.mark.parametrize("granularity", ["module", "group", "column"])
 @pytest.mark.parametrize("quantizer", ["gptq", "rtn"])
 def test_plan_is_honoured_by_the_quantizer(granularity: str, quantizer: str) -> None:
-    baq = BAQ(BAQConfig(method="baq", avg_bits=2.5, granularity=granularity, group_size=16, candidates=[2, 3, 4]))
-    quant = (GPTQ(GPTQConfig(method="gptq", group_size=16)) if quantizer == "gptq"
-             else RTN(RTNConfig(method="rtn", group_size=16)))
+    baq = BAQConfig(method="baq", avg_bits=2.5, granularity=granularity, candidates=[2, 3, 4])
+    quant = (GPTQConfig(method="gptq", group_size=16) if quantizer == "gptq"
+             else RTNConfig(method="rtn", group_size=16))
     run, records = _run([baq, quant])
     planned = {r.module: r for r in records if r.method == "baq"}
     assert planned.keys() == run.quantized.keys()
-    for path, qweight in run.quantized.items():
+    assert "bits" not in run.plans and "group_bits" not in run.plans, "the quantizer takes the plan"
+    for path, widths in _plan_of(records).items():
+        qweight = run.quantized[path]
         assert qweight.average_bits() == pytest.approx(planned[path].bits, abs=1e-4)
         if granularity == "module":
-            assert qweight.group_bits is None and qweight.bits == run.plans["bits"][path]
+            assert qweight.group_bits is None and [qweight.bits] == widths
         else:
-            assert torch.equal(qweight.group_bits, run.plans["group_bits"][path])
+            assert qweight.group_bits.tolist() == widths and len(widths) == qweight.shape[1] // 16
     codes, _ = average_bits(run.quantized)
     assert 2.3 <= codes <= 2.5
     row = next(iter(planned.values()))
@@ -283,14 +291,13 @@ def test_plan_is_honoured_by_the_quantizer(granularity: str, quantizer: str) -> 
 def test_module_budget_holds_inside_every_module(granularity: str) -> None:
     """budget: module moves bits only between one module's groups: each module averages at most avg_bits,
     and at least one whole unit's upgrade below it (the integer grid); the widths still vary inside."""
-    baq = BAQ(BAQConfig(method="baq", avg_bits=2.5, granularity=granularity, group_size=16, candidates=[2, 3, 4],
-                        budget="module"))
-    run, _ = _run([baq, GPTQ(GPTQConfig(method="gptq", group_size=16))])
+    baq = BAQConfig(method="baq", avg_bits=2.5, granularity=granularity, candidates=[2, 3, 4], budget="module")
+    run, records = _run([baq, GPTQConfig(method="gptq", group_size=16)])
     varied = 0
-    for path, qweight in run.quantized.items():
-        widths = run.plans["group_bits"][path]
+    for path, widths in _plan_of(records).items():
+        qweight = run.quantized[path]
         assert 2.5 - 1 / len(widths) - 1e-9 <= qweight.average_bits() <= 2.5 + 1e-9, path
-        varied += len(set(widths.tolist())) > 1
+        varied += len(set(widths)) > 1
     assert varied > 0
 
 
@@ -324,14 +331,14 @@ def test_fisher_gives_the_fewest_bits_to_outputs_the_loss_ignores() -> None:
         model.model.layers[0].mlp.down_proj.weight.zero_()
     tokens = torch.randint(0, 300, (8, 32), generator=_gen(1))
     run = ModelContext(model, get_adapter(model), tokens, torch.device("cpu"), batch_size=4)
-    baq = BAQ(BAQConfig(method="baq", avg_bits=3.0, granularity="module", group_size=16, candidates=[2, 3, 4],
-                        objective="fisher"))
+    baq = BAQ(BAQConfig(method="baq", avg_bits=3.0, granularity="module", candidates=[2, 3, 4], objective="fisher"))
+    baq.bind([GPTQConfig(method="gptq", group_size=16)], "dense")
     run_stages(run, [baq])
     bits = run.plans["bits"]
     for name in ("gate_proj", "up_proj"):
         assert bits[f"model.layers.0.mlp.{name}"] == 2
     assert max(bits.values()) > 2
-    relative = BAQ(BAQConfig(method="baq", avg_bits=3.0, granularity="module", group_size=16, candidates=[2, 3, 4],
+    relative = BAQ(BAQConfig(method="baq", avg_bits=3.0, granularity="module", candidates=[2, 3, 4],
                              objective="relative"))
     relative.measured = baq.measured
     relative.finalize(run)
@@ -343,16 +350,46 @@ def test_module_budget_needs_finer_units() -> None:
         BAQConfig.model_validate({"method": "baq", "budget": "module", "granularity": "module"})
 
 
-def test_group_plan_with_other_group_size_is_an_error() -> None:
-    baq = BAQ(BAQConfig(method="baq", granularity="group", group_size=16))
-    with pytest.raises(RecipeError, match="planned group widths"):
-        _run([baq, GPTQ(GPTQConfig(method="gptq", group_size=32))])
+@pytest.mark.parametrize(("quant", "expected"), [
+    (GPTQConfig(method="gptq", group_size=32, act_order=False, dampening=0.05), (32, 0.05, False)),
+    (GPTQConfig(method="gptq", group_size=16), (16, 0.01, True)),
+    (RTNConfig(method="rtn", group_size=-1), (-1, 0.01, False)),  # rtn has no sweep order or dampening
+])
+def test_baq_models_the_quantizer_it_plans_for(quant: object, expected: tuple, monkeypatch) -> None:
+    """group_size, act_order and dampening have one home, the quantizer: BAQ's model reads them there."""
+    import compressor.methods.quant.baq as baq_module
+
+    seen = set()
+    real = baq_module.column_weight
+
+    def spy(H: torch.Tensor, dampening: float, act_order: bool, error_feedback: bool = True) -> torch.Tensor:
+        seen.add((dampening, act_order))
+        return real(H, dampening, act_order, error_feedback)
+
+    monkeypatch.setattr(baq_module, "column_weight", spy)
+    _, records = _run([BAQConfig(method="baq", granularity="group", candidates=[2, 4]), quant])
+    group_size, dampening, act_order = expected
+    assert seen == {(dampening, act_order)}
+    assert {r.group_size for r in records if r.method == "baq"} == ({64, 128} if group_size == -1 else {group_size})
+
+
+def test_baq_and_its_quantizer_must_target_the_same_modules() -> None:
+    baq = BAQConfig(method="baq", targets=["re:.*mlp.*"])
+    with pytest.raises(RecipeError, match=r"model\.layers\.0\.self_attn\.q_proj: only gptq targets it; give baq "
+                                          "the same targets and ignore"):
+        _run([baq, GPTQConfig(method="gptq", group_size=16)])
+
+
+def test_unbound_baq_says_how_to_bind() -> None:
+    run = ModelContext(tiny_model("llama"), None, torch.zeros(1, 2, dtype=torch.long), torch.device("cpu"), 1)
+    with pytest.raises(RecipeError, match="build_stages"):
+        BAQ(BAQConfig(method="baq")).prepare(run)
 
 
 def test_baq_gptq_beats_uniform_rtn_at_the_same_bits() -> None:
-    baq = BAQ(BAQConfig(method="baq", avg_bits=3.0, group_size=16, objective="relative"))
-    run, records = _run([baq, GPTQ(GPTQConfig(method="gptq", group_size=16))])
-    _, uniform = _run([RTN(RTNConfig(method="rtn", bits=3, group_size=16))])
+    baq = BAQConfig(method="baq", avg_bits=3.0, objective="relative")
+    run, records = _run([baq, GPTQConfig(method="gptq", group_size=16)])
+    _, uniform = _run([RTNConfig(method="rtn", bits=3, group_size=16)])
     assert average_bits(run.quantized)[0] <= 3.0
     assert sum(r.rel_error for r in records if r.method == "gptq") < sum(r.rel_error for r in uniform)
 
@@ -370,7 +407,6 @@ def test_baq_gptq_beats_uniform_rtn_at_the_same_bits() -> None:
         ({"candidates": [2, 9]}, "candidates"),
         ({"candidates": [1, 2]}, "candidates"),
         ({"granularity": "row"}, "granularity"),
-        ({"group_size": 0}, "group_size"),
         ({"bits": 3}, "bits"),
     ],
 )
@@ -391,7 +427,6 @@ def _recipe(baq: dict[str, object], quant: dict[str, object], export: str = "den
         ({"granularity": "group"}, {}, "compressed-tensors", "only the dense export"),
         ({"granularity": "column"}, {}, "compressed-tensors", "only the dense export"),
         ({}, {"group_size": 32}, "gguf", "gguf holds one block type"),
-        ({"granularity": "group", "group_size": 64}, {"group_size": 128}, "dense", "group_size 64 differs"),
         ({"candidates": [2, 5], "avg_bits": 3}, {}, "dense", "candidate 5 bits cannot be used by gptq"),
     ],
 )
@@ -419,7 +454,7 @@ def test_compress_end_to_end_reports_the_allocation(model_dir_factory, text_file
     recipe = recipe_from_dict({
         "name": "baq-test",
         "calibration": {"dataset": str(text_file), "samples": 8, "seq_len": 32},
-        "stages": [{"method": "baq", "avg_bits": 2.5, "candidates": [2, 3, 4], "group_size": 32},
+        "stages": [{"method": "baq", "avg_bits": 2.5, "candidates": [2, 3, 4]},
                    {"method": "gptq", "group_size": 32}],
         "export": {"format": "dense"},
     })
@@ -449,8 +484,8 @@ def test_mixed_precision_compressed_tensors_loads_and_matches(model_dir_factory,
     recipe = recipe_from_dict({
         "name": "baq-ct",
         "calibration": {"dataset": str(text_file), "samples": 8, "seq_len": 32},
-        "stages": [{"method": "baq", "avg_bits": 3.0, "candidates": [2, 4, 8], "group_size": 32},
-                   {"method": "gptq", "bits": 4, "group_size": 32}],
+        "stages": [{"method": "baq", "avg_bits": 3.0, "candidates": [2, 4, 8]},
+                   {"method": "gptq", "group_size": 32}],
         "export": {"format": "compressed-tensors"},
     })
     loaded = load(model_dir_factory("llama"))
