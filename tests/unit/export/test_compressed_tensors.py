@@ -79,7 +79,7 @@ def test_packed_tensors_round_trip_bit_exact(bits, group, sym) -> None:
     assert torch.equal(dense["weight"], qweight.dequantize())
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])  # every width BAQ plans; vLLM serves only 4 and 8 (README)
 @pytest.mark.parametrize("group", [32, -1])
 @pytest.mark.parametrize("tied", [True, False])
 def test_transformers_loads_symmetric_exactly(tmp_path, make_llama, fake_quantize, all_but_head, logits,
