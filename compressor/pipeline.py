@@ -19,7 +19,7 @@ from compressor.export import format_problem, storage_scale_dtype, write_model
 from compressor.export.atomic import atomic_output_dir, check_output_dir
 from compressor.methods.base import Method, TargetedConfig
 from compressor.models import ModelAdapter, get_adapter
-from compressor.models.loading import LoadedModel, load_model, resolve_device
+from compressor.models.loading import LoadedModel, dtype_name, load_model, resolve_device
 from compressor.recipe import ExportConfig, Recipe, build_stages
 from compressor.report import (
     Report,
@@ -43,8 +43,11 @@ def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 3)
 
 
-def load(path: str | Path, *, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
-    """Load any model this package reads or writes (HF dir, our exports, .gguf, demo:, hub id)."""
+def load(path: str | Path, *, dtype: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
+    """Load any model this package reads or writes (HF dir, our exports, .gguf, demo:, hub id).
+
+    ``dtype="auto"`` keeps the checkpoint's own dtype; ``float32``, ``bfloat16`` or ``float16`` force one.
+    """
     return load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
 
 
@@ -55,7 +58,7 @@ def evaluate(
     seq_len: int = 512,
     max_tokens: int | None = 16384,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     text_field: str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> PerplexityResult:
@@ -135,7 +138,7 @@ def compress(
     recipe: Recipe,
     out: Path,
     *,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "auto",
     eval_data: str | None = None,
     eval_max_tokens: int | None = 16384,
@@ -194,6 +197,7 @@ def compress(
         calibration={**calib.model_dump(), "tokens": int(tokens.numel())}, structure=run.structure,
         warnings=Report.grouped_warnings(records),
     )
+    report.dtype = dtype_name(loaded.model)
     if eval_data:
         report.eval = _eval_summary(evaluation, eval_data)
         report.quality_gate = _quality_gate(report.eval, max_ppl_increase)

@@ -48,6 +48,8 @@ class Report:
     #: One entry per distinct note: ``{message, count, pattern, modules}`` (see :func:`group_warnings`).
     warnings: list[dict[str, Any]] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    #: The dtype the model was loaded, compressed and exported in (``--dtype auto`` keeps the checkpoint's).
+    dtype: str = ""
 
     @staticmethod
     def grouped_warnings(records: Iterable[LayerRecord]) -> list[dict[str, Any]]:

@@ -24,7 +24,14 @@ SetOpt = Annotated[
 ]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for calibration sampling [default: recipe's, 0].")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, or cuda[:N].")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32, bfloat16 or float16.")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="Load and compute dtype: auto (keep the checkpoint's; .gguf files and demo:smollm2 are float32), "
+        "float32, bfloat16 or float16.",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or warnings.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]

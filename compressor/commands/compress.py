@@ -51,7 +51,7 @@ def compress(
     seed: SeedOpt = None,
     text_field: TextFieldOpt = None,
     overrides: SetOpt = None,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     eval_data: Annotated[str | None, typer.Option("--eval", help="Measure perplexity before/after on SOURCE.")] = None,
     eval_tokens: Annotated[int, typer.Option("--eval-tokens", help="Tokens of --eval data to score.")] = 16384,

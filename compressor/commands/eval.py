@@ -28,7 +28,7 @@ def eval_(
         int | None, typer.Option("--max-tokens", help="Score at most this many tokens (whole windows).")
     ] = 16384,
     text_field: TextFieldOpt = None,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     trust_remote_code: Annotated[
         bool, typer.Option("--trust-remote-code", help="Allow a model directory's own modeling code to run.")
@@ -41,12 +41,13 @@ def eval_(
     configure_logging(quiet or json_output)
 
     def action() -> None:
+        from compressor.models.loading import dtype_name
         from compressor.pipeline import evaluate, load
 
         loaded = load(model, dtype=dtype, trust_remote_code=trust_remote_code)
         result = evaluate(loaded, data, seq_len=seq_len, max_tokens=max_tokens, device=device,
                           text_field=text_field)
-        summary = {"model": model, "data": data, **result.to_dict()}
+        summary = {"model": model, "data": data, "dtype": dtype_name(loaded.model), **result.to_dict()}
         if json_output:
             print_json(summary)
         elif not quiet:

