@@ -42,7 +42,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -97,6 +97,9 @@ class BAQConfig(TargetedConfig):
     ``group_size``, ``act_order`` and ``dampening`` are the quantizer's (one home): BAQ reads them from the
     stage it plans for and refuses them in its own stage.
     """
+
+    #: 2: group_size, act_order and dampening moved to the quantizing stage.
+    version: ClassVar[int] = 2
 
     candidates: list[int] = Field(default_factory=lambda: [2, 3, 4, 8], description="Allowed widths, each 2..8.")
     avg_bits: float = Field(3.0, description="Budget: average bits per targeted weight, within the candidates.")
