@@ -78,6 +78,8 @@ class Report:
         rows["parameters"] = format_count(params_before) + (
             f" -> {format_count(params_after)}" if params_after != params_before else "")
         rows |= {"model": self.model, "recipe": str(self.recipe.get("name")), "format": self.export_format}
+        if self.dtype:
+            rows["dtype"] = self.dtype
         return rows
 
 

@@ -113,13 +113,14 @@ def test_format_duration(seconds: float, text: str) -> None:
 
 def test_summary_leads_with_what_people_ask_first() -> None:
     evaluation = {"source": "demo:wiki", "before": {"ppl": 23.634}, "after": {"ppl": 24.1}, "increase_pct": 1.9717}
-    summary = _report(_smollm2_records(), eval=evaluation).summary()
+    summary = _report(_smollm2_records(), eval=evaluation, dtype="bfloat16").summary()
     assert list(summary)[:4] == ["bits per weight", "size on disk", "perplexity", "time"]
     assert summary["bits per weight"] == "4.00 (4.25 with scales)"
     assert summary["size on disk"] == "538.1 MB -> 141.0 MB (3.82x smaller)"
     assert summary["perplexity"] == "23.63 -> 24.10 (+1.97%)"
     assert summary["time"] == "1 m 52 s"
     assert summary["parameters"] == "134.5M"
+    assert summary["dtype"] == "bfloat16"
     pruned = _report([], params={"before": 134_515_008, "after": 106_000_000}, avg_bits_per_weight=None,
                      avg_bits_incl_metadata=None, size_bytes={"before": 538_060_032, "after": 600_000_000})
     assert pruned.summary()["bits per weight"] == "not quantized"
