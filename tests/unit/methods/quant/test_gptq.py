@@ -1,15 +1,20 @@
-"""GPTQ through the engine: beats RTN on every module's output error, runs on every family."""
+"""GPTQ through the engine: beats RTN on every module's output error on every family, and gives the codes of a
+slow reference (with and without act-order) on the Hessians the engine collects."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from reference_gptq import reference_gptq
 from tiny import FAMILIES, tiny_model
 
 from compressor.engine import ModelContext, run_stages
+from compressor.methods.quant import gptq as gptq_module
 from compressor.methods.quant.gptq import GPTQ, GPTQConfig
+from compressor.methods.quant.gptq_ops import GPTQResult, gptq_quantize
 from compressor.methods.quant.rtn import RTN, RTNConfig
 from compressor.models import get_adapter
+from compressor.recipe import build_stages
 
 
 def _errors(family: str, method: object) -> dict[str, float]:
@@ -31,11 +36,35 @@ def test_gptq_beats_rtn_on_layer_error(family: str, bits: int, group_size: int) 
     assert sum(g < r for g, r in zip(gptq.values(), rtn.values(), strict=True)) >= 0.8 * len(gptq)
 
 
-def test_act_order_changes_the_result() -> None:
-    base = dict(method="gptq", bits=3, group_size=32)
-    plain = _errors("llama", GPTQ(GPTQConfig(act_order=False, **base)))
-    ordered = _errors("llama", GPTQ(GPTQConfig(act_order=True, **base)))
-    assert plain != ordered
+@pytest.mark.parametrize("act_order", [True, False])
+def test_engine_gives_the_slow_reference_codes(act_order: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every linear of a real pass gets the codes of tests/reference_gptq.py on the Hessian the engine built.
+
+    The reference orders columns itself (descending diag(H) with act-order), so a stage that dropped or
+    ignored ``act_order`` fails here; the asymmetric grid has no halfway ties (see test_gptq_ops.py).
+    """
+    calls: list[tuple[torch.Tensor, torch.Tensor, GPTQResult]] = []
+
+    def recording(W: torch.Tensor, H: torch.Tensor, *args: object, **kwargs: object) -> GPTQResult:
+        result = gptq_quantize(W, H, *args, **kwargs)  # type: ignore[arg-type]
+        calls.append((W.clone(), H.clone(), result))
+        return result
+
+    monkeypatch.setattr(gptq_module, "gptq_quantize", recording)
+    config = GPTQConfig(method="gptq", bits=3, group_size=32, symmetric=False, act_order=act_order)
+    model = tiny_model("llama")
+    tokens = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(1))
+    run = ModelContext(model, get_adapter(model), tokens, torch.device("cpu"), batch_size=4)
+    records = run_stages(run, build_stages([config]))
+    assert len(calls) == len(records) == 21  # 3 layers x 7 linears
+    reordered = 0
+    for W, H, result in calls:
+        codes, W_hat = reference_gptq(W, H, 3, 32, symmetric=False, act_order=act_order)
+        other, _ = reference_gptq(W, H, 3, 32, symmetric=False, act_order=not act_order)
+        reordered += int((codes != other).sum())
+        assert torch.equal(result.qweight.q.double(), codes)
+        torch.testing.assert_close(result.W_hat.double(), W_hat, rtol=1e-6, atol=1e-6)
+    assert reordered > 0.05 * sum(W.numel() for W, _, _ in calls)  # the order matters on these Hessians
 
 
 def test_bits_must_be_storable() -> None:
