@@ -14,11 +14,6 @@ from compressor.methods.registry import get_method
 from compressor.pipeline import compress, load
 from compressor.recipe import load_recipe, shipped_recipe_names
 
-#: Not this change's to rename (another stage of issue 13 owns the BAQ recipes): per-group widths have no
-#: packed format, so the name should say dense. Strict: the mark fails once the recipe is fixed or renamed away.
-DENSE_WITHOUT_SAYING_SO = {"baq-2.5bit-gptq-group"}
-
-
 def _quantizes(name: str) -> bool:
     return any(get_method(stage.method).kind == "quant" for stage in load_recipe(name).stages)
 
@@ -30,11 +25,7 @@ def test_most_shipped_recipes_quantize() -> None:
     assert len(QUANTIZING) >= 8 and "shortgpt-25pct" not in QUANTIZING
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="recipe owned elsewhere; rename pending"))
-    if n in DENSE_WITHOUT_SAYING_SO else n
-    for n in QUANTIZING
-])
+@pytest.mark.parametrize("name", QUANTIZING)
 def test_quantizing_recipes_write_a_packed_format_unless_named_dense(name: str) -> None:
     fmt = load_recipe(name).export.format
     assert "dense" in name or fmt != "dense", f"{name} quantizes but writes dense weights"
