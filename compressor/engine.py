@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -283,7 +283,7 @@ class LayerContext:
 
 
 @contextmanager
-def _patched_forwards(patches: dict[nn.Module, Callable[..., Any]]) -> Iterator[None]:
+def _patched_forwards(patches: Mapping[nn.Module, Callable[..., Any]]) -> Iterator[None]:
     """Give modules another ``forward`` (an instance attribute) for the block, then restore what was there.
 
     An existing instance attribute (accelerate's offload hooks put one there) is put back, not deleted.

@@ -14,6 +14,7 @@ from compressor.methods.registry import get_method
 from compressor.pipeline import compress, load
 from compressor.recipe import load_recipe, shipped_recipe_names
 
+
 def _quantizes(name: str) -> bool:
     return any(get_method(stage.method).kind == "quant" for stage in load_recipe(name).stages)
 
