@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from isolation import run_without_compressor
 from test_layer_drop import TOKENS, deep_model, logits
 from tiny import FAMILIES, tiny_model
 from transformers import AutoModelForCausalLM
@@ -123,6 +124,17 @@ def test_a_silent_sublayer_goes_first_and_removal_is_exact(family: str) -> None:
     assert all(r.extra["score"] is not None for r in records) and gone[0].note.startswith("removed #1")
 
 
+_LOAD_WITHOUT_COMPRESSOR = """
+import sys
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+tokens, expected = torch.load(sys.argv[1] + "/tokens.pt"), torch.load(sys.argv[1] + "/logits.pt")
+with torch.no_grad():
+    print(type(model).__name__, float((model(tokens).logits - expected).abs().max()))
+"""
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_loads_with_remote_code_and_gives_the_same_logits(
     family: str, tmp_path: Path, tiny_tokenizer: Any
@@ -137,6 +149,12 @@ def test_export_loads_with_remote_code_and_gives_the_same_logits(
     assert config["finercut_removed"][0] == ["attention"]
     assert (tmp_path / "modeling_finercut.py").is_file()
     expected = logits(model)
+    torch.save(TOKENS, tmp_path / "tokens.pt")
+    torch.save(expected, tmp_path / "logits.pt")
+    child = run_without_compressor(_LOAD_WITHOUT_COMPRESSOR, str(tmp_path), cwd=tmp_path)  # a user's Python
+    assert child.returncode == 0, child.stderr[-2000:]
+    name, diff = child.stdout.split()
+    assert name.startswith("FinerCut") and float(diff) <= 1e-5
     remote = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
     torch.testing.assert_close(logits(remote), expected, rtol=0, atol=1e-5)
     ours = load(tmp_path).model  # byte-identical shipped code: no --trust-remote-code needed
