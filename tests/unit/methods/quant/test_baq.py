@@ -458,8 +458,9 @@ def test_compress_end_to_end_reports_the_allocation(model_dir_factory, text_file
                    {"method": "gptq", "group_size": 32}],
         "export": {"format": "dense"},
     })
+    loaded = load(model_dir_factory("llama"))  # compressed in place: the in-memory model to compare with
     out = tmp_path / "out"
-    report = compress(model_dir_factory("llama"), recipe, out, device="cpu")
+    report = compress(loaded, recipe, out, device="cpu")
     assert report.avg_bits_per_weight is not None and 2.3 <= report.avg_bits_per_weight <= 2.5
     assert report.avg_bits_incl_metadata > report.avg_bits_per_weight
     rows = json.loads((out / "compression_report.json").read_text())["layers"]
@@ -467,10 +468,13 @@ def test_compress_end_to_end_reports_the_allocation(model_dir_factory, text_file
     assert planned and all(r["extra"]["planned_bits"] in (2, 3, 4) for r in planned)
     markdown = (out / "compression_report.md").read_text()
     assert "## Bit allocation" in markdown and "Planned average" in markdown
+    # The dense export stores the fake-quantized weights in the model's own dtype (float32): exact logits.
+    reloaded = load(out).model
+    tokens = torch.randint(0, 300, (2, 24), generator=_gen(12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens).logits, loaded.model(tokens).logits, rtol=0, atol=1e-6)
     pytest.importorskip("matplotlib")
     assert (out / "bit_allocation.png").is_file() and "bit_allocation.png" in report.files
-    reloaded = load(out).model
-    assert reloaded is not None
 
 
 def test_mixed_precision_compressed_tensors_loads_and_matches(model_dir_factory, text_file: Path,
