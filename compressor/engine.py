@@ -190,7 +190,7 @@ class LayerContext:
         """The sublayer a lone output projection closes (attention, or an MLP module), or None.
 
         transformers' attention modules return ``(output, weights)``; MLP modules return the output.
-        OPT has no MLP module (fc1/fc2 live on the layer), so only its attention is replayable.
+        A family whose MLP parts live on the layer itself (OPT's fc1/fc2) has only its attention replayable.
         """
         if len(group.names) != 1:
             return None
@@ -348,11 +348,8 @@ def split_passes(stages: list[Method]) -> list[list[Method]]:
 
 
 def _move_embeddings(adapter: ModelAdapter, device: torch.device) -> None:
-    for module in adapter.embeddings():
+    for module in adapter.before_layers():
         module.to(device)
-    rotary = getattr(adapter.decoder(), "rotary_emb", None)
-    if rotary is not None:
-        rotary.to(device)
 
 
 def run_pass(run: ModelContext, stages: list[Method], progress: ProgressFn | None = None) -> list[LayerRecord]:

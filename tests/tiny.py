@@ -1,11 +1,20 @@
-"""Tiny seeded models of every supported family and deterministic text, built offline."""
+"""Tiny seeded models of every supported family and deterministic text, built offline.
+
+The families come from compressor's family table (``compressor.models.FAMILIES``), so a new family enters every
+test parametrized over :data:`FAMILIES` at once; its tiny config is a row of :data:`TINY` keyed by the same
+family name (test sizes are test data, so they live here, not in the shipped description), and
+``tests/unit/test_adapter_contract.py`` fails while a family has no row.
+"""
 
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from compressor.models import FAMILIES as FAMILY_TABLE
 
 VOCAB = 320
 WORDS = (
@@ -13,6 +22,16 @@ WORDS = (
     "news from the city council meeting said the budget would rise next year as rain fell on the river "
     "scientists measured the weight of a small bird and found it lighter than expected in winter"
 ).split()
+
+#: Family name -> the model type its tiny model is built as and that config's family-specific sizes.
+TINY: dict[str, dict[str, Any]] = {
+    "llama": dict(model_type="llama", intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2": dict(model_type="qwen2", intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=False),
+    "opt": dict(model_type="opt", ffn_dim=128, word_embed_proj_dim=64, do_layer_norm_before=True, enable_bias=True),
+}
+
+#: Every family in compressor's table, in table order.
+FAMILIES = tuple(family.name for family in FAMILY_TABLE)
 
 
 def make_text(n_words: int, seed: int = 0) -> str:
@@ -23,24 +42,17 @@ def make_text(n_words: int, seed: int = 0) -> str:
     return " ".join(sentences)
 
 
-def tiny_config(family: str, **overrides: object) -> object:
-    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  max_position_embeddings=256)
-    if family == "llama":
-        config = LlamaConfig(intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True, **common)
-    elif family == "qwen2":
-        config = Qwen2Config(intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=False, **common)
-    elif family == "opt":
-        config = OPTConfig(ffn_dim=128, word_embed_proj_dim=64, do_layer_norm_before=True,
-                           enable_bias=True, **common)
-    else:
-        raise ValueError(family)
+def tiny_config(family: str, **overrides: object) -> Any:
+    """A 3-layer, 64-wide config of ``family`` (a family name from the table), with ``overrides`` set on it."""
+    if family not in TINY:
+        raise KeyError(f"no tiny config for family '{family}': add a row to TINY in tests/tiny.py")
+    sizes = dict(TINY[family])
+    model_type = sizes.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3,
+                                  num_attention_heads=4, max_position_embeddings=256, **sizes)
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
-
-
-FAMILIES = ("llama", "qwen2", "opt")
 
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides: object) -> torch.nn.Module:
@@ -52,5 +64,3 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides: object) -> tor
             if "norm" in name or name.endswith("bias"):
                 param.add_(0.1 * torch.randn_like(param))
     return model.eval()
-
-
