@@ -6,15 +6,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from compressor.errors import RecipeError
 from compressor.methods.base import GroupSize, LayerRecord, Method, TargetedConfig
-from compressor.methods.quant.ops import QuantizedWeight, effective_group_size, relative_error
+from compressor.methods.quant.ops import Grid, QuantizedWeight, ScaleSearch, effective_group_size, relative_error
 
 if TYPE_CHECKING:
     from compressor.engine import LayerContext, ModelContext
@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 
 
 class WeightQuantConfig(TargetedConfig):
-    """Integer weight quantization scheme shared by RTN and GPTQ."""
+    """Integer weight quantization scheme shared by RTN and GPTQ (version 2: ``mse`` became ``scale_search``)."""
+
+    version: ClassVar[int] = 2
 
     bits: int = Field(4, description="Code width, 2..8.")
     group_size: GroupSize = Field(
@@ -34,7 +36,25 @@ class WeightQuantConfig(TargetedConfig):
     )
     symmetric: bool = Field(True, description="Zero point fixed at the middle of the range.")
     strict_groups: bool = Field(False, description="Fail instead of shrinking a group size that does not divide.")
-    mse: bool = Field(False, description="Grid-search each group's clipping range to minimise its error.")
+    grid: Grid = Field(
+        "restricted",
+        description="Symmetric levels: restricted (max|w| at (2^b-1)/2 steps, the GPTQ reference's), full (the "
+        "largest-magnitude weight on -2^(b-1), llama.cpp Q4_0's; scales may be negative) or full_positive (full "
+        "levels, positive scales). Asymmetric ranges always use all 2^b levels.",
+    )
+    scale_search: ScaleSearch = Field(
+        "none",
+        description="Per-group scale: none (min/max of the grid), mse (searched to minimise the squared error) "
+        "or weighted (the error weighted by each input's mean squared activation, diag(H)).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mse_was_renamed(cls, data: object) -> object:
+        if isinstance(data, dict) and "mse" in data:
+            raise ValueError("mse was replaced by scale_search: write scale_search: mse (or weighted, or none) "
+                             "and remove mse")
+        return data
 
     @field_validator("bits")
     @classmethod

@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 from compressor.errors import NumericalError
 from compressor.methods.base import LayerRecord
 from compressor.methods.quant.common import WeightQuantConfig, WeightQuantizer, quantize_layer_linears
-from compressor.methods.quant.gptq_ops import gptq_quantize
+from compressor.methods.quant.gptq_ops import FitOn, gptq_quantize
 from compressor.methods.quant.ops import QuantizedWeight
 from compressor.methods.registry import register_method
 
@@ -39,12 +39,21 @@ class GPTQConfig(WeightQuantConfig):
       act_order: true     # columns by descending Hessian diagonal; static groups keep scales contiguous
       dampening: 0.01     # fraction of mean(diag H) added to the diagonal
       block_size: 128     # lazy-update block width
+      grid: restricted    # or full / full_positive (see rtn)
+      scale_search: none  # or mse / weighted (weighted by diag(H))
+      fit_on: auto        # or original / sweep: when group scales are fitted
     ```
     """
 
     act_order: bool = Field(True, description="Quantize columns by descending diag(H) (static groups).")
     dampening: float = Field(0.01, gt=0, lt=1, description="Fraction of mean(diag H) added to the diagonal.")
     block_size: int = Field(128, ge=1, description="Columns per lazy batch update.")
+    fit_on: FitOn = Field(
+        "auto",
+        description="When group scales are fitted: original (before the sweep, on the original weights), sweep "
+        "(when the sweep reaches the group, on the error-updated weights) or auto (original with act_order, "
+        "sweep without: the GPTQ reference).",
+    )
 
     @field_validator("bits")
     @classmethod
@@ -69,7 +78,8 @@ class GPTQ(WeightQuantizer):
             try:
                 result = gptq_quantize(
                     W, H, bits, group_size, config.symmetric, config.act_order, config.block_size,
-                    config.dampening, config.mse, bits_per_group,
+                    config.dampening, bits_per_group=bits_per_group, grid=config.grid,
+                    scale_search=config.scale_search, fit_on=config.fit_on,
                 )
             except ValueError as exc:
                 raise NumericalError(f"{ctx.prefix}: GPTQ failed: {exc}") from exc

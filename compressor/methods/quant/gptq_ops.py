@@ -13,10 +13,11 @@ inverse, ``W1``/``Err1`` the current block of weights and of scaled errors.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from compressor.methods.quant.ops import QuantizedWeight, compute_qparams, quantize_codes, search_clip
+from compressor.methods.quant.ops import Grid, QuantizedWeight, ScaleSearch, fit_qparams, quantize_codes
 
 _MAX_RETRIES = 6  # dampening grows tenfold per retry: 0.01 -> 1e4 at most
 _RETRY_START = 0.01  # first retry when the caller asked for no dampening at all
@@ -44,30 +45,36 @@ class GPTQResult:
     bits_per_group: list[int] | None = None
 
 
+FitOn = Literal["auto", "original", "sweep"]
+
+
 @dataclass
 class _Groups:
     """Scale and zero of every (row, group) as the sweep fills them in: ``[out, n_groups]`` float32.
 
-    ``of_column[j]`` is the group of the column quantized ``j``-th (``perm[j] // size``); ``bits[g]`` is
-    group ``g``'s width; ``static`` means every group was fitted before the sweep (act-order).
+    ``of_column[j]`` is the group of the column quantized ``j``-th (``perm[j] // size``); ``positions[g]`` the
+    sweep positions of group ``g``'s columns (ascending); ``bits[g]`` its width; ``importance: [in]`` is
+    ``diag(H)`` in sweep order (for the weighted search). ``static`` means every group was fitted before the
+    sweep, on the original weights; otherwise a group is fitted when the sweep reaches its first column.
     """
 
     size: int
     bits: list[int]
     symmetric: bool
-    mse: bool
+    grid: Grid
+    scale_search: ScaleSearch
     static: bool
     of_column: list[int]
+    positions: list[torch.Tensor]
+    first: list[int]
+    importance: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
 
-    def fit(self, g: int, w: torch.Tensor) -> None:
-        """Fit group ``g`` to the weights ``w: [out, size]`` (min/max, or the MSE clipping search)."""
-        w = w.contiguous()
-        if self.mse:
-            scale, zero = search_clip(w, self.bits[g], self.symmetric)
-        else:
-            scale, zero = compute_qparams(w, self.bits[g], self.symmetric)
+    def fit(self, g: int, w: torch.Tensor, importance: torch.Tensor) -> None:
+        """Fit group ``g`` to the weights ``w: [out, size]`` whose columns have ``importance: [size]``."""
+        scale, zero = fit_qparams(w.contiguous(), self.bits[g], self.symmetric, self.grid, self.scale_search,
+                                  importance)
         self.scale[:, g] = scale
         self.zero[:, g] = zero
 
@@ -126,8 +133,11 @@ def gptq_quantize(
     act_order: bool,
     block_size: int = 128,
     dampening: float = 0.01,
-    mse: bool = False,
+    *,
     bits_per_group: torch.Tensor | None = None,
+    grid: Grid = "restricted",
+    scale_search: ScaleSearch = "none",
+    fit_on: FitOn = "auto",
 ) -> GPTQResult:
     """Quantize ``W: [out, in]`` against the Hessian ``H: [in, in]`` of its inputs (GPTQ, Algorithm 1).
 
@@ -138,7 +148,12 @@ def gptq_quantize(
     ``diag(H)`` but groups are static: fitted on the original ``W``'s contiguous groups before the sweep,
     so the stored groups stay contiguous and no ``g_idx`` is needed. ``dampening * mean(diag H)`` is added
     to the diagonal, multiplied by 10 up to 6 times while the Cholesky factorisation fails.
-    ``bits_per_group: [n_groups]`` gives each group its own width (see ``GPTQResult``).
+    ``bits_per_group: [n_groups]`` gives each group its own width (see ``GPTQResult``). ``grid`` and
+    ``scale_search`` choose each group's scale (``ops.compute_qparams`` / ``ops.search_qparams``; the weighted
+    search weighs columns by ``diag(H)``). ``fit_on`` says when groups are fitted: ``original`` before the sweep
+    on the original ``W`` (static), ``sweep`` when the sweep reaches a group's first column, on the weights as
+    updated by every earlier column's error (with act-order the group's columns are gathered from wherever the
+    order put them), ``auto`` the reference's choice (``original`` with act-order, ``sweep`` without).
     The caller's tensors are not modified; the sweep runs in float32 (the inverse in float64 when ``H``
     is float64), on the device ``W`` and ``H`` share.
     Raises ``ValueError`` on bad arguments, non-finite ``W`` or ``H``, or a Hessian that stays singular.
@@ -151,7 +166,8 @@ def gptq_quantize(
     dead = torch.nonzero(torch.diagonal(H) == 0).squeeze(1)
     H[dead, dead] = 1
     W[:, dead] = 0
-    groups, perm = _plan_groups(W, H, size, group_bits, symmetric, mse, act_order)
+    static = act_order if fit_on == "auto" else fit_on == "original"
+    groups, perm = _plan_groups(W, H, size, group_bits, symmetric, act_order, static, grid, scale_search)
     if act_order:
         W, H = W[:, perm], H[perm][:, perm]
     Hinv, used, retries = _inverse_cholesky(H, dampening)
@@ -211,31 +227,41 @@ def _plan_groups(
     size: int,
     group_bits: list[int],
     symmetric: bool,
-    mse: bool,
     act_order: bool,
+    static: bool,
+    grid: Grid,
+    scale_search: ScaleSearch,
 ) -> tuple[_Groups, torch.Tensor]:
-    """The sweep order ``perm: [in]`` (descending ``diag(H)`` with act-order) and the empty groups.
+    """The sweep order ``perm: [in]`` (descending ``diag(H)`` with act-order) and the groups.
 
-    With act-order every group is fitted here, on the unpermuted ``W``'s contiguous columns (static groups).
+    With ``static`` every group is fitted here, on the unpermuted ``W``'s contiguous columns.
     """
     out, columns = W.shape
     perm = torch.arange(columns, device=W.device)
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
     n_groups = columns // size
+    of_column = perm // size
+    positions = [torch.nonzero(of_column == g).squeeze(1) for g in range(n_groups)]
+    diagonal = torch.diagonal(H).float()
     groups = _Groups(
         size=size,
         bits=group_bits,
         symmetric=symmetric,
-        mse=mse,
-        static=act_order,
-        of_column=(perm // size).tolist(),
+        grid=grid,
+        scale_search=scale_search,
+        static=static,
+        of_column=of_column.tolist(),
+        positions=positions,
+        first=[int(p[0]) for p in positions],
+        importance=diagonal[perm],
         scale=W.new_ones(out, n_groups),
         zero=W.new_zeros(out, n_groups),
     )
-    if act_order:
+    if static:
         for g in range(n_groups):
-            groups.fit(g, W[:, g * size : (g + 1) * size])
+            columns_g = slice(g * size, (g + 1) * size)
+            groups.fit(g, W[:, columns_g], diagonal[columns_g])
     return groups, perm
 
 
@@ -300,8 +326,9 @@ def _quantize_block(
     for i in range(i2 - i1):
         j = i1 + i
         g = groups.of_column[j]
-        if not groups.static and j % groups.size == 0:
-            groups.fit(g, _current_columns(W, W1, Err1, Hinv, i1, i, j + groups.size))
+        if not groups.static and j == groups.first[g]:
+            at = groups.positions[g]
+            groups.fit(g, _current_columns(W, W1, Err1, Hinv, i1, i, at), groups.importance[at])
         scale, zero = groups.scale[:, g], groups.zero[:, g]
         w = W1[:, i]
         q = quantize_codes(w, scale, zero, groups.bits[g])
@@ -314,16 +341,19 @@ def _quantize_block(
 
 
 def _current_columns(
-    W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.Tensor, i1: int, i: int, end: int
+    W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.Tensor, i1: int, i: int, at: torch.Tensor
 ) -> torch.Tensor:
-    """Columns ``i1 + i .. end`` as an unblocked sweep would see them now: ``[out, end - i1 - i]``.
+    """Columns at sweep positions ``at`` (all ``>= i1 + i``) as an unblocked sweep would see them now.
 
     Inside the block ``W1`` is up to date; columns past the block (``i2 = i1 + W1.shape[1]``) still owe
-    the block's errors so far, ``Err1[:, :i] @ Hinv[i1:i1+i, i2:end]``.
+    the block's errors so far, ``Err1[:, :i] @ Hinv[i1:i1+i, at]``. Returns ``[out, len(at)]``.
     """
     i2 = i1 + W1.shape[1]
-    inside = W1[:, i : min(end, i2) - i1]
-    if end <= i2:
-        return inside
-    pending = Err1[:, :i] @ Hinv[i1 : i1 + i, i2:end]
-    return torch.cat([inside, W[:, i2:end] - pending], dim=1)
+    inside = at < i2
+    if bool(inside.all()):
+        return W1[:, at - i1]
+    current = W.new_empty(W.shape[0], at.numel())
+    current[:, inside] = W1[:, at[inside] - i1]
+    outside = at[~inside]
+    current[:, ~inside] = W[:, outside] - Err1[:, :i] @ Hinv[i1 : i1 + i, outside]
+    return current

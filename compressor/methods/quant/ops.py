@@ -9,6 +9,7 @@ special case ``zero = 2**(bits - 1)``, so the signed value ``q - zero`` lies in
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 
@@ -112,22 +113,42 @@ def effective_group_size(columns: int, group_size: int) -> int:
     return size
 
 
-def compute_qparams(
-    w: torch.Tensor, bits: int, symmetric: bool, clip: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min/max scale and zero for each row of ``w: [rows, cols]`` -> ``scale, zero: [rows]``.
+Grid = Literal["restricted", "full", "full_positive"]
+ScaleSearch = Literal["none", "mse", "weighted"]
+#: Candidate scales of the search: the grid's min/max scale times ``2**(b-1) / (2**(b-1) + delta)``, i.e. the
+#: group's extreme placed ``delta`` levels beyond (clipping) or inside the outermost level, as llama.cpp's
+#: ``make_qx_quants`` and auto-round's ``search_scales`` step their inverse scales.
+SEARCH_DELTAS = tuple(i / 10 for i in range(-10, 11) if i)
 
-    ``clip`` shrinks the range (the MSE grid search tries values below 1). Rows that are all zero get
-    scale 1 so they quantize exactly to zero instead of dividing by zero.
+
+def compute_qparams(
+    w: torch.Tensor, bits: int, symmetric: bool, clip: float = 1.0, grid: Grid = "restricted"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max scale and zero over the last dim of ``w: [..., cols]`` -> ``scale, zero: [...]``.
+
+    Symmetric grids (codes ``q - 2**(b-1)`` in ``[-2**(b-1), 2**(b-1) - 1]`` in every case):
+    ``restricted`` (the GPTQ reference's): ``scale = 2 max|w| / (2**b - 1)``, so ``max|w|`` sits at
+    ``(2**b - 1) / 2`` steps; the positive extreme clamps half a step short and the level ``-2**(b-1)`` is only
+    reached by a negative extreme. ``full`` (llama.cpp's Q4_0): the weight of largest magnitude ``m`` lands
+    exactly on ``-2**(b-1)``, ``scale = -m / 2**(b-1)`` (negative when ``m > 0``): every level is used.
+    ``full_positive``: the smallest positive scale that fits both ends on the full levels,
+    ``max(-min / 2**(b-1), max / (2**(b-1) - 1))``, for consumers that need positive scales.
+    Asymmetric ranges already use all ``2**b`` levels (``grid`` is ignored). ``clip`` scales the range (the
+    search tries values around 1). Groups that are all zero get scale 1 so they quantize exactly to zero.
     """
     maxq = (1 << bits) - 1
+    half = 1 << (bits - 1)
     w = w.float()
-    wmin = torch.clamp(w.min(dim=1).values, max=0) * clip
-    wmax = torch.clamp(w.max(dim=1).values, min=0) * clip
+    wmin = torch.clamp(w.min(dim=-1).values, max=0) * clip
+    wmax = torch.clamp(w.max(dim=-1).values, min=0) * clip
     if symmetric:
-        wabs = torch.maximum(wmin.abs(), wmax)
-        scale = 2 * wabs / maxq
-        zero = torch.full_like(scale, float(1 << (bits - 1)))
+        if grid == "full":
+            scale = torch.where(wmax > -wmin, -wmax, -wmin) / half  # -(the signed extreme) / half
+        elif grid == "full_positive":
+            scale = torch.maximum(-wmin / half, wmax / (half - 1))
+        else:
+            scale = 2 * torch.maximum(wmin.abs(), wmax) / maxq
+        zero = torch.full_like(scale, float(half))
     else:
         scale = (wmax - wmin) / maxq
         zero = torch.round(-wmin / torch.where(scale == 0, torch.ones_like(scale), scale))
@@ -149,38 +170,141 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return scale * (quantize_codes(w, scale, zero, bits) - zero)
 
 
-def search_clip(
-    w: torch.Tensor, bits: int, symmetric: bool, grid: int = 80, max_shrink: float = 0.8, norm: float = 2.4
+def search_qparams(
+    w: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    grid: Grid = "restricted",
+    importance: torch.Tensor | None = None,
+    deltas: tuple[float, ...] = SEARCH_DELTAS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row clipping range that minimises ``|w - fake_quantize(w)|^norm`` (the GPTQ ``mse`` option).
+    """Scale and zero over the last dim of ``w: [..., cols]`` minimising ``sum a (w - w_hat)^2`` -> ``[...]``.
 
-    Tries ranges shrunk by ``1 - i / grid`` for ``i < max_shrink * grid`` and keeps the best per row.
+    ``importance`` (``a``, broadcastable to ``w``; default 1) weighs each input column: GPTQ's ``diag(H)``, the
+    mean squared activation (llama.cpp's importance matrix), makes the error the one the layer output sees
+    when inputs are uncorrelated. Candidates: the plain min/max fit of ``grid``, then its range scaled by
+    ``2**(b-1) / (2**(b-1) + delta)`` for each ``delta``. Each candidate's codes ``l`` get their least-squares
+    scale (and, asymmetric, offset); the candidate whose refit leaves the least error wins. Rounding again at
+    the refit scale can only lower the error further, so the result is never worse than the plain fit.
+    ``full_positive`` and ``restricted`` keep positive scales; ``full`` keeps the sign that puts the extreme on
+    ``-2**(b-1)``.
     """
-    best_scale, best_zero = compute_qparams(w, bits, symmetric)
-    best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
-    for i in range(int(max_shrink * grid)):
-        clip = 1 - i / grid
-        scale, zero = compute_qparams(w, bits, symmetric, clip)
-        err = (fake_quantize(w, scale[:, None], zero[:, None], bits) - w.float()).abs().pow(norm).sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
+    w = w.float()
+    a = torch.ones_like(w) if importance is None else importance.float().expand_as(w)
+    ratios = [(1 << (bits - 1)) / ((1 << (bits - 1)) + delta) for delta in (0.0, *deltas)]
+    if symmetric:
+        return _search_symmetric(w, a, bits, grid, ratios)
+    return _search_asymmetric(w, a, bits, ratios)
+
+
+def _search_symmetric(
+    w: torch.Tensor, a: torch.Tensor, bits: int, grid: Grid, ratios: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For codes ``l``, the refit ``s = sum a w l / sum a l^2`` leaves ``sum a w^2 - (sum a w l)^2 / sum a l^2``:
+    the candidate with the largest ``(sum a w l)^2 / sum a l^2`` wins (llama.cpp's ``make_qx_quants`` rule)."""
+    half = 1 << (bits - 1)
+    base, zero = compute_qparams(w, bits, True, grid=grid)
+    aw = a * w
+    best_gain = torch.full_like(base, -float("inf"))
+    best_scale = base
+    for ratio in ratios:
+        scale = base * ratio
+        level = torch.mul(w, (1 / scale)[..., None]).round_().clamp_(-half, half - 1)
+        s1 = torch.linalg.vecdot(aw, level)
+        s2 = torch.linalg.vecdot(a, level.mul_(level))
+        fit = s1 / torch.where(s2 > 0, s2, torch.ones_like(s2))
+        ok = (s2 > 0) & (fit * scale > 0)  # a refit that would flip the grid's sign is no candidate
+        gain = torch.where(ok, s1 * fit, best_gain)
+        better = gain > best_gain
+        best_gain = torch.where(better, gain, best_gain)
+        best_scale = torch.where(better, fit, best_scale)
+    return best_scale, zero
+
+
+def _search_asymmetric(
+    w: torch.Tensor, a: torch.Tensor, bits: int, ratios: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each candidate range and its joint (scale, offset) refit, the offset rounded to an integer zero point;
+    both scored by their exact error (the integer zero makes the refit's own error a bound, not a value)."""
+    best_scale, best_zero = compute_qparams(w, bits, False)
+    best_err = _error(w, a, best_scale, best_zero, bits)
+    for ratio in ratios:
+        scale, zero = compute_qparams(w, bits, False, ratio)
+        for candidate in ((scale, zero), _refit_asymmetric(w, a, scale, zero, bits)):
+            err = _error(w, a, *candidate, bits)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, candidate[0], best_scale)
+            best_zero = torch.where(better, candidate[1], best_zero)
     return best_scale, best_zero
 
 
-def group_qparams(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, mse: bool = False
+def _error(w: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """``sum a (w - fake_quantize(w))^2`` over the last dim."""
+    return (a * (fake_quantize(w, scale[..., None], zero[..., None], bits) - w).square()).sum(-1)
+
+
+def _refit_asymmetric(
+    w: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero for every (row, group) of ``w: [out, in]`` -> two ``[out, n_groups]`` tensors."""
+    """``w ~ s q + c`` solved by weighted least squares for the codes ``q`` of ``(scale, zero)``, then
+    ``zero = round(-c / s)``. A degenerate fit (constant codes, a non-positive scale) keeps the input."""
+    q = quantize_codes(w, scale[..., None], zero[..., None], bits)
+    s_a, s_q, s_qq = a.sum(-1), torch.linalg.vecdot(a, q), torch.linalg.vecdot(a, q.square())
+    s_w, s_wq = torch.linalg.vecdot(a, w), torch.linalg.vecdot(a * w, q)
+    det = s_a * s_qq - s_q.square()
+    fit = (s_a * s_wq - s_q * s_w) / torch.where(det > 0, det, torch.ones_like(det))
+    ok = (det > 0) & (fit > 0)
+    fit = torch.where(ok, fit, scale)
+    offset = (s_w - fit * s_q) / torch.where(s_a > 0, s_a, torch.ones_like(s_a))
+    fit_zero = torch.round(-offset / fit).clamp(0, (1 << bits) - 1)
+    return fit, torch.where(ok, fit_zero, zero)
+
+
+def fit_qparams(
+    w: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    grid: Grid = "restricted",
+    scale_search: ScaleSearch = "none",
+    importance: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One group fit over the last dim of ``w``: the grid's min/max scale, or the searched one.
+
+    ``importance`` (broadcastable to ``w``) is used only by ``scale_search="weighted"``, which requires it.
+    """
+    if scale_search == "none":
+        return compute_qparams(w, bits, symmetric, grid=grid)
+    if scale_search == "weighted":
+        if importance is None:
+            raise ValueError("scale_search 'weighted' needs the input importance (diag of the Hessian)")
+        return search_qparams(w, bits, symmetric, grid, importance)
+    if scale_search == "mse":
+        return search_qparams(w, bits, symmetric, grid)
+    raise ValueError(f"scale_search must be none, mse or weighted, got {scale_search!r}")
+
+
+def group_qparams(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    grid: Grid = "restricted",
+    scale_search: ScaleSearch = "none",
+    importance: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for every (row, group) of ``w: [out, in]`` -> two ``[out, n_groups]`` tensors.
+
+    ``importance: [in]`` weighs the input columns for the weighted search (see ``search_qparams``).
+    """
     out, columns = w.shape
     size = columns if group_size <= 0 else group_size
     if columns % size:
         raise ValueError(f"group size {size} does not divide {columns} columns")
-    blocks = w.float().reshape(out, columns // size, size).transpose(0, 1).reshape(-1, size)
-    scale, zero = search_clip(blocks, bits, symmetric) if mse else compute_qparams(blocks, bits, symmetric)
-    n_groups = columns // size
-    return scale.reshape(n_groups, out).T.contiguous(), zero.reshape(n_groups, out).T.contiguous()
+    blocks = w.float().reshape(out, columns // size, size)
+    weights = None if importance is None else importance.float().reshape(1, columns // size, size)
+    scale, zero = fit_qparams(blocks, bits, symmetric, grid, scale_search, weights)
+    return scale.contiguous(), zero.contiguous()
 
 
 def quantize_rtn(
@@ -188,17 +312,21 @@ def quantize_rtn(
     bits: int,
     group_size: int,
     symmetric: bool,
-    mse: bool = False,
+    *,
+    grid: Grid = "restricted",
+    scale_search: ScaleSearch = "none",
+    importance: torch.Tensor | None = None,
     bits_per_group: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Round-to-nearest of ``w: [out, in]`` with per-group ranges: the baseline every method must beat.
 
-    ``bits_per_group: [n_groups]`` gives each group its own width (``bits`` is then ignored).
+    ``grid`` / ``scale_search`` / ``importance: [in]`` choose each group's scale (see ``compute_qparams`` and
+    ``search_qparams``). ``bits_per_group: [n_groups]`` gives each group its own width (``bits`` is then ignored).
     """
     size = w.shape[1] if group_size <= 0 else group_size
     groups = torch.arange(w.shape[1], device=w.device) // size
     if bits_per_group is None:
-        scale, zero = group_qparams(w, bits, group_size, symmetric, mse)
+        scale, zero = group_qparams(w, bits, group_size, symmetric, grid, scale_search, importance)
         q = quantize_codes(w, scale[:, groups], zero[:, groups], bits)
         widths = None
     else:
@@ -208,7 +336,7 @@ def quantize_rtn(
         scale = torch.zeros(w.shape[0], widths.numel(), device=w.device)
         zero = torch.zeros_like(scale)
         for width in sorted(set(widths.tolist())):
-            s, z = group_qparams(w, width, group_size, symmetric, mse)
+            s, z = group_qparams(w, width, group_size, symmetric, grid, scale_search, importance)
             mask = widths == width
             scale[:, mask], zero[:, mask] = s[:, mask], z[:, mask]
         maxq = torch.bitwise_left_shift(1, widths[groups]) - 1

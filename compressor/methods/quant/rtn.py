@@ -23,8 +23,11 @@ class RTNConfig(WeightQuantConfig):
       bits: 8
       group_size: -1     # per output channel
       symmetric: true
+      grid: restricted        # or full / full_positive
+      scale_search: none      # or mse / weighted (weighted uses the calibration inputs' diag(H))
     ```
-    The calibration data is used only to report each module's output error, not to choose weights.
+    The calibration data chooses weights only through ``scale_search: weighted``; otherwise it only reports
+    each module's output error.
     """
 
 
@@ -38,12 +41,20 @@ class RTN(WeightQuantizer):
         assert isinstance(config, RTNConfig)
 
         def solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int) -> tuple[QuantizedWeight, str]:
-            return quantize_rtn(W, bits, group_size, config.symmetric, config.mse), ""
+            return quantize_rtn(W, bits, group_size, config.symmetric, grid=config.grid,
+                                scale_search=config.scale_search, importance=_importance(H)), ""
 
         def solve_mixed(
             W: torch.Tensor, H: torch.Tensor, group_size: int, bits_per_group: torch.Tensor
         ) -> tuple[QuantizedWeight, str]:
             widths = int(bits_per_group.max())
-            return quantize_rtn(W, widths, group_size, config.symmetric, config.mse, bits_per_group), ""
+            return quantize_rtn(W, widths, group_size, config.symmetric, grid=config.grid,
+                                scale_search=config.scale_search, importance=_importance(H),
+                                bits_per_group=bits_per_group), ""
 
         return quantize_layer_linears(ctx, config, solve, sequential=False, solve_mixed=solve_mixed, plan=self.plan)
+
+
+def _importance(H: torch.Tensor) -> torch.Tensor:
+    """Each input column's mean squared activation, ``diag(H): [in]`` (the weighted search's weights)."""
+    return torch.diagonal(H).float()

@@ -67,13 +67,15 @@ def test_codes_and_dequantize(bits: int, act_order: bool, symmetric: bool) -> No
     assert result.loss > 0 and result.dead_columns == 0 and result.cholesky_retries == 0
 
 
-@pytest.mark.parametrize("mse", [False, True])
+@pytest.mark.parametrize("search", ["none", "mse", "weighted"])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size", [-1, 32])
-def test_identity_hessian_equals_rtn(group_size: int, act_order: bool, mse: bool) -> None:
+def test_identity_hessian_equals_rtn(group_size: int, act_order: bool, search: str) -> None:
     W, _ = _layer()
-    result = gptq_quantize(W, torch.eye(128), 3, group_size, symmetric=False, act_order=act_order, mse=mse)
-    rtn = quantize_rtn(W, 3, group_size, symmetric=False, mse=mse)
+    result = gptq_quantize(W, torch.eye(128), 3, group_size, symmetric=False, act_order=act_order,
+                           scale_search=search)  # type: ignore[arg-type]
+    rtn = quantize_rtn(W, 3, group_size, symmetric=False, scale_search=search,  # type: ignore[arg-type]
+                       importance=torch.ones(128))
     assert torch.equal(result.qweight.q, rtn.q)
     assert torch.equal(result.qweight.scale, rtn.scale)
     assert torch.equal(result.qweight.zero, rtn.zero)
