@@ -204,17 +204,17 @@ def _search_symmetric(
     the candidate with the largest ``(sum a w l)^2 / sum a l^2`` wins (llama.cpp's ``make_qx_quants`` rule)."""
     half = 1 << (bits - 1)
     base, zero = compute_qparams(w, bits, True, grid=grid)
-    aw = a * w
-    best_gain = torch.full_like(base, -float("inf"))
+    aw, a = (a * w).double(), a.double()  # the gains differ from sum a w^2 by the error: float32 cannot tell
+    best_gain = torch.full_like(base, -float("inf"), dtype=torch.float64)
     best_scale = base
     for ratio in ratios:
         scale = base * ratio
-        level = torch.mul(w, (1 / scale)[..., None]).round_().clamp_(-half, half - 1)
+        level = torch.mul(w, (1 / scale)[..., None]).round_().clamp_(-half, half - 1).double()
         s1 = torch.linalg.vecdot(aw, level)
         s2 = torch.linalg.vecdot(a, level.mul_(level))
-        fit = s1 / torch.where(s2 > 0, s2, torch.ones_like(s2))
+        fit = (s1 / torch.where(s2 > 0, s2, torch.ones_like(s2))).float()
         ok = (s2 > 0) & (fit * scale > 0)  # a refit that would flip the grid's sign is no candidate
-        gain = torch.where(ok, s1 * fit, best_gain)
+        gain = torch.where(ok, s1 * s1 / torch.where(s2 > 0, s2, torch.ones_like(s2)), best_gain)
         better = gain > best_gain
         best_gain = torch.where(better, gain, best_gain)
         best_scale = torch.where(better, fit, best_scale)
