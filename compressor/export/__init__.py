@@ -81,24 +81,21 @@ def write_model(export: ExportConfig, run: ModelContext, tokenizer: Any, out_dir
     return sorted(p.name for p in out_dir.iterdir())
 
 
-def remote_code_dir() -> Path:
-    """Our own modeling files, shipped as package data and copied next to exports that need them."""
-    return Path(__file__).parent / "remote_code"
-
-
 def _attach_remote_code(spec: dict[str, Any] | None, out_dir: Path) -> None:
     """Copy a modeling file and point config.json's ``auto_map`` at it.
 
     A shape-changing method that stock transformers cannot express sets ``run.structure["remote_code"]``
     to ``{"file": "modeling_x.py", "auto_map": {"AutoModelForCausalLM": "modeling_x.Cls", ...},
-    "config": {extra config.json keys}}``; the file must live in ``compressor/export/remote_code/``.
+    "config": {extra config.json keys}}``; the file must be one of ``compressor/models/shipped/``.
     """
     if not spec:
         return
     import json
     import shutil
 
-    source = remote_code_dir() / spec["file"]
+    from compressor.models.shipped import shipped_dir
+
+    source = shipped_dir() / spec["file"]
     if not source.is_file():
         raise ExportError(f"remote code file {spec['file']} is not shipped with compressor")
     shutil.copyfile(source, out_dir / spec["file"])

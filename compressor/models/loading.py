@@ -197,13 +197,13 @@ def is_own_remote_code(directory: Path, config: dict[str, Any]) -> bool:
     Such code was written by this package, so ``compressor.load`` may run it without the user's
     ``--trust-remote-code``; anything else still needs the flag.
     """
-    from compressor.export import remote_code_dir
+    from compressor.models.shipped import shipped_dir
 
     modules = {ref.split(".")[0] for ref in (config.get("auto_map") or {}).values() if isinstance(ref, str)}
     if not modules:
         return False
     for module in modules:
-        ours, theirs = remote_code_dir() / f"{module}.py", directory / f"{module}.py"
+        ours, theirs = shipped_dir() / f"{module}.py", directory / f"{module}.py"
         if not (ours.is_file() and theirs.is_file() and ours.read_bytes() == theirs.read_bytes()):
             return False
     return True

@@ -12,9 +12,11 @@ the states after it; the original outputs are computed once, at a configurable s
 default lazy search rescores only the candidates that could still be the best (see ``ops.greedy_removal``).
 
 A removed sublayer is swapped for weightless stand-ins that add exactly zero to the residual stream (the
-classes of ``compressor/export/remote_code/modeling_finercut.py``, the file the export ships, so the model in
-memory and the reloaded one compute the same thing). A layer that lost both sublayers is the identity and is
-removed whole through the adapter; when nothing else was removed the export is a standard config.
+classes of ``compressor/models/shipped/modeling_finercut.py``, the file the export ships, so the model in
+memory and the reloaded one compute the same thing). Where a family keeps its sublayers is its description's
+``layout()``, which the export writes into config.json as ``finercut_layout`` for that file. A layer that
+lost both sublayers is the identity and is removed whole through the adapter; when nothing else was removed
+the export is a standard config.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from compressor.errors import RecipeError
-from compressor.export.remote_code.modeling_finercut import MODEL_CLASSES, SUBLAYERS, is_removed, unsupported
 from compressor.methods.base import Count, Fraction, LayerRecord, Method, MethodConfig
 from compressor.methods.prune.finercut.ops import SearchResult, greedy_removal, scored_positions
 from compressor.methods.prune.finercut.search import Key, SublayerSearch, sublayer_params
 from compressor.methods.registry import register_method
+from compressor.models.shipped import auto_class_name
+from compressor.models.shipped.modeling_finercut import PREFIX, SUBLAYERS, is_removed
 
 if TYPE_CHECKING:
     from compressor.engine import LayerContext, ModelContext
@@ -122,12 +125,12 @@ class FinerCut(Method):
 
     def _candidates(self, run: ModelContext) -> list[Key]:
         kinds = SUBLAYERS if self.cfg.sublayers == "both" else (self.cfg.sublayers,)
-        model_type = str(run.adapter.config.model_type)
+        layout = run.adapter.family.layout()
         return [(i, kind) for i, layer in enumerate(run.adapter.layers()) for kind in kinds
-                if not is_removed(layer, model_type, kind)]
+                if not is_removed(layer, layout, kind)]
 
     def prepare(self, run: ModelContext) -> list[LayerRecord]:
-        reason = unsupported(run.adapter.config)
+        reason = run.adapter.pre_norm_blocker()
         if reason:
             raise RecipeError(f"finercut cannot remove sublayers of {reason}")
         available = len(self._candidates(run))
@@ -148,10 +151,10 @@ class FinerCut(Method):
     def finalize(self, run: ModelContext) -> list[LayerRecord]:
         start = time.perf_counter()
         adapter = run.adapter
-        model_type = str(adapter.config.model_type)
+        layout = adapter.family.layout()
         candidates = self._candidates(run)
         layers = adapter.layers()
-        sizes = {key: sublayer_params(layers[key[0]], model_type, key[1]) for key in candidates}
+        sizes = {key: sublayer_params(layers[key[0]], layout, key[1]) for key in candidates}
         total = sum(p.numel() for layer in layers for p in layer.parameters())
         count, budget = self._amount(total)
         _move(run, run.device)
@@ -218,8 +221,8 @@ def _store_removals(run: ModelContext) -> list[int]:
     Returns the (pre-folding) indices of the layers removed whole.
     """
     adapter, config = run.adapter, run.adapter.config
-    model_type = str(config.model_type)
-    removed = [[s for s in SUBLAYERS if is_removed(layer, model_type, s)] for layer in adapter.layers()]
+    layout = adapter.family.layout()
+    removed = [[s for s in SUBLAYERS if is_removed(layer, layout, s)] for layer in adapter.layers()]
     config.finercut_removed = removed
     folded = [i for i, subs in enumerate(removed) if len(subs) == len(SUBLAYERS)]
     adapter.remove_layers(folded)
@@ -231,8 +234,8 @@ def _store_removals(run: ModelContext) -> list[int]:
         raise RecipeError(f"finercut cannot be combined with a stage that ships {existing.get('file')}")
     run.structure["remote_code"] = {
         "file": REMOTE_CODE_FILE,
-        "auto_map": {"AutoModelForCausalLM": f"modeling_finercut.{MODEL_CLASSES[model_type].__name__}"},
-        "config": {"finercut_removed": config.finercut_removed},
+        "auto_map": {"AutoModelForCausalLM": f"modeling_finercut.{auto_class_name(PREFIX, run.model)}"},
+        "config": {"finercut_removed": config.finercut_removed, "finercut_layout": layout},
     }
     return folded
 

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.export.remote_code.modeling_finercut import remove_sublayer
 from compressor.methods.prune.finercut.ops import Measure, divergence, reference
 from compressor.models.base import ModelAdapter
+from compressor.models.shipped.modeling_finercut import remove_sublayer
 
 Key = tuple[int, str]
 
@@ -32,7 +32,7 @@ class SublayerSearch:
     ) -> None:
         self.adapter = adapter
         self.layers = list(adapter.layers())
-        self.model_type = str(adapter.config.model_type)
+        self.layout = adapter.family.layout()
         self.states = states
         self.kwargs = kwargs
         self.positions = positions
@@ -61,7 +61,7 @@ class SublayerSearch:
         start = time.perf_counter()
         index, sublayer = key
         layer = self.layers[index]
-        replaced = remove_sublayer(layer, self.model_type, sublayer)
+        replaced = remove_sublayer(layer, self.layout, sublayer)
         total, tokens = 0.0, 0
         try:
             for batch, (hidden, ref) in enumerate(zip(self.states[index], self.references, strict=True)):
@@ -77,7 +77,7 @@ class SublayerSearch:
     def commit(self, key: Key) -> None:
         """Remove sublayer ``key`` for good and recompute the hidden states after its layer."""
         index, sublayer = key
-        remove_sublayer(self.layers[index], self.model_type, sublayer)
+        remove_sublayer(self.layers[index], self.layout, sublayer)
         for b in range(len(self.references)):
             hidden = self.states[index][b]
             for j in range(index, len(self.layers)):
@@ -90,9 +90,12 @@ class SublayerSearch:
         return out[0] if isinstance(out, tuple) else out
 
 
-def sublayer_params(layer: nn.Module, model_type: str, sublayer: str) -> tuple[int, int]:
-    """(parameters, bytes) that removing ``sublayer`` from ``layer`` frees (the layer is left unchanged)."""
-    replaced = remove_sublayer(layer, model_type, sublayer)
+def sublayer_params(layer: nn.Module, layout: dict[str, Any], sublayer: str) -> tuple[int, int]:
+    """(parameters, bytes) that removing ``sublayer`` from ``layer`` frees (the layer is left unchanged).
+
+    ``layout``: the family's :meth:`~compressor.models.base.Family.layout`.
+    """
+    replaced = remove_sublayer(layer, layout, sublayer)
     for path, module in replaced.items():
         layer.set_submodule(path, module)
     seen: dict[int, torch.Tensor] = {}

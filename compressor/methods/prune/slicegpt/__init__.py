@@ -2,7 +2,7 @@
 
 ``prepare`` makes the model rotation-invariant (``invariance.py``), picks the first basis and rotates the
 embeddings; ``apply`` rotates and slices one decoder layer; ``finalize`` rotates the head and records the
-structure the shipped modeling file rebuilds (``compressor/export/remote_code/modeling_sliced.py``). The math is
+structure the shipped modeling file rebuilds (``compressor/models/shipped/modeling_sliced.py``). The math is
 in ``ops.py``.
 
 Two rotation schemes:
@@ -31,11 +31,12 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from compressor.errors import RecipeError
-from compressor.export.remote_code import modeling_sliced
 from compressor.methods.base import LayerRecord, Method, MethodConfig
 from compressor.methods.prune.slicegpt import ops
 from compressor.methods.prune.slicegpt.invariance import Ready, make_rotation_ready, set_linear, shortcut
 from compressor.methods.registry import register_method
+from compressor.models.shipped import auto_class_name
+from compressor.models.shipped.modeling_sliced import PREFIX
 
 if TYPE_CHECKING:
     from compressor.engine import LayerContext, ModelContext
@@ -151,8 +152,10 @@ class SliceGPT(Method):
             raise RecipeError(
                 "slicegpt: the model is already sliced (config.json has 'slicing'); start from the dense model"
             )
-        if run.model.config.model_type not in modeling_sliced.MODEL_CLASSES:
-            raise RecipeError(f"slicegpt: no sliced modeling class for model type '{run.model.config.model_type}'")
+        try:
+            auto_class_name(PREFIX, run.model)
+        except LookupError as exc:
+            raise RecipeError(f"slicegpt: no sliced modeling class: {exc}") from None
         try:
             return ops.sliced_width(adapter.hidden_size, config.slicing, config.dim, config.round_to)
         except ValueError as exc:
@@ -165,8 +168,7 @@ class SliceGPT(Method):
         before = head.weight.numel()
         set_linear(head, ops.rotate_input(head.weight.data, self._basis.to(head.weight.device)))
         spec = run.model.config.slicing
-        model_type = run.model.config.model_type
-        class_name = modeling_sliced.MODEL_CLASSES[model_type].__name__
+        class_name = auto_class_name(PREFIX, run.model)
         run.structure["remote_code"] = {
             "file": REMOTE_CODE_FILE,
             "auto_map": {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE.removesuffix('.py')}.{class_name}"},

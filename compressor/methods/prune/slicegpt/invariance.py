@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.export.remote_code import modeling_sliced
 from compressor.methods.prune.slicegpt.ops import center_output, centering_matrix, fold_norm
 from compressor.models.base import ModelAdapter
+from compressor.models.shipped import modeling_sliced
 
 
 @dataclass
@@ -42,17 +42,21 @@ class Ready:
 
 
 def initial_spec(adapter: ModelAdapter, rotation: str, tied: bool) -> dict[str, Any]:
-    """config.json ``slicing`` of the not-yet-rotated model: every width is the hidden size, no shortcuts."""
+    """config.json ``slicing`` of the not-yet-rotated model: every width is the hidden size, no shortcuts.
+
+    ``layout`` is the family description's, which the shipped modeling file reads to find the modules.
+    """
     hidden = adapter.hidden_size
     final = adapter.final_norm()
     layer = {"in": hidden, "mid": hidden, "out": hidden, "attn_shortcut": False, "mlp_shortcut": False}
     return {
-        "version": 1,
+        "version": 2,
         "rotation": rotation,
         "embedding_width": hidden,
         "tied_projection": tied,
         "head_bias": False,
         "eps": adapter.norm_eps(final),
+        "layout": adapter.family.layout(),
         "layers": [dict(layer) for _ in range(adapter.num_layers)],
     }
 
@@ -62,10 +66,9 @@ def make_rotation_ready(model: Any, adapter: ModelAdapter, rotation: str) -> Rea
     head = adapter.lm_head()
     tied = any(module.weight is head.weight for module in adapter.embeddings())
     model.config.slicing = initial_spec(adapter, rotation, tied)
-    layer_class = modeling_sliced.LAYER_CLASSES[model.config.model_type]
     layers = adapter.layers()
     for index in range(len(layers)):
-        layers[index] = _convert_layer(adapter, layers[index], index, model.config, layer_class)
+        layers[index] = _convert_layer(adapter, layers[index], index, model.config)
     writers, rows = _prepare_embeddings(model, adapter, head)
     reader = _prepare_head(model, adapter, head, tied)
     model.config.slicing["head_bias"] = reader.bias is not None
@@ -95,13 +98,8 @@ def module_path(model: nn.Module, module: nn.Module) -> str:
     raise LookupError(f"{type(module).__name__} is not part of the model")
 
 
-def _norm_affine(norm: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    scale, shift = getattr(norm, "weight", None), getattr(norm, "bias", None)
-    return (None if scale is None else scale.data), (None if shift is None else shift.data)
-
-
-def _fold_readers(norm: nn.Module, readers: list[nn.Linear]) -> None:
-    scale, shift = _norm_affine(norm)
+def _fold_readers(adapter: ModelAdapter, norm: nn.Module, readers: list[nn.Linear]) -> None:
+    scale, shift = adapter.norm_affine(norm)
     for linear in readers:
         if shift is not None and linear.bias is None:
             raise ValueError("a norm bias cannot be folded into a linear without a bias")
@@ -110,13 +108,11 @@ def _fold_readers(norm: nn.Module, readers: list[nn.Linear]) -> None:
         set_linear(linear, W, b)
 
 
-def _convert_layer(
-    adapter: ModelAdapter, layer: nn.Module, index: int, config: Any, layer_class: type[nn.Module]
-) -> nn.Module:
+def _convert_layer(adapter: ModelAdapter, layer: nn.Module, index: int, config: Any) -> nn.Module:
     """The layer folded and rebuilt as the sliced class (built on the meta device, then given these tensors)."""
     norms = (adapter.attention_norm(layer), adapter.mlp_norm(layer))
-    _fold_readers(norms[0], adapter.attention_inputs(layer))
-    _fold_readers(norms[1], adapter.mlp_inputs(layer))
+    _fold_readers(adapter, norms[0], adapter.attention_inputs(layer))
+    _fold_readers(adapter, norms[1], adapter.mlp_inputs(layer))
     if adapter.uses_layernorm:
         for writer in (adapter.attention_output(layer), adapter.mlp_output(layer)):
             W, b = center_output(writer.weight.data, None if writer.bias is None else writer.bias.data)
@@ -124,7 +120,7 @@ def _convert_layer(
     norm_names = {name for name, module in layer.named_modules() if any(module is n for n in norms)}
     state = {k: v for k, v in layer.state_dict().items() if k.rpartition(".")[0] not in norm_names}
     with torch.device("meta"):
-        new = layer_class(config, index)
+        new = modeling_sliced.sliced_layer(layer, config, index)
     new.load_state_dict(state, strict=True, assign=True)
     new.train(layer.training)
     return new
@@ -145,6 +141,7 @@ def _prepare_embeddings(model: Any, adapter: ModelAdapter, head: nn.Linear) -> t
                 )
             projected.weight = weight
             C = centering_matrix(hidden) if adapter.uses_layernorm else torch.eye(hidden, dtype=torch.float64)
+            C = C * adapter.embedding_scale()  # the lookup's scale (Gemma) moves into the projection
             projected.proj.weight = nn.Parameter(C.to(weight.device, weight.dtype))
             model.set_submodule(module_path(model, embedding), projected)
             writers.append(projected.proj)
@@ -158,7 +155,7 @@ def _prepare_embeddings(model: Any, adapter: ModelAdapter, head: nn.Linear) -> t
 def _prepare_head(model: Any, adapter: ModelAdapter, head: nn.Linear, tied: bool) -> nn.Linear:
     """Replace the final norm by a weightless one; fold its scale and bias into the projection or the lm_head."""
     final = adapter.final_norm()
-    scale, shift = _norm_affine(final)
+    scale, shift = adapter.norm_affine(final)
     hidden = adapter.hidden_size
     spec = model.config.slicing
     with torch.device("meta"):
