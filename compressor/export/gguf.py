@@ -30,6 +30,7 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from compressor.errors import ExportError
 from compressor.methods.quant.ops import QuantizedWeight
+from compressor.models import MODEL_TYPES, get_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ FILE_TYPES = {
     "Q8_0": (8, gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 BLOCK_TYPES = {bits: block for bits, block, _ in FILE_TYPES.values()}
-FAMILIES = ("llama", "mistral")
+#: llama.cpp architectures whose keys and tensor layout (q/k permutation) this writer knows.
+WRITTEN_ARCHITECTURES = ("llama",)
 
 
 def validate_gguf(bits: int, group_size: int, symmetric: bool) -> str | None:
@@ -110,12 +112,22 @@ def unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     return rows.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def _check_model(model: Any) -> None:
-    """Refuse what the llama tensors and keys we write cannot express, rather than write a wrong file."""
+def architecture(model_type: str) -> str | None:
+    """llama.cpp's ``general.architecture`` for a model type, from its family description (None: it has none)."""
+    family = MODEL_TYPES.get(model_type)
+    return None if family is None else family.gguf_architectures.get(model_type)
+
+
+def _check_model(model: Any) -> str:
+    """The model's GGUF architecture; refuse what the tensors and keys we write cannot express."""
     config = model.config
-    if config.model_type not in FAMILIES:
-        raise ExportError(f"GGUF export supports the llama family ({', '.join(FAMILIES)}); "
-                          f"this model is '{config.model_type}' (use compressed-tensors)")
+    arch = architecture(config.model_type)
+    if arch not in WRITTEN_ARCHITECTURES:
+        written = sorted(t for t in MODEL_TYPES if architecture(t) in WRITTEN_ARCHITECTURES)
+        found = f"llama.cpp architecture '{arch}', not written yet" if arch else "no llama.cpp architecture"
+        raise ExportError(f"GGUF export writes the {', '.join(WRITTEN_ARCHITECTURES)} architecture (model types "
+                          f"{', '.join(written)}); this model is '{config.model_type}' ({found}; "
+                          "use compressed-tensors)")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ExportError("GGUF export writes no biases; this model has attention/MLP bias")
     rope = getattr(config, "rope_parameters", None) or {}
@@ -123,9 +135,10 @@ def _check_model(model: Any) -> None:
         raise ExportError(f"GGUF export supports plain RoPE; this model has rope_type '{rope['rope_type']}'")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ExportError(f"llama GGUF assumes SiLU; this model uses {config.hidden_act}")
-    if getattr(config, "sliding_window", None):
+    if "sliding_attention" in get_adapter(model).attention_types():
         logger.warning("llama.cpp runs llama with full attention: sliding_window=%s is dropped",
                        config.sliding_window)
+    return str(arch)
 
 
 def _add_hparams(writer: gguf.GGUFWriter, model: Any, file_type: gguf.LlamaFileType) -> None:
@@ -251,10 +264,11 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> 
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def _tensors(model: Any, quantized: dict[str, QuantizedWeight]) -> list[tuple[str, np.ndarray, Any]]:
-    """``(gguf name, array, raw dtype or None)`` for every stored tensor; a tied output is not stored."""
+def _tensors(model: Any, quantized: dict[str, QuantizedWeight], arch: str) -> list[tuple[str, np.ndarray, Any]]:
+    """``(gguf name, array, raw dtype or None)`` for every stored tensor of ``arch``; a tied output is not stored."""
     config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    arch_enum = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    names = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
     heads = {"attn_q": config.num_attention_heads,
              "attn_k": config.num_key_value_heads or config.num_attention_heads}
     dense_dtype = np.float16 if model.dtype == torch.float16 else np.float32
@@ -266,7 +280,7 @@ def _tensors(model: Any, quantized: dict[str, QuantizedWeight]) -> list[tuple[st
     for key, tensor in state.items():
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise ExportError(f"no llama GGUF tensor name for {key}")
+            raise ExportError(f"no {arch} GGUF tensor name for {key}")
         path = key.rsplit(".", 1)[0]
         if path in quantized:
             array, raw = pack_blocks(quantized[path]), BLOCK_TYPES[quantized[path].bits]
@@ -290,9 +304,9 @@ def write_gguf(model: Any, quantized: dict[str, QuantizedWeight], out_path: Path
     """
     if file_type not in FILE_TYPES:
         raise ExportError(f"GGUF file type must be one of {', '.join(FILE_TYPES)}; got {file_type}")
-    _check_model(model)
-    tensors = _tensors(model, quantized)
-    writer = gguf.GGUFWriter(str(out_path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    arch = _check_model(model)
+    tensors = _tensors(model, quantized, arch)
+    writer = gguf.GGUFWriter(str(out_path), arch)
     try:
         _add_hparams(writer, model, FILE_TYPES[file_type][2])
         _add_tokenizer(writer, tokenizer, model.config.vocab_size)

@@ -274,7 +274,10 @@ def test_refuses_what_llama_gguf_cannot_hold(tmp_path, make_llama, quantized_lla
     with pytest.raises(ExportError, match="vocab_size is 256"):
         write_gguf(small, {}, out, tiny_tokenizer, "Q8_0")
     model.config.model_type = "qwen2"
-    with pytest.raises(ExportError, match="llama family"):
+    with pytest.raises(ExportError, match="writes the llama architecture .*'qwen2' .*architecture 'qwen2', not"):
+        write_gguf(model, quantized, out, tiny_tokenizer, "Q4_0")
+    model.config.model_type = "opt"
+    with pytest.raises(ExportError, match="'opt' .no llama.cpp architecture"):
         write_gguf(model, quantized, out, tiny_tokenizer, "Q4_0")
 
 
@@ -289,3 +292,30 @@ def test_narrow_groups_fill_blocks_exactly(file_type, narrow_bits) -> None:
         zero=torch.cat([wide.zero, narrow.zero], 1), bits=bits, group_size=32, symmetric=True))
     values = gguf.quants.dequantize(pack_blocks(qweight), gguf.GGMLQuantizationType[file_type])
     assert torch.equal(torch.from_numpy(values), qweight.dequantize())
+
+
+def test_architecture_comes_from_the_family_description(tmp_path, make_llama, tiny_tokenizer, caplog) -> None:
+    """llama.cpp writes Mistral as ``llama``; Qwen has its own architectures; OPT none. A Mistral file is llama's."""
+    names = {t: gguf_export.architecture(t) for t in ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2")}
+    assert names == {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "opt": None,
+                     "gpt2": None}
+    model = make_llama(vocab_size=VOCAB)
+    model.config.model_type, model.config.sliding_window = "mistral", 64
+    with caplog.at_level("WARNING", logger="compressor.export.gguf"):
+        write_gguf(model, {}, tmp_path / "m.gguf", tiny_tokenizer, "Q8_0")
+    assert "sliding_window=64 is dropped" in caplog.text
+    assert _metadata(tmp_path / "m.gguf")["general.architecture"] == "llama"
+
+
+@pytest.mark.parametrize("file_type", ["Q4_0", "Q8_0"])
+def test_full_grid_blocks_with_negative_scales_dequantize_exactly(file_type) -> None:
+    """Full-grid codes (down to -8 / -128) and negative fp16 d: gguf-py's own dequantize gives our weights."""
+    bits = BITS[file_type]
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(bits))
+    importance = torch.rand(128, generator=torch.Generator().manual_seed(1)) + 0.1
+    qweight = round_scales_fp16(quantize_rtn(w, bits, 32, True, grid="full", scale_search="weighted",
+                                             importance=importance))
+    assert bool((qweight.scale < 0).any()) and int(qweight.signed().min()) == -(1 << (bits - 1))
+    rows = pack_blocks(qweight)
+    values = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[file_type])
+    assert torch.equal(torch.from_numpy(np.ascontiguousarray(values)), qweight.dequantize())
