@@ -200,3 +200,46 @@ def test_narrow_groups_inside_a_wider_weight_are_exact() -> None:
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     dense = PackedQuantizationCompressor.decompress(packed, scheme)
     assert torch.equal(dense["weight"], qweight.dequantize())
+
+
+def _full_grid_quantize(model, bits: int, group: int, dtype: torch.dtype) -> dict[str, QuantizedWeight]:
+    """Every decoder linear on the full grid with the weighted search (random importance): negative scales."""
+    generator = torch.Generator().manual_seed(5)
+    quantized = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            w = module.weight.data.float()
+            importance = torch.rand(w.shape[1], generator=generator) + 0.1
+            qweight = round_scales(quantize_rtn(w, bits, group, True, grid="full", scale_search="weighted",
+                                                importance=importance), dtype)
+            module.weight.data = qweight.dequantize(module.weight.dtype)
+            quantized[name] = qweight
+    return quantized
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_full_grid_negative_scales_round_trip_bit_exact(bits) -> None:
+    """The library unpacks our -2**(b-1) codes and decompresses with the negative scales as they are."""
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(bits))
+    qweight = quantize_rtn(w, bits, 32, True, grid="full", scale_search="mse")
+    assert bool((qweight.scale < 0).any()) and bool((qweight.scale > 0).any())
+    assert int(qweight.signed().min()) == -(1 << (bits - 1))
+    packed = pack_weight(qweight, torch.float32)
+    assert torch.equal(packed["weight_scale"], qweight.scale)
+    codes = unpack_from_int32(packed["weight_packed"], bits, torch.Size(qweight.shape))
+    assert torch.equal(codes, qweight.signed())
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=32)
+    dense = PackedQuantizationCompressor.decompress(packed, QuantizationScheme(targets=["Linear"], weights=args))
+    assert torch.equal(dense["weight"], qweight.dequantize())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("bits", "group"), [(4, 32), (8, -1), (3, 32)])
+def test_transformers_loads_full_grid_negative_scales_exactly(tmp_path, make_llama, logits, input_ids, dtype,
+                                                               bits, group) -> None:
+    model = make_llama(tied=False, dtype=dtype)
+    quantized = _full_grid_quantize(model, bits, group, dtype)
+    write_compressed_tensors(model, quantized, tmp_path)
+    scales = _stored(tmp_path)["model.layers.0.mlp.up_proj.weight_scale"]
+    assert scales.dtype == dtype and bool((scales < 0).any())
+    _assert_loads_exactly(model, quantized, tmp_path, input_ids, logits)
