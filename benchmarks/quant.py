@@ -1,11 +1,15 @@
 """RTN vs GPTQ on the demo model: perplexity, wall time, peak RSS; prints JSON and a Markdown table.
 
     python benchmarks/quant.py --samples 128 --seq-len 512 --eval-tokens 16384 [--settings w4g128,w3g128]
+        [--methods rtn,gptq] [--grid full] [--scale-search weighted] [--fit-on original] [--no-act-order]
 
 Every setting starts from the same dense weights and is scored on the same demo:wiki windows. The
 "floor" is one plain forward pass of the calibration set through the decoder. RTN needs no calibration: it
 is applied here weight by weight (the engine's pass would only add each module's output error for the
-report, at the cost of a Hessian pass), so its "seconds" is the rounding alone.
+report, at the cost of a Hessian pass), so its "seconds" is the rounding alone; with
+``--scale-search weighted`` it needs each input's diag(H), so it then runs through the engine and its seconds
+include the Hessian pass. ``--grid`` / ``--scale-search`` apply to both methods, ``--fit-on`` and
+``--no-act-order`` to GPTQ (see GPTQConfig).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from compressor.calibration.tokens import calibration_batch
 from compressor.engine import ModelContext, run_stages
 from compressor.methods.quant.gptq import GPTQ, GPTQConfig
 from compressor.methods.quant.ops import QuantizedWeight, effective_group_size, quantize_rtn
+from compressor.methods.quant.rtn import RTN, RTNConfig
 from compressor.models import get_adapter
 from compressor.pipeline import evaluate, load
 from compressor.report import average_bits, peak_rss_bytes
@@ -34,14 +39,17 @@ SETTINGS = {  # name: (bits, group_size)
 }
 
 
-def round_to_nearest(model: torch.nn.Module, bits: int, group_size: int) -> dict[str, QuantizedWeight]:
+def round_to_nearest(model: torch.nn.Module, bits: int, group_size: int, grid: str,
+                     scale_search: str) -> dict[str, QuantizedWeight]:
     """Symmetric RTN of every decoder linear in place (as the rtn recipes target: all but lm_head)."""
     quantized = {}
     for index, layer in enumerate(get_adapter(model).layers()):
         for name, module in layer.named_modules():
             if isinstance(module, torch.nn.Linear):
                 W = module.weight.data
-                qweight = quantize_rtn(W.float(), bits, effective_group_size(W.shape[1], group_size), True, False)
+                size = effective_group_size(W.shape[1], group_size)
+                qweight = quantize_rtn(W.float(), bits, size, True, grid=grid,  # type: ignore[arg-type]
+                                       scale_search=scale_search)  # type: ignore[arg-type]
                 module.weight.data = qweight.dequantize(W.dtype)
                 quantized[f"{index}.{name}"] = qweight
     return quantized
@@ -57,6 +65,11 @@ def main() -> None:
     parser.add_argument("--methods", default="rtn,gptq")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument("--skip-dense", action="store_true", help="Do not evaluate the dense model.")
+    parser.add_argument("--grid", default="restricted", choices=["restricted", "full", "full_positive"])
+    parser.add_argument("--scale-search", default="none", choices=["none", "mse", "weighted"])
+    parser.add_argument("--fit-on", default="auto", choices=["auto", "original", "sweep"],
+                        help="GPTQ: when group scales are fitted.")
+    parser.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order.")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,32 +85,39 @@ def main() -> None:
         for batch in tokens.split(8):
             loaded.model.model(batch)
     floor = round(time.perf_counter() - start, 1)
-    rows = [{"setting": "dense", "method": "-", "ppl": ppl() if not args.skip_dense else None, "seconds": 0.0}]
+    dense_ppl = ppl() if not args.skip_dense else None
+    rows = [{"setting": "dense", "method": "-", "options": "-", "ppl": dense_ppl, "seconds": 0.0}]
     print(json.dumps({"floor_forward_seconds": floor, **rows[0]}), flush=True)
     for name in args.settings.split(","):
         bits, group = SETTINGS[name]
         for method in args.methods.split(","):
             loaded.model.load_state_dict(dense)
             start = time.perf_counter()
-            if method == "gptq":
+            scheme = {"bits": bits, "group_size": group, "grid": args.grid, "scale_search": args.scale_search}
+            if method == "gptq" or args.scale_search == "weighted":
+                stage = (GPTQ(GPTQConfig(method="gptq", act_order=not args.no_act_order, fit_on=args.fit_on,
+                                         **scheme)) if method == "gptq" else RTN(RTNConfig(method="rtn", **scheme)))
                 run = ModelContext(loaded.model, get_adapter(loaded.model), tokens, torch.device("cpu"), 8)
-                run_stages(run, [GPTQ(GPTQConfig(method="gptq", bits=bits, group_size=group))])
+                run_stages(run, [stage])
                 quantized = run.quantized
             else:
-                quantized = round_to_nearest(loaded.model, bits, group)
+                quantized = round_to_nearest(loaded.model, bits, group, args.grid, args.scale_search)
             seconds = round(time.perf_counter() - start, 1)
             bpw, bpw_meta = average_bits(quantized)
-            rows.append({"setting": name, "method": method, "ppl": ppl(), "seconds": seconds,
+            options = f"{args.grid}/{args.scale_search}" + (
+                f"/{args.fit_on}/{'no-' if args.no_act_order else ''}act-order" if method == "gptq" else "")
+            rows.append({"setting": name, "method": method, "options": options, "ppl": ppl(), "seconds": seconds,
                          "bits_per_weight": bpw, "bits_incl_metadata": bpw_meta})
             print(json.dumps(rows[-1]), flush=True)
-    result = {"model": args.model, "calibration": f"demo:lee {args.samples}x{args.seq_len}",
+    result = {"model": args.model, "options": {k: getattr(args, k) for k in ("grid", "scale_search", "fit_on")}
+              | {"act_order": not args.no_act_order}, "calibration": f"demo:lee {args.samples}x{args.seq_len}",
               "eval": f"demo:wiki {args.eval_tokens} tokens, windows of 512", "floor_forward_seconds": floor,
               "threads": torch.get_num_threads(), "peak_rss_mb": round(peak_rss_bytes() / 2**20), "rows": rows}
     print(json.dumps(result, indent=2))
-    print("\n| setting | method | ppl | bits/weight (incl. scales) | seconds |\n|---|---|---|---|---|")
+    print("\n| setting | method | options | ppl | bits/weight (incl. scales) | seconds |\n|---|---|---|---|---|---|")
     for row in rows:
         bits = f"{row.get('bits_per_weight', 32)} ({row.get('bits_incl_metadata', 32)})"
-        print(f"| {row['setting']} | {row['method']} | {row['ppl']} | {bits} | {row['seconds']} |")
+        print(f"| {row['setting']} | {row['method']} | {row['options']} | {row['ppl']} | {bits} | {row['seconds']} |")
 
 
 if __name__ == "__main__":
