@@ -23,13 +23,15 @@ def shipped_dir() -> Path:
 def auto_class_name(prefix: str, model: nn.Module) -> str:
     """``auto_map``'s class name for ``model``: ``prefix`` + its transformers class (``SlicedLlamaForCausalLM``).
 
-    The transformers class is the first one in the model's MRO defined by transformers and exported at its top
-    level, which the shipped file looks up by the same name; a model reloaded from a shipped file (whose class
-    is ``FinerCutLlamaForCausalLM``) gives its stock base's name.
+    The transformers class is the first one in the model's MRO that ``AutoModelForCausalLM`` builds and
+    transformers exports at its top level, which the shipped file looks up by the same name; a model reloaded
+    from a shipped file (``FinerCutLlamaForCausalLM``) gives its stock base's name.
     """
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     for cls in type(model).__mro__:
-        if cls.__module__.startswith("transformers.") and getattr(transformers, cls.__name__, None) is cls:
+        if cls.__name__ in causal and getattr(transformers, cls.__name__, None) is cls:
             return prefix + cls.__name__
-    raise LookupError(f"{type(model).__name__} derives from no transformers model class")
+    raise LookupError(f"{type(model).__name__} derives from no transformers causal LM class")

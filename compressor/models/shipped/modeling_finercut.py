@@ -11,7 +11,7 @@ transformers' ``<X>ForCausalLM``, a class this module makes on first use), then 
 are swapped for weightless stand-ins that add exactly zero to the residual stream and its norms for identities,
 so the layer computes ``x + mlp(norm(x))`` or ``x + attn(norm(x))``. A removed attention still records the
 sequence length in the KV cache (a ``[B, 1, L, 1]`` zero entry) so that positions stay right during generation.
-Only pre-norm layers are supported (compressor refuses OPT-350m's post-norm layers).
+Only pre-norm layers are supported (compressor refuses post-norm ones).
 """
 
 from __future__ import annotations
