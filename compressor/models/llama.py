@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from compressor.models.base import Family, Sublayer
 
-#: Llama's decoder layer; Qwen2/Qwen3 share it (``models/qwen2.py``).
 ATTENTION = Sublayer(
     norm="input_layernorm", modules=("self_attn",),
     inputs=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), output="self_attn.o_proj",
@@ -16,6 +15,7 @@ MLP = Sublayer(
 #: vLLM's ``packed_modules_mapping``: ``qkv_proj`` and ``gate_up_proj``.
 FUSED = (ATTENTION.inputs, MLP.inputs)
 
+#: Qwen2/Qwen3 share this layout (``models/qwen2.py``).
 LLAMA = Family(
     name="llama",
     model_types=("llama", "mistral"),
