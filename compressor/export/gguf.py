@@ -147,8 +147,9 @@ def _add_hparams(writer: gguf.GGUFWriter, model: Any, file_type: gguf.LlamaFileT
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
     name = Path(str(getattr(config, "_name_or_path", "") or config.model_type)).name
-    if config.model_type == "mistral" and "mistral" not in name.lower():
-        name = f"mistral {name}"  # transformers' loader picks Mistral only from general.name
+    if architecture(config.model_type) != config.model_type and config.model_type not in name.lower():
+        # a model type stored under another architecture (Mistral as llama) is told apart by general.name only
+        name = f"{config.model_type} {name}"
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny import make_text
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from compressor.errors import ExportError
@@ -304,7 +304,9 @@ def test_architecture_comes_from_the_family_description(tmp_path, make_llama, ti
     with caplog.at_level("WARNING", logger="compressor.export.gguf"):
         write_gguf(model, {}, tmp_path / "m.gguf", tiny_tokenizer, "Q8_0")
     assert "sliding_window=64 is dropped" in caplog.text
-    assert _metadata(tmp_path / "m.gguf")["general.architecture"] == "llama"
+    meta = _metadata(tmp_path / "m.gguf")
+    assert meta["general.architecture"] == "llama" and "mistral" in meta["general.name"]
+    assert AutoConfig.from_pretrained(tmp_path, gguf_file="m.gguf").model_type == "mistral"
 
 
 @pytest.mark.parametrize("file_type", ["Q4_0", "Q8_0"])
