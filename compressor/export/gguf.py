@@ -149,6 +149,8 @@ def _add_hparams(writer: gguf.GGUFWriter, model: Any, file_type: gguf.LlamaFileT
     name = Path(str(getattr(config, "_name_or_path", "") or config.model_type)).name
     if architecture(config.model_type) != config.model_type and config.model_type not in name.lower():
         # a model type stored under another architecture (Mistral as llama) is told apart by general.name only
+        # (transformers' loader switches to Mistral only when the name is exactly "mistral"; else it builds Llama,
+        # which computes the same here since the sliding window is not written)
         name = f"{config.model_type} {name}"
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
