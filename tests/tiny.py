@@ -28,6 +28,10 @@ TINY: dict[str, dict[str, Any]] = {
     "llama": dict(model_type="llama", intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen2": dict(model_type="qwen2", intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=False),
     "opt": dict(model_type="opt", ffn_dim=128, word_embed_proj_dim=64, do_layer_norm_before=True, enable_bias=True),
+    # a window shorter than the test sequences, so sliding and full layers differ; capped logits
+    "gemma3": dict(model_type="gemma3_text", intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                   query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=5.0,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
 }
 
 #: Every family in compressor's table, in table order.

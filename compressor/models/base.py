@@ -237,10 +237,15 @@ class ModelAdapter:
         return f"{self.layers_path()}.{index}"
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits ``[..., V]`` from the last layer's output ``hidden: [..., H]``."""
+        """Next-token logits ``[..., V]`` from the last layer's output ``hidden: [..., H]``.
+
+        Capped as the model caps them when its config sets ``final_logit_softcapping`` (Gemma).
+        """
         for module in self.after_layers():
             hidden = module(hidden)
-        return self.lm_head()(hidden)
+        logits = self.lm_head()(hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     #: Config attributes holding one entry per decoder layer, trimmed with the layers (``finercut_removed``
     #: lists the sublayers compressor's FinerCut removed from each layer).

@@ -24,6 +24,7 @@ VLLM_FUSED = {
     "llama": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")],
     "qwen2": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")],
     "opt": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")],
+    "gemma3": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")],
 }
 
 
