@@ -4,7 +4,7 @@
 
 Writes ``calibration.pt`` (``[samples, seq_len]`` from demo:lee, seed 0, as benchmarks/quant.py),
 ``eval.pt`` (the demo:wiki windows of 512 that ``compressor eval`` scores) and ``model.txt`` (the dense demo
-model directory), so that llm-compressor sees the same model and data as our GPTQ.
+model directory), so that a peer tool (llm-compressor, auto-round) sees the same model and data as ours.
 """
 
 from __future__ import annotations
