@@ -213,14 +213,14 @@ def _load_directory(
     directory: Path, spec: str, dtype: torch.dtype | str, trust_remote_code: bool, allow_pickle: bool
 ) -> LoadedModel:
     config = read_config(directory)
+    # before any code or weight loads, custom modeling code or not: the family table must know the model type
+    check_supported(config.get("model_type"))
     if "auto_map" in config:
         if not (trust_remote_code or is_own_remote_code(directory, config)):
             raise ModelLoadError(
                 f"{directory}: config.json asks for custom modeling code; pass --trust-remote-code if you trust it"
             )
         trust_remote_code = True
-    else:
-        check_supported(config.get("model_type"))
     check_weights(directory, allow_pickle)
     model, tokenizer = _from_pretrained(str(directory), dtype, trust_remote_code, allow_pickle)
     return LoadedModel(model, tokenizer, spec, directory)

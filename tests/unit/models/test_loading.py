@@ -80,6 +80,14 @@ def test_unsupported_from_config_before_weights(tmp_path: Path) -> None:
         load_model(str(tmp_path))
 
 
+def test_unsupported_with_custom_code_fails_before_running_it(tmp_path: Path) -> None:
+    """An ``auto_map`` does not bypass the family table, even trusted: refused naming the type and the supported."""
+    (tmp_path / "config.json").write_text('{"model_type": "mamba", "auto_map": {"AutoModelForCausalLM": "m.M"}}')
+    (tmp_path / "m.py").write_text("raise SystemExit('ran custom code')\n")
+    with pytest.raises(UnsupportedModelError, match="'mamba': supported model types are .*llama"):
+        load_model(str(tmp_path), trust_remote_code=True)
+
+
 def test_device_resolution() -> None:
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
