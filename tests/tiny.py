@@ -32,6 +32,9 @@ TINY: dict[str, dict[str, Any]] = {
     "gemma3": dict(model_type="gemma3_text", intermediate_size=128, num_key_value_heads=2, head_dim=16,
                    query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=5.0,
                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    # token ids inside the tiny vocabulary (Phi-3's defaults point at 32000)
+    "phi3": dict(model_type="phi3", intermediate_size=128, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                 eos_token_id=2),
 }
 
 #: Every family in compressor's table, in table order.

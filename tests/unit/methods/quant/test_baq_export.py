@@ -25,6 +25,7 @@ VLLM_FUSED = {
     "qwen2": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")],
     "opt": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")],
     "gemma3": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")],
+    "phi3": [],  # its checkpoints hold qkv_proj and gate_up_proj already fused
 }
 
 
