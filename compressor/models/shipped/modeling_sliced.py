@@ -11,7 +11,8 @@ alone (this file imports nothing else). The structure comes from config.json ``s
 ``layout`` says where the family keeps its modules (compressor writes it from its family description):
 ``layers`` and ``final_norm`` (paths from the top model), ``positions`` (learned position embeddings), and per
 branch (``attention``, ``mlp``) the ``norm`` before it, the ``modules`` computing it in order, the ``inputs``
-reading the norm, the ``output`` writing the stream and an optional ``post_norm``. With it one file serves every
+reading the norm, the ``output`` writing the stream (compressor slices only families without a ``post_norm``:
+a norm after a branch does not commute with the rotation). With it one file serves every
 family: ``auto_map`` names ``Sliced<X>ForCausalLM`` for transformers' ``<X>ForCausalLM``, a class this module
 makes on first use (module ``__getattr__``), and each decoder layer becomes ``Sliced<its class>``.
 
@@ -130,18 +131,15 @@ class SlicedDecoderLayer(nn.Module):
         _slice_layer(self, config, layer_idx)
         self.branches = (config.slicing["layout"]["attention"], config.slicing["layout"]["mlp"])
 
-    def _post(self, branch: dict[str, Any], update: torch.Tensor) -> torch.Tensor:
-        return self.get_submodule(branch["post_norm"])(update) if branch.get("post_norm") else update
-
     def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         attention, mlp = self.branches
         normed = self.get_submodule(attention["norm"])(hidden_states)
         update, _ = self.get_submodule(attention["modules"][0])(hidden_states=normed, **kwargs)
-        hidden_states = _add(self.attn_shortcut, hidden_states, self._post(attention, update))
+        hidden_states = _add(self.attn_shortcut, hidden_states, update)
         update = self.get_submodule(mlp["norm"])(hidden_states)
         for name in mlp["modules"]:
             update = self.get_submodule(name)(update)
-        return _add(self.mlp_shortcut, hidden_states, self._post(mlp, update))
+        return _add(self.mlp_shortcut, hidden_states, update)
 
 
 @functools.cache
