@@ -47,6 +47,19 @@ class WeightQuantConfig(TargetedConfig):
         description="Per-group scale: none (min/max of the grid), mse (searched to minimise the squared error) "
         "or weighted (the error weighted by each input's mean squared activation, diag(H)).",
     )
+    refine_iters: int = Field(
+        0,
+        ge=0,
+        description="Steps of block-wise refinement after each decoder layer is quantized (SignRound-style: "
+        "learned rounding offsets and per-group scale factors, signed gradient descent on the layer's output "
+        "error against its float output); 0 = off. Never ends above the quantizer's own calibration loss.",
+    )
+    refine_lr: float | None = Field(
+        None, gt=0, description="Step size of the refinement, decayed linearly to 0; default 1 / refine_iters."
+    )
+    refine_batch: int = Field(
+        8, ge=1, description="Calibration sequences per refinement step (a step costs their forward and backward)."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from compressor.methods.base import LayerRecord
 from compressor.methods.quant.common import WeightQuantConfig, WeightQuantizer, quantize_layer_linears
 from compressor.methods.quant.gptq_ops import FitOn, gptq_quantize
 from compressor.methods.quant.ops import QuantizedWeight
+from compressor.methods.quant.refine import float_targets, refine_layer
 from compressor.methods.registry import register_method
 
 if TYPE_CHECKING:
@@ -42,7 +43,11 @@ class GPTQConfig(WeightQuantConfig):
       grid: restricted    # or full / full_positive (see rtn)
       scale_search: none  # or mse / weighted (weighted by diag(H))
       fit_on: auto        # or original / sweep: when group scales are fitted
+      refine_iters: 0     # > 0: SignRound-style block-wise refinement of the codes per decoder layer
+      refine_batch: 8     # sequences per refinement step
     ```
+    With ``refine_iters``, each layer's GPTQ codes are then refined around the values GPTQ rounded (see
+    ``refine.py``): learned rounding offsets and group scale factors minimising the layer's output error.
     """
 
     act_order: bool = Field(True, description="Quantize columns by descending diag(H) (static groups).")
@@ -71,6 +76,8 @@ class GPTQ(WeightQuantizer):
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
         config = self.config
         assert isinstance(config, GPTQConfig)
+        targets = float_targets(ctx, config)
+        rounded: list[torch.Tensor | None] = []
 
         def solve(
             W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, bits_per_group: torch.Tensor | None = None
@@ -89,6 +96,8 @@ class GPTQ(WeightQuantizer):
                 log.warning("%s: %s", ctx.prefix, notes[-1])
             if result.dead_columns:
                 notes.append(f"{result.dead_columns} dead input columns")
+            if targets is not None:
+                rounded.append(result.rounded)
             return result.qweight, "; ".join(notes)
 
         def solve_mixed(
@@ -96,4 +105,7 @@ class GPTQ(WeightQuantizer):
         ) -> tuple[QuantizedWeight, str]:
             return solve(W, H, int(bits_per_group.max()), group_size, bits_per_group)
 
-        return quantize_layer_linears(ctx, config, solve, sequential=True, solve_mixed=solve_mixed, plan=self.plan)
+        records = quantize_layer_linears(ctx, config, solve, sequential=True, solve_mixed=solve_mixed, plan=self.plan)
+        if targets is not None:
+            refine_layer(ctx, config, targets, dict(zip([r.module for r in records], rounded, strict=True)), records)
+        return records

@@ -43,6 +43,10 @@ class GPTQResult:
     loss: float
     dead_columns: int
     bits_per_group: list[int] | None = None
+    #: ``[out, in]`` float32, original column order: the value each code rounded (the weight as updated by the
+    #: errors of the columns before it), so ``q == clamp(round(rounded / scale) + zero)``; block-wise refinement
+    #: (``refine_ops``) learns its rounding offsets around it.
+    rounded: torch.Tensor | None = None
 
 
 FitOn = Literal["auto", "original", "sweep"]
@@ -171,9 +175,9 @@ def gptq_quantize(
     if act_order:
         W, H = W[:, perm], H[perm][:, perm]
     Hinv, used, retries = _inverse_cholesky(H, dampening)
-    codes, loss = _sweep(W, Hinv, groups, block_size)
+    codes, rounded, loss = _sweep(W, Hinv, groups, block_size)
     if act_order:
-        codes = codes[:, torch.argsort(perm)]
+        codes, rounded = codes[:, torch.argsort(perm)], rounded[:, torch.argsort(perm)]
     qweight = QuantizedWeight(
         q=codes.to(torch.uint8),
         scale=groups.scale,
@@ -184,7 +188,7 @@ def gptq_quantize(
         group_bits=None if bits_per_group is None else torch.tensor(group_bits, dtype=torch.int64),
     )
     mixed = None if bits_per_group is None else group_bits
-    return GPTQResult(qweight, qweight.dequantize(), used, retries, loss, int(dead.numel()), mixed)
+    return GPTQResult(qweight, qweight.dequantize(), used, retries, loss, int(dead.numel()), mixed, rounded)
 
 
 def _check_shapes(W: torch.Tensor, H: torch.Tensor, block_size: int, dampening: float) -> tuple[int, int]:
@@ -289,20 +293,23 @@ def _inverse_cholesky(H: torch.Tensor, dampening: float) -> tuple[torch.Tensor, 
     )
 
 
-def _sweep(W: torch.Tensor, Hinv: torch.Tensor, groups: _Groups, block_size: int) -> tuple[torch.Tensor, float]:
-    """Quantize all columns of ``W: [out, in]`` (sweep order) in blocks; codes ``[out, in]`` and the loss.
+def _sweep(
+    W: torch.Tensor, Hinv: torch.Tensor, groups: _Groups, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Quantize all columns of ``W: [out, in]`` (sweep order) in blocks; codes, rounded values ``[out, in]``, loss.
 
     Each block is quantized column by column, then its accumulated error is applied to the columns right
     of it at once: ``W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]`` (the lazy batch update, Sec. 3.2).
     """
     columns = W.shape[1]
     codes = torch.zeros_like(W)
+    rounded = torch.zeros_like(W)
     loss = W.new_zeros(())
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        Err1 = _quantize_block(W, Hinv, i1, i2, groups, codes, loss)
+        Err1 = _quantize_block(W, Hinv, i1, i2, groups, codes, loss, rounded)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return codes, float(loss) / 2
+    return codes, rounded, float(loss) / 2
 
 
 def _quantize_block(
@@ -313,12 +320,14 @@ def _quantize_block(
     groups: _Groups,
     codes: torch.Tensor,
     loss: torch.Tensor,
+    rounded: torch.Tensor,
 ) -> torch.Tensor:
     """Quantize columns ``i1:i2`` one at a time with in-block error feedback; returns ``Err1: [out, i2-i1]``.
 
     For column ``j``: ``q = quant(w_j)``, ``err = (w_j - q) / Hinv[j, j]`` and
     ``W1[:, j:] -= err Hinv[j, j:]`` (Eq. 3 with the Cholesky rows of ``H^-1``). Writes the codes into
-    ``codes[:, i1:i2]`` and adds ``sum err^2`` (twice the objective) to ``loss`` in place.
+    ``codes[:, i1:i2]`` (the values rounded into ``rounded``) and adds ``sum err^2`` (twice the objective) to
+    ``loss`` in place.
     """
     W1 = W[:, i1:i2].clone()
     Err1 = torch.zeros_like(W1)
@@ -333,6 +342,7 @@ def _quantize_block(
         w = W1[:, i]
         q = quantize_codes(w, scale, zero, groups.bits[g])
         codes[:, j] = q
+        rounded[:, j] = w
         err = (w - scale * (q - zero)) / Hinv1[i, i]
         loss += err.square().sum()
         W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)

@@ -9,6 +9,7 @@ import torch
 from compressor.methods.base import LayerRecord
 from compressor.methods.quant.common import WeightQuantConfig, WeightQuantizer, quantize_layer_linears
 from compressor.methods.quant.ops import QuantizedWeight, quantize_rtn
+from compressor.methods.quant.refine import float_targets, refine_layer
 from compressor.methods.registry import register_method
 
 if TYPE_CHECKING:
@@ -25,9 +26,10 @@ class RTNConfig(WeightQuantConfig):
       symmetric: true
       grid: restricted        # or full / full_positive
       scale_search: none      # or mse / weighted (weighted uses the calibration inputs' diag(H))
+      refine_iters: 0         # > 0: SignRound (learned rounding and scales per decoder layer) on top
     ```
-    The calibration data chooses weights only through ``scale_search: weighted``; otherwise it only reports
-    each module's output error.
+    The calibration data chooses weights only through ``scale_search: weighted`` or ``refine_iters``; otherwise
+    it only reports each module's output error. Refinement starts from the weights themselves, as SignRound.
     """
 
 
@@ -39,8 +41,12 @@ class RTN(WeightQuantizer):
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
         config = self.config
         assert isinstance(config, RTNConfig)
+        targets = float_targets(ctx, config)
+        rounded: list[torch.Tensor | None] = []
 
         def solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int) -> tuple[QuantizedWeight, str]:
+            if targets is not None:
+                rounded.append(W)  # the module gets a new weight tensor; this one keeps the original values
             return quantize_rtn(W, bits, group_size, config.symmetric, grid=config.grid,
                                 scale_search=config.scale_search, importance=_importance(H)), ""
 
@@ -48,11 +54,16 @@ class RTN(WeightQuantizer):
             W: torch.Tensor, H: torch.Tensor, group_size: int, bits_per_group: torch.Tensor
         ) -> tuple[QuantizedWeight, str]:
             widths = int(bits_per_group.max())
+            if targets is not None:
+                rounded.append(W)
             return quantize_rtn(W, widths, group_size, config.symmetric, grid=config.grid,
                                 scale_search=config.scale_search, importance=_importance(H),
                                 bits_per_group=bits_per_group), ""
 
-        return quantize_layer_linears(ctx, config, solve, sequential=False, solve_mixed=solve_mixed, plan=self.plan)
+        records = quantize_layer_linears(ctx, config, solve, sequential=False, solve_mixed=solve_mixed, plan=self.plan)
+        if targets is not None:
+            refine_layer(ctx, config, targets, dict(zip([r.module for r in records], rounded, strict=True)), records)
+        return records
 
 
 def _importance(H: torch.Tensor) -> torch.Tensor:

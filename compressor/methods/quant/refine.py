@@ -1,0 +1,236 @@
+"""Block-wise refinement of a quantized decoder layer (SignRound-style), after RTN or GPTQ solved its linears.
+
+The layer's float output on the calibration inputs is computed before quantizing (:func:`float_targets`);
+afterwards :func:`refine_layer` learns rounding offsets and per-group scale factors of every linear the stage
+quantized in this layer (math in ``refine_ops.py``) by signed gradient descent on the MSE between the quantized
+layer's output and that float output, a few sequences per step. The best parameters seen are kept, judged by
+each step's loss relative to the starting loss of the same sequences (so easy and hard batches compare), and
+are accepted only when they lower the loss on the whole calibration set; otherwise the stage's own codes
+stay. Results replace ``run.quantized[path]`` (codes and scales on the same grid) and the module weights, so
+every export holds exactly what was evaluated.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from compressor.methods.base import LayerRecord
+from compressor.methods.quant.ops import QuantizedWeight
+from compressor.methods.quant.refine_ops import (
+    FACTOR_RANGE,
+    OFFSET_LIMIT,
+    decayed_lr,
+    refined_codes,
+    refined_weight,
+    rounding_base,
+    signed_step,
+)
+
+if TYPE_CHECKING:
+    from compressor.engine import CapturedBatch, LayerContext
+    from compressor.methods.quant.common import WeightQuantConfig
+
+#: A step's sequences: (index of the captured batch, rows of it).
+Chunk = list[tuple[int, torch.Tensor]]
+
+
+@dataclass
+class _Refined:
+    """One linear under refinement: its fixed parts in level units (``[out, in]``) and learned parameters."""
+
+    name: str
+    qweight: QuantizedWeight
+    groups: torch.Tensor
+    base: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    maxq: torch.Tensor
+    offset: torch.Tensor
+    factor: torch.Tensor
+
+    @classmethod
+    def start(cls, name: str, qweight: QuantizedWeight, rounded: torch.Tensor | None) -> _Refined:
+        """Parameters that reproduce ``qweight`` exactly (``offset = 0``, ``factor = 1``)."""
+        groups = qweight.column_groups()
+        scale, zero = qweight.scale[:, groups].float(), qweight.zero[:, groups].float()
+        widths = torch.full_like(groups, qweight.bits) if qweight.group_bits is None else qweight.group_bits[groups]
+        maxq = (torch.bitwise_left_shift(torch.ones_like(widths), widths.to(groups.device)) - 1).float()
+        return cls(name, qweight, groups, rounding_base(qweight.q, scale, zero, rounded), scale, zero, maxq,
+                   torch.zeros_like(scale, requires_grad=True),
+                   torch.ones_like(qweight.scale, dtype=torch.float32, requires_grad=True))
+
+    def weight(self) -> torch.Tensor:
+        return refined_weight(self.base, self.scale, self.zero, self.maxq, self.offset, self.factor[:, self.groups])
+
+    @torch.no_grad()
+    def result(self) -> QuantizedWeight:
+        """The integer form of the current parameters (same grid, zero points and groups; scales times factor)."""
+        codes = refined_codes(self.base, self.zero, self.maxq, self.offset, self.factor[:, self.groups])
+        return replace(self.qweight, q=codes.to(torch.uint8), scale=(self.qweight.scale * self.factor).float())
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.offset.detach().clone(), self.factor.detach().clone()
+
+    @torch.no_grad()
+    def restore(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.offset.copy_(state[0])
+        self.factor.copy_(state[1])
+
+
+def float_targets(ctx: LayerContext, config: WeightQuantConfig) -> list[torch.Tensor] | None:
+    """The layer's output on every calibration batch before quantizing, or None when refinement is off."""
+    return ctx.forward() if config.refine_iters > 0 else None
+
+
+def refine_layer(
+    ctx: LayerContext,
+    config: WeightQuantConfig,
+    targets: list[torch.Tensor],
+    rounded: dict[str, torch.Tensor | None],
+    records: list[LayerRecord],
+) -> None:
+    """Refine the linears in ``rounded`` (full path -> the values their codes rounded), update the results.
+
+    ``targets``: :func:`float_targets`. Writes ``ctx.run.quantized`` and the module weights, and notes the
+    layer output error before and after on ``records`` (their ``rel_error`` stays the stage's own).
+    """
+    if not rounded:
+        return
+    start = time.perf_counter()
+    ctx.thaw()  # replayed sublayers would hide the changes from the forward
+    prefix = ctx.prefix + "."
+    modules = [_Refined.start(path.removeprefix(prefix), ctx.run.quantized[path], value)
+               for path, value in rounded.items()]
+    initial = _sequence_losses(ctx, modules, targets)
+    starting = [module.snapshot() for module in modules]
+    best = _signed_descent(ctx, config, modules, targets, initial)
+    final = initial
+    if best is not None:
+        _restore(modules, best)
+        final = _sequence_losses(ctx, modules, targets)
+    if best is None or final.sum() >= initial.sum():  # a running estimate can mislead: never end above the start
+        _restore(modules, starting)
+        final = initial
+    _write_back(ctx, modules)
+    count = sum(t.numel() for t in targets)
+    note = (f"refined {config.refine_iters} steps: layer output MSE {float(initial.sum()) / count:.4g} -> "
+            f"{float(final.sum()) / count:.4g}")
+    share = (time.perf_counter() - start) / len(rounded)
+    for record in records:
+        if record.module in rounded:
+            record.note = "; ".join(n for n in (record.note, note) if n)
+            record.seconds += share
+
+
+def _restore(modules: list[_Refined], states: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for module, state in zip(modules, states, strict=True):
+        module.restore(state)
+
+
+def _signed_descent(
+    ctx: LayerContext, config: WeightQuantConfig, modules: list[_Refined], targets: list[torch.Tensor],
+    initial: torch.Tensor,
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Run the steps; the parameters of the step with the lowest loss relative to the start (None: no step beat
+    the start). ``initial: [n_sequences]`` each sequence's starting squared error."""
+    steps = config.refine_iters
+    lr = config.refine_lr if config.refine_lr is not None else 1.0 / steps
+    generator = torch.Generator().manual_seed(ctx.index)
+    chunks = _chunks(ctx.inputs, config.refine_batch, generator)
+    params = [p for module in modules for p in (module.offset, module.factor)]
+    best, best_ratio = None, 1.0
+    for step in range(steps):
+        chunk = next(chunks)
+        with torch.enable_grad():
+            loss = sum((_chunk_error(ctx, modules, targets, index, rows) for index, rows in chunk),
+                       torch.zeros(()))
+        reference = float(initial[torch.cat([_flat(ctx.inputs, index, rows) for index, rows in chunk])].sum())
+        ratio = float(loss.detach()) / reference if reference > 0 else 1.0
+        if ratio < best_ratio:
+            best, best_ratio = [module.snapshot() for module in modules], ratio
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        step_lr = decayed_lr(lr, step, steps)
+        with torch.no_grad():
+            for module, g_offset, g_factor in zip(modules, grads[0::2], grads[1::2], strict=True):
+                if g_offset is not None:
+                    module.offset.copy_(signed_step(module.offset, g_offset, step_lr, -OFFSET_LIMIT, OFFSET_LIMIT))
+                if g_factor is not None:
+                    module.factor.copy_(signed_step(module.factor, g_factor, step_lr, *FACTOR_RANGE))
+    return best
+
+
+def _chunks(inputs: list[CapturedBatch], size: int, generator: torch.Generator) -> Any:
+    """Endless steps of ``size`` sequences each, a fresh shuffle of all sequences per epoch, grouped by batch."""
+    counts = [batch.hidden.shape[0] for batch in inputs]
+    owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    row = torch.cat([torch.arange(c) for c in counts])
+    while True:
+        order = torch.randperm(len(owner), generator=generator)
+        for begin in range(0, len(order), size):
+            picked = order[begin : begin + size]
+            yield [(int(b), torch.sort(row[picked[owner[picked] == b]]).values)
+                   for b in torch.unique(owner[picked])]
+
+
+def _flat(inputs: list[CapturedBatch], index: int, rows: torch.Tensor) -> torch.Tensor:
+    """Positions of batch ``index``'s ``rows`` among all sequences."""
+    return sum(batch.hidden.shape[0] for batch in inputs[:index]) + rows
+
+
+def _chunk_error(ctx: LayerContext, modules: list[_Refined], targets: list[torch.Tensor], index: int,
+                 rows: torch.Tensor) -> torch.Tensor:
+    """Summed squared error of the layer's output on ``rows`` of batch ``index`` (differentiable)."""
+    batch = ctx.inputs[index]
+    size = batch.hidden.shape[0]
+    out = _forward(ctx.layer, modules, batch.hidden[rows], _take_rows(batch.kwargs, rows, size))
+    return (out.float() - targets[index][rows].float()).square().sum()
+
+
+@torch.no_grad()
+def _sequence_losses(ctx: LayerContext, modules: list[_Refined], targets: list[torch.Tensor]) -> torch.Tensor:
+    """Each calibration sequence's summed squared error at the current parameters, ``[n_sequences]``."""
+    losses = []
+    for batch, target in zip(ctx.inputs, targets, strict=True):
+        out = _forward(ctx.layer, modules, batch.hidden, batch.kwargs)
+        losses.append((out.float() - target.float()).square().flatten(1).sum(1))
+    return torch.cat(losses)
+
+
+def _forward(layer: nn.Module, modules: list[_Refined], hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The layer with every refined linear's weight replaced by its current (differentiable) value."""
+    weights = {}
+    for module in modules:
+        linear = layer.get_submodule(module.name)
+        assert isinstance(linear, nn.Linear)
+        dtype = linear.weight.dtype
+        weights[f"{module.name}.weight"] = module.weight().to(dtype)
+    out = functional_call(layer, weights, (hidden,), kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _take_rows(value: Any, rows: torch.Tensor, size: int) -> Any:
+    """``value`` (a layer kwarg) restricted to batch ``rows``: tensors of 2+ dims whose first dim is the batch
+    (attention masks, per-sequence positions); shared ones (first dim 1, 1-D cache positions) stay whole."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if size > 1 and value.dim() >= 2 and value.shape[0] == size else value
+    if isinstance(value, dict):
+        return {key: _take_rows(item, rows, size) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_take_rows(item, rows, size) for item in value)
+    return value
+
+
+def _write_back(ctx: LayerContext, modules: list[_Refined]) -> None:
+    """The refined codes and scales into ``run.quantized`` and the modules' weights (exactly the dequantized)."""
+    for module in modules:
+        qweight = module.result()
+        linear = ctx.module(module.name)
+        assert isinstance(linear, nn.Linear)
+        linear.weight.data = qweight.dequantize(linear.weight.dtype)
+        ctx.run.quantized[ctx.path(module.name)] = qweight

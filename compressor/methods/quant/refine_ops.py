@@ -1,0 +1,83 @@
+"""Block-wise rounding refinement (SignRound, Cheng et al. 2023) as pure functions on tensors.
+
+A quantized weight is re-expressed in *level units* around the values its codes rounded:
+``base = (q0 - zero) + frac`` with ``q0`` the starting codes and ``frac`` how far the rounded value sat from
+its level, kept strictly inside ``(-1/2, 1/2)``, so ``round(base) + zero == q0`` exactly. For RTN the rounded
+value is the weight itself (exactly SignRound's ``W / s``); for GPTQ it is the weight as updated by the errors
+of the columns before it (``GPTQResult.rounded``), i.e. what GPTQ's own ``round`` saw. Optimising around the
+dequantized weight instead (``frac = 0``) also reproduces the codes, but puts every weight in the middle of its
+rounding bin, where signed steps of SignRound's size (at most ~1/2 in total) never flip a code; keeping the
+fraction lets the weights GPTQ rounded narrowly flip first, as SignRound's do.
+
+The learned parameters are a rounding offset per weight ``V`` in ``[-1/2, 1/2]`` and a scale factor per
+(row, group) ``f`` in :data:`FACTOR_RANGE` (SignRound's min/max clipping, expressed on the fitted scale so
+full-grid negative scales keep their sign):
+
+    codes = clamp(round(base / f + V) + zero, 0, maxq)        w = scale * f * (codes - zero)
+
+``round`` passes gradients straight through; the clamp stops them outside the grid. Each step moves every
+parameter by ``lr`` against the sign of its gradient (signed gradient descent), ``lr`` decayed linearly to 0.
+At ``V = 0, f = 1`` the codes and weights are exactly the starting ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Bound of the rounding offsets (SignRound's).
+OFFSET_LIMIT = 0.5
+#: Bounds of the per-group scale factors. SignRound clips the min/max range to [0.5, 1]; a factor above 1 is
+#: allowed too because the starting scale may already be searched (or clipped) below the group's range.
+FACTOR_RANGE = (0.5, 1.5)
+#: How far inside its rounding bin a starting value is kept, so rounding it gives back the starting code
+#: (round-half-to-even would otherwise decide a value at exactly 1/2).
+_INSIDE = 0.5 - 1e-3
+
+
+def rounding_base(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  rounded: torch.Tensor | None) -> torch.Tensor:
+    """Starting values in level units, ``[out, in]`` float32: ``(codes - zero) + frac`` with ``|frac| < 1/2``.
+
+    ``codes: [out, in]`` the starting codes; ``scale``, ``zero``: ``[out, in]`` (each column's group expanded);
+    ``rounded: [out, in]`` the values the codes rounded (None: ``frac = 0``, the middle of every bin). A value
+    the grid clamped (beyond the outermost level) gets the bin edge on its side.
+    """
+    level = codes.float() - zero.float()
+    if rounded is None:
+        return level
+    frac = torch.nan_to_num(rounded.float() / scale.float() - level)
+    return level + frac.clamp(-_INSIDE, _INSIDE)
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` whose gradient is the identity (the straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def refined_codes(base: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor, offset: torch.Tensor,
+                  factor: torch.Tensor) -> torch.Tensor:
+    """``clamp(round(base / factor + offset) + zero, 0, maxq)``, float ``[out, in]``, differentiable (STE).
+
+    ``zero``, ``factor``: ``[out, in]`` (per group, expanded); ``maxq``: broadcastable (``2**bits - 1`` of each
+    column's group). Gradients pass where ``0 <= codes <= maxq`` before clamping (as ``torch.clamp``'s do).
+    """
+    codes = ste_round(base / factor + offset) + zero
+    codes = torch.where(codes < 0, torch.zeros_like(codes), codes)
+    return torch.where(codes > maxq, maxq.to(codes.dtype).expand_as(codes), codes)
+
+
+def refined_weight(base: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor,
+                   offset: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """The dequantized weight ``scale * factor * (codes - zero)``, ``[out, in]`` float32, differentiable in
+    ``offset`` and ``factor`` (shapes as in :func:`refined_codes`; ``scale: [out, in]``)."""
+    return scale * factor * (refined_codes(base, zero, maxq, offset, factor) - zero)
+
+
+def signed_step(param: torch.Tensor, grad: torch.Tensor, lr: float, low: float, high: float) -> torch.Tensor:
+    """One signed-gradient step, ``clamp(param - lr * sign(grad), low, high)`` (a new tensor)."""
+    return torch.clamp(param - lr * torch.sign(grad), low, high)
+
+
+def decayed_lr(lr: float, step: int, steps: int) -> float:
+    """``lr`` decayed linearly from its full value at step 0 towards 0 at ``steps`` (auto-round's schedule)."""
+    return lr * (1.0 - step / steps)
