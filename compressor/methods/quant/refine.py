@@ -97,8 +97,9 @@ def refine_layer(
 ) -> None:
     """Refine the linears in ``rounded`` (full path -> the values their codes rounded), update the results.
 
-    ``targets``: :func:`float_targets`. Writes ``ctx.run.quantized`` and the module weights, and notes the
-    layer output error before and after on ``records`` (their ``rel_error`` stays the stage's own).
+    ``targets``: :func:`float_targets`. Writes ``ctx.run.quantized`` and the module weights, and puts the
+    layer's output MSE before and after into ``records``' ``extra["refine"]`` (a note would read as a warning;
+    ``rel_error`` stays the stage's own, from its Hessian).
     """
     if not rounded:
         return
@@ -119,12 +120,12 @@ def refine_layer(
         final = initial
     _write_back(ctx, modules)
     count = sum(t.numel() for t in targets)
-    note = (f"refined {config.refine_iters} steps: layer output MSE {float(initial.sum()) / count:.4g} -> "
-            f"{float(final.sum()) / count:.4g}")
+    summary = {"steps": config.refine_iters, "layer_mse_before": float(initial.sum()) / count,
+               "layer_mse_after": float(final.sum()) / count}
     share = (time.perf_counter() - start) / len(rounded)
     for record in records:
         if record.module in rounded:
-            record.note = "; ".join(n for n in (record.note, note) if n)
+            record.extra["refine"] = summary
             record.seconds += share
 
 
