@@ -2,7 +2,7 @@
 
     python benchmarks/quant.py --samples 128 --seq-len 512 --eval-tokens 16384 [--settings w4g128,w3g128]
         [--methods rtn,gptq] [--grid full] [--scale-search weighted] [--fit-on original] [--no-act-order]
-        [--refine-iters 50 --refine-batch 8]
+        [--refine-iters 50 --refine-batch 2]
 
 Every setting starts from the same dense weights and is scored on the same demo:wiki windows. The
 "floor" is one plain forward pass of the calibration set through the decoder. RTN needs no calibration: it
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--refine-iters", type=int, default=0,
                         help="Block-wise refinement steps per layer after rtn/gptq (0: off; rtn then runs through "
                         "the engine).")
-    parser.add_argument("--refine-batch", type=int, default=8, help="Sequences per refinement step.")
+    parser.add_argument("--refine-batch", type=int, default=2, help="Sequences per refinement step.")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

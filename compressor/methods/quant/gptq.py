@@ -44,7 +44,7 @@ class GPTQConfig(WeightQuantConfig):
       scale_search: none  # or mse / weighted (weighted by diag(H))
       fit_on: auto        # or original / sweep: when group scales are fitted
       refine_iters: 0     # > 0: SignRound-style block-wise refinement of the codes per decoder layer
-      refine_batch: 8     # sequences per refinement step
+      refine_batch: 2     # sequences per refinement step
     ```
     With ``refine_iters``, each layer's GPTQ codes are then refined around the values GPTQ rounded (see
     ``refine.py``): learned rounding offsets and group scale factors minimising the layer's output error.

@@ -65,13 +65,21 @@ class _Refined:
                    torch.zeros_like(scale, requires_grad=True),
                    torch.ones_like(qweight.scale, dtype=torch.float32, requires_grad=True))
 
+    def columns(self, per_group: torch.Tensor) -> torch.Tensor:
+        """``[out, n_groups] -> [out, in]``: each column gets its group's value (contiguous groups expand, whose
+        backward is a sum; ``g_idx`` groups index, whose backward scatters)."""
+        if self.qweight.g_idx is not None:
+            return per_group[:, self.groups]
+        out, n_groups = per_group.shape
+        return per_group[:, :, None].expand(out, n_groups, self.base.shape[1] // n_groups).reshape(out, -1)
+
     def weight(self) -> torch.Tensor:
-        return refined_weight(self.base, self.scale, self.zero, self.maxq, self.offset, self.factor[:, self.groups])
+        return refined_weight(self.base, self.scale, self.zero, self.maxq, self.offset, self.columns(self.factor))
 
     @torch.no_grad()
     def result(self) -> QuantizedWeight:
         """The integer form of the current parameters (same grid, zero points and groups; scales times factor)."""
-        codes = refined_codes(self.base, self.zero, self.maxq, self.offset, self.factor[:, self.groups])
+        codes = refined_codes(self.base, self.zero, self.maxq, self.offset, self.columns(self.factor))
         return replace(self.qweight, q=codes.to(torch.uint8), scale=(self.qweight.scale * self.factor).float())
 
     def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
