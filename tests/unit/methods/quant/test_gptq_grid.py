@@ -14,13 +14,12 @@ from collections.abc import Callable
 import pytest
 import torch
 from reference_gptq import grid as minmax_grid
-from tiny import FAMILIES, tiny_model
+from test_gptq import _errors
+from tiny import FAMILIES
 
-from compressor.engine import ModelContext, run_stages
 from compressor.methods.quant.gptq import GPTQ, GPTQConfig
 from compressor.methods.quant.gptq_ops import gptq_quantize
 from compressor.methods.quant.rtn import RTN, RTNConfig
-from compressor.models import get_adapter
 
 Fit = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -92,13 +91,6 @@ def test_weighted_search_in_gptq_uses_diag_h() -> None:
                                    fit_on=fit_on)  # type: ignore[arg-type]
         errors = [float((importance * (r.W_hat - W).square()).sum()) for r in (result, unweighted)]
         assert errors[0] < errors[1]
-
-
-def _errors(family: str, method: object) -> dict[str, float]:
-    model = tiny_model(family)
-    tokens = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(1))
-    run = ModelContext(model, get_adapter(model), tokens, torch.device("cpu"), batch_size=4)
-    return {r.module: r.rel_error for r in run_stages(run, [method])}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
