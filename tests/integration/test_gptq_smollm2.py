@@ -1,4 +1,4 @@
-"""GPTQ on the real SmolLM2-135M: beats RTN at 3 bits, and its compressed-tensors/GGUF exports load exactly."""
+"""GPTQ on the real SmolLM2-135M: beats RTN at 4 bits per channel; compressed-tensors and GGUF exports load exactly."""
 
 from __future__ import annotations
 
@@ -19,14 +19,21 @@ def _ppl(loaded: object) -> float:
     return evaluate(loaded, "demo:wiki", seq_len=512, max_tokens=4096, device="cpu").ppl
 
 
-def test_gptq_beats_rtn_at_3_bits(smollm2_dir: Path, tmp_path: Path) -> None:
+def test_gptq_beats_rtn_at_4_bits_per_channel(smollm2_dir: Path, tmp_path: Path) -> None:
+    """Per channel, where rounding error is largest at 4 bits, GPTQ's error feedback wins by a wide margin.
+
+    Measured on the 2-core CI machine (16 x 256 calibration, 4,096 eval tokens): RTN 52.8, GPTQ 36.7. At 3 bits
+    with groups of 128 and so little calibration the two were within noise (GPTQ 186.0, RTN 180.8, on the
+    code before and after issue 13 alike), so that setting could not tell a broken GPTQ from a working one.
+    """
     results = {}
     for method in ("rtn", "gptq"):
-        recipe = load_recipe("w3a16-gptq" if method == "gptq" else "w4a16-rtn", [*SMALL, "stages.0.bits=3"])
+        settings = [*SMALL, "stages.0.bits=4", "stages.0.group_size=-1"]
+        recipe = load_recipe("w3a16-gptq" if method == "gptq" else "w4a16-rtn", settings)
         loaded = load(smollm2_dir)
         compress(loaded, recipe, tmp_path / method, device="cpu")
         results[method] = _ppl(loaded)
-    assert results["gptq"] < results["rtn"], results
+    assert results["gptq"] < 0.85 * results["rtn"], results
 
 
 def test_compressed_tensors_and_gguf_exports_load_exactly(smollm2_dir: Path, tmp_path: Path) -> None:
