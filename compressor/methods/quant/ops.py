@@ -335,10 +335,13 @@ def quantize_rtn(
             raise ValueError(f"bits_per_group must be {w.shape[1] // size} widths in 2..8, got {widths.tolist()}")
         scale = torch.zeros(w.shape[0], widths.numel(), device=w.device)
         zero = torch.zeros_like(scale)
+        blocks = w.float().reshape(w.shape[0], widths.numel(), size)
+        weights = None if importance is None else importance.float().reshape(1, widths.numel(), size)
         for width in sorted(set(widths.tolist())):
-            s, z = group_qparams(w, width, group_size, symmetric, grid, scale_search, importance)
+            # Each group is fitted alone: fit (and search) only the groups planned at this width.
             mask = widths == width
-            scale[:, mask], zero[:, mask] = s[:, mask], z[:, mask]
+            part = None if weights is None else weights[:, mask]
+            scale[:, mask], zero[:, mask] = fit_qparams(blocks[:, mask], width, symmetric, grid, scale_search, part)
         maxq = torch.bitwise_left_shift(1, widths[groups]) - 1
         q = torch.minimum((torch.round(w.float() / scale[:, groups]) + zero[:, groups]).clamp(min=0), maxq.float())
         bits = int(widths.max())
