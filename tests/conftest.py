@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from tiny import VOCAB, make_text, tiny_model
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
@@ -34,6 +35,15 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("text") / "calib.txt"
     path.write_text("\n\n".join(make_text(400, seed) for seed in range(20)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def bf16_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerFast) -> Path:
+    """A tiny Llama checkpoint stored in bfloat16 (with the tokenizer), for the dtype tests."""
+    path = tmp_path_factory.mktemp("tiny-bf16")
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
     return path
 
 

@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from tiny import tiny_model
 from typer.testing import CliRunner
 
 from compressor.cli import app
@@ -21,14 +19,6 @@ stages:
     group_size: 32
 export: {{format: dense}}
 """
-
-
-@pytest.fixture(scope="module")
-def bf16_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("tiny-bf16")
-    tiny_model("llama").to(torch.bfloat16).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("command", ["compress", "eval"])

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from tiny import tiny_model
 
 from compressor.pipeline import compress
 from compressor.recipe import Recipe, recipe_from_dict
@@ -23,14 +21,6 @@ def _recipe(text_file: Path, export_format: str) -> Recipe:
         "export": {"format": export_format},
     }
     return recipe_from_dict(yaml.safe_load(yaml.safe_dump(data)))
-
-
-@pytest.fixture(scope="module")
-def bf16_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("tiny-bf16")
-    tiny_model("llama").to(torch.bfloat16).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
 
 
 def _stored(out: Path) -> dict[str, torch.dtype]:
