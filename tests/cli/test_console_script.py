@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 
 def test_console_script_compress_and_inspect(model_dir_factory, text_file: Path, tmp_path: Path) -> None:
-    exe = shutil.which("compressor")
-    assert exe, "the console script is installed by `pip install -e .`"
+    # The script sits beside the interpreter running the tests (a virtualenv's bin/), which need not be on PATH.
+    exe = shutil.which("compressor", path=sysconfig.get_path("scripts"))
+    assert exe, f"the console script is installed by `pip install -e .` into {sysconfig.get_path('scripts')}"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f'name: sub\ncalibration: {{dataset: "{text_file}", samples: 2, seq_len: 32}}\n'
