@@ -197,8 +197,8 @@ class LayerContext:
         first = self.module(group.names[0])
         if first is self.adapter.attention_output(self.layer):
             return self.adapter.attention(self.layer), True
-        mlp = self.adapter.mlp(self.layer)
-        if first is self.adapter.mlp_output(self.layer) and mlp is not self.layer:
+        mlp, writers = self.adapter.mlp(self.layer), self.adapter.mlp_outputs(self.layer)
+        if len(writers) == 1 and first is writers[0] and mlp is not self.layer:  # a MoE's sum is no one projection
             return mlp, False
         return None
 
@@ -220,7 +220,7 @@ class LayerContext:
 
             handles.append(module.register_forward_pre_hook(hook))
         try:
-            with self._sweep() as batches:
+            with self._sweep() as batches, self.adapter.statistics(self.layer):
                 for batch in batches:
                     try:
                         self.layer(batch.hidden, **batch.kwargs)

@@ -35,6 +35,9 @@ TINY: dict[str, dict[str, Any]] = {
     # token ids inside the tiny vocabulary (Phi-3's defaults point at 32000)
     "phi3": dict(model_type="phi3", intermediate_size=128, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
                  eos_token_id=2),
+    # 8 experts, top-2: a 3-layer model where some expert is rarely or never picked
+    "mixtral": dict(model_type="mixtral", intermediate_size=32, num_key_value_heads=2, num_local_experts=8,
+                    num_experts_per_tok=2),
 }
 
 #: Every family in compressor's table, in table order.

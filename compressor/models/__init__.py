@@ -12,12 +12,13 @@ from compressor.errors import UnsupportedModelError
 from compressor.models.base import Family, LinearGroup, ModelAdapter, Sublayer
 from compressor.models.gemma3 import GEMMA3
 from compressor.models.llama import LLAMA
+from compressor.models.mixtral import MIXTRAL
 from compressor.models.opt import OPT
 from compressor.models.phi3 import PHI3
 from compressor.models.qwen2 import QWEN2
 
 #: The family table, one row per family.
-FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, OPT, GEMMA3, PHI3)
+FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, OPT, GEMMA3, PHI3, MIXTRAL)
 
 #: ``config.model_type`` -> its family.
 MODEL_TYPES: dict[str, Family] = {model_type: family for family in FAMILIES for model_type in family.model_types}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -176,6 +177,18 @@ class ModelAdapter:
     def mlp_output(self, layer: nn.Module) -> nn.Linear:
         """The projection that writes the MLP back into the residual stream (down_proj / fc2)."""
         return _linear(layer, self.family.mlp.output)
+
+    def mlp_outputs(self, layer: nn.Module) -> list[nn.Linear]:
+        """Every linear whose output the MLP sums into the stream: ``[down_proj]``; one per expert in a MoE."""
+        return [self.mlp_output(layer)]
+
+    def statistics(self, layer: nn.Module) -> AbstractContextManager[None]:
+        """Entered while the engine gathers a layer's statistics: a MoE sends every token through every expert."""
+        return nullcontext()
+
+    def module_facts(self, layer: nn.Module, name: str) -> dict[str, Any]:
+        """What the last statistics pass knows of one linear beyond its inputs (an expert's routed tokens)."""
+        return {}
 
     def norm_eps(self, norm: nn.Module) -> float:
         """The epsilon a norm adds to the variance (``variance_epsilon`` in Llama's RMSNorm, else ``eps``)."""

@@ -44,20 +44,22 @@ class TestAdapterContract:
     def test_residual_writers_and_norms(self, adapter) -> None:  # type: ignore[no-untyped-def]
         layer = adapter.layers()[0]
         assert adapter.attention_output(layer).out_features == adapter.hidden_size
-        assert adapter.mlp_output(layer).out_features == adapter.hidden_size
+        assert all(writer.out_features == adapter.hidden_size for writer in adapter.mlp_outputs(layer))
         for norm in (adapter.attention_norm(layer), adapter.mlp_norm(layer), adapter.final_norm()):
             assert norm.weight.shape == (adapter.hidden_size,)
         assert adapter.attention(layer) is not None and adapter.mlp(layer) is not None
 
     def test_norm_readers_eps_and_rotation(self, adapter) -> None:  # type: ignore[no-untyped-def]
         layer = adapter.layers()[0]
-        qkv, _, mlp_in, _ = adapter.linear_groups()
+        qkv, _, mlp_in, *_ = adapter.linear_groups()
         assert adapter.attention_inputs(layer) == [layer.get_submodule(n) for n in qkv.names]
         assert adapter.mlp_inputs(layer) == [layer.get_submodule(n) for n in mlp_in.names]
         for norm in (adapter.attention_norm(layer), adapter.mlp_norm(layer), adapter.final_norm()):
             assert 0 < adapter.norm_eps(norm) < 1e-3
         if adapter.post_norms(layer):  # a norm after a branch does not commute with a rotation of the stream
             assert "post-norms" in (adapter.rotation_blocker() or "")
+        elif len(adapter.mlp_outputs(layer)) > 1:  # a mixture of experts: router and experts are not rotated
+            assert "expert" in (adapter.rotation_blocker() or "")
         else:
             assert adapter.rotation_blocker() is None
 

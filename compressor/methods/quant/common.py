@@ -265,7 +265,9 @@ def _quantize_module(
     W_hat = qweight.dequantize(W.dtype)
     module.weight.data = W_hat
     ctx.run.quantized[path] = qweight
-    return _record(path, config.method, W, W_hat, H, qweight, start, "; ".join(n for n in (group_note, note) if n))
+    record = _record(path, config.method, W, W_hat, H, qweight, start, "; ".join(n for n in (group_note, note) if n))
+    record.extra.update(ctx.adapter.module_facts(ctx.layer, name))  # a MoE expert: the tokens routed to it
+    return record
 
 
 def _record(
