@@ -29,8 +29,16 @@ import torch
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from compressor.errors import ExportError
+from compressor.export.gguf_arch import (
+    ARCHITECTURES,
+    architecture_name,
+    check_architecture,
+    head_dim,
+    rope_theta,
+    rotary_dims,
+)
 from compressor.methods.quant.ops import QuantizedWeight
-from compressor.models import MODEL_TYPES, get_adapter
+from compressor.models import MODEL_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +49,10 @@ FILE_TYPES = {
     "Q8_0": (8, gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 BLOCK_TYPES = {bits: block for bits, block, _ in FILE_TYPES.values()}
-#: llama.cpp architectures whose keys and tensor layout (q/k permutation) this writer knows.
-WRITTEN_ARCHITECTURES = ("llama",)
+#: llama.cpp architectures whose keys and tensor layout this writer knows (``gguf_arch.ARCHITECTURES``).
+WRITTEN_ARCHITECTURES = tuple(ARCHITECTURES)
+#: llama.cpp's ``general.architecture`` for a model type (None: it has none).
+architecture = architecture_name
 
 
 def validate_gguf(bits: int, group_size: int, symmetric: bool) -> str | None:
@@ -112,42 +122,12 @@ def unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     return rows.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def architecture(model_type: str) -> str | None:
-    """llama.cpp's ``general.architecture`` for a model type, from its family description (None: it has none)."""
-    family = MODEL_TYPES.get(model_type)
-    return None if family is None else family.gguf_architectures.get(model_type)
-
-
-def _check_model(model: Any) -> str:
-    """The model's GGUF architecture; refuse what the tensors and keys we write cannot express."""
+def _add_hparams(writer: gguf.GGUFWriter, model: Any, arch: str, file_type: gguf.LlamaFileType) -> None:
+    """The architecture keys transformers' GGUF loader and llama.cpp read (``{arch}.*``)."""
     config = model.config
-    arch = architecture(config.model_type)
-    if arch not in WRITTEN_ARCHITECTURES:
-        written = sorted(t for t in MODEL_TYPES if architecture(t) in WRITTEN_ARCHITECTURES)
-        found = f"llama.cpp architecture '{arch}', not written yet" if arch else "no llama.cpp architecture"
-        raise ExportError(f"GGUF export writes the {', '.join(WRITTEN_ARCHITECTURES)} architecture (model types "
-                          f"{', '.join(written)}); this model is '{config.model_type}' ({found}; "
-                          "use compressed-tensors)")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise ExportError("GGUF export writes no biases; this model has attention/MLP bias")
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ExportError(f"GGUF export supports plain RoPE; this model has rope_type '{rope['rope_type']}'")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise ExportError(f"llama GGUF assumes SiLU; this model uses {config.hidden_act}")
-    if "sliding_attention" in get_adapter(model).attention_types():
-        logger.warning("llama.cpp runs llama with full attention: sliding_window=%s is dropped",
-                       config.sliding_window)
-    return str(arch)
-
-
-def _add_hparams(writer: gguf.GGUFWriter, model: Any, file_type: gguf.LlamaFileType) -> None:
-    """The architecture keys transformers' GGUF loader and llama.cpp read for ``llama``."""
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
+    dim = head_dim(config)
     name = Path(str(getattr(config, "_name_or_path", "") or config.model_type)).name
-    if architecture(config.model_type) != config.model_type and config.model_type not in name.lower():
+    if arch != config.model_type and config.model_type not in name.lower():
         # a model type stored under another architecture (Mistral as llama) is told apart by general.name only
         # (transformers' loader switches to Mistral only when the name is exactly "mistral"; else it builds Llama,
         # which computes the same here since the sliding window is not written)
@@ -157,15 +137,18 @@ def _add_hparams(writer: gguf.GGUFWriter, model: Any, file_type: gguf.LlamaFileT
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(rotary_dims(config))
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
-    if head_dim * config.num_attention_heads != config.hidden_size:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    # always written: transformers' gemma3 reader takes head_dim from key_length only
+    writer.add_key_length(dim)
+    writer.add_value_length(dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_vocab_size(config.vocab_size)
+    keys = ARCHITECTURES[arch].keys
+    if keys is not None:
+        keys(writer, model)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -270,10 +253,13 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> 
 def _tensors(model: Any, quantized: dict[str, QuantizedWeight], arch: str) -> list[tuple[str, np.ndarray, Any]]:
     """``(gguf name, array, raw dtype or None)`` for every stored tensor of ``arch``; a tied output is not stored."""
     config = model.config
+    spec = ARCHITECTURES[arch]
     arch_enum = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     names = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
     heads = {"attn_q": config.num_attention_heads,
-             "attn_k": config.num_key_value_heads or config.num_attention_heads}
+             "attn_k": config.num_key_value_heads or config.num_attention_heads} if spec.permute_qk else {}
+    # llama.cpp's RMSNorm multiplies by the stored weight: a family normalizing with x*(1+w) stores 1+w
+    norm_offset = 1.0 if MODEL_TYPES[config.model_type].norm == "rms_one_plus" else 0.0
     dense_dtype = np.float16 if model.dtype == torch.float16 else np.float32
     state = remove_tied_weights_from_state_dict(dict(model.state_dict()), model)
     unknown = [path for path in quantized if f"{path}.weight" not in state]
@@ -284,13 +270,17 @@ def _tensors(model: Any, quantized: dict[str, QuantizedWeight], arch: str) -> li
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ExportError(f"no {arch} GGUF tensor name for {key}")
-        path = key.rsplit(".", 1)[0]
-        if path in quantized:
+        role = name.split(".")[-2]
+        if name.endswith(".bias") and role not in spec.biases:
+            raise ExportError(f"llama.cpp's {arch} reads no bias for {role}; this model has {key}")
+        path, _, kind = key.rpartition(".")
+        if kind == "weight" and path in quantized:  # a quantized linear's bias stays dense
             array, raw = pack_blocks(quantized[path]), BLOCK_TYPES[quantized[path].bits]
         else:
             array = tensor.detach().float().cpu().numpy()
+            if role.endswith("norm"):
+                array = array + np.float32(norm_offset)
             array, raw = array.astype(np.float32 if array.ndim == 1 else dense_dtype), None
-        role = name.split(".")[-2]
         if role in heads:
             array = permute_rows(array, heads[role])
         out.append((name, np.ascontiguousarray(array), raw))
@@ -299,7 +289,8 @@ def _tensors(model: Any, quantized: dict[str, QuantizedWeight], arch: str) -> li
 
 def write_gguf(model: Any, quantized: dict[str, QuantizedWeight], out_path: Path, tokenizer: Any,
                file_type: str) -> None:
-    """Write one ``.gguf`` file: llama hparams, the tokenizer, blocks for quantized linears, dense the rest.
+    """Write one ``.gguf`` file: the architecture's hparams, the tokenizer, blocks for quantized linears, dense
+    the rest.
 
     ``file_type`` ("Q4_0" or "Q8_0") is the file's ``general.file_type``; every quantized linear is stored in
     the block type of its own bits (4 -> Q4_0, 8 -> Q8_0), so a BAQ mix of the two is one valid file, as
@@ -307,11 +298,11 @@ def write_gguf(model: Any, quantized: dict[str, QuantizedWeight], out_path: Path
     """
     if file_type not in FILE_TYPES:
         raise ExportError(f"GGUF file type must be one of {', '.join(FILE_TYPES)}; got {file_type}")
-    arch = _check_model(model)
+    arch = check_architecture(model)
     tensors = _tensors(model, quantized, arch)
     writer = gguf.GGUFWriter(str(out_path), arch)
     try:
-        _add_hparams(writer, model, FILE_TYPES[file_type][2])
+        _add_hparams(writer, model, arch, FILE_TYPES[file_type][2])
         _add_tokenizer(writer, tokenizer, model.config.vocab_size)
         for name, array, raw in tensors:
             writer.add_tensor(name, array, raw_dtype=raw)
