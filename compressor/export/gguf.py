@@ -6,13 +6,16 @@ scale ``d``: Q4_0 stores unsigned nibbles with value ``d * (q - 8)`` (our symmet
 one to one), Q8_0 stores the signed byte ``q - 128``. The scale is rounded to fp16 on the way: for the file to
 equal the in-memory model bit for bit, the engine must dequantize with ``round_scales_fp16(qweight)``.
 
-Tensor names come from gguf-py's own ``TensorNameMap`` (llama.cpp's table), and q/k rows are stored permuted
-the way llama.cpp's converter permutes them (q with n_head, k with n_kv_head): files without it load in both
-transformers and llama.cpp and silently give wrong output (FORMATS.md). The permutation only moves rows, so
-blocks are built in HF row order and the packed rows are permuted.
+Tensor names come from gguf-py's own ``TensorNameMap`` (llama.cpp's table). For the llama architecture q/k
+rows are stored permuted the way llama.cpp's converter permutes them (q with n_head, k with n_kv_head): files
+without it load in both transformers and llama.cpp and silently give wrong output (FORMATS.md). The permutation
+only moves rows, so blocks are built in HF row order and the packed rows are permuted. Qwen2/Qwen3/Phi-3/Gemma 3
+rope HF's layout as stored; what each architecture needs besides (biases, Gemma's ``1 + w`` norms, keys, the
+configs llama.cpp would compute otherwise) is in ``gguf_arch.py``.
 
-Dense tensors: norms are F32 (llama.cpp wants 1-D tensors in F32); embeddings, an untied output and any linear
-left unquantized are F16 when the model is float16 and F32 otherwise (bf16 -> F32 is lossless, -> F16 is not).
+Dense tensors: norms and biases are F32 (llama.cpp wants 1-D tensors in F32); embeddings, an untied output and
+any linear left unquantized are F16 when the model is float16 and F32 otherwise (bf16 -> F32 is lossless, -> F16
+is not).
 """
 
 from __future__ import annotations
@@ -127,7 +130,7 @@ def _add_hparams(writer: gguf.GGUFWriter, model: Any, arch: str, file_type: gguf
     config = model.config
     dim = head_dim(config)
     name = Path(str(getattr(config, "_name_or_path", "") or config.model_type)).name
-    if arch != config.model_type and config.model_type not in name.lower():
+    if arch == "llama" != config.model_type and config.model_type not in name.lower():
         # a model type stored under another architecture (Mistral as llama) is told apart by general.name only
         # (transformers' loader switches to Mistral only when the name is exactly "mistral"; else it builds Llama,
         # which computes the same here since the sliding window is not written)
