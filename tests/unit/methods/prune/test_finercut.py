@@ -36,11 +36,12 @@ def silence_sublayer(model: Any, index: int, sublayer: str) -> None:
     """Zero what one sublayer writes into the residual stream: the same function as removing it."""
     adapter = get_adapter(model)
     layer = adapter.layers()[index]
-    linear = adapter.attention_output(layer) if sublayer == "attention" else adapter.mlp_output(layer)
+    linears = [adapter.attention_output(layer)] if sublayer == "attention" else adapter.mlp_outputs(layer)
     with torch.no_grad():
-        linear.weight.zero_()
-        if linear.bias is not None:
-            linear.bias.zero_()
+        for linear in linears:  # a MoE's MLP writes through every expert's down projection
+            linear.weight.zero_()
+            if linear.bias is not None:
+                linear.bias.zero_()
 
 
 # ---- pure math ------------------------------------------------------------------------------------------

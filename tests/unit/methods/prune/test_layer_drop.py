@@ -51,7 +51,7 @@ def silence(model: Any, index: int) -> None:
     adapter = get_adapter(model)
     layer = adapter.layers()[index]
     with torch.no_grad():
-        for linear in (adapter.attention_output(layer), adapter.mlp_output(layer)):
+        for linear in (adapter.attention_output(layer), *adapter.mlp_outputs(layer)):  # a MoE: every expert's
             linear.weight.zero_()
             if linear.bias is not None:
                 linear.bias.zero_()

@@ -26,6 +26,9 @@ VLLM_FUSED = {
     "opt": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")],
     "gemma3": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")],
     "phi3": [],  # its checkpoints hold qkv_proj and gate_up_proj already fused
+    # FusedMoE stacks every expert's w1/w3 into one w13 weight under one scheme (8 experts in the tiny model)
+    "mixtral": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                tuple(f"mlp.experts.{e}.{name}" for e in range(8) for name in ("w1", "w3"))],
 }
 
 
