@@ -195,7 +195,7 @@ def compress(
         compression_ratio=bytes_before / bytes_after if bytes_after else 0.0,
         layers=[r.to_dict() for r in records], timings=timings, peak_rss_bytes=0, versions=versions(),
         calibration={**calib.model_dump(), "tokens": int(tokens.numel())}, structure=run.structure,
-        warnings=Report.grouped_warnings(records),
+        warnings=[*loaded.warnings, *Report.grouped_warnings(records)],
     )
     report.dtype = dtype_name(loaded.model)
     if eval_data:

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from torch import nn
 
 from compressor.errors import ModelLoadError, UnsupportedModelError, UsageError
 from compressor.models import check_supported
+from compressor.models.gemma3 import GEMMA3_MULTIMODAL, LanguageModelOf
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class LoadedModel:
     tokenizer: Any
     source: str
     source_dir: Path | None
+    #: What loading left out, as report warning groups (``{message, count, pattern, modules}``).
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -213,8 +216,9 @@ def _load_directory(
     directory: Path, spec: str, dtype: torch.dtype | str, trust_remote_code: bool, allow_pickle: bool
 ) -> LoadedModel:
     config = read_config(directory)
+    part = MULTIMODAL.get(config.get("model_type") or "")
     # before any code or weight loads, custom modeling code or not: the family table must know the model type
-    check_supported(config.get("model_type"))
+    check_supported(_text_model_type(config, part))
     if "auto_map" in config:
         if not (trust_remote_code or is_own_remote_code(directory, config)):
             raise ModelLoadError(
@@ -222,8 +226,8 @@ def _load_directory(
             )
         trust_remote_code = True
     check_weights(directory, allow_pickle)
-    model, tokenizer = _from_pretrained(str(directory), dtype, trust_remote_code, allow_pickle)
-    return LoadedModel(model, tokenizer, spec, directory)
+    model, tokenizer = _from_pretrained(str(directory), dtype, trust_remote_code, allow_pickle, part)
+    return LoadedModel(model, tokenizer, spec, directory, _left_out_warnings(part))
 
 
 def _load_hub(spec: str, dtype: torch.dtype | str, trust_remote_code: bool) -> LoadedModel:
@@ -233,21 +237,26 @@ def _load_hub(spec: str, dtype: torch.dtype | str, trust_remote_code: bool) -> L
         config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load '{spec}' from the hub or cache: {_first_line(exc)}") from exc
-    check_supported(getattr(config, "model_type", None))
-    model, tokenizer = _from_pretrained(spec, dtype, trust_remote_code, allow_pickle=False)
-    return LoadedModel(model, tokenizer, spec, None)
+    part = MULTIMODAL.get(getattr(config, "model_type", None) or "")
+    check_supported(_text_model_type(config.to_dict(), part))
+    model, tokenizer = _from_pretrained(spec, dtype, trust_remote_code, False, part)
+    return LoadedModel(model, tokenizer, spec, None, _left_out_warnings(part))
 
 
 def _from_pretrained(
-    name: str, dtype: torch.dtype | str, trust_remote_code: bool, allow_pickle: bool
+    name: str, dtype: torch.dtype | str, trust_remote_code: bool, allow_pickle: bool,
+    part: LanguageModelOf | None = None,
 ) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle or None
-        )
-    except UnsupportedModelError:
+        if part is not None:
+            model = _load_language_model(name, dtype, allow_pickle, part)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle or None
+            )
+    except (UnsupportedModelError, ModelLoadError):
         raise
     except Exception as exc:  # transformers raises many types for corrupt or partial files
         raise ModelLoadError(f"cannot load model from {name}: {_first_line(exc)}") from exc
@@ -262,3 +271,66 @@ def _from_pretrained(
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+# --- multimodal checkpoints compressed as their language model -------------------------------------------------
+
+#: ``config.model_type`` of a multimodal checkpoint -> how its language model loads alone.
+MULTIMODAL: dict[str, LanguageModelOf] = {GEMMA3_MULTIMODAL.model_type: GEMMA3_MULTIMODAL}
+
+
+def _text_model_type(config: dict[str, Any], part: LanguageModelOf | None) -> str | None:
+    """The model type the family table must know: the checkpoint's own, or its language model's."""
+    if part is None:
+        return config.get("model_type")
+    return (config.get("text_config") or {}).get("model_type") or part.text_model_type
+
+
+def _load_language_model(
+    name: str, dtype: torch.dtype | str, allow_pickle: bool, part: LanguageModelOf
+) -> nn.Module:
+    """The text model alone from a multimodal checkpoint; every one of its weights must come from the file.
+
+    Its config is the checkpoint's ``text_config`` with the family's ``text_overrides``, recording where it came
+    from, so the export's config.json says what it is (``dtype="auto"`` still reads the checkpoint's dtype). The
+    parts left out must be the only checkpoint keys left unread (transformers' load report, listing each, is
+    hushed: the check here replaces it).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    outer = AutoConfig.from_pretrained(name)
+    text = outer.text_config
+    for key, value in part.text_overrides:
+        setattr(text, key, value)
+    text.language_model_of = {"model_type": part.model_type, "architectures": outer.architectures,
+                              "left_out": list(part.left_out)}
+    log.info("%s is a multimodal %s checkpoint: loading its language model alone", name, part.model_type)
+    quiet = logging.getLogger("transformers.modeling_utils")
+    before = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            name, config=text, dtype=dtype, key_mapping=dict(part.key_mapping), output_loading_info=True,
+            use_safetensors=not allow_pickle or None,
+        )
+    finally:
+        quiet.setLevel(before)
+    model, info = loaded  # with output_loading_info: (model, {missing_keys, unexpected_keys, ...})
+    parts = tuple(path.rsplit(".", 1)[-1] + "." for path in part.left_out)
+    unread = [key for key in info["unexpected_keys"] if not any(p in key for p in parts)]
+    if info["missing_keys"] or unread:
+        raise ModelLoadError(f"{name}: the {part.model_type} checkpoint's language model does not load alone "
+                             f"(missing {sorted(info['missing_keys'])[:3]}, unread {sorted(unread)[:3]})")
+    model.config.architectures = [type(model).__name__]  # every export's config.json names the text model
+    return model
+
+
+def _left_out_warnings(part: LanguageModelOf | None) -> list[dict[str, Any]]:
+    """The report's warning for a multimodal checkpoint: what the text-only export does not carry."""
+    if part is None:
+        return []
+    message = (f"multimodal {part.model_type} checkpoint: only its language model was loaded, compressed and "
+               f"exported (a text-only {part.text_model_type} model); the vision tower and projector are not "
+               "in the output")
+    return [{"message": message, "count": len(part.left_out), "pattern": ", ".join(part.left_out),
+             "modules": list(part.left_out)}]
