@@ -161,8 +161,11 @@ def _add_hparams(writer: gguf.GGUFWriter, model: Any, arch: str, file_type: gguf
 #: rebuilds ``Split(this, Isolated) + ByteLevel(use_regex=False)`` from the name.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+#: Qwen2's and Qwen3's ``Split`` regex (Llama 3's with single digits); llama.cpp's converter names it ``qwen2``.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 #: ``tokenizer.ggml.pre`` for a ``Split(regex) + ByteLevel(use_regex=False)`` pre-tokenizer, by its regex.
-SPLIT_PRE_TOKENIZERS = {LLAMA3_SPLIT: "llama-bpe"}
+SPLIT_PRE_TOKENIZERS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 
 
 def _pre_tokenizer_name(spec: dict[str, Any] | None) -> str:
@@ -219,15 +222,23 @@ def _token_types(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]
     return tokens, [int(t) for t in types]
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None:
-    """A gpt2-style byte-level BPE tokenizer, as llama.cpp's converter writes it (without it none loads)."""
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, config: Any) -> None:
+    """A gpt2-style byte-level BPE tokenizer, as llama.cpp's converter writes it (without it none loads).
+
+    Without a pad token in the tokenizer the config's ``pad_token_id`` is written: transformers' loader
+    otherwise takes the config class default (Phi-3's 32000), which may lie outside the vocabulary.
+    """
+    vocab_size = config.vocab_size
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ExportError("GGUF export needs a fast (tokenizers-backed) tokenizer")
     spec = json.loads(backend.to_str())
     if spec["model"]["type"] != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
         raise ExportError(f"GGUF export writes byte-level BPE tokenizers, not {spec['model']['type']}")
-    if spec.get("normalizer"):
+    if spec.get("normalizer") == {"type": "NFC"}:
+        # Qwen2/Qwen3: llama.cpp's converter drops it too; text already in NFC (most text) tokenizes the same
+        logger.warning("llama.cpp does not NFC-normalize: text not in NFC may tokenize differently")
+    elif spec.get("normalizer"):
         raise ExportError(f"llama.cpp's gpt2 tokenizer has no normalizer; this one has {spec['normalizer']}")
     pre = spec.get("pre_tokenizer")
     tokens, types = _token_types(tokenizer, vocab_size)
@@ -240,6 +251,9 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> 
     for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                      ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
         token_id = getattr(tokenizer, f"{key}_token_id", None)
+        config_pad = getattr(config, "pad_token_id", None)
+        if key == "pad" and token_id is None and isinstance(config_pad, int) and 0 <= config_pad < vocab_size:
+            token_id = config_pad
         if token_id is not None:
             add(int(token_id))
     plain = tokenizer.encode("a", add_special_tokens=False)
@@ -306,7 +320,7 @@ def write_gguf(model: Any, quantized: dict[str, QuantizedWeight], out_path: Path
     writer = gguf.GGUFWriter(str(out_path), arch)
     try:
         _add_hparams(writer, model, arch, FILE_TYPES[file_type][2])
-        _add_tokenizer(writer, tokenizer, model.config.vocab_size)
+        _add_tokenizer(writer, tokenizer, model.config)
         for name, array, raw in tensors:
             writer.add_tensor(name, array, raw_dtype=raw)
         writer.write_header_to_file()

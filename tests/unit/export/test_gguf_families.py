@@ -16,10 +16,12 @@ import gguf
 import pytest
 import torch
 from tiny import tiny_model
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from compressor.errors import ExportError
 from compressor.export.gguf import round_scales_fp16, write_gguf
+from compressor.pipeline import compress, load
+from compressor.recipe import recipe_from_dict
 
 BITS = {"Q4_0": 4, "Q8_0": 8}
 #: family -> (llama.cpp architecture, transformers class the file loads as)
@@ -155,3 +157,65 @@ def test_opt_is_still_refused(tmp_path, tokenizer) -> None:
     written = "model types gemma3_text, llama, mistral, phi3, qwen2, qwen3"
     with pytest.raises(ExportError, match=rf"{re.escape(written)}\); this model is 'opt' .no llama.cpp"):
         write_gguf(tiny_model("opt"), {}, tmp_path / "m.gguf", tokenizer, "Q8_0")
+
+
+#: Qwen2's split regex as its tokenizer.json spells it (single digits, unlike Llama 3's triples).
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_TEXTS = ["In 2024 the council spent 1234567 dollars on 365 days.", "IT'S the model's (best) guess:  42%!!",
+               "café naïve Zürich 3.14\n\n\tnews   from the city\r\n"]
+
+
+def test_qwen2_tokenizer_round_trips_as_qwen2(tmp_path, caplog) -> None:
+    """Qwen2's shape: NFC normalizer, Split(regex, isolated) + ByteLevel(no regex); merges cross digit runs."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(QWEN2_TEXTS * 30, trainer)
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    with caplog.at_level(logging.WARNING):
+        write_gguf(_model("qwen2"), {}, tmp_path / "m.gguf", tokenizer, "Q8_0")
+    assert "does not NFC-normalize" in caplog.text
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in QWEN2_TEXTS:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert loaded.encode(text, add_special_tokens=False) == ids, text
+        assert loaded.decode(ids) == text
+    digits = tokenizer.tokenize("1234567")
+    assert len(digits) == 7  # digits split one by one: a file naming llama-bpe (threes) would tokenize otherwise
+
+
+def _saved_gemma3(tmp_path, tiny_tokenizer):
+    path = tmp_path / "gemma3"
+    _model("gemma3").save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "gemma3"])
+def test_compress_gptq_into_gguf_matches_in_memory(model_dir_factory, tiny_tokenizer, text_file, tmp_path,
+                                                   family) -> None:
+    """``compress`` (GPTQ W4 g32) writes a GGUF whose reload equals the in-memory model, for each family.
+
+    The saved tokenizer has no pad token: Phi-3's file gets the config's pad id (else transformers' loader
+    builds Phi-3 with pad 32000, outside this vocabulary, and fails).
+    """
+    source = _saved_gemma3(tmp_path, tiny_tokenizer) if family == "gemma3" else model_dir_factory(family)
+    loaded = load(source)
+    recipe = recipe_from_dict({
+        "name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32, "batch_size": 2},
+        "stages": [{"method": "gptq", "bits": 4, "group_size": 32}], "export": {"format": "gguf"}})
+    compress(loaded, recipe, tmp_path / "out", device="cpu")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="model-Q4_0.gguf").eval()
+    tokens = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 11, 13, 200, 1]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, loaded.model(tokens).logits)
