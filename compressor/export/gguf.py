@@ -234,7 +234,10 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, config: Any) -> None
         raise ExportError("GGUF export needs a fast (tokenizers-backed) tokenizer")
     spec = json.loads(backend.to_str())
     if spec["model"]["type"] != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ExportError(f"GGUF export writes byte-level BPE tokenizers, not {spec['model']['type']}")
+        decoder = (spec.get("decoder") or {}).get("type")
+        raise ExportError(f"GGUF export writes byte-level BPE tokenizers (llama.cpp's gpt2 model); this one is "
+                          f"{spec['model']['type']} with a {decoder} decoder (SentencePiece-style, as Gemma's and "
+                          "Phi-3's, is not written yet)")
     if spec.get("normalizer") == {"type": "NFC"}:
         # Qwen2/Qwen3: llama.cpp's converter drops it too; text already in NFC (most text) tokenizes the same
         logger.warning("llama.cpp does not NFC-normalize: text not in NFC may tokenize differently")

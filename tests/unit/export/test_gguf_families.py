@@ -219,3 +219,16 @@ def test_compress_gptq_into_gguf_matches_in_memory(model_dir_factory, tiny_token
     tokens = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 11, 13, 200, 1]])
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, loaded.model(tokens).logits)
+
+
+def test_sentencepiece_style_tokenizer_is_refused_by_name(tmp_path) -> None:
+    """Gemma's and Phi-3's hub tokenizers are BPE with a Metaspace decoder: no gpt2 vocabulary to write."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE(byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.train_from_iterator(QWEN2_TEXTS * 10, trainers.BpeTrainer(vocab_size=100, special_tokens=["<eos>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    with pytest.raises(ExportError, match="BPE with a Metaspace decoder .SentencePiece-style"):
+        write_gguf(_model("gemma3"), {}, tmp_path / "m.gguf", tokenizer, "Q8_0")
