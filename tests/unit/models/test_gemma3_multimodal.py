@@ -17,13 +17,15 @@ import torch
 from isolation import run_without_compressor
 from safetensors import safe_open
 from tiny import TINY, VOCAB
-from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration
 from typer.testing import CliRunner
 
 import compressor.pipeline
 from compressor.cli import app
 from compressor.errors import ModelLoadError, UnsupportedModelError
 from compressor.models.loading import LoadedModel, load_model
+from compressor.pipeline import compress
+from compressor.recipe import recipe_from_dict
 
 TOKENS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 11, 12, 13, 14, 200, 201, 2, 9]])
 LEFT_OUT = ["model.vision_tower", "model.multi_modal_projector"]
@@ -31,11 +33,12 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_att
               patch_size=8)
 
 
-def multimodal_gemma3(seed: int = 0) -> Gemma3ForConditionalGeneration:
+def multimodal_gemma3(seed: int = 0, **text_overrides: object) -> Gemma3ForConditionalGeneration:
     """The tiny Gemma 3 text model (tests/tiny.py's row) behind a tiny vision tower, norms perturbed."""
     text = {key: value for key, value in TINY["gemma3"].items() if key != "model_type"}
     text.update(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                 max_position_embeddings=256)
+    text.update(text_overrides)
     config = Gemma3Config(text_config=text, vision_config=VISION, mm_tokens_per_image=4, image_token_index=300,
                           boi_token_index=301, eoi_token_index=302)
     torch.manual_seed(seed)
@@ -152,3 +155,22 @@ def test_compress_cli_exports_the_language_model_that_transformers_reloads(
     assert child.returncode == 0, child.stderr[-3000:]
     seen = json.loads(child.stdout.strip().splitlines()[-1])
     assert seen == {"class": "Gemma3ForCausalLM", "type": "gemma3_text", "diff": 0.0}
+
+
+def test_gguf_export_of_the_language_model_matches_in_memory(tmp_path: Path, tiny_tokenizer: Any,
+                                                             text_file: Path) -> None:
+    """A language model llama.cpp's gemma3 graph runs (5 sliding layers then a full one, 256-wide heads) in a
+    multimodal checkpoint: GPTQ W4 into GGUF, reloaded by transformers' GGUF loader with equal logits."""
+    source = tmp_path / "mm"
+    multimodal_gemma3(num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"], head_dim=256,
+                      query_pre_attn_scalar=256).save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    loaded = load_model(str(source))
+    recipe = recipe_from_dict({
+        "name": "mm-gguf", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32, "batch_size": 2},
+        "stages": [{"method": "gptq", "bits": 4, "group_size": 32}], "export": {"format": "gguf"}})
+    report = compress(loaded, recipe, tmp_path / "out", device="cpu")
+    assert report.warnings[0]["modules"] == LEFT_OUT
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="model-Q4_0.gguf").eval()
+    assert type(reloaded).__name__ == "Gemma3ForCausalLM"
+    torch.testing.assert_close(_logits(reloaded), _logits(loaded.model), rtol=0, atol=0)
