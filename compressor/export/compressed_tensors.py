@@ -17,6 +17,16 @@ Each distinct (bits, group_size, symmetric) becomes one config group whose ``tar
 the exact module paths, so per-module mixed precision loads with the default transformers path. Do not
 recommend ``CompressedTensorsConfig(dequantize=True)`` for such files: in transformers 5.23 it applies the
 first group's settings to every layer (FORMATS.md).
+
+Mixture-of-experts models (Mixtral, Qwen3-MoE) are written with one linear per expert projection, under the
+checkpoint's names (``mlp.experts.{e}.w1``). transformers 5.23 loads them only with
+``CompressedTensorsConfig(dequantize=True)`` (its default path builds the 3-D experts, which hold no linear to
+receive packed weights): each expert is dequantized, then merged into the 3-D layout. That loader takes the
+experts' scheme from the first config group whose ``re:`` targets name experts and the dense layers' from the
+first group whose targets do not, so experts and dense linears go in separate config groups even when their
+schemes agree; the file then loads exactly when all experts share one symmetric scheme and all dense linears
+another (the loader's expert path carries no zero point). Such files carry ``"dequantize": true`` in their
+``quantization_config``, which transformers reads as that loader, so a plain ``from_pretrained`` loads them.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from compressor.errors import ExportError
 from compressor.methods.quant.ops import QuantizedWeight
+from compressor.models.moe import ExpertMLP
 
 FORMAT = "pack-quantized"
 #: ``pack_to_int32`` packs 1..8 bits; below 2 bits the symmetric grid has no zero-centred level worth storing.
@@ -140,11 +151,14 @@ def build_quantization_config(
     Exact anchored paths (not ``Linear``) keep mixed precision unambiguous and never match the attention
     module itself, which compressed-tensors would read as KV-cache quantization.
     """
-    groups: dict[Scheme, list[str]] = {}
+    modules = dict(model.named_modules())
+    groups: dict[tuple[Scheme, bool], list[str]] = {}
     for path, qweight in quantized.items():
-        groups.setdefault(scheme_of(qweight), []).append(path)
+        expert = _is_expert(modules, path)  # apart from the dense linears: see the module docstring
+        groups.setdefault((scheme_of(qweight), expert), []).append(path)
+    _check_experts(sorted(scheme for scheme, expert in groups if expert))
     config_groups = {}
-    for index, ((bits, group_size, symmetric), paths) in enumerate(sorted(groups.items())):
+    for index, (((bits, group_size, symmetric), _), paths) in enumerate(sorted(groups.items())):
         weights = QuantizationArgs(
             num_bits=bits, type="int", symmetric=symmetric,
             strategy="channel" if group_size == -1 else "group",
@@ -156,6 +170,25 @@ def build_quantization_config(
               if isinstance(module, torch.nn.Linear) and name not in quantized]
     return QuantizationConfig(config_groups=config_groups, format=FORMAT, quantization_status="compressed",
                               ignore=ignore)
+
+
+def _is_expert(modules: dict[str, torch.nn.Module], path: str) -> bool:
+    """True for a projection of one expert of a mixture of experts (``mlp.experts.3.w1``)."""
+    return isinstance(modules.get(path.rpartition(".")[0]), ExpertMLP)
+
+
+def _check_experts(schemes: list[Scheme]) -> None:
+    """Refuse experts that transformers' loader would misread: it dequantizes all of them with one scheme and no
+    zero point (vLLM's fused MoE layer also takes one scheme for every expert of a layer)."""
+    if len(schemes) > 1:
+        raise ExportError(
+            f"the experts are quantized with {len(schemes)} schemes (bits, group_size, symmetric) {schemes}; "
+            "loaders apply one to every expert: give the experts one bits and a group_size dividing both the hidden "
+            "and the expert width"
+        )
+    if schemes and not schemes[0][2]:
+        raise ExportError("asymmetric experts: transformers 5.23 and vLLM load compressed-tensors experts without "
+                          "zero points; quantize the experts with symmetric: true")
 
 
 def compressed_state_dict(
@@ -222,5 +255,11 @@ def write_compressed_tensors(
     write_shards(compressed_state_dict(model, quantized), out_dir, max_shard_bytes)
     model.config.save_pretrained(out_dir)
     ModelCompressor(quantization_config=qconfig).update_config(str(out_dir))
-    written: dict[str, Any] = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    config = json.loads((out_dir / "config.json").read_text())
+    modules = dict(model.named_modules())
+    if any(_is_expert(modules, path) for path in quantized):
+        # transformers reads this key as CompressedTensorsConfig(dequantize=True): its only loader for experts
+        config["quantization_config"]["dequantize"] = True
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    written: dict[str, Any] = config["quantization_config"]
     return written
