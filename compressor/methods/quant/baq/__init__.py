@@ -230,6 +230,11 @@ class BAQ(Method):
                               "compressor.recipe.build_stages (or call BAQ.bind) before running them")
         return self.quantizer
 
+    def _steps_short(self) -> int:
+        """0 when the quantizer's grid has ``2^b`` steps per range (symmetric ``grid: full``), else 1."""
+        quant = self._quantizer()
+        return 0 if quant.symmetric and quant.grid != "restricted" else 1
+
     def prepare(self, run: ModelContext) -> list[LayerRecord]:
         self.measured, self.fisher = [], {}
         config, quant = self.config, self._quantizer()
@@ -290,12 +295,12 @@ class BAQ(Method):
             return []
         if config.budget == "model":
             S, sizes, pool, spans = self._units(self.measured, config.granularity, config.objective)
-            bits = allocate_bits(S, sizes, config.candidates, config.avg_bits, pool)
+            bits = allocate_bits(S, sizes, config.candidates, config.avg_bits, pool, self._steps_short())
         else:  # every module on its own budget (relative and absolute then agree; channel, fisher weigh rows)
             parts = []
             for m in self.measured:
                 S, sizes, pool, _ = self._units([m], config.granularity, config.objective)
-                parts.append(allocate_bits(S, sizes, config.candidates, config.avg_bits, pool))
+                parts.append(allocate_bits(S, sizes, config.candidates, config.avg_bits, pool, self._steps_short()))
             bits, spans, unit = torch.cat(parts), [], 0
             for part in parts:
                 spans.append((unit, unit + len(part)))
@@ -308,7 +313,7 @@ class BAQ(Method):
                 run.plans.setdefault("bits", {})[m.path] = int(b[0])
             else:
                 run.plans.setdefault("group_bits", {})[m.path] = b.clone()
-            records.append(self._record(m, b, float(predicted_loss(s, b).sum())))
+            records.append(self._record(m, b, float(predicted_loss(s, b, self._steps_short()).sum())))
             per_unit = m.rows * m.sensitivity.numel() // len(b)
             total_bits += int(b.sum()) * per_unit
             total_params += per_unit * len(b)

@@ -113,6 +113,46 @@ def test_predicted_loss_is_close_to_gptq(bits: int) -> None:
     assert 0.5 < predicted / (2 * result.loss) < 2.0
 
 
+@pytest.mark.parametrize(("grid", "scale_search", "right"), [("restricted", "none", 1), ("full", "weighted", 0)])
+def test_range_model_tracks_gptq_across_widths_on_its_grid(grid: str, scale_search: str, right: int) -> None:
+    """What the allocation needs is a prediction off by the same factor at every width (a common factor cancels).
+
+    Symmetric GPTQ at 2, 3 and 4 bits: on the restricted grid ``S / (2^b - 1)^2`` keeps the ratio to the actual
+    ``tr(dW H dW^T)`` steadier; on the full grid with the weighted search (``2^b`` steps, searched) ``S / 4^b``
+    does. (Measured spreads, max/min of the ratio: restricted 1.02 vs 1.8; full 1.2 vs 1.5.)
+    """
+    W, H = _layer(out=128, columns=64)
+    S = column_sensitivity(W, H, 0.01, group_size=16, act_order=False)
+    spread = {}
+    for steps_short in (0, 1):
+        ratios = []
+        for bits in (2, 3, 4):
+            actual = 2 * gptq_quantize(W, H, bits, 16, symmetric=True, act_order=False, grid=grid,
+                                       scale_search=scale_search).loss
+            ratios.append(float(predicted_loss(S.sum(), torch.tensor(bits), steps_short)) / actual)
+        spread[steps_short] = max(ratios) / min(ratios)
+    assert spread[right] < spread[1 - right]
+
+
+def test_full_grid_allocation_known_answer() -> None:
+    """Equal loss per parameter on the full grid: ``b = log2(sqrt(S / L))``, so two one-parameter units whose
+    sensitivities differ by ``4^2`` sit exactly 2 bits apart (4 and 2 at an average of 3); the restricted
+    model's ``log2(1 + sqrt(S / L))`` does not."""
+    S, sizes = torch.tensor([4.0**4, 4.0**2]), torch.tensor([1, 1])
+    full = continuous_bits(S, sizes, 3.0, 2, 8, steps_short=0)
+    assert torch.allclose(full, torch.tensor([4.0, 2.0], dtype=torch.float64), atol=1e-9)
+    assert not torch.allclose(continuous_bits(S, sizes, 3.0, 2, 8), full, atol=1e-3)
+    assert allocate_bits(S, sizes, [2, 3, 4, 8], 3.0, steps_short=0).tolist() == [4, 2]
+
+
+@pytest.mark.parametrize(("grid", "symmetric", "steps_short"),
+                         [("restricted", True, 1), ("full", True, 0), ("full_positive", True, 0), ("full", False, 1)])
+def test_baq_models_the_grid_of_the_quantizer_it_plans_for(grid: str, symmetric: bool, steps_short: int) -> None:
+    baq = BAQ(BAQConfig(method="baq", avg_bits=3.0))
+    baq.bind([GPTQConfig(method="gptq", group_size=16, grid=grid, symmetric=symmetric)], "dense")
+    assert baq._steps_short() == steps_short
+
+
 # ---- the allocation --------------------------------------------------------------------------------
 
 
@@ -340,6 +380,7 @@ def test_fisher_gives_the_fewest_bits_to_outputs_the_loss_ignores() -> None:
     assert max(bits.values()) > 2
     relative = BAQ(BAQConfig(method="baq", avg_bits=3.0, granularity="module", candidates=[2, 3, 4],
                              objective="relative"))
+    relative.bind([GPTQConfig(method="gptq", group_size=16)], "dense")
     relative.measured = baq.measured
     relative.finalize(run)
     assert run.plans["bits"]["model.layers.0.mlp.up_proj"] > 2, "the layer-local proxy cannot see it"
