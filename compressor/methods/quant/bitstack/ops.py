@@ -1,0 +1,150 @@
+"""BitStack's math on one weight: scaling, residual blocks of sign x low-rank magnitude, packing, bytes, errors.
+
+One block of ``W: [out, in]`` stores ``sign(R)`` at 1 bit per parameter and a rank-``r`` approximation
+``u @ v`` (``u: [out, r]``, ``v: [r, in]``) of ``|R|``, the magnitudes of the current residual ``R``; the
+block's contribution is ``sign(R) * (u @ v)`` and the next block starts from what is left. The residual's
+Frobenius norm never rises: ``|sign(R) * (|R| - B)| = ||R| - B|`` elementwise, and the truncated SVD ``B``
+of ``|R|`` is no farther from ``|R|`` than 0 is. ``sign(0)`` is stored as +1 so that this holds with one
+bit per entry.
+
+Everything is decomposed in a scaled space, ``W * s`` with one ``s`` per input channel (see
+:func:`channel_scale`), and divided by ``s`` again on reconstruction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+#: The dtype factors and scales are stored in (the reference stores fp16 too).
+FACTOR_DTYPE = torch.float16
+
+
+def channel_scale(H: torch.Tensor, floor: float = 1e-2) -> torch.Tensor:
+    """Per-input-channel importance ``s = sqrt(diag(H))``, normalised to mean 1: ``[in]``, float32.
+
+    Why ``diag(H)`` (mean squared activation) rather than mean ``|x|``: with this ``s`` the squared
+    Frobenius error of the scaled weight, ``sum_ij dW_ij^2 s_j^2``, is exactly the diagonal part of the
+    calibration output error ``tr(dW H dW^T)`` the global order ranks blocks by, so each block's SVD
+    minimises (the diagonal of) the quantity that is later measured; and ``H`` is already collected, so
+    it costs no extra pass. (The reference's per-sequence L2 norm of the inputs is the same RMS up to a
+    constant factor, which a decomposition is invariant to.) Channels are floored at ``floor`` times the
+    mean so that a dead channel's reconstruction is not divided by ~0; all-zero statistics (an expert no
+    calibration token reached) give ``s = 1``.
+    """
+    rms = torch.diagonal(H).float().clamp(min=0).sqrt()
+    mean = rms.mean()
+    if not torch.isfinite(mean) or mean <= 0:
+        return torch.ones_like(rms)
+    return (rms / mean).clamp(min=floor)
+
+
+def pack_signs(R: torch.Tensor) -> torch.Tensor:
+    """``R >= 0`` as bits, 8 per byte, element ``8b + i`` in bit ``i`` of byte ``b``: uint8 ``[ceil(numel/8)]``."""
+    bits = (R.reshape(-1) >= 0).to(torch.uint8)
+    pad = -bits.numel() % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    weights = (2 ** torch.arange(8, dtype=torch.int32, device=R.device))
+    return (bits.reshape(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
+
+
+def unpack_signs(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The ±1 float32 tensor of ``shape`` that :func:`pack_signs` packed (+1 where the entry was >= 0)."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
+    bits = (packed.to(torch.int32)[:, None] >> shifts) & 1
+    return (bits.reshape(-1)[:numel].float() * 2 - 1).reshape(shape)
+
+
+def block_bytes(out_features: int, in_features: int, rank: int, factor_bytes: int = 2, scale_bytes: int = 0) -> int:
+    """Stored bytes of one block: packed signs + both factors (+ the per-channel scales, held by block 0)."""
+    return (out_features * in_features + 7) // 8 + (out_features + in_features) * rank * factor_bytes + scale_bytes
+
+
+@dataclass
+class Block:
+    """One residual block: packed ``sign(R)`` (uint8) and the factors of ``|R|`` (``u: [out, r]``, ``v: [r, in]``)."""
+
+    signs: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+
+
+@dataclass
+class Decomposition:
+    """A weight ``[out, in]`` as per-channel scales and an ordered stack of blocks (a prefix is a weight)."""
+
+    shape: tuple[int, int]
+    scale: torch.Tensor  # [in], FACTOR_DTYPE (or the dtype asked for)
+    blocks: list[Block] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return int(self.blocks[0].u.shape[1]) if self.blocks else 0
+
+    def block_bytes(self) -> list[int]:
+        """Stored bytes of each block, the scales counted with block 0 (no block loads without them)."""
+        out, columns = self.shape
+        item = self.blocks[0].u.element_size() if self.blocks else 0
+        scales = self.scale.numel() * self.scale.element_size()
+        return [block_bytes(out, columns, self.rank, item, scales if i == 0 else 0) for i in range(len(self.blocks))]
+
+    def scaled_sum(self, k: int) -> torch.Tensor:
+        """``sum_{j<k} sign_j * (u_j @ v_j)``: the first ``k`` blocks in the scaled space, float32 ``[out, in]``."""
+        total = torch.zeros(self.shape, dtype=torch.float32, device=self.scale.device)
+        for block in self.blocks[:k]:
+            total += unpack_signs(block.signs, self.shape) * (block.u.float() @ block.v.float())
+        return total
+
+    def reconstruct(self, k: int | None = None) -> torch.Tensor:
+        """The weight the first ``k`` blocks (default all) stand for: float32 ``[out, in]``."""
+        return self.scaled_sum(len(self.blocks) if k is None else k) / self.scale.float()[None, :]
+
+
+def decompose(
+    W: torch.Tensor, iterations: int, rank: int, scale: torch.Tensor | None = None, dtype: torch.dtype = FACTOR_DTYPE
+) -> Decomposition:
+    """BitStack's iterative decomposition of ``W: [out, in]`` scaled by ``scale: [in]`` (default ones).
+
+    Each step stores ``sign(R)`` and the top-``rank`` SVD of ``|R|`` split evenly (``u = U sqrt(S)``,
+    ``v = sqrt(S) V^T``, so both factors have the same range in ``dtype``), then continues on
+    ``R - sign(R) * (u @ v)`` computed from the stored (rounded) factors, so the residual is the
+    reconstruction's true error. ``rank`` is capped at ``min(out, in)``.
+    """
+    out, columns = W.shape
+    rank = min(rank, out, columns)
+    s = (torch.ones(columns, device=W.device) if scale is None else scale).to(dtype)
+    R = W.float() * s.float()[None, :]
+    decomposition = Decomposition((out, columns), s)
+    for _ in range(iterations):
+        signs = pack_signs(R)
+        U, S, Vh = torch.linalg.svd(R.abs(), full_matrices=False)
+        root = S[:rank].sqrt()
+        u = (U[:, :rank] * root[None, :]).to(dtype)
+        v = (root[:, None] * Vh[:rank]).to(dtype)
+        R = R - unpack_signs(signs, (out, columns)) * (u.float() @ v.float())
+        decomposition.blocks.append(Block(signs, u, v))
+    return decomposition
+
+
+def output_errors(W: torch.Tensor, decomposition: Decomposition, H: torch.Tensor) -> list[float]:
+    """``tr(dW H dW^T)`` of the reconstruction from the first ``k`` blocks, for ``k = 0 .. n``: ``n + 1`` floats.
+
+    The calibration output error of each prefix (``dW = W - W_hat_k``, ``H: [in, in]``); block ``k``'s
+    error reduction is ``errors[k] - errors[k + 1]``. It may be negative: blocks minimise the scaled
+    Frobenius norm, of which this is the full (not only diagonal) counterpart.
+    """
+    W = W.float()
+    H = H.float().to(W.device)
+    inverse = 1 / decomposition.scale.float()[None, :]
+    running = torch.zeros_like(W)
+    errors = [float(((W @ H) * W).sum())]
+    for block in decomposition.blocks:
+        running += unpack_signs(block.signs, decomposition.shape) * (block.u.float() @ block.v.float())
+        dW = W - running * inverse
+        errors.append(float(((dW @ H) * dW).sum()))
+    return errors
