@@ -38,6 +38,8 @@ TINY: dict[str, dict[str, Any]] = {
     # 8 experts, top-2: a 3-layer model where some expert is rarely or never picked
     "mixtral": dict(model_type="mixtral", intermediate_size=32, num_key_value_heads=2, num_local_experts=8,
                     num_experts_per_tok=2),
+    "qwen3_moe": dict(model_type="qwen3_moe", moe_intermediate_size=32, intermediate_size=128, num_key_value_heads=2,
+                      head_dim=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
 }
 
 #: Every family in compressor's table, in table order.

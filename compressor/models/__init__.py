@@ -16,9 +16,10 @@ from compressor.models.mixtral import MIXTRAL
 from compressor.models.opt import OPT
 from compressor.models.phi3 import PHI3
 from compressor.models.qwen2 import QWEN2
+from compressor.models.qwen3_moe import QWEN3_MOE
 
 #: The family table, one row per family.
-FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, OPT, GEMMA3, PHI3, MIXTRAL)
+FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, OPT, GEMMA3, PHI3, MIXTRAL, QWEN3_MOE)
 
 #: ``config.model_type`` -> its family.
 MODEL_TYPES: dict[str, Family] = {model_type: family for family in FAMILIES for model_type in family.model_types}

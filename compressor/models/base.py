@@ -213,6 +213,11 @@ class ModelAdapter:
         return int(self.config.hidden_size)
 
     @property
+    def num_experts(self) -> int:
+        """Experts in each MLP (a mixture of experts), 0 for a dense MLP."""
+        return 0
+
+    @property
     def num_layers(self) -> int:
         return len(self.layers())
 

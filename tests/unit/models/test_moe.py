@@ -17,11 +17,14 @@ from torch import nn
 
 from compressor.engine import LayerContext, ModelContext, run_stages
 from compressor.methods.registry import get_method
+from compressor.models import FAMILIES as FAMILY_TABLE
 from compressor.models import get_adapter
 from compressor.models.base import LinearGroup
+from compressor.models.moe import MoEAdapter
 from compressor.recipe import build_stages
 
-MOE_FAMILIES = ["mixtral"]
+#: Every mixture-of-experts family in the table (8 experts, top-2 in tests/tiny.py).
+MOE_FAMILIES = [family.name for family in FAMILY_TABLE if issubclass(family.adapter, MoEAdapter)]
 TOKENS = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
 
 

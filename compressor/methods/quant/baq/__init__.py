@@ -239,6 +239,10 @@ class BAQ(Method):
         self.measured, self.fisher = [], {}
         config, quant = self.config, self._quantizer()
         assert isinstance(config, BAQConfig)
+        if run.adapter.num_experts and self.export_format in _FUSING_EXPORTS:
+            raise RecipeError(f"baq cannot plan widths for {run.adapter.family.name}'s experts stored as "
+                              f"{self.export_format}: its loaders take one scheme for every expert; use rtn or gptq "
+                              "alone, or format dense")
         paths = targeted_linears(run.adapter, config)
         theirs = targeted_linears(run.adapter, quant)
         if paths != theirs:
