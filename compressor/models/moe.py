@@ -141,17 +141,18 @@ class MoEAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module, family: Family) -> None:
         super().__init__(model, family)
+        parent, _, name = self.experts.module.rpartition(".")
         for index, layer in enumerate(self.layers()):
-            module = layer.get_submodule(self.experts.module)
+            mlp = layer.get_submodule(parent)
+            module = getattr(mlp, name, None)
             if isinstance(module, LinearExperts):
                 continue
-            if not hasattr(module, "gate_up_proj"):
+            if not isinstance(module, nn.Module) or not hasattr(module, "gate_up_proj"):
                 raise UnsupportedModelError(
-                    f"{self.layer_prefix(index)}.{self.experts.module} is {type(module).__name__}: {family.name} "
-                    "models whose layers mix dense and expert MLPs are not supported"
+                    f"{self.layer_prefix(index)}.{parent} is {type(mlp).__name__}, without 3-D experts: "
+                    f"{family.name} models whose layers mix dense and expert MLPs are not supported"
                 )
-            parent, _, name = self.experts.module.rpartition(".")
-            layer.get_submodule(parent).register_module(name, linearize(module, self.experts))
+            mlp.register_module(name, linearize(module, self.experts))
 
     @property
     def num_experts(self) -> int:

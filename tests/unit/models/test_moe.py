@@ -16,6 +16,7 @@ from tiny import tiny_model
 from torch import nn
 
 from compressor.engine import LayerContext, ModelContext, run_stages
+from compressor.errors import UnsupportedModelError
 from compressor.methods.registry import get_method
 from compressor.models import FAMILIES as FAMILY_TABLE
 from compressor.models import get_adapter
@@ -170,3 +171,8 @@ def test_records_count_the_tokens_the_router_sent(family: str) -> None:
 def _by_expert(records: list, prefix: str, value: Callable[[dict], int]) -> list[int]:
     rows = {r.extra["expert"]: value(r.extra) for r in records if r.module.startswith(prefix) and "expert" in r.extra}
     return [rows[e] for e in sorted(rows)]
+
+
+def test_layers_mixing_dense_and_expert_mlps_are_refused() -> None:
+    with pytest.raises(UnsupportedModelError, match=r"model\.layers\.1\.mlp is Qwen3MoeMLP, .*mix dense and expert"):
+        get_adapter(tiny_model("qwen3_moe", mlp_only_layers=[1]))

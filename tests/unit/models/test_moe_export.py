@@ -87,3 +87,26 @@ def test_dense_models_keep_the_default_loader(tmp_path: Path) -> None:
 
 def _args(run: ModelContext) -> tuple:
     return run.model, run.quantized
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_shortgpt_then_gptq_on_experts_reloads_with_equal_logits(family: str, tmp_path: Path) -> None:
+    """ShortGPT removes a whole MoE layer (the one made the identity), the survivors' experts are renumbered."""
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    with torch.no_grad():  # layer 1 adds nothing to the stream: the one ShortGPT must remove
+        adapter.attention_output(adapter.layers()[1]).weight.zero_()
+        for down in adapter.mlp_outputs(adapter.layers()[1]):
+            down.weight.zero_()
+    survivors = [adapter.layers()[0], adapter.layers()[2]]
+    run = ModelContext(model, adapter, TOKENS, torch.device("cpu"), batch_size=2)
+    configs = [get_method("layer_drop").config_class.model_validate({"method": "layer_drop", "remove": 1}),
+               get_method("gptq").config_class.model_validate({"method": "gptq", "bits": 4, "group_size": 16})]
+    run_stages(run, build_stages(configs, "compressed-tensors"))
+    assert list(adapter.layers()) == survivors and model.config.num_hidden_layers == 2
+    assert len([p for p in run.quantized if ".experts." in p]) == 2 * 3 * adapter.num_experts
+    write_compressed_tensors(model, run.quantized, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.num_hidden_layers == 2
+    with torch.no_grad():
+        assert torch.equal(reloaded(TOKENS).logits, model(TOKENS).logits)
