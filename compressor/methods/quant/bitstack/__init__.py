@@ -1,0 +1,190 @@
+"""BitStack: each weight as a stack of ~1-bit residual blocks, all blocks of the model in one global order.
+
+The pass decomposes every targeted linear (``ops.decompose``: per-input-channel scales from the
+calibration ``diag(H)``, then ``iterations`` blocks of packed ``sign(R)`` times a rank-``rank`` SVD of
+``|R|``) and measures the calibration output error of every prefix of its stack (``ops.output_errors``)
+without changing the weight, so every layer's statistics come from the dense model, as in the reference,
+which decomposes each linear on its own. ``finalize`` orders all blocks of all linears by error drop per
+byte (``order.global_order``), picks the longest prefix that fits ``budget`` (all blocks without one)
+and writes each linear's reconstruction from its chosen blocks into the model. Being model-level, the
+stages after it get a fresh pass over the reconstructed model.
+
+The decompositions stay on the stage (``decomposed``) for the BitStack directory writer. Until that
+exists, the only export is the dense reconstruction at the budget.
+
+Cost: one full SVD of every ``[out, in]`` weight per iteration, and one ``[out, in] x [in, in]`` product per
+block for the errors, ``O(iterations * out * in * min(out, in))``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, field_validator
+from torch import nn
+
+from compressor.errors import RecipeError
+from compressor.methods.base import LayerRecord, Method, MethodConfig, TargetedConfig
+from compressor.methods.quant.bitstack.ops import Decomposition, channel_scale, decompose, output_errors
+from compressor.methods.quant.bitstack.order import (
+    BudgetError,
+    Chain,
+    blocks_for_budget,
+    global_order,
+    parse_budget,
+)
+from compressor.methods.registry import register_method
+
+if TYPE_CHECKING:
+    from compressor.engine import LayerContext, ModelContext
+
+
+class BitStackConfig(TargetedConfig):
+    """Decompose every targeted linear into residual blocks and keep the globally best ones that fit a budget.
+
+    ```yaml
+    - method: bitstack
+      iterations: 16      # blocks per linear (each ~1 bit per weight plus its factors)
+      rank: 16            # rank of each block's magnitude approximation
+      budget: 300MB       # or 1.5GiB, 123456 (bytes), 2.5bpw; omitted: every block
+      order: relative     # or absolute
+    ```
+    """
+
+    iterations: int = Field(16, ge=1, description="Residual blocks per linear.")
+    rank: int = Field(16, ge=1, description="Rank of each block's SVD approximation of |R| (capped at the "
+                      "weight's smaller side).")
+    budget: str | int | None = Field(
+        None, description="Memory the model's weights may take: bytes (123456), kB/MB/GB, KiB/MiB/GiB, or bits "
+        "per targeted weight (2.5bpw, signs, factors and scales counted). Omitted: every block is kept."
+    )
+    order: Literal["relative", "absolute"] = Field(
+        "relative", description="What a block is worth: its drop of the calibration output error tr(dW H dW^T) "
+        "divided by the linear's output energy tr(W H W^T) (relative), or raw (absolute, favours linears with "
+        "large activations: BAQ measured that on SmolLM2), per stored byte."
+    )
+
+    @field_validator("budget")
+    @classmethod
+    def _readable_budget(cls, value: str | int | None) -> str | int | None:
+        if value is not None:
+            try:
+                parse_budget(value)
+            except BudgetError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
+@dataclass
+class _Decomposed:
+    """One linear's stack, the output error of each prefix, and what it cost to compute."""
+
+    decomposition: Decomposition
+    errors: list[float]
+    seconds: float
+
+    def chain(self, path: str, relative: bool) -> Chain:
+        errors = self.errors
+        norm = errors[0] if relative and errors[0] > 0 else 1.0
+        drops = tuple((errors[k] - errors[k + 1]) / norm for k in range(len(errors) - 1))
+        out, columns = self.decomposition.shape
+        return Chain(path, drops, tuple(self.decomposition.block_bytes()), out * columns)
+
+
+@register_method("bitstack")
+class BitStack(Method):
+    config_class = BitStackConfig
+    kind = "quant"
+    model_level = True
+
+    def __init__(self, config: MethodConfig) -> None:
+        super().__init__(config)
+        #: Every targeted linear's decomposition by full path, filled by the pass (on CPU).
+        self.decomposed: dict[str, _Decomposed] = {}
+        #: Blocks per linear chosen by ``finalize``.
+        self.blocks: dict[str, int] = {}
+
+    @classmethod
+    def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
+        if export_format != "dense":
+            return (f"bitstack stores sign x low-rank blocks, which '{export_format}' cannot hold; use export "
+                    "format: dense (the reconstruction at the budget)")
+        return None
+
+    def prepare(self, run: ModelContext) -> list[LayerRecord]:
+        self.decomposed, self.blocks = {}, {}
+        return []
+
+    def apply(self, ctx: LayerContext) -> list[LayerRecord]:
+        """Decompose the layer's targeted linears and measure their prefixes; the weights stay as they are."""
+        config = self.config
+        assert isinstance(config, BitStackConfig)
+        groups = [
+            (group, [n for n in group.names if config.matches(ctx.path(n), type(ctx.module(n)).__name__)])
+            for group in ctx.adapter.linear_groups()
+        ]
+        groups = [(group, names) for group, names in groups if names]
+        if not groups:
+            return []
+        hessians = ctx.hessians([group for group, _ in groups])
+        for group, names in groups:
+            H = hessians[group]
+            for name in names:
+                path = ctx.path(name)
+                if path in ctx.run.quantized:
+                    raise RecipeError(f"{path} is quantized by two stages; give the stages disjoint targets")
+                start = time.perf_counter()
+                W = ctx.module(name).weight.data
+                decomposition = decompose(W, config.iterations, config.rank, channel_scale(H))
+                errors = output_errors(W, decomposition, H)
+                self.decomposed[path] = _Decomposed(_to_cpu(decomposition), errors, time.perf_counter() - start)
+        return []
+
+    def finalize(self, run: ModelContext) -> list[LayerRecord]:
+        """Choose the blocks that fit the budget and write every linear's reconstruction from them."""
+        config = self.config
+        assert isinstance(config, BitStackConfig)
+        chains = [item.chain(path, config.order == "relative") for path, item in self.decomposed.items()]
+        if config.budget is None:
+            self.blocks = {chain.path: len(chain.sizes) for chain in chains}
+        else:
+            fixed = _fixed_bytes(run.model, list(self.decomposed))
+            self.blocks = blocks_for_budget(chains, global_order(chains), parse_budget(config.budget), fixed)
+        return [self._write(run.model, path, self.blocks[path]) for path in self.decomposed]
+
+    def _write(self, model: nn.Module, path: str, k: int) -> LayerRecord:
+        """Put the first ``k`` blocks' reconstruction into the linear at ``path``; its report row."""
+        item = self.decomposed[path]
+        module = model.get_submodule(path)
+        assert isinstance(module, nn.Linear)
+        W = module.weight.data
+        module.weight.data = item.decomposition.reconstruct(k).to(device=W.device, dtype=W.dtype)
+        stored = sum(item.decomposition.block_bytes()[:k])
+        numel = W.numel()
+        errors = item.errors
+        return LayerRecord(
+            module=path, method=self.name, bits=round(stored * 8 / numel, 4), group_size=None,
+            params_before=numel, params_after=numel, bytes_before=numel * W.element_size(), bytes_after=stored,
+            rel_error=float((errors[k] / errors[0]) ** 0.5) if errors[0] > 0 else None, seconds=item.seconds,
+            note=f"{k} of {len(errors) - 1} blocks, rank {item.decomposition.rank}",
+            extra={"blocks": k, "iterations": len(errors) - 1, "rank": item.decomposition.rank},
+        )
+
+
+def _to_cpu(decomposition: Decomposition) -> Decomposition:
+    for block in decomposition.blocks:
+        block.signs, block.u, block.v = block.signs.cpu(), block.u.cpu(), block.v.cpu()
+    decomposition.scale = decomposition.scale.cpu()
+    return decomposition
+
+
+def _fixed_bytes(model: nn.Module, paths: list[str]) -> int:
+    """Bytes of every weight outside the decomposed linears' matrices (embeddings, norms, head, biases)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
+    for path in paths:
+        weight = model.get_submodule(path).weight
+        total -= weight.numel() * weight.element_size()
+    return int(total)
+

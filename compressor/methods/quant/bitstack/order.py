@@ -5,8 +5,9 @@ that linear's own ``H`` (:func:`..ops.output_errors`), per stored byte. Why this
 measured perplexity per block: it needs no extra forward passes (the reference runs the evaluation set
 once per block per linear, ``iterations x linears`` runs, hours on a small model on CPU), it is the
 objective every other quantizer here minimises (GPTQ, BAQ), and it makes the order provably the best
-for the summed error at its own boundaries (below). Its blind spot is that it weighs every linear's
-output error alike, wherever the linear sits.
+for the summed error at its own boundaries (below). The caller decides how linears' errors compare (the
+stage divides each by the linear's output energy by default, as BAQ's ``relative``); neither says how much
+the final loss cares about each linear.
 
 Blocks of a linear load in order, so the order is that of a knapsack with chains: each chain's
 (drop, bytes) steps are first merged where a later step is worth more per byte than an earlier one

@@ -1,0 +1,104 @@
+"""The bitstack stage through the engine: the model holds the reconstruction at the budget, the report adds up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_model
+from torch import nn
+
+from compressor.engine import ModelContext, run_stages
+from compressor.errors import RecipeError
+from compressor.methods.base import LayerRecord
+from compressor.methods.quant.bitstack import BitStack, BitStackConfig
+from compressor.methods.quant.bitstack.order import BudgetError
+from compressor.models import get_adapter
+from compressor.recipe import build_stages, recipe_from_dict
+
+
+def _run(**settings: object) -> tuple[nn.Module, BitStack, list[LayerRecord], dict[str, torch.Tensor]]:
+    model = tiny_model("llama")
+    dense = {p: m.weight.detach().clone() for p, m in model.named_modules() if isinstance(m, nn.Linear)}
+    tokens = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    run = ModelContext(model, get_adapter(model), tokens, torch.device("cpu"), batch_size=2)
+    stages = build_stages([BitStackConfig.model_validate({"method": "bitstack", "iterations": 4, "rank": 2,
+                                                          **settings})])
+    records = run_stages(run, stages)
+    stage = stages[0]
+    assert isinstance(stage, BitStack)
+    return model, stage, records, dense
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_config_defaults_and_strictness() -> None:
+    config = BitStackConfig(method="bitstack")
+    assert (config.iterations, config.rank, config.budget) == (16, 16, None)
+    with pytest.raises(RecipeError, match="stages.0.ranks: unknown key"):
+        recipe_from_dict({"name": "x", "stages": [{"method": "bitstack", "ranks": 4}]})
+    with pytest.raises(RecipeError, match="stages.0.budget: budget '3 parsecs': expected a size"):
+        recipe_from_dict({"name": "x", "stages": [{"method": "bitstack", "budget": "3 parsecs"}]})
+    with pytest.raises(RecipeError, match="stages.0.iterations"):
+        recipe_from_dict({"name": "x", "stages": [{"method": "bitstack", "iterations": 0}]})
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gguf"])
+def test_exports_other_than_dense_are_refused_at_validation(fmt: str) -> None:
+    with pytest.raises(RecipeError, match=f"stages.0: bitstack .* '{fmt}' cannot hold; use export format: dense"):
+        recipe_from_dict({"name": "x", "stages": [{"method": "bitstack"}], "export": {"format": fmt}})
+    recipe_from_dict({"name": "x", "stages": [{"method": "bitstack"}], "export": {"format": "dense"}})
+
+
+def test_without_a_budget_every_block_is_loaded() -> None:
+    model, stage, records, dense = _run()
+    modules = dict(model.named_modules())
+    assert set(stage.blocks) == {r.module for r in records} == {p for p in dense if p != "lm_head"}
+    for record in records:
+        assert stage.blocks[record.module] == 4 and record.extra["blocks"] == 4
+        decomposition = stage.decomposed[record.module].decomposition
+        assert torch.equal(modules[record.module].weight, decomposition.reconstruct(4))
+        assert not torch.equal(modules[record.module].weight, dense[record.module])
+    assert torch.equal(modules["lm_head"].weight, dense["lm_head"])
+
+
+def test_a_byte_budget_loads_the_reconstruction_that_fits() -> None:
+    _, stage, _, _ = _run()
+    full = sum(sum(d.decomposition.block_bytes()) for d in stage.decomposed.values())
+    first = sum(d.decomposition.block_bytes()[0] for d in stage.decomposed.values())
+    fixed = _weight_bytes(tiny_model("llama")) - sum(d.decomposition.shape[0] * d.decomposition.shape[1] * 4
+                                                     for d in stage.decomposed.values())  # fp32 tiny model
+    budget = fixed + (first + full) // 2
+    model, stage, records, _ = _run(budget=budget)
+    modules = dict(model.named_modules())
+    counts = set(stage.blocks.values())
+    assert len(counts) > 1, "a budget between the smallest and largest gives linears different block counts"
+    stored = 0
+    for record in records:
+        k = stage.blocks[record.module]
+        decomposition = stage.decomposed[record.module].decomposition
+        assert torch.equal(modules[record.module].weight, decomposition.reconstruct(k))
+        # the report's bits: signs 1 bit/weight, fp16 factors, fp16 scales with block 0, from the shapes alone
+        out, columns = decomposition.shape
+        expected = k * ((out * columns + 7) // 8 + (out + columns) * 2 * 2) + columns * 2
+        assert record.bytes_after == expected
+        assert record.bits == pytest.approx(expected * 8 / (out * columns), abs=1e-4)
+        stored += expected
+    assert fixed + stored <= budget
+    assert budget - (fixed + stored) < max(max(d.decomposition.block_bytes()) for d in stage.decomposed.values())
+
+
+def test_a_bits_per_weight_budget_counts_the_linears_only() -> None:
+    model, stage, records, _ = _run(budget="20bpw")  # tiny shapes: a rank-2 block is ~2.3-3 bits per weight
+    bits = sum(r.bytes_after for r in records) * 8 / sum(r.params_after for r in records)
+    assert bits <= 20
+    assert 1 < min(stage.blocks.values()) and max(stage.blocks.values()) <= 4
+
+
+def test_a_budget_below_one_block_per_linear_is_a_one_line_error() -> None:
+    with pytest.raises(BudgetError) as error:
+        _run(budget="1kB")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "smallest is" in message and "(one block per linear), the largest" in message
