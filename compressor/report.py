@@ -302,6 +302,7 @@ def to_markdown(report: Report) -> str:
         )
     lines += allocation_markdown(report.layers)
     lines += scores_markdown(report.layers)
+    lines += experts_markdown(report.layers)
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report.versions.items()), ""]
     return "\n".join(lines)
 
@@ -355,6 +356,25 @@ def scores_markdown(layers: list[dict[str, Any]]) -> list[str]:
         order = extra.get("order") or extra.get("rank") or ""
         lines.append(f"| {row['module']} | {row['method']} | {extra['score']:.6g} | "
                      f"{'yes' if extra.get('removed') else ''} | {order} |")
+    return lines
+
+
+def experts_markdown(layers: list[dict[str, Any]]) -> list[str]:
+    """Tokens the router sent each expert (in the pass that gathered its statistics; every expert was calibrated
+    on every token), per mixture-of-experts module and method; empty for dense models."""
+    counts: dict[tuple[str, str], dict[int, int]] = {}
+    for row in layers:
+        if "routed_tokens" in row["extra"]:  # <experts>.<index>.<projection>: one count per expert
+            experts = row["module"].rsplit(".", 2)[0]
+            counts.setdefault((experts, row["method"]), {}).setdefault(row["extra"]["expert"],
+                                                                        row["extra"]["routed_tokens"])
+    if not counts:
+        return []
+    lines = ["", "## Experts", "", "| experts | method | routed tokens per expert | never routed |",
+             "|---|---|---|---|"]
+    for (experts, method), routed in counts.items():
+        never = ", ".join(str(e) for e in sorted(routed) if routed[e] == 0) or "-"
+        lines.append(f"| {experts} | {method} | {' '.join(str(routed[e]) for e in sorted(routed))} | {never} |")
     return lines
 
 

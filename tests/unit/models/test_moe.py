@@ -176,3 +176,15 @@ def _by_expert(records: list, prefix: str, value: Callable[[dict], int]) -> list
 def test_layers_mixing_dense_and_expert_mlps_are_refused() -> None:
     with pytest.raises(UnsupportedModelError, match=r"model\.layers\.1\.mlp is Qwen3MoeMLP, .*mix dense and expert"):
         get_adapter(tiny_model("qwen3_moe", mlp_only_layers=[1]))
+
+
+def test_report_lists_the_tokens_routed_to_each_expert() -> None:
+    from compressor.report import experts_markdown
+
+    rows = [{"module": f"model.layers.{i}.mlp.experts.{e}.{p}", "method": "gptq",
+             "extra": {"expert": e, "routed_tokens": [5, 0, 3][e] + i}} for i in range(2) for e in range(3)
+            for p in ("w1", "w2")]
+    rows.append({"module": "model.layers.0.self_attn.q_proj", "method": "gptq", "extra": {}})
+    assert experts_markdown(rows)[-2:] == ["| model.layers.0.mlp.experts | gptq | 5 0 3 | 1 |",
+                                           "| model.layers.1.mlp.experts | gptq | 6 1 4 | - |"]
+    assert experts_markdown(rows[-1:]) == []
