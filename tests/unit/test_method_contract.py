@@ -3,7 +3,8 @@
 New methods are found through the registry: their config defaults must be valid on a tiny model. What a
 method must change follows from its ``kind`` and its own records, never from its formulas:
 - quant: every targeted linear's weight changed, and takes at most ``2**bits`` distinct values in each
-  (row, group) of the record's ``group_size`` (per row when -1);
+  (row, group) of the record's ``group_size`` (per row when -1); without a group size (a decomposition, no
+  grid) its ``bits`` must equal its stored ``bytes_after`` per weight;
 - prune: the model loses at least the parameters the records say went, whole layers the records say went
   are gone, and an ``embeddings`` record's ``kept_fraction`` is the residual stream's new width;
 - allocate: the records name a width per module, and the quantizer after it used exactly that width
@@ -107,6 +108,9 @@ def _check_quantized(config: MethodConfig, run: ModelContext, own: list[LayerRec
     for record in own:
         W = modules[record.module].weight
         assert not torch.equal(W, before.weights[record.module]), f"{record.module}: weight unchanged"
+        if record.group_size is None:  # no grid (a decomposition, BitStack): its bits must be its stored bytes
+            assert record.bits == pytest.approx(record.bytes_after * 8 / W.numel(), abs=1e-4) and record.bits > 0
+            continue
         distinct = _distinct_per_group(W, record.group_size)
         limit = 2 ** _group_widths(record, run, distinct.shape[1])
         worst = int((distinct - limit[None, :]).max())
