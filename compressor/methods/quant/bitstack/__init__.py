@@ -136,7 +136,9 @@ class BitStack(Method):
                 if path in ctx.run.quantized:
                     raise RecipeError(f"{path} is quantized by two stages; give the stages disjoint targets")
                 start = time.perf_counter()
-                W = ctx.module(name).weight.data
+                module = ctx.module(name)
+                assert isinstance(module, nn.Linear)
+                W = module.weight.data
                 decomposition = decompose(W, config.iterations, config.rank, channel_scale(H))
                 errors = output_errors(W, decomposition, H)
                 self.decomposed[path] = _Decomposed(_to_cpu(decomposition), errors, time.perf_counter() - start)
@@ -184,7 +186,8 @@ def _fixed_bytes(model: nn.Module, paths: list[str]) -> int:
     """Bytes of every weight outside the decomposed linears' matrices (embeddings, norms, head, biases)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
     for path in paths:
-        weight = model.get_submodule(path).weight
-        total -= weight.numel() * weight.element_size()
+        module = model.get_submodule(path)
+        assert isinstance(module, nn.Linear)
+        total -= module.weight.numel() * module.weight.element_size()
     return int(total)
 
