@@ -41,6 +41,9 @@ class Int8Linear(nn.Linear):
     it a plain linear on the dequantized weight (see :func:`float_activations`).
     """
 
+    weight_int8: torch.Tensor
+    channel_scale: torch.Tensor
+
     def __init__(self, weight: DualGrainedWeight, bias: torch.Tensor | None, act_percentile: float = 100.0,
                  dtype: torch.dtype = torch.float32) -> None:
         out_features, in_features = weight.codes.shape

@@ -1,0 +1,270 @@
+"""DGQ: dual-grained W4A8 (and W8A8) quantization with INT8 activations (ilur98/DGQ; math in ``dgq_ops.py``).
+
+Per decoder layer: optional SmoothQuant smoothing of the inputs of attention and MLP (scales folded into the norm
+before them), then linear group by group in data-flow order: the group's Hessian, the two-phase scale search,
+GPTQ error feedback (or plain rounding), and the linear replaced by an :class:`Int8Linear` at once, so later
+groups and later layers are calibrated on the INT8 arithmetic they will see, and the model's forward afterwards
+(evaluation included) runs INT8 activations.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from compressor.errors import NumericalError, RecipeError
+from compressor.methods.base import GroupSize, LayerRecord, Method, MethodConfig, TargetedConfig
+from compressor.methods.quant.dgq_ops import (
+    DualGrainedWeight,
+    fold_into_norm,
+    gptq_dual_grained,
+    output_error,
+    quantize_dual_grained,
+    search_channel_scale,
+    search_int_scales,
+    smoothing_scales,
+)
+from compressor.methods.quant.int8_linear import Int8Linear
+from compressor.methods.quant.ops import effective_group_size
+from compressor.methods.registry import register_method
+
+if TYPE_CHECKING:
+    from compressor.engine import LayerContext
+    from compressor.models.base import LinearGroup
+
+log = logging.getLogger(__name__)
+
+
+class DGQConfig(TargetedConfig):
+    """Dual-grained weights (INT4 groups with integer scales under one float scale per channel) or INT8
+    per-channel weights, and per-token INT8 activations.
+
+    ```yaml
+    - method: dgq
+      targets: [Linear]
+      ignore: [lm_head]
+      weight_bits: 4        # 8 = W8A8 (per-channel INT8 weights)
+      group_size: 128       # INT4 groups; W8A8 is per channel
+      solver: gptq          # or rtn: rounding at the searched scales, no error feedback
+      act_percentile: 100   # per-token clip at this percentile of |x| (100 = max, no clipping)
+      smoothing: 0.5        # SmoothQuant alpha folded into the norms; null = off
+    ```
+    Only ``export: {format: dense}`` can store it for now (the dequantized weights; the activation quantization
+    exists in the in-memory model only).
+    """
+
+    weight_bits: Literal[4, 8] = Field(4, description="4: dual-grained W4A8 (DGQ); 8: INT8 per-channel W8A8.")
+    group_size: GroupSize | None = Field(
+        None,
+        description="Columns per INT4 group (default 128; a width it does not divide gets the largest power-of-two "
+        "divisor below it, reported). W8A8 weights are per channel: leave it unset or -1.",
+    )
+    solver: Literal["gptq", "rtn"] = Field(
+        "gptq", description="gptq: GPTQ error feedback at the searched scales; rtn: nearest codes at those scales."
+    )
+    act_percentile: float = Field(
+        100.0, description="Per-token activation clip: this percentile of |x| over the channels, in (0, 100]."
+    )
+    smoothing: float | None = Field(
+        0.5, description="SmoothQuant alpha in [0, 1] (activation range moved into the weights); null = off."
+    )
+    dampening: float = Field(0.01, gt=0, lt=1, description="GPTQ solver: fraction of mean(diag H) added.")
+    block_size: int = Field(128, ge=1, description="GPTQ solver: columns per lazy batch update.")
+
+    @field_validator("act_percentile")
+    @classmethod
+    def _percentile(cls, value: float) -> float:
+        if not 0 < value <= 100:
+            raise ValueError(f"act_percentile must be in (0, 100], got {value}")
+        return value
+
+    @field_validator("smoothing")
+    @classmethod
+    def _alpha(cls, value: float | None) -> float | None:
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(f"smoothing must be an alpha in [0, 1] or null, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _per_channel_int8(self) -> DGQConfig:
+        if self.weight_bits == 8 and self.group_size not in (None, -1):
+            raise ValueError(f"group_size: weight_bits 8 (W8A8) is per channel; remove group_size {self.group_size}")
+        return self
+
+    def groups_for(self, columns: int) -> tuple[int, str]:
+        """The group size for a linear with ``columns`` inputs (-1: per channel) and a note when not as asked."""
+        asked = 128 if self.group_size is None else self.group_size
+        if self.weight_bits == 8 or asked == -1:
+            return -1, ""
+        if asked >= columns:
+            return -1, f"group_size {asked} covers all {columns} columns: per channel"
+        size = effective_group_size(columns, asked)
+        return size, "" if size == asked else f"group_size {asked} does not divide {columns} columns; used {size}"
+
+
+@register_method("dgq")
+class DGQ(Method):
+    config_class = DGQConfig
+    kind = "quant"
+
+    @classmethod
+    def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
+        if export_format != "dense":
+            return (f"dgq cannot be exported as {export_format} yet (its W4A8/W8A8 export is not built, and any "
+                    "other file would load as a different model); use export: {format: dense}, which stores the "
+                    "dequantized weights without the INT8 activations")
+        return None
+
+    def apply(self, ctx: LayerContext) -> list[LayerRecord]:
+        config = self.config
+        assert isinstance(config, DGQConfig)
+        groups = [
+            (group, [n for n in group.names if config.matches(ctx.path(n), type(ctx.module(n)).__name__)])
+            for group in ctx.adapter.linear_groups()
+        ]
+        groups = [(group, names) for group, names in groups if names]
+        targeted = {ctx.path(n) for _, names in groups for n in names}
+        notes = _smooth(ctx, config, targeted) if config.smoothing is not None and targeted else {}
+        records = []
+        for group, names in groups:
+            H = _hessian(ctx, group)
+            for name in names:
+                records.append(self._quantize(ctx, config, name, H, notes.get(ctx.path(name), "")))
+        return records
+
+    def _quantize(self, ctx: LayerContext, config: DGQConfig, name: str, H: torch.Tensor, note: str) -> LayerRecord:
+        """Search, solve, record, and swap the linear for its INT8 form."""
+        module = ctx.module(name)
+        assert isinstance(module, nn.Linear)
+        path = ctx.path(name)
+        if path in ctx.run.quantized:
+            raise RecipeError(f"{path} is quantized by two stages; give the stages disjoint targets")
+        start = time.perf_counter()
+        W = module.weight.data
+        bits, (size, group_note) = config.weight_bits, config.groups_for(W.shape[1])
+        channel, ints = search_channel_scale(W, H, bits, size)
+        ints = search_int_scales(W, H, channel, ints, bits, size)
+        if config.solver == "gptq":
+            try:
+                weight = gptq_dual_grained(W, H, channel, ints, bits, size, config.block_size, config.dampening)
+            except ValueError as exc:
+                raise NumericalError(f"{path}: DGQ's GPTQ solver failed: {exc}") from exc
+        else:
+            weight = quantize_dual_grained(W, channel, ints, bits, size)
+        ctx.layer.set_submodule(name, Int8Linear.from_linear(module, weight, config.act_percentile))
+        ctx.run.quantized[path] = weight.to_quantized_weight()
+        record = _record(path, config, W, weight, H, start, "; ".join(n for n in (group_note, note) if n))
+        record.extra.update(ctx.adapter.module_facts(ctx.layer, name))
+        return record
+
+
+def _hessian(ctx: LayerContext, group: LinearGroup) -> torch.Tensor:
+    """The group's ``H = 2/n X^T X`` with the layer as it is now (earlier groups already INT8).
+
+    No replay: the engine's replay keeps the projection module it saw, which this method replaces.
+    """
+    return ctx.hessian(group, replay=False)
+
+
+def _smooth(ctx: LayerContext, config: DGQConfig, targeted: set[str]) -> dict[str, str]:
+    """Fold SmoothQuant scales into the norm before attention and before the MLP; a note per smoothed linear.
+
+    A branch is skipped (and said so) when something besides the adapter's input linears reads the norm's
+    output (a MoE router), when the norm has no weight, or when a reader is already quantized.
+    """
+    assert config.smoothing is not None
+    notes: dict[str, str] = {}
+    layer, adapter = ctx.layer, ctx.adapter
+    branches = [("attention", adapter.attention_norm(layer), adapter.attention_inputs(layer),
+                 adapter.family.attention.inputs),
+                ("mlp", adapter.mlp_norm(layer), adapter.mlp_inputs(layer), adapter.family.mlp.inputs)]
+    for branch, norm, readers, declared in branches:
+        paths = [ctx.path(_relative(layer, r)) for r in readers]
+        if not targeted & set(paths):
+            continue
+        reason = _smoothing_blocker(ctx, norm, readers, declared, paths)
+        if reason:
+            log.warning("%s %s: no smoothing: %s", ctx.prefix, branch, reason)
+            notes.update({p: f"not smoothed: {reason}" for p in paths})
+            continue
+        act = _input_absmax(ctx, readers[0])
+        weight_max = torch.stack([r.weight.data.float().abs().amax(dim=0) for r in readers]).amax(dim=0)
+        scales = smoothing_scales(act, weight_max, config.smoothing)
+        _fold_norm(norm, scales, one_plus=adapter.family.norm == "rms_one_plus")
+        for reader in readers:
+            reader.weight.data = (reader.weight.data.float() * scales).to(reader.weight.dtype)
+        notes.update({p: f"smoothed (alpha {config.smoothing:g}) into {branch} norm" for p in paths})
+    return notes
+
+
+def _fold_norm(norm: nn.Module, scales: torch.Tensor, one_plus: bool) -> None:
+    """Divide the norm's output by ``scales`` through its weight (and LayerNorm's bias)."""
+    norm_weight, norm_bias = norm.weight, getattr(norm, "bias", None)
+    assert isinstance(norm_weight, torch.Tensor)
+    weight, bias = fold_into_norm(norm_weight.data, None if norm_bias is None else norm_bias.data, scales, one_plus)
+    norm_weight.data = weight
+    if norm_bias is not None and bias is not None:
+        norm_bias.data = bias
+
+
+def _smoothing_blocker(
+    ctx: LayerContext, norm: nn.Module, readers: list[nn.Linear], declared: tuple[str, ...], paths: list[str]
+) -> str | None:
+    """Why one branch's input cannot be smoothed, or None."""
+    others = [n for n in declared if not any(ctx.module(n) is r for r in readers)]
+    if others:
+        return (f"{', '.join(others)} also reads the norm's output and is not one of its linears (a router): "
+                "its input would change")
+    if getattr(norm, "weight", None) is None:
+        return "the norm has no weight to fold the scales into"
+    done = [p for p in paths if p in ctx.run.quantized]
+    if done:
+        return f"{done[0]} was quantized by an earlier stage"
+    return None
+
+
+def _relative(layer: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in layer.named_modules() if m is module)
+
+
+def _input_absmax(ctx: LayerContext, module: nn.Module) -> torch.Tensor:
+    """Per-channel ``max |x|`` of ``module``'s input over the calibration set: ``[in]`` float32."""
+    state: dict[str, torch.Tensor] = {}
+
+    def fold(x: torch.Tensor) -> None:
+        batch = x.detach().float().abs().reshape(-1, x.shape[-1]).amax(dim=0)
+        state["max"] = batch if "max" not in state else torch.maximum(state["max"], batch)
+
+    ctx.collect_inputs(module, fold)
+    return state["max"]
+
+
+def _record(
+    path: str, config: DGQConfig, W: torch.Tensor, weight: DualGrainedWeight, H: torch.Tensor, start: float,
+    note: str,
+) -> LayerRecord:
+    """Relative output error ``sqrt(tr(dW H dW^T) / tr(W H W^T))``; bytes of codes, integer and channel scales."""
+    dW = W.float() - weight.dequantize()
+    den = float(output_error(W.float(), H).sum())
+    rel = (float(output_error(dW, H).sum()) / den) ** 0.5 if den > 0 else 0.0
+    out, columns = W.shape
+    int_scale_bits = 0 if weight.bits == 8 else out * int(weight.int_scale.shape[1]) * 8
+    return LayerRecord(
+        module=path,
+        method=config.method,
+        bits=float(weight.bits),
+        group_size=weight.group_size,
+        params_before=W.numel(),
+        params_after=W.numel(),
+        bytes_before=W.numel() * W.element_size(),
+        bytes_after=(out * columns * weight.bits + int_scale_bits + out * 16 + 7) // 8,
+        rel_error=rel,
+        seconds=time.perf_counter() - start,
+        note=note,
+        extra={"activation_bits": 8, "act_percentile": config.act_percentile, "solver": config.solver},
+    )
