@@ -3,12 +3,14 @@ whose forward really multiplies in INT8, smoothing that keeps each layer's float
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from tiny import FAMILIES, tiny_model
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from compressor.engine import LayerContext, ModelContext, run_stages
 from compressor.errors import RecipeError
@@ -17,6 +19,7 @@ from compressor.methods.quant import int8_linear
 from compressor.methods.quant.dgq import DGQConfig, _smooth
 from compressor.methods.quant.int8_linear import Int8Linear, float_activations
 from compressor.models import get_adapter
+from compressor.pipeline import compress, evaluate, load
 from compressor.recipe import build_stages, recipe_from_dict
 
 ROUTED = ("mixtral", "qwen3_moe")  # a router reads the MLP norm's output besides the experts
@@ -133,3 +136,31 @@ def test_hessian_sees_the_int8_predecessors(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(dgq_module, "_hessian", spy)
     _run("llama", smoothing=None)
     assert "Int8Linear" not in seen[0] and seen[1].count("Int8Linear") == 3  # q, k, v before o_proj
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compress_evaluates_int8_and_writes_dense_weights(
+    model_dir_factory: Any, text_file: Path, tmp_path: Path, dtype: str
+) -> None:
+    """compress() with eval: the 'after' perplexity is the INT8 model's (the in-memory model keeps Int8Linears);
+    the dense file reloads as the same weights with float activations."""
+    data = {
+        "name": "t",
+        "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32, "batch_size": 2},
+        "stages": [{"method": "dgq", "group_size": 32}],
+        "export": {"format": "dense"},
+    }
+    loaded = load(model_dir_factory("llama"), dtype=dtype)
+    report = compress(loaded, recipe_from_dict(data), tmp_path / "out", device="cpu", eval_data=str(text_file),
+                      eval_max_tokens=256)
+    assert {r["method"] for r in report.layers} == {"dgq"}
+    int8 = [m for m in loaded.model.modules() if isinstance(m, Int8Linear)]
+    assert len(int8) == len(report.layers)
+    tokens = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
+    with torch.no_grad():
+        after = evaluate(loaded, str(text_file), seq_len=32, max_tokens=256, device="cpu").ppl
+        with float_activations(loaded.model):
+            expected = loaded.model(tokens).logits
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=getattr(torch, dtype))
+        torch.testing.assert_close(reloaded(tokens).logits, expected, rtol=0, atol=0)
+    assert report.eval is not None and report.eval["after"]["ppl"] == pytest.approx(after)
