@@ -16,6 +16,8 @@ from compressor.methods.quant.dgq_ops import (
 )
 from compressor.methods.quant.int8_linear import Int8Linear, float_activations, int8_matmul
 
+BACKENDS = ["auto", "int_mm", "float"]
+
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -42,21 +44,25 @@ def test_exact_integer_arithmetic_by_hand() -> None:
     assert torch.equal(layer.weight_int8, torch.tensor([[6, -16, 16, 112], [112, -16, -8, 0]], dtype=torch.int8))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("n", "k", "m"), [(1, 3, 5), (7, 64, 24), (33, 576, 16)])
-def test_int8_matmul_exact(n: int, k: int, m: int) -> None:
+def test_int8_matmul_exact(n: int, k: int, m: int, backend: str) -> None:
     a = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=_gen(0))
     w = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=_gen(1))
-    result = int8_matmul(a, w.t())  # the transposed view Int8Linear passes
+    result = int8_matmul(a, w.t(), backend)  # the transposed view Int8Linear passes
     assert result.dtype == torch.int32
     assert torch.equal(result.long(), a.long() @ w.long().t())
 
 
-def test_int8_matmul_exact_beyond_float32() -> None:
-    """Sums past 2**24 (4096 products near 2**14) that a float32 matmul would round."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_matmul_exact_beyond_float32(backend: str) -> None:
+    """Sums past 2**24 (4096 products near 2**14) that one float32 matmul would round."""
     a = torch.randint(100, 128, (3, 4096), dtype=torch.int8, generator=_gen(11))
     w = torch.randint(-128, -100, (5, 4096), dtype=torch.int8, generator=_gen(12))
     w[:, 0] = 7  # an odd term keeps the exact sum off float32's grid
-    assert torch.equal(int8_matmul(a, w.t()).long(), a.long() @ w.long().t())
+    assert torch.equal(int8_matmul(a, w.t(), backend).long(), a.long() @ w.long().t())
+    with pytest.raises(ValueError, match="backend"):
+        int8_matmul(a, w.t(), "fast")
 
 
 @pytest.mark.parametrize("bits", [4, 8])
