@@ -17,7 +17,7 @@ from compressor.errors import NumericalError
 from compressor.methods.base import LayerRecord
 from compressor.methods.quant.common import WeightQuantConfig, WeightQuantizer, quantize_layer_linears
 from compressor.methods.quant.gptq_ops import FitOn, gptq_quantize
-from compressor.methods.quant.ops import QuantizedWeight
+from compressor.methods.quant.ops import Grid, QuantizedWeight, ScaleSearch
 from compressor.methods.quant.refine import float_targets, refine_layer
 from compressor.methods.registry import register_method
 
@@ -40,8 +40,8 @@ class GPTQConfig(WeightQuantConfig):
       act_order: true     # columns by descending Hessian diagonal; static groups keep scales contiguous
       dampening: 0.01     # fraction of mean(diag H) added to the diagonal
       block_size: 128     # lazy-update block width
-      grid: restricted    # or full / full_positive (see rtn)
-      scale_search: none  # or mse / weighted (weighted by diag(H))
+      grid: full              # or restricted / full_positive (see rtn)
+      scale_search: weighted  # or none / mse (weighted by diag(H))
       fit_on: auto        # or original / sweep: when group scales are fitted
       refine_iters: 0     # > 0: SignRound-style block-wise refinement of the codes per decoder layer
       refine_batch: 2     # sequences per refinement step
@@ -50,6 +50,14 @@ class GPTQConfig(WeightQuantConfig):
     ``refine.py``): learned rounding offsets and group scale factors minimising the layer's output error.
     """
 
+    grid: Grid = Field(
+        "full",
+        description="As rtn's grid; GPTQ defaults to full (measured on the demo model, W4 g64: ppl 27.83 with "
+        "full + weighted against 31.18 restricted + none; W3 g128: 39.69 against 77.40).",
+    )
+    scale_search: ScaleSearch = Field(
+        "weighted", description="As rtn's scale_search; GPTQ defaults to weighted, its Hessian holds diag(H)."
+    )
     act_order: bool = Field(True, description="Quantize columns by descending diag(H) (static groups).")
     dampening: float = Field(0.01, gt=0, lt=1, description="Fraction of mean(diag H) added to the diagonal.")
     block_size: int = Field(128, ge=1, description="Columns per lazy batch update.")

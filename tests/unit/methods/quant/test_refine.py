@@ -91,9 +91,11 @@ def test_codes_stay_on_each_groups_planned_grid(method: str, grid: str) -> None:
             widths[f"{run.adapter.layer_prefix(index)}.{name}"] = torch.tensor([2, 4] * (columns // 64))
     plain = copy.deepcopy(run)
     plain.plans["group_bits"] = dict(widths)
-    run_stages(plain, [_stage(method, grid=grid)])
+    # no scale search: on this tiny model 10 refinement steps find nothing better than GPTQ's weighted-search
+    # scales (the refinement then keeps GPTQ's codes), and the codes must move for the test to see anything
+    run_stages(plain, [_stage(method, grid=grid, scale_search="none")])
     run.plans["group_bits"] = widths
-    run_stages(run, [_stage(method, grid=grid, refine_iters=10)])
+    run_stages(run, [_stage(method, grid=grid, scale_search="none", refine_iters=10)])
     changed = 0
     for path, qweight in run.quantized.items():
         assert qweight.group_bits is not None and torch.equal(qweight.group_bits, widths[path])
