@@ -13,7 +13,7 @@ import torch
 
 from compressor.calibration.tokens import calibration_batch, iter_eval_windows
 from compressor.engine import ModelContext, ProgressFn, run_stages
-from compressor.errors import CalibrationError, QualityGateError, RecipeError
+from compressor.errors import CalibrationError, ExportError, QualityGateError, RecipeError
 from compressor.evaluate.perplexity import PerplexityResult, perplexity
 from compressor.export import format_problem, storage_scale_dtype, write_model
 from compressor.export.atomic import atomic_output_dir, check_output_dir
@@ -100,6 +100,18 @@ def _check_seq_len(adapter: ModelAdapter, seq_len: int) -> None:
         raise CalibrationError(f"seq_len {seq_len} is longer than the model allows ({limit} positions)")
 
 
+def _check_format_fits_model(export: ExportConfig, model: torch.nn.Module) -> None:
+    """A format that cannot hold this architecture is a recipe error now, not after the calibration and the run."""
+    if export.format != "gguf":
+        return
+    from compressor.export.gguf_arch import check_architecture
+
+    try:
+        check_architecture(model, warn=False)
+    except ExportError as exc:
+        raise RecipeError(f"export.format gguf: {exc}") from exc
+
+
 def _check_targets(stages: list[Method], adapter: ModelAdapter) -> None:
     """Resolve every stage's targets on this model's module paths, before any calibration runs.
 
@@ -163,6 +175,7 @@ def compress(
     calib = recipe.calibration
     _check_seq_len(adapter, calib.seq_len)
     _check_targets(stages, adapter)
+    _check_format_fits_model(recipe.export, loaded.model)
     target = resolve_device(device)
     with _phase(timings, "calibration_data"):
         tokens = calibration_batch(
@@ -201,7 +214,7 @@ def compress(
     if eval_data:
         report.eval = _eval_summary(evaluation, eval_data)
         report.quality_gate = _quality_gate(report.eval, max_ppl_increase)
-    _write(report, run, loaded, recipe, out, overwrite, timings)
+    _write(report, run, loaded, recipe, out, overwrite, timings, stages)
     if report.quality_gate and not report.quality_gate["passed"]:
         raise QualityGateError(report.quality_gate["message"])
     return report
@@ -243,11 +256,11 @@ def _quality_gate(evaluation: dict[str, object], limit: float | None) -> dict[st
 
 def _write(
     report: Report, run: ModelContext, loaded: LoadedModel, recipe: Recipe, out: Path, overwrite: bool,
-    timings: dict[str, float],
+    timings: dict[str, float], stages: list[Method] | None = None,
 ) -> None:
     with atomic_output_dir(out, overwrite) as staging:
         with _phase(timings, "export"):
-            report.files = write_model(recipe.export, run, loaded.tokenizer, staging)
+            report.files = write_model(recipe.export, run, loaded.tokenizer, staging, stages)
         (staging / "recipe.yaml").write_text(recipe.dump())
         # The honest size is what was written: a dense export of fake-quantized weights saves nothing.
         report.size_bytes["after"] = sum(

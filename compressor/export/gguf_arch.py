@@ -125,8 +125,11 @@ def architecture_name(model_type: str) -> str | None:
     return None if family is None else family.gguf_architectures.get(model_type)
 
 
-def check_architecture(model: Any) -> str:
-    """The model's GGUF architecture; refuse what the tensors and keys we write cannot express."""
+def check_architecture(model: Any, warn: bool = True) -> str:
+    """The model's GGUF architecture; refuse what the tensors and keys we write cannot express.
+
+    ``warn=False`` only checks (the pipeline asks before calibration; the writer asks again and warns).
+    """
     config = model.config
     arch = architecture_name(config.model_type)
     if arch not in ARCHITECTURES:
@@ -153,7 +156,8 @@ def check_architecture(model: Any) -> str:
         raise ExportError(f"llama.cpp's {arch} applies {spec.activation}; this model uses {activation}")
     if spec.check is not None:
         spec.check(config)
-    _warn_lossy(model, arch, spec)
+    if warn:
+        _warn_lossy(model, arch, spec)
     return arch
 
 

@@ -85,3 +85,22 @@ def test_export_command_turns_compressed_tensors_into_gguf(model_dir_factory, te
                               str(tmp_path / "x")])
     assert bad.exit_code == 2 and "Q8_0 stores 8-bit" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("family", ["opt", "mixtral"])
+def test_gguf_of_an_architecture_it_cannot_hold_fails_before_calibration(
+    model_dir_factory, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: str
+) -> None:
+    """OPT has no llama.cpp architecture and no MoE layout is written: a recipe error (exit 2) before any
+    calibration text is read, not an export error after the run."""
+    import compressor.pipeline as pipeline
+    from compressor.errors import RecipeError
+
+    def no_calibration(*args: object, **kwargs: object) -> None:
+        raise AssertionError("calibration ran before the format was checked against the model")
+
+    monkeypatch.setattr(pipeline, "calibration_batch", no_calibration)
+    with pytest.raises(RecipeError, match=f"export.format gguf: .*'{family}'") as caught:
+        compress(load(model_dir_factory(family)), _recipe(text_file, {"format": "gguf"}), tmp_path / "o",
+                 device="cpu")
+    assert caught.value.exit_code == 2 and not (tmp_path / "o").exists()
