@@ -41,7 +41,7 @@ class CalibrationConfig(_Strict):
 class ExportConfig(_Strict):
     """The stored form of the result."""
 
-    format: Literal["dense", "compressed-tensors", "gguf"] = "dense"
+    format: Literal["dense", "compressed-tensors", "gguf", "bitstack"] = "dense"
     gguf_type: Literal["Q4_0", "Q8_0"] | None = Field(None, description="GGUF block type; default from bits.")
     max_shard_mb: int = Field(2048, ge=1, description="Largest safetensors shard, in MiB.")
 

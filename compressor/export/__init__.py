@@ -22,6 +22,9 @@ def check_export_settings(export: ExportConfig, quant_stages: list[MethodConfig]
     """
     if export.format == "dense":
         return None
+    if export.format == "bitstack":
+        has_stage = any(stage.method == "bitstack" for stage in quant_stages)
+        return None if has_stage else "'bitstack' stores a bitstack stage's blocks, but the recipe has none"
     if not quant_stages:
         return f"'{export.format}' stores quantized weights, but no stage quantizes (use format: dense)"
     for stage in quant_stages:
@@ -58,8 +61,13 @@ def storage_scale_dtype(export: ExportConfig, model_dtype: torch.dtype) -> torch
     return torch.float16 if export.format == "gguf" else model_dtype
 
 
-def write_model(export: ExportConfig, run: ModelContext, tokenizer: Any, out_dir: Path) -> list[str]:
-    """Write the compressed model into ``out_dir`` in the recipe's format; returns the files written."""
+def write_model(
+    export: ExportConfig, run: ModelContext, tokenizer: Any, out_dir: Path, stages: list[Any] | None = None
+) -> list[str]:
+    """Write the compressed model into ``out_dir`` in the recipe's format; returns the files written.
+
+    ``stages``: the run's stages, which only ``bitstack`` needs (its blocks live on the stage, not the model).
+    """
     max_shard = f"{export.max_shard_mb}MB"
     if export.format == "dense":
         run.model.save_pretrained(out_dir, max_shard_size=max_shard)
@@ -73,6 +81,10 @@ def write_model(export: ExportConfig, run: ModelContext, tokenizer: Any, out_dir
 
         file_type = export.gguf_type or ("Q4_0" if _bits(run) == 4 else "Q8_0")
         write_gguf(run.model, run.quantized, out_dir / f"model-{file_type}.gguf", tokenizer, file_type)
+    elif export.format == "bitstack":
+        from compressor.methods.quant.bitstack.store import write_bitstack_stage
+
+        write_bitstack_stage(out_dir, run.model, stages or [])
     else:  # pragma: no cover - the recipe schema allows only the formats above
         raise ExportError(f"unknown export format {export.format}")
     if export.format != "gguf":

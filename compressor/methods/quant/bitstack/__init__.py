@@ -9,8 +9,10 @@ byte (``order.global_order``), picks the longest prefix that fits ``budget`` (al
 and writes each linear's reconstruction from its chosen blocks into the model. Being model-level, the
 stages after it get a fresh pass over the reconstructed model.
 
-The decompositions stay on the stage (``decomposed``) for the BitStack directory writer. Until that
-exists, the only export is the dense reconstruction at the budget.
+The decompositions stay on the stage (``decomposed``) for the BitStack directory writer: export format
+``bitstack`` writes every block once (``store.py``; load it at any budget later), format ``dense`` the
+reconstruction at the stage's budget. The in-memory model, and so the report and ``--eval``, is the
+reconstruction at the stage's budget (every block without one) in both cases.
 
 Cost: one full SVD of every ``[out, in]`` weight per iteration, and one ``[out, in] x [in, in]`` product per
 block for the errors, ``O(iterations * out * in * min(out, in))``.
@@ -108,9 +110,12 @@ class BitStack(Method):
 
     @classmethod
     def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
-        if export_format != "dense":
+        if export_format not in ("dense", "bitstack"):
             return (f"bitstack stores sign x low-rank blocks, which '{export_format}' cannot hold; use export "
-                    "format: dense (the reconstruction at the budget)")
+                    "format: bitstack (every block, any budget later) or dense (the reconstruction at the budget)")
+        if export_format == "bitstack" and later:
+            return (f"export format bitstack stores this stage's blocks, so '{later[0].method}' after it would "
+                    "be lost; make bitstack the last stage")
         return None
 
     def prepare(self, run: ModelContext) -> list[LayerRecord]:

@@ -79,6 +79,14 @@ def write_bitstack(out_dir: Path, model: Any, stage: BitStack, tokenizer: Any = 
     return sorted(p.name for p in out_dir.iterdir())
 
 
+def write_bitstack_stage(out_dir: Path, model: Any, stages: list[Any]) -> list[str]:
+    """Export format ``bitstack``: the directory of the run's bitstack stage (the recipe makes it the last)."""
+    found = [stage for stage in stages if isinstance(stage, BitStack)]
+    if len(found) != 1:
+        raise ExportError(f"export format bitstack needs exactly one bitstack stage, the run has {len(found)}")
+    return write_bitstack(out_dir, model, found[0])
+
+
 def _check_skeleton(model: Any) -> None:
     """The model's tensors are exactly those of the model ``config.json`` builds, or an ExportError."""
     from transformers import AutoModelForCausalLM

@@ -45,10 +45,11 @@ def test_config_defaults_and_strictness() -> None:
 
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gguf"])
-def test_exports_other_than_dense_are_refused_at_validation(fmt: str) -> None:
-    with pytest.raises(RecipeError, match=f"stages.0: bitstack .* '{fmt}' cannot hold; use export format: dense"):
+def test_exports_other_than_dense_and_bitstack_are_refused_at_validation(fmt: str) -> None:
+    with pytest.raises(RecipeError, match=f"stages.0: bitstack .* '{fmt}' cannot hold; use export format: bitstack"):
         recipe_from_dict({"name": "x", "stages": [{"method": "bitstack"}], "export": {"format": fmt}})
-    recipe_from_dict({"name": "x", "stages": [{"method": "bitstack"}], "export": {"format": "dense"}})
+    for fine in ("dense", "bitstack"):
+        recipe_from_dict({"name": "x", "stages": [{"method": "bitstack"}], "export": {"format": fine}})
 
 
 def test_without_a_budget_every_block_is_loaded() -> None:

@@ -1,0 +1,71 @@
+"""`compress` with export format bitstack writes the BitStack directory; the recipe checks that guard it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from compressor.errors import RecipeError
+from compressor.methods.quant.bitstack.store import FIXED, MANIFEST, block_file, load_bitstack
+from compressor.pipeline import compress, load
+from compressor.recipe import recipe_from_dict
+
+TOKENS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
+
+
+def _recipe(text_file: Path, export: str, stages: list[dict[str, object]] | None = None) -> object:
+    data = {
+        "name": "t",
+        "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32, "batch_size": 2},
+        "stages": stages or [{"method": "bitstack", "iterations": 3, "rank": 2}],
+        "export": {"format": export},
+    }
+    return recipe_from_dict(yaml.safe_load(yaml.safe_dump(data)))
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+@pytest.fixture(scope="module")
+def compressed(model_dir_factory, text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    loaded = load(model_dir_factory("llama"))
+    out = tmp_path_factory.mktemp("bs") / "out"
+    report = compress(loaded, _recipe(text_file, "bitstack"), out, device="cpu")
+    return out, (loaded, report)
+
+
+def test_compress_writes_the_bitstack_directory_and_its_report(compressed: tuple[Path, object]) -> None:
+    out, (loaded, report) = compressed
+    names = {p.name for p in out.iterdir()}
+    assert {MANIFEST, FIXED, "config.json", "tokenizer.json", "recipe.yaml", "compression_report.json"} <= names
+    assert {block_file(i) for i in range(3)} <= names and block_file(3) not in names
+    assert not any(p.name.startswith("model") for p in out.iterdir()), "a dense copy written next to the blocks"
+    assert json.loads((out / "compression_report.json").read_text())["export_format"] == "bitstack"
+    stored = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert report.size_bytes["after"] == stored
+    # every block loaded back is the in-memory model the run evaluated (no budget: every block)
+    model, counts = load_bitstack(out)
+    assert set(counts.values()) == {3}
+    torch.testing.assert_close(_logits(model), _logits(loaded.model), rtol=0, atol=0)
+
+
+def test_bitstack_format_needs_a_bitstack_stage(text_file: Path) -> None:
+    with pytest.raises(RecipeError, match="export.format: 'bitstack'.*has none"):
+        _recipe(text_file, "bitstack", [{"method": "rtn", "bits": 4, "group_size": 32}])
+
+
+def test_bitstack_format_refuses_a_stage_after_bitstack(text_file: Path) -> None:
+    stages = [{"method": "bitstack", "targets": ["re:.*mlp.*"]}, {"method": "rtn", "targets": ["re:.*self_attn.*"]}]
+    with pytest.raises(RecipeError, match="stages.0: .*'rtn' after it would be lost"):
+        _recipe(text_file, "bitstack", stages)
+
+
+def test_packed_formats_other_than_bitstack_are_refused(text_file: Path) -> None:
+    with pytest.raises(RecipeError, match="use export format: bitstack"):
+        _recipe(text_file, "compressed-tensors")
