@@ -216,6 +216,9 @@ def _smoothing_blocker(
     ctx: LayerContext, norm: nn.Module, readers: list[nn.Linear], declared: tuple[str, ...], paths: list[str]
 ) -> str | None:
     """Why one branch's input cannot be smoothed, or None."""
+    post_norm = ctx.adapter.pre_norm_blocker()
+    if post_norm:
+        return f"{post_norm}: the norm does not feed these linears"
     others = [n for n in declared if not any(ctx.module(n) is r for r in readers)]
     if others:
         return (f"{', '.join(others)} also reads the norm's output and is not one of its linears (a router): "

@@ -124,6 +124,22 @@ def test_smoothing_keeps_the_layer_and_skips_routed_mlps(family: str) -> None:
         assert all(notes[p].startswith("smoothed") for p in mlp_paths)
 
 
+def test_post_norm_opt_is_not_smoothed() -> None:
+    """OPT with LayerNorm after each block: its norms do not feed q/k/v or fc1, so no scale is folded."""
+    model = tiny_model("opt", do_layer_norm_before=False)
+    adapter = get_adapter(model)
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    run = ModelContext(model, adapter, tokens, torch.device("cpu"), batch_size=2)
+    layer = adapter.layers()[0]
+    ctx = LayerContext(index=0, layer=layer, run=run, inputs=run.capture_inputs().layer(0))
+    norms = [n.weight.detach().clone() for n in (adapter.attention_norm(layer), adapter.mlp_norm(layer))]
+    targeted = {ctx.path(n) for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    notes = _smooth(ctx, DGQConfig(method="dgq"), targeted)
+    assert torch.equal(adapter.attention_norm(layer).weight, norms[0])
+    assert torch.equal(adapter.mlp_norm(layer).weight, norms[1])
+    assert notes and all("do_layer_norm_before=false" in note for note in notes.values())
+
+
 def test_hessian_sees_the_int8_predecessors(monkeypatch: pytest.MonkeyPatch) -> None:
     """o_proj's Hessian is gathered after q/k/v are already INT8 linears (sequential, like GPTQ)."""
     seen: list[list[str]] = []
