@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+from compressor.commands import bitstack as bitstack_command
 from compressor.commands import compress as compress_command
 from compressor.commands import eval as eval_command
 from compressor.commands import export as export_command
@@ -27,6 +28,7 @@ app.command("eval", no_args_is_help=True)(eval_command.eval_)
 app.command("inspect", no_args_is_help=True)(inspect_command.inspect)
 app.command("export", no_args_is_help=True)(export_command.export)
 app.add_typer(recipes_command.app, name="recipes")
+app.add_typer(bitstack_command.app, name="bitstack")
 
 
 def main() -> None:
