@@ -1,0 +1,168 @@
+"""FLAP math (An et al., 2024, "Fluctuation-based adaptive structured pruning"): pure functions on tensors.
+
+Statistics: per input channel of an output projection (o_proj / down_proj), the running mean and variance of
+that channel over calibration tokens, merged batch by batch in float64 (Chan et al.'s parallel update, so the
+variance of a nearly constant channel does not cancel to noise). Scores per channel:
+
+- ``fluctuation`` (the paper's WIFV): ``var_j * ||W[:, j]||^2``: a channel that barely moves can be replaced by
+  its mean, which the compensation bias does;
+- ``weight_norm``: ``||W[:, j]||^2`` (no data);
+- ``activation_norm``: ``sqrt(E[x_j^2]) * ||W[:, j]||`` (the size of the channel's contribution, Wanda-like).
+
+A head (here: a whole KV group, see ``flap.py``) scores the sum of its channels. Scores are standardised per
+module type (attention units across every layer, MLP channels across every layer), so one threshold compares
+heads with channels. Selection removes the lowest-scored units under a budget counted in parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Metric = Literal["fluctuation", "weight_norm", "activation_norm"]
+Structure = Literal["global", "per_layer", "uniform"]
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Running statistics of one input ``[C]`` over ``n`` tokens: ``mean`` and ``m2 = sum (x - mean)^2`` (float64)."""
+
+    n: int
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance per channel ``[C]`` (zero before any token)."""
+        return self.m2 / max(self.n, 1)
+
+
+def accumulate_moments(state: Moments | None, x: torch.Tensor) -> Moments:
+    """Fold a batch ``x: [..., C]`` into ``state`` (Chan's merge of two (n, mean, M2) triples, in float64)."""
+    rows = x.detach().reshape(-1, x.shape[-1]).double()
+    n_b = rows.shape[0]
+    mean_b = rows.mean(dim=0)
+    m2_b = ((rows - mean_b) ** 2).sum(dim=0)
+    if state is None or state.n == 0:
+        return Moments(n_b, mean_b, m2_b)
+    n = state.n + n_b
+    delta = mean_b - state.mean
+    mean = state.mean + delta * (n_b / n)
+    m2 = state.m2 + m2_b + delta**2 * (state.n * n_b / n)
+    return Moments(n, mean, m2)
+
+
+def channel_scores(metric: Metric, moments: Moments, W: torch.Tensor) -> torch.Tensor:
+    """Score of every input channel of ``W: [out, in]`` given its input's ``moments`` (``[in]``, float64)."""
+    column_sq = W.double().pow(2).sum(dim=0)
+    if metric == "fluctuation":
+        return moments.variance * column_sq
+    if metric == "weight_norm":
+        return column_sq
+    second = moments.variance + moments.mean**2
+    return second.sqrt() * column_sq.sqrt()
+
+
+def group_scores(scores: torch.Tensor, width: int) -> torch.Tensor:
+    """Sum of consecutive ``width`` channels: ``[C] -> [C / width]`` (a head's score from its channels')."""
+    return scores.reshape(-1, width).sum(dim=1)
+
+
+def standardize(scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``(s - mean) / std`` over every entry of every tensor together (one module type, all layers).
+
+    Population std; when every score is equal the result is all zeros.
+    """
+    flat = torch.cat([s.double().reshape(-1) for s in scores])
+    mean, std = flat.mean(), flat.std(correction=0)
+    scale = std if std > 0 else torch.ones((), dtype=torch.float64)
+    return [(s.double() - mean) / scale for s in scores]
+
+
+def head_group_params(hidden: int, head_dim: int, heads_per_group: int, qkv_bias: bool) -> int:
+    """Parameters one KV group removes: its query heads' q rows and o columns, its key and value rows.
+
+    q: ``g * d`` rows of ``hidden`` (+ bias), k and v: ``d`` rows each (+ bias), o: ``g * d`` columns of ``hidden``.
+    """
+    row = hidden + (1 if qkv_bias else 0)
+    return heads_per_group * head_dim * row + 2 * head_dim * row + heads_per_group * head_dim * hidden
+
+
+def mlp_channel_params(hidden: int, inputs: int, input_bias: bool) -> int:
+    """Parameters one MLP channel removes: a row of each of ``inputs`` linears (gate, up) and a down column."""
+    return inputs * (hidden + (1 if input_bias else 0)) + hidden
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A removable unit: a KV group (``attention``) or an MLP channel of one layer, with its score and cost."""
+
+    layer: int
+    kind: Literal["attention", "mlp"]
+    index: int
+    score: float
+    params: int
+
+
+def _candidates(units: list[Unit]) -> list[Unit]:
+    """Every unit but the best of each (layer, kind): a module always keeps one head group and one channel."""
+    best: dict[tuple[int, str], Unit] = {}
+    for unit in units:
+        key = (unit.layer, unit.kind)
+        if key not in best or (unit.score, -unit.index) > (best[key].score, -best[key].index):
+            best[key] = unit
+    keep = set(map(id, best.values()))
+    return [u for u in units if id(u) not in keep]
+
+
+def lowest_within(units: list[Unit], budget: int) -> list[Unit]:
+    """The lowest-scored units, in score order, up to the first one that would take the total past ``budget``.
+
+    One threshold: every removed unit scores below every kept candidate (ties: layer, kind, index order).
+    """
+    chosen, spent = [], 0
+    for unit in sorted(_candidates(units), key=lambda u: (u.score, u.layer, u.kind, u.index)):
+        if spent + unit.params > budget:
+            break
+        chosen.append(unit)
+        spent += unit.params
+    return chosen
+
+
+def select_units(units: list[Unit], ratio: float, structure: Structure) -> list[Unit]:
+    """Units to remove so that at most ``ratio`` of the units' parameters go.
+
+    ``global``: one threshold over every layer (scores must be standardised per kind: the paper's adaptive
+    structure); ``per_layer``: each layer loses at most ``ratio`` of its own parameters, split between heads
+    and channels by score; ``uniform``: each layer and kind loses ``floor(ratio * count)`` units.
+    """
+    if structure == "global":
+        return lowest_within(units, math.floor(ratio * sum(u.params for u in units)))
+    layers = sorted({u.layer for u in units})
+    chosen: list[Unit] = []
+    for layer in layers:
+        own = [u for u in units if u.layer == layer]
+        if structure == "per_layer":
+            chosen += lowest_within(own, math.floor(ratio * sum(u.params for u in own)))
+            continue
+        for kind in ("attention", "mlp"):
+            of_kind = [u for u in own if u.kind == kind]
+            count = min(math.floor(ratio * len(of_kind)), len(of_kind) - 1)
+            chosen += sorted(of_kind, key=lambda u: (u.score, u.index))[: max(count, 0)]
+    return chosen
+
+
+def compensation_bias(W: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """``W[:, removed] @ mean[removed]``: what the removed input channels added on average (``[out]``, W's dtype).
+
+    ``W: [out, in]``, ``mean: [in]`` (float64), ``removed``: channel indices. Computed in float64.
+    """
+    return (W.double()[:, removed] @ mean.double()[removed]).to(W.dtype)
+
+
+def group_channels(groups: torch.Tensor, width: int) -> torch.Tensor:
+    """Channel indices of the groups ``groups`` when group ``g`` owns channels ``g*width .. g*width+width-1``."""
+    return (groups.reshape(-1, 1) * width + torch.arange(width)).reshape(-1)
