@@ -13,7 +13,7 @@ import torch
 
 from compressor.calibration.tokens import calibration_batch, iter_eval_windows
 from compressor.engine import ModelContext, ProgressFn, run_stages
-from compressor.errors import CalibrationError, ExportError, QualityGateError, RecipeError
+from compressor.errors import CalibrationError, ExportError, QualityGateError, RecipeError, UsageError
 from compressor.evaluate.perplexity import PerplexityResult, perplexity
 from compressor.export import format_problem, storage_scale_dtype, write_model
 from compressor.export.atomic import atomic_output_dir, check_output_dir
@@ -43,11 +43,21 @@ def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 3)
 
 
-def load(path: str | Path, *, dtype: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
+def load(
+    path: str | Path, *, dtype: str = "auto", trust_remote_code: bool = False, budget: str | int | None = None
+) -> LoadedModel:
     """Load any model this package reads or writes (HF dir, our exports, .gguf, demo:, hub id).
 
     ``dtype="auto"`` keeps the checkpoint's own dtype; ``float32``, ``bfloat16`` or ``float16`` force one.
+    A BitStack directory (export format bitstack) loads at ``budget`` (300MB, 1.5GiB, bytes or 2.5bpw;
+    every block when None); other models take no budget.
     """
+    from compressor.methods.quant.bitstack.materialize import is_bitstack_dir, load_at_budget
+
+    if is_bitstack_dir(path):
+        return load_at_budget(path, budget, dtype)
+    if budget is not None:
+        raise UsageError(f"budget: {path} is not a BitStack directory (no bitstack.json); only those load at a budget")
     return load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
 
 

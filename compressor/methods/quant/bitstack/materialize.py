@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compressor.errors import UsageError
 from compressor.methods.quant.bitstack.store import MANIFEST, load_bitstack, read_manifest
+
+if TYPE_CHECKING:
+    from compressor.models.loading import LoadedModel
 
 FORMATS = ("dense",)
 REPORT = "bitstack_materialize.json"
@@ -55,6 +58,7 @@ def materialize(
     directory = Path(directory)
     manifest = read_manifest(directory)
     check_output_dir(out, overwrite)
+    model: Any
     model, counts = load_bitstack(directory, budget)
     report = budget_report(manifest, counts, budget)
     with atomic_output_dir(out, overwrite) as staging:
@@ -68,3 +72,26 @@ def materialize(
         report["source"] = str(directory)
         (staging / REPORT).write_text(json.dumps(report, indent=1))
     return report
+
+
+def is_bitstack_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def load_at_budget(directory: str | Path, budget: str | int | None, dtype: str = "auto") -> LoadedModel:
+    """``compressor.load`` of a BitStack directory: the model at ``budget`` (every block when None)."""
+    from transformers import AutoTokenizer
+
+    from compressor.errors import ModelLoadError
+    from compressor.models.loading import LoadedModel, resolve_dtype
+
+    directory = Path(directory)
+    model, _ = load_bitstack(directory, budget)
+    torch_dtype = resolve_dtype(dtype)
+    if not isinstance(torch_dtype, str):
+        model = model.to(torch_dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer from {directory}: {str(exc).splitlines()[0]}") from exc
+    return LoadedModel(model, tokenizer, str(directory), directory)

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from compressor.errors import RecipeError
+from compressor.errors import RecipeError, UsageError
 from compressor.methods.quant.bitstack.store import FIXED, MANIFEST, block_file, load_bitstack
-from compressor.pipeline import compress, load
+from compressor.pipeline import compress, evaluate, load
 from compressor.recipe import recipe_from_dict
 
 TOKENS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
@@ -69,3 +69,23 @@ def test_bitstack_format_refuses_a_stage_after_bitstack(text_file: Path) -> None
 def test_packed_formats_other_than_bitstack_are_refused(text_file: Path) -> None:
     with pytest.raises(RecipeError, match="use export format: bitstack"):
         _recipe(text_file, "compressed-tensors")
+
+
+def test_load_builds_the_model_at_a_budget(compressed: tuple[Path, object], text_file: Path) -> None:
+    out, (loaded, _) = compressed
+    manifest = json.loads((out / MANIFEST).read_text())
+    first = sum(item["block_bytes"][0] for item in manifest["linears"].values())
+    budget = f"{manifest['fixed_bytes'] + first + 1}B"  # one block per linear and nothing more fits
+    small = load(out, budget=budget)
+    expected, counts = load_bitstack(out, budget)
+    assert set(counts.values()) == {1}
+    torch.testing.assert_close(_logits(small.model), _logits(expected), rtol=0, atol=0)
+    assert small.tokenizer is not None and small.source_dir == out
+    everything = load(out)  # no budget: every block, the model the run evaluated
+    torch.testing.assert_close(_logits(everything.model), _logits(loaded.model), rtol=0, atol=0)
+    assert evaluate(out, str(text_file), seq_len=32, max_tokens=64, device="cpu").ppl > 1
+
+
+def test_a_budget_for_a_model_that_is_not_a_bitstack_directory_is_refused(model_dir_factory) -> None:
+    with pytest.raises(UsageError, match="not a BitStack directory"):
+        load(model_dir_factory("llama"), budget="1MB")
