@@ -15,6 +15,7 @@ import torch
 
 from compressor.errors import ExportError, ModelLoadError
 from compressor.methods.quant.ops import QuantizedWeight
+from compressor.models import get_adapter
 
 
 def _schemes(quant: dict[str, Any]) -> list[tuple[re.Pattern[str], dict[str, Any]]]:
@@ -68,6 +69,7 @@ def read_compressed_tensors(directory: Path) -> tuple[Any, dict[str, QuantizedWe
     config = AutoConfig.from_pretrained(directory)
     del config.quantization_config
     model: Any = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    get_adapter(model)  # the module layout the export was written from (a MoE's experts as per-expert linears)
     schemes = _schemes(quant)
     quantized: dict[str, QuantizedWeight] = {}
     dense: dict[str, torch.Tensor] = {}

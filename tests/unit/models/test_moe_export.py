@@ -110,3 +110,20 @@ def test_shortgpt_then_gptq_on_experts_reloads_with_equal_logits(family: str, tm
     assert reloaded.config.num_hidden_layers == 2
     with torch.no_grad():
         assert torch.equal(reloaded(TOKENS).logits, model(TOKENS).logits)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_export_command_restores_a_moe_run_as_dense(family: str, tmp_path: Path, tiny_tokenizer) -> None:
+    """`compressor export` reads the per-expert packed weights back into the per-expert layout and writes a dense
+    model that transformers loads with the run's logits."""
+    from compressor.pipeline import export
+    from compressor.recipe import ExportConfig
+
+    run = _quantized(family, group_size=16)
+    (tmp_path / "ct").mkdir()
+    write_compressed_tensors(run.model, run.quantized, tmp_path / "ct")
+    tiny_tokenizer.save_pretrained(tmp_path / "ct")
+    export(tmp_path / "ct", ExportConfig(format="dense"), tmp_path / "dense")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(TOKENS).logits, run.model(TOKENS).logits)
