@@ -208,7 +208,8 @@ def compress(
             evaluation["after"] = evaluate(loaded, eval_data, seq_len=eval_len, max_tokens=eval_max_tokens,
                                            device=device).to_dict()
     params_after, bytes_after = model_size(loaded.model, run.quantized)
-    bits, bits_meta = average_bits(run.quantized)
+    quantizers = {stage.name for stage in stages if stage.kind == "quant"}
+    bits, bits_meta = average_bits(run.quantized, [r for r in records if r.method in quantizers])
     report = Report(
         model=loaded.source, recipe=recipe.to_dict(), recipe_hash=recipe.digest(), seed=recipe.seed,
         export_format=recipe.export.format,

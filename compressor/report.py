@@ -141,13 +141,20 @@ def model_size(model: nn.Module, quantized: dict[str, QuantizedWeight] | None = 
     return params, size
 
 
-def average_bits(quantized: dict[str, QuantizedWeight]) -> tuple[float | None, float | None]:
-    """Mean code bits per quantized weight, and the same including scales and zero points."""
-    numel = sum(q.q.numel() for q in quantized.values())
+def average_bits(
+    quantized: dict[str, QuantizedWeight], stored: Iterable[LayerRecord] = ()
+) -> tuple[float | None, float | None]:
+    """Mean code bits per quantized weight, and the same including scales and zero points.
+
+    ``stored``: report rows of weights a quantizing stage stores without integer codes (BitStack's sign x
+    low-rank blocks); their ``bytes_after`` already counts everything stored, so they add it to both means.
+    """
+    rows = [r for r in stored if r.module not in quantized]
+    numel = sum(q.q.numel() for q in quantized.values()) + sum(r.params_after for r in rows)
     if not numel:
         return None, None
-    codes = sum(q.code_bits() for q in quantized.values())
-    total = sum(q.storage_bits() for q in quantized.values())
+    codes = sum(q.code_bits() for q in quantized.values()) + sum(8 * r.bytes_after for r in rows)
+    total = sum(q.storage_bits() for q in quantized.values()) + sum(8 * r.bytes_after for r in rows)
     return round(codes / numel, 4), round(total / numel, 4)
 
 

@@ -49,6 +49,11 @@ def test_compress_writes_the_bitstack_directory_and_its_report(compressed: tuple
     assert json.loads((out / "compression_report.json").read_text())["export_format"] == "bitstack"
     stored = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     assert report.size_bytes["after"] == stored
+    # bits per decomposed weight of the model the run holds (every block), from the manifest's sizes by hand
+    linears = json.loads((out / MANIFEST).read_text())["linears"].values()
+    params = sum(item["shape"][0] * item["shape"][1] for item in linears)
+    expected = 8 * sum(sum(item["block_bytes"]) for item in linears) / params
+    assert report.avg_bits_per_weight == report.avg_bits_incl_metadata == round(expected, 4)
     # every block loaded back is the in-memory model the run evaluated (no budget: every block)
     model, counts = load_bitstack(out)
     assert set(counts.values()) == {3}
