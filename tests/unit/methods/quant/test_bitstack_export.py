@@ -12,7 +12,7 @@ import yaml
 from compressor.errors import RecipeError, UsageError
 from compressor.methods.quant.bitstack.store import FIXED, MANIFEST, block_file, load_bitstack
 from compressor.pipeline import compress, evaluate, load
-from compressor.recipe import recipe_from_dict
+from compressor.recipe import load_recipe, recipe_from_dict
 
 TOKENS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
 
@@ -94,3 +94,16 @@ def test_load_builds_the_model_at_a_budget(compressed: tuple[Path, object], text
 def test_a_budget_for_a_model_that_is_not_a_bitstack_directory_is_refused(model_dir_factory) -> None:
     with pytest.raises(UsageError, match="not a BitStack directory"):
         load(model_dir_factory("llama"), budget="1MB")
+
+
+def test_the_shipped_recipe_writes_a_bitstack_directory(model_dir_factory, text_file: Path, tmp_path: Path) -> None:
+    recipe = load_recipe("bitstack")
+    stage = recipe.stages[0]
+    assert (stage.iterations, stage.rank, recipe.calibration.samples, recipe.calibration.seq_len) == (16, 16, 64, 512)
+    assert recipe.export.format == "bitstack"
+    tiny = [f"calibration.dataset={text_file}", "calibration.samples=4", "calibration.seq_len=32",
+            "calibration.batch_size=2", "stages.0.iterations=2"]
+    out = tmp_path / "r"
+    compress(str(model_dir_factory("llama")), load_recipe("bitstack", tiny), out, device="cpu")
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert (manifest["iterations"], manifest["rank"], len(manifest["linears"])) == (2, 16, 3 * 7)
