@@ -57,7 +57,7 @@ def accumulate_moments(state: Moments | None, x: torch.Tensor) -> Moments:
 
 def channel_scores(metric: Metric, moments: Moments, W: torch.Tensor) -> torch.Tensor:
     """Score of every input channel of ``W: [out, in]`` given its input's ``moments`` (``[in]``, float64)."""
-    column_sq = W.double().pow(2).sum(dim=0)
+    column_sq = W.detach().double().pow(2).sum(dim=0)
     if metric == "fluctuation":
         return moments.variance * column_sq
     if metric == "weight_norm":
@@ -160,7 +160,7 @@ def compensation_bias(W: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor
 
     ``W: [out, in]``, ``mean: [in]`` (float64), ``removed``: channel indices. Computed in float64.
     """
-    return (W.double()[:, removed] @ mean.double()[removed]).to(W.dtype)
+    return (W.detach().double()[:, removed] @ mean.double()[removed]).to(W.dtype)
 
 
 def group_channels(groups: torch.Tensor, width: int) -> torch.Tensor:

@@ -1,0 +1,316 @@
+"""FLAP (An et al., 2024): remove attention heads and MLP channels whose inputs barely fluctuate, add their mean back.
+
+The pass measures, per decoder layer, the running mean and variance of every input channel of the attention
+output projection and of the MLP output projection (``flap_ops``), and scores heads and channels. ``finalize``
+standardises the scores per kind, picks the units to remove under the parameter budget (one global threshold,
+per layer, or uniform), narrows the linears in memory, and with ``compensate`` adds the removed channels' mean
+contribution as a bias of the output projections. The stage is model-level: the global choice needs every
+layer's scores, and the stages after it (GPTQ...) get a fresh pass over the narrower model.
+
+Heads go as whole KV groups (a key/value head and the query heads that read it). Removing query heads evenly
+inside each group would keep the KV cache, but every layer's ``num_key_value_groups`` would then differ from
+what the config says; removing whole groups keeps the family's attention code unchanged (its head count comes
+from the weights' shapes, its query-per-KV ratio from the config, which stays right), so each layer stays
+loadable with only per-layer head counts. Without GQA a group is one head.
+
+Storage: a model whose layers all keep the same heads and width and got no new bias is a standard, smaller
+model of its family (the config's head counts, ``head_dim`` and ``intermediate_size`` are updated, so
+``format: dense`` reloads it in stock transformers). Anything else needs a shipped modeling file that does
+not exist yet, so recipes that could produce it are refused at validation: ``format: dense`` is accepted only
+with ``structure: uniform`` and ``compensate: false``; other formats are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from compressor.errors import RecipeError
+from compressor.methods.base import LayerRecord, Method, MethodConfig
+from compressor.methods.prune import flap_ops as ops
+from compressor.methods.registry import register_method
+from compressor.models.base import ModelAdapter
+
+if TYPE_CHECKING:
+    from compressor.engine import LayerContext, ModelContext
+
+
+class FLAPConfig(MethodConfig):
+    """Fluctuation-based structured pruning of whole KV head groups and MLP channels, with bias compensation.
+
+    ```yaml
+    - method: flap
+      ratio: 0.2             # fraction of the attention + MLP parameters to remove (never exceeded)
+      metric: fluctuation    # fluctuation (the paper's WIFV) | weight_norm | activation_norm
+      structure: uniform     # uniform | per_layer | global (the paper's adaptive structure)
+      compensate: false      # add the removed channels' mean contribution as o_proj / down_proj biases
+    ```
+    Defaults give a standard model that ``format: dense`` stores (same heads and width in every layer, no
+    bias); ``structure: global`` and ``compensate: true`` (the paper's) run in memory but cannot be exported
+    until the shipped modeling file exists.
+    """
+
+    ratio: float = Field(0.2, gt=0, lt=1, description="Fraction of the attention and MLP parameters to remove.")
+    metric: ops.Metric = Field(
+        "fluctuation", description="fluctuation: input variance x squared weight-column norm (WIFV); weight_norm: "
+        "squared column norm; activation_norm: RMS of the input x column norm."
+    )
+    structure: ops.Structure = Field(
+        "uniform", description="global: one threshold over standardised scores of every layer; per_layer: each "
+        "layer loses ratio of its parameters; uniform: each layer loses ratio of its head groups and channels."
+    )
+    compensate: bool = Field(False, description="Add the removed input channels' mean contribution as a bias.")
+
+
+@dataclass
+class _LayerStats:
+    """What the pass keeps of one layer: per-unit scores and the output projections' input means (float64)."""
+
+    attention_scores: torch.Tensor  # [kv groups]
+    mlp_scores: torch.Tensor  # [intermediate]
+    attention_mean: torch.Tensor  # [heads * head_dim]
+    mlp_mean: torch.Tensor  # [intermediate]
+
+
+@dataclass(frozen=True)
+class _Heads:
+    """Head layout read from the config and checked against the weights."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def per_group(self) -> int:
+        return self.heads // self.kv_heads
+
+
+def _blocker(adapter: ModelAdapter) -> str | None:
+    """Why FLAP cannot narrow this model's layers yet, or None (llama layout: separate q/k/v, gated MLP)."""
+    family, layer = adapter.family, adapter.layers()[0]
+    if adapter.num_experts:
+        return f"{family.name} is a mixture of experts (router and per-expert MLPs): not supported yet"
+    if len(family.attention.inputs) != 3:
+        return f"{family.name} fuses q/k/v into {family.attention.inputs[0]}: not supported yet"
+    if len(family.mlp.inputs) != 2:
+        return f"{family.name}'s MLP is not a gate/up/down triple ({', '.join(family.mlp.inputs)}): not supported yet"
+    if adapter.post_norms(layer) or adapter.uses_layernorm:
+        return f"{family.name} has post-norms or LayerNorm branches: not supported yet"
+    return None
+
+
+def _heads(adapter: ModelAdapter) -> _Heads:
+    config = adapter.config
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or adapter.hidden_size // heads)
+    for index, layer in enumerate(adapter.layers()):
+        q, k, _ = adapter.attention_inputs(layer)
+        if heads % kv_heads or q.out_features != heads * head_dim or k.out_features != kv_heads * head_dim:
+            raise RecipeError(f"flap: {adapter.layer_prefix(index)}'s attention does not have the config's "
+                              f"{heads} heads / {kv_heads} KV heads of {head_dim} (already pruned?)")
+    return _Heads(heads, kv_heads, head_dim)
+
+
+@register_method("flap")
+class FLAP(Method):
+    config_class = FLAPConfig
+    kind = "prune"
+    model_level = True
+
+    def __init__(self, config: MethodConfig) -> None:
+        super().__init__(config)
+        self._stats: list[_LayerStats] = []
+        self._layout: _Heads | None = None
+
+    @property
+    def cfg(self) -> FLAPConfig:
+        assert isinstance(self.config, FLAPConfig)
+        return self.config
+
+    @classmethod
+    def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
+        assert isinstance(config, FLAPConfig)
+        if export_format != "dense":
+            return (f"flap: {export_format} cannot store per-layer head counts, MLP widths and new biases yet; "
+                    "use format: dense with structure: uniform and compensate: false")
+        if config.structure != "uniform" or config.compensate:
+            return ("flap: format dense stores only a uniform model without new biases until FLAP's modeling file "
+                    "exists; set structure: uniform and compensate: false")
+        return None
+
+    def prepare(self, run: ModelContext) -> list[LayerRecord]:
+        reason = _blocker(run.adapter)
+        if reason:
+            raise RecipeError(f"flap cannot prune {reason}")
+        self._layout = _heads(run.adapter)
+        self._stats = []
+        return []
+
+    def apply(self, ctx: LayerContext) -> list[LayerRecord]:
+        """Measure the inputs of the two output projections and score this layer's head groups and channels."""
+        assert self._layout is not None
+        o_proj, down = ctx.adapter.attention_output(ctx.layer), ctx.adapter.mlp_output(ctx.layer)
+        moments: dict[str, ops.Moments | None] = {"attention": None, "mlp": None}
+
+        def folder(key: str) -> Any:
+            def fold(x: torch.Tensor) -> None:
+                moments[key] = ops.accumulate_moments(moments[key], x)
+            return fold
+
+        ctx.collect_many([(o_proj, folder("attention")), (down, folder("mlp"))])
+        attention, mlp = moments["attention"], moments["mlp"]
+        assert attention is not None and mlp is not None
+        group_width = self._layout.per_group * self._layout.head_dim
+        attention_scores = ops.group_scores(ops.channel_scores(self.cfg.metric, attention, o_proj.weight), group_width)
+        mlp_scores = ops.channel_scores(self.cfg.metric, mlp, down.weight)
+        self._stats.append(_LayerStats(attention_scores, mlp_scores, attention.mean, mlp.mean))
+        return []
+
+    def _units(self, run: ModelContext) -> list[ops.Unit]:
+        """Every head group and channel with its standardised score and the parameters it removes."""
+        assert self._layout is not None
+        layer = run.adapter.layers()[0]
+        qkv_bias = run.adapter.attention_inputs(layer)[0].bias is not None
+        gate_bias = run.adapter.mlp_inputs(layer)[0].bias is not None
+        hidden = run.adapter.hidden_size
+        group_cost = ops.head_group_params(hidden, self._layout.head_dim, self._layout.per_group, qkv_bias)
+        channel_cost = ops.mlp_channel_params(hidden, len(run.adapter.family.mlp.inputs), gate_bias)
+        attention = ops.standardize([s.attention_scores for s in self._stats])
+        mlp = ops.standardize([s.mlp_scores for s in self._stats])
+        units = []
+        for index in range(len(self._stats)):
+            units += [ops.Unit(index, "attention", i, float(v), group_cost) for i, v in enumerate(attention[index])]
+            units += [ops.Unit(index, "mlp", i, float(v), channel_cost) for i, v in enumerate(mlp[index])]
+        return units
+
+    def finalize(self, run: ModelContext) -> list[LayerRecord]:
+        assert self._layout is not None
+        chosen = ops.select_units(self._units(run), self.cfg.ratio, self.cfg.structure)
+        records: list[LayerRecord] = []
+        shapes: list[dict[str, Any]] = []
+        for index, layer in enumerate(run.adapter.layers()):
+            groups = sorted(u.index for u in chosen if u.layer == index and u.kind == "attention")
+            channels = sorted(u.index for u in chosen if u.layer == index and u.kind == "mlp")
+            layer_records, shape = self._prune_layer(run.adapter, index, layer, groups, channels)
+            records += layer_records
+            shapes.append(shape)
+        self._stats = []
+        standard = _make_standard(run.adapter, self._layout, shapes)
+        run.structure["flap"] = {
+            "metric": self.cfg.metric, "structure": self.cfg.structure, "ratio": self.cfg.ratio,
+            "compensate": self.cfg.compensate, "head_dim": self._layout.head_dim, "layers": shapes,
+            "standard": standard,
+        }
+        return records
+
+    def _prune_layer(
+        self, adapter: ModelAdapter, index: int, layer: nn.Module, groups: list[int], channels: list[int]
+    ) -> tuple[list[LayerRecord], dict[str, Any]]:
+        """Narrow one layer's attention and MLP; one record per sublayer and the layer's new shape."""
+        assert self._layout is not None
+        stats, layout = self._stats[index], self._layout
+        attention_linears = [*adapter.attention_inputs(layer), adapter.attention_output(layer)]
+        mlp_linears = [*adapter.mlp_inputs(layer), adapter.mlp_output(layer)]
+        before = [_numel(attention_linears), _numel(mlp_linears)]
+        q, k, v = adapter.attention_inputs(layer)
+        kept_groups = [g for g in range(layout.kv_heads) if g not in groups]
+        query_rows = ops.group_channels(torch.tensor(kept_groups), layout.per_group * layout.head_dim)
+        kv_rows = ops.group_channels(torch.tensor(kept_groups), layout.head_dim)
+        removed_query = ops.group_channels(torch.tensor(groups, dtype=torch.long), layout.per_group * layout.head_dim)
+        attention_bias = self._narrow(q, k, v, adapter.attention_output(layer), query_rows, kv_rows, removed_query,
+                                      stats.attention_mean)
+        width = stats.mlp_scores.numel()
+        kept_channels = torch.tensor([c for c in range(width) if c not in set(channels)])
+        gate, up = adapter.mlp_inputs(layer)
+        mlp_bias = self._narrow(gate, up, None, adapter.mlp_output(layer), kept_channels, kept_channels,
+                                torch.tensor(channels, dtype=torch.long), stats.mlp_mean)
+        after = [_numel(attention_linears), _numel(mlp_linears)]
+        prefix = adapter.layer_prefix(index)
+        shape = {"kv_heads": len(kept_groups), "heads": len(kept_groups) * layout.per_group,
+                 "intermediate_size": int(kept_channels.numel()), "attention_bias": attention_bias,
+                 "mlp_bias": mlp_bias}
+        facts: list[dict[str, Any]] = [
+            {"heads_before": layout.heads, "heads_after": shape["heads"], "kv_heads_after": shape["kv_heads"],
+             "removed_kv_groups": groups, "bias_added": attention_bias},
+            {"width_before": width, "width_after": shape["intermediate_size"], "removed_channels": len(channels),
+             "bias_added": mlp_bias},
+        ]
+        records = []
+        for sub, b, a, extra in zip((adapter.family.attention, adapter.family.mlp), before, after, facts, strict=True):
+            note = f"{a}/{b} parameters kept" + (", bias compensation added" if extra["bias_added"] else "")
+            records.append(LayerRecord(
+                module=f"{prefix}.{sub.modules[0]}", method=self.name, kept_fraction=a / b, params_before=b,
+                params_after=a, note=note, extra={"layer": index, "metric": self.cfg.metric, **extra},
+            ))
+        return records, shape
+
+    def _narrow(
+        self, first: nn.Linear, second: nn.Linear, third: nn.Linear | None, writer: nn.Linear,
+        rows: torch.Tensor, other_rows: torch.Tensor, removed: torch.Tensor, mean: torch.Tensor,
+    ) -> bool:
+        """Keep ``rows`` of ``first`` and of the writer's columns, ``other_rows`` of the rest; True if a bias went in.
+
+        Attention: ``first`` = q (query rows), ``second``/``third`` = k/v (KV rows). MLP: gate and up share
+        the channel rows (``third`` None). The bias is computed from the writer's full weight before it narrows.
+        """
+        if removed.numel() == 0:
+            return False
+        device = writer.weight.device
+        bias = ops.compensation_bias(writer.weight.data, mean.to(device), removed.to(device))
+        _keep_rows(first, rows)
+        for linear in (second, third):
+            if linear is not None:
+                _keep_rows(linear, other_rows)
+        _keep_columns(writer, rows)
+        if not self.cfg.compensate:
+            return False
+        if writer.bias is None:
+            writer.bias = nn.Parameter(bias)
+        else:
+            writer.bias.data += bias
+        return True
+
+
+def _numel(linears: list[nn.Linear]) -> int:
+    return sum(p.numel() for linear in linears for p in linear.parameters())
+
+
+def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
+    """Keep output features ``rows`` of ``linear`` (weight rows and bias entries)."""
+    rows = rows.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.data.index_select(0, rows), requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.data.index_select(0, rows), requires_grad=linear.bias.requires_grad)
+    linear.out_features = int(rows.numel())
+
+
+def _keep_columns(linear: nn.Linear, columns: torch.Tensor) -> None:
+    """Keep input features ``columns`` of ``linear``."""
+    columns = columns.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.data.index_select(1, columns), requires_grad=linear.weight.requires_grad)
+    linear.in_features = int(columns.numel())
+
+
+def _make_standard(adapter: ModelAdapter, layout: _Heads, shapes: list[dict[str, Any]]) -> bool:
+    """Update the config to the new head counts and width when every layer agrees and got no bias.
+
+    Returns True when the model is then a standard one of its family (stock transformers loads it); otherwise
+    the config is left alone and the per-layer shapes are only in the structure record.
+    """
+    config = adapter.config
+    first = shapes[0]
+    uniform = all(s["kv_heads"] == first["kv_heads"] and s["intermediate_size"] == first["intermediate_size"]
+                  for s in shapes)
+    biased = any(s["attention_bias"] or s["mlp_bias"] for s in shapes)
+    if not uniform or biased or not hasattr(config, "intermediate_size"):
+        return False
+    config.num_attention_heads = first["heads"]
+    config.num_key_value_heads = first["kv_heads"]
+    config.head_dim = layout.head_dim  # no longer hidden_size / heads once heads go
+    config.intermediate_size = first["intermediate_size"]
+    return True

@@ -1,0 +1,166 @@
+"""The flap stage through the engine on tiny llama-layout models: what it removes, compensates, refuses, stores."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from compressor.engine import ModelContext, run_stages
+from compressor.errors import RecipeError
+from compressor.methods.prune.flap import FLAP, FLAPConfig
+from compressor.models import get_adapter
+from compressor.recipe import build_stages
+
+TOKENS = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _mistral() -> torch.nn.Module:
+    """A tiny Mistral (the llama family's second model type), sized like the tiny llama."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mistral", vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def _model(family: str, **overrides: object) -> torch.nn.Module:
+    return _mistral() if family == "mistral" else tiny_model(family, **overrides)
+
+
+def _run(model: torch.nn.Module, **config: object) -> tuple[ModelContext, list]:
+    run = ModelContext(model, get_adapter(model), TOKENS, torch.device("cpu"), batch_size=2)
+    stages = build_stages([FLAPConfig.model_validate({"method": "flap", **config})], "dense")
+    return run, run_stages(run, stages)
+
+
+def _sublayer_params(run: ModelContext) -> int:
+    adapter = run.adapter
+    return sum(p.numel() for layer in adapter.layers() for m in (adapter.attention(layer), adapter.mlp(layer))
+               for p in m.parameters())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_global_flap_removes_kv_groups_and_channels_within_budget(family: str) -> None:
+    model = _model(family)
+    with torch.no_grad():
+        before_logits = model(TOKENS).logits
+    run = ModelContext(model, get_adapter(model), TOKENS, torch.device("cpu"), batch_size=2)
+    before = _sublayer_params(run)
+    run, records = _run(model, structure="global", ratio=0.3, compensate=False)
+    removed = before - _sublayer_params(run)
+    assert 0 < removed <= math.floor(0.3 * before)
+    assert removed == sum(r.params_before - r.params_after for r in records)
+    adapter, shapes = run.adapter, run.structure["flap"]["layers"]
+    assert any(s["kv_heads"] < 2 for s in shapes), "a 30% budget on this model removes some KV group"
+    for layer, shape in zip(adapter.layers(), shapes, strict=True):
+        q, k, v = adapter.attention_inputs(layer)
+        # whole KV groups: 2 query heads of 16 per KV head, so q keeps twice k's rows
+        assert (q.out_features, k.out_features, v.out_features) == (32 * shape["kv_heads"], 16 * shape["kv_heads"],
+                                                                    16 * shape["kv_heads"])
+        assert adapter.attention_output(layer).in_features == q.out_features
+        assert adapter.mlp_output(layer).in_features == shape["intermediate_size"]
+        assert shape["kv_heads"] >= 1 and shape["intermediate_size"] >= 1
+    assert len(records) == 2 * adapter.num_layers
+    assert {"heads_after", "removed_kv_groups"} <= set(records[0].extra)
+    with torch.no_grad():
+        logits = model(TOKENS).logits
+    assert logits.shape == before_logits.shape and torch.isfinite(logits).all()
+
+
+def _constant_channel_model(down_bias: bool = True) -> torch.nn.Module:
+    """Tiny llama with MLP biases whose channel 5 has zero gate and up rows: its down_proj input is a constant.
+
+    Without ``down_bias`` down_proj has none, so compensation must create one.
+    """
+    model = tiny_model("llama", mlp_bias=True)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if not down_bias:
+                layer.mlp.down_proj.bias = None
+            layer.mlp.gate_proj.weight[5] = 0.0
+            layer.mlp.up_proj.weight[5] = 0.0
+            layer.mlp.gate_proj.bias[5] = layer.mlp.up_proj.bias[5] = 3.0  # silu(3) * 3: a large constant
+    return model
+
+
+@pytest.mark.parametrize("down_bias", [True, False])
+def test_compensation_of_a_constant_channel_keeps_the_output(down_bias: bool) -> None:
+    """Uniform at 1% removes one MLP channel per layer: the constant one (fluctuation 0); its mean goes to a bias."""
+    model = _constant_channel_model(down_bias)
+    with torch.no_grad():
+        reference = model(TOKENS).logits
+    run, records = _run(model, structure="uniform", ratio=0.01, compensate=True)
+    mlp_records = [r for r in records if r.module.endswith(".mlp")]
+    assert [r.extra["removed_channels"] for r in mlp_records] == [1, 1, 1]
+    assert all(layer.mlp.down_proj.bias is not None and layer.mlp.down_proj.in_features == 127
+               for layer in model.model.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS).logits, reference, rtol=1e-5, atol=1e-5)
+
+    uncompensated = _constant_channel_model(down_bias)
+    _run(uncompensated, structure="uniform", ratio=0.01, compensate=False)
+    with torch.no_grad():
+        assert (uncompensated(TOKENS).logits - reference).abs().max() > 1e-2
+
+
+def test_uniform_result_without_bias_reloads_in_stock_transformers(tmp_path: Path) -> None:
+    model = tiny_model("qwen2")
+    run, _ = _run(model, structure="uniform", ratio=0.5)
+    assert run.structure["flap"]["standard"]
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.intermediate_size,
+            model.config.head_dim) == (2, 1, 64, 16)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(TOKENS).logits, model(TOKENS).logits)
+
+
+def test_compensated_or_adaptive_result_is_not_marked_standard() -> None:
+    model = tiny_model("llama")
+    run, _ = _run(model, structure="global", ratio=0.3, compensate=True)
+    assert not run.structure["flap"]["standard"]
+    assert model.config.intermediate_size == 128 and model.config.num_key_value_heads == 2
+
+
+@pytest.mark.parametrize(("family", "reason"), [
+    ("opt", "not a gate/up/down triple"), ("gemma3", "post-norms"), ("phi3", "fuses q/k/v"),
+    ("mixtral", "mixture of experts"), ("qwen3_moe", "mixture of experts"),
+])
+def test_families_it_cannot_narrow_are_refused_before_any_work(family: str, reason: str) -> None:
+    model = tiny_model(family)
+    get_adapter(model)  # a MoE adapter gives the experts their own linears: compare from there
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RecipeError, match=reason):
+        _run(model, structure="global", compensate=True)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_recipe_validation_refuses_what_cannot_be_stored() -> None:
+    def check(fmt: str, **config: object) -> str | None:
+        return FLAP.check_recipe(FLAPConfig.model_validate({"method": "flap", **config}), [], fmt)
+
+    assert check("dense") is None
+    assert "compressed-tensors cannot store" in (check("compressed-tensors") or "")
+    assert "gguf cannot store" in (check("gguf") or "")
+    assert "structure: uniform and compensate: false" in (check("dense", structure="global") or "")
+    assert "structure: uniform and compensate: false" in (check("dense", compensate=True) or "")
+    with pytest.raises(ValueError, match="ratio"):
+        FLAPConfig.model_validate({"method": "flap", "ratio": 1.5})
+    with pytest.raises(ValueError, match="extra"):
+        FLAPConfig.model_validate({"method": "flap", "heads": 2})
+
+
+def test_later_quantizer_sees_the_narrower_shapes() -> None:
+    from compressor.methods.quant.rtn import RTNConfig
+
+    model = tiny_model("llama")
+    run = ModelContext(model, get_adapter(model), TOKENS, torch.device("cpu"), batch_size=2)
+    configs = [FLAPConfig(method="flap", structure="global", ratio=0.3), RTNConfig(method="rtn")]
+    records = run_stages(run, build_stages(configs, "dense"))
+    rtn = {r.module: r for r in records if r.method == "rtn"}
+    down = f"{run.adapter.layer_prefix(0)}.mlp.down_proj"
+    assert rtn[down].params_before == model.model.layers[0].mlp.down_proj.weight.numel() < 64 * 128
