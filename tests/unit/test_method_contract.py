@@ -174,7 +174,10 @@ def _run_contract(name: str, family: str) -> tuple[ModelContext, torch.Tensor]:
 
 #: (method, family) -> what the method's refusal must say; such a pair is asserted to fail that way, then skipped.
 REFUSED = {("slicegpt", "gemma3"): "post-norms", ("slicegpt", "mixtral"): "router and per-expert MLPs",
-           ("slicegpt", "qwen3_moe"): "router and per-expert MLPs"}
+           ("slicegpt", "qwen3_moe"): "router and per-expert MLPs",
+           ("flap", "opt"): "not a gate/up/down triple", ("flap", "gemma3"): "post-norms",
+           ("flap", "phi3"): "fuses q/k/v", ("flap", "mixtral"): "mixture of experts",
+           ("flap", "qwen3_moe"): "mixture of experts"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

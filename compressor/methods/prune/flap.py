@@ -146,7 +146,7 @@ class FLAP(Method):
     def prepare(self, run: ModelContext) -> list[LayerRecord]:
         reason = _blocker(run.adapter)
         if reason:
-            raise RecipeError(f"flap cannot prune {reason}")
+            raise RecipeError(f"flap cannot prune this model: {reason}")
         self._layout = _heads(run.adapter)
         self._stats = []
         return []
