@@ -52,7 +52,7 @@ def load(
     A BitStack directory (export format bitstack) loads at ``budget`` (300MB, 1.5GiB, bytes or 2.5bpw;
     every block when None); other models take no budget.
     """
-    from compressor.methods.quant.bitstack.materialize import is_bitstack_dir, load_at_budget
+    from compressor.export.bitstack_materialize import is_bitstack_dir, load_at_budget
 
     if is_bitstack_dir(path):
         return load_at_budget(path, budget, dtype)

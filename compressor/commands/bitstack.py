@@ -34,8 +34,8 @@ def materialize(
     configure_logging(quiet or json_output)
 
     def action() -> None:
-        from compressor.methods.quant.bitstack.materialize import REPORT
-        from compressor.methods.quant.bitstack.materialize import materialize as run_materialize
+        from compressor.export.bitstack_materialize import REPORT
+        from compressor.export.bitstack_materialize import materialize as run_materialize
 
         report = run_materialize(source, budget, out, format_=format_, overwrite=overwrite)
         if json_output:

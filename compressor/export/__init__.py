@@ -82,7 +82,7 @@ def write_model(
         file_type = export.gguf_type or ("Q4_0" if _bits(run) == 4 else "Q8_0")
         write_gguf(run.model, run.quantized, out_dir / f"model-{file_type}.gguf", tokenizer, file_type)
     elif export.format == "bitstack":
-        from compressor.methods.quant.bitstack.store import write_bitstack_stage
+        from compressor.export.bitstack_store import write_bitstack_stage
 
         write_bitstack_stage(out_dir, run.model, stages or [])
     else:  # pragma: no cover - the recipe schema allows only the formats above

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from compressor.cli import app
-from compressor.methods.quant.bitstack.store import MANIFEST, load_bitstack
+from compressor.export.bitstack_store import MANIFEST, load_bitstack
 from compressor.pipeline import compress
 from compressor.recipe import recipe_from_dict
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from compressor.errors import RecipeError, UsageError
-from compressor.methods.quant.bitstack.store import FIXED, MANIFEST, block_file, load_bitstack
+from compressor.export.bitstack_store import FIXED, MANIFEST, block_file, load_bitstack
 from compressor.pipeline import compress, evaluate, load
 from compressor.recipe import load_recipe, recipe_from_dict
 

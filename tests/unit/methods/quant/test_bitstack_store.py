@@ -13,9 +13,9 @@ from torch import nn
 
 from compressor.engine import ModelContext, run_stages
 from compressor.errors import ExportError
+from compressor.export.bitstack_store import FIXED, MANIFEST, block_file, load_bitstack, write_bitstack
 from compressor.methods.quant.bitstack import BitStack, BitStackConfig
 from compressor.methods.quant.bitstack.order import BudgetError
-from compressor.methods.quant.bitstack.store import FIXED, MANIFEST, block_file, load_bitstack, write_bitstack
 from compressor.models import get_adapter
 
 TOKENS = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compressor.errors import UsageError
-from compressor.methods.quant.bitstack.store import MANIFEST, load_bitstack, read_manifest
+from compressor.export.bitstack_store import MANIFEST, load_bitstack, read_manifest
 
 if TYPE_CHECKING:
     from compressor.models.loading import LoadedModel
