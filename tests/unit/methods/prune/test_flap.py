@@ -164,3 +164,31 @@ def test_later_quantizer_sees_the_narrower_shapes() -> None:
     rtn = {r.module: r for r in records if r.method == "rtn"}
     down = f"{run.adapter.layer_prefix(0)}.mlp.down_proj"
     assert rtn[down].params_before == model.model.layers[0].mlp.down_proj.weight.numel() < 64 * 128
+
+
+def test_per_layer_keeps_each_layer_within_its_own_budget() -> None:
+    model = tiny_model("llama", num_key_value_heads=4)  # no GQA: a KV group is one head
+    run = ModelContext(model, get_adapter(model), TOKENS, torch.device("cpu"), batch_size=2)
+    adapter = run.adapter
+    before = [sum(p.numel() for m in (adapter.attention(layer), adapter.mlp(layer)) for p in m.parameters())
+              for layer in adapter.layers()]
+    run, records = _run(model, structure="per_layer", ratio=0.25)
+    for index, layer in enumerate(adapter.layers()):
+        after = sum(p.numel() for m in (adapter.attention(layer), adapter.mlp(layer)) for p in m.parameters())
+        assert 0 < before[index] - after <= math.floor(0.25 * before[index])
+        q, k, _ = adapter.attention_inputs(layer)
+        assert q.out_features == k.out_features == 16 * run.structure["flap"]["layers"][index]["kv_heads"]
+    with torch.no_grad():
+        assert torch.isfinite(model(TOKENS).logits).all()
+
+
+def test_recipe_with_the_papers_settings_is_refused_before_a_model_loads() -> None:
+    from compressor.recipe import recipe_from_dict
+
+    stage = {"method": "flap", "ratio": 0.2, "structure": "global", "compensate": True}
+    data = {"name": "t", "calibration": {"dataset": "demo:lee", "samples": 2, "seq_len": 16}, "stages": [stage]}
+    with pytest.raises(RecipeError, match="stages.0: flap: format dense stores only a uniform model"):
+        recipe_from_dict({**data, "export": {"format": "dense"}})
+    with pytest.raises(RecipeError, match="stages.0: flap: gguf cannot store"):
+        recipe_from_dict({**data, "stages": [{"method": "flap"}], "export": {"format": "gguf"}})
+    assert recipe_from_dict({**data, "stages": [{"method": "flap"}], "export": {"format": "dense"}}).stages
