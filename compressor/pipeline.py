@@ -112,14 +112,16 @@ def _check_seq_len(adapter: ModelAdapter, seq_len: int) -> None:
 
 def _check_format_fits_model(export: ExportConfig, model: torch.nn.Module) -> None:
     """A format that cannot hold this architecture is a recipe error now, not after the calibration and the run."""
-    if export.format != "gguf":
-        return
+    from compressor.export.bitstack_store import check_skeleton
     from compressor.export.gguf_arch import check_architecture
 
+    checks = {"gguf": lambda: check_architecture(model, warn=False), "bitstack": lambda: check_skeleton(model)}
+    if export.format not in checks:
+        return
     try:
-        check_architecture(model, warn=False)
+        checks[export.format]()
     except ExportError as exc:
-        raise RecipeError(f"export.format gguf: {exc}") from exc
+        raise RecipeError(f"export.format {export.format}: {exc}") from exc
 
 
 def _check_targets(stages: list[Method], adapter: ModelAdapter) -> None:

@@ -46,7 +46,7 @@ def write_bitstack(out_dir: Path, model: Any, stage: BitStack, tokenizer: Any = 
     assert isinstance(config, BitStackConfig)
     if not stage.decomposed:
         raise ExportError("bitstack: nothing was decomposed; run the stage before writing its directory")
-    _check_skeleton(model)
+    check_skeleton(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = list(stage.decomposed)
     fixed, tied = _fixed_tensors(model, {f"{path}.weight" for path in paths})
@@ -87,7 +87,7 @@ def write_bitstack_stage(out_dir: Path, model: Any, stages: list[Any]) -> list[s
     return write_bitstack(out_dir, model, found[0])
 
 
-def _check_skeleton(model: Any) -> None:
+def check_skeleton(model: Any) -> None:
     """The model's tensors are exactly those of the model ``config.json`` builds, or an ExportError."""
     from transformers import AutoModelForCausalLM
 
