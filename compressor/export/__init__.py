@@ -70,6 +70,7 @@ def write_model(
     """
     max_shard = f"{export.max_shard_mb}MB"
     if export.format == "dense":
+        _check_dense_loads(run)
         run.model.save_pretrained(out_dir, max_shard_size=max_shard)
     elif export.format == "compressed-tensors":
         from compressor.export.compressed_tensors import write_compressed_tensors
@@ -91,6 +92,17 @@ def write_model(
         tokenizer.save_pretrained(out_dir)
         _attach_remote_code(run.structure.get("remote_code"), out_dir)
     return sorted(p.name for p in out_dir.iterdir())
+
+
+def _check_dense_loads(run: ModelContext) -> None:
+    """Refuse a dense file stock transformers would misread: per-layer shapes or new biases without a modeling file.
+
+    Recipe validation refuses these first; this guards library callers that build stages themselves.
+    """
+    flap = run.structure.get("flap")
+    if flap and not flap.get("standard", True) and not run.structure.get("remote_code"):
+        raise ExportError("flap left per-layer head counts, widths or new biases, which a standard config cannot "
+                          "describe; use structure: uniform and compensate: false for format dense")
 
 
 def _attach_remote_code(spec: dict[str, Any] | None, out_dir: Path) -> None:

@@ -119,11 +119,19 @@ def test_uniform_result_without_bias_reloads_in_stock_transformers(tmp_path: Pat
         assert torch.equal(reloaded(TOKENS).logits, model(TOKENS).logits)
 
 
-def test_compensated_or_adaptive_result_is_not_marked_standard() -> None:
+def test_compensated_or_adaptive_result_is_not_marked_standard(tmp_path: Path) -> None:
+    from compressor.errors import ExportError
+    from compressor.export import write_model
+    from compressor.recipe import ExportConfig
+
     model = tiny_model("llama")
     run, _ = _run(model, structure="global", ratio=0.3, compensate=True)
     assert not run.structure["flap"]["standard"]
     assert model.config.intermediate_size == 128 and model.config.num_key_value_heads == 2
+    # a library caller that skipped recipe validation still cannot write it as a standard dense model
+    with pytest.raises(ExportError, match="flap left per-layer"):
+        write_model(ExportConfig(format="dense"), run, None, tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(("family", "reason"), [
