@@ -52,3 +52,35 @@ def run_without_compressor(code: str, *args: str, cwd: Path, timeout: float = 60
     """Run ``code`` with ``args`` in ``sys.executable`` with ``compressor`` blocked; stdout/stderr as text."""
     command = [sys.executable, "-c", without_compressor(code), *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+#: Load an export with transformers alone and compare its logits with those saved next to it.
+RELOAD_AND_COMPARE = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+out = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(out).eval()
+tokens, expected = torch.load(out + "/tokens.pt"), torch.load(out + "/logits.pt")
+with torch.no_grad():
+    diff = float((model(tokens).logits - expected).abs().max())
+experts = getattr(getattr(model.model.layers[0], "mlp", None), "experts", None)
+print(json.dumps({"class": type(model).__name__, "type": model.config.model_type,
+                  "layers": model.config.num_hidden_layers, "experts": type(experts).__name__ if experts else None,
+                  "diff": diff}))
+"""
+
+
+def reload_without_compressor(out: Path, tokens: object, logits: object) -> dict[str, object]:
+    """Save ``tokens`` and the in-memory ``logits`` next to the export ``out``; a Python that cannot import compressor
+    loads ``out`` with ``AutoModelForCausalLM.from_pretrained`` and reports its class, model type, depth, experts
+    class and the largest logit difference."""
+    import json
+
+    import torch
+
+    torch.save(tokens, out / "tokens.pt")
+    torch.save(logits, out / "logits.pt")
+    child = run_without_compressor(RELOAD_AND_COMPARE, str(out), cwd=out, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    return json.loads(child.stdout.strip().splitlines()[-1])

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from isolation import run_without_compressor
+from isolation import reload_without_compressor
 from typer.testing import CliRunner
 
 import compressor.pipeline
@@ -28,18 +28,6 @@ TOKENS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 11, 12, 13, 14, 200, 201, 2
 GPTQ_W4 = {"method": "gptq", "bits": 4, "group_size": 16}
 CLASSES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
-RELOAD = """
-import json, sys
-import torch
-from transformers import AutoModelForCausalLM
-out = sys.argv[1]
-model = AutoModelForCausalLM.from_pretrained(out).eval()
-tokens, expected = torch.load(out + "/tokens.pt"), torch.load(out + "/logits.pt")
-with torch.no_grad():
-    diff = float((model(tokens).logits - expected).abs().max())
-print(json.dumps({"class": type(model).__name__, "experts": type(model.model.layers[0].mlp.experts).__name__,
-                  "diff": diff}))
-"""
 
 
 def _compress(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, model_dir: Path, text_file: Path,
@@ -82,10 +70,7 @@ def test_gptq_w4_compressed_tensors_reloads_with_equal_logits(
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and config["dequantize"] is True
     with torch.no_grad():
-        torch.save(loaded.model(TOKENS).logits, out / "logits.pt")
-    torch.save(TOKENS, out / "tokens.pt")
-    child = run_without_compressor(RELOAD, str(out), cwd=out, timeout=300)
-    assert child.returncode == 0, child.stderr[-3000:]
-    seen = json.loads(child.stdout.strip().splitlines()[-1])
-    assert seen == {"class": CLASSES[family], "experts": seen["experts"], "diff": 0.0}
+        logits = loaded.model(TOKENS).logits
+    seen = reload_without_compressor(out, TOKENS, logits)
+    assert (seen["class"], seen["diff"]) == (CLASSES[family], 0.0)
     assert seen["experts"] != "LinearExperts"  # transformers' own 3-D experts
