@@ -158,7 +158,9 @@ class DGQ(Method):
             weight = quantize_dual_grained(W, channel, ints, bits, size)
         ctx.layer.set_submodule(name, Int8Linear.from_linear(module, weight, config.act_percentile))
         ctx.run.quantized[path] = weight.to_quantized_weight()
-        record = _record(path, config, W, weight, H, start, "; ".join(n for n in (group_note, note) if n))
+        stored = ("INT8 activations are computed in memory (the report's perplexity) but not stored: the dense file "
+                  "holds the dequantized weights and runs float activations")
+        record = _record(path, config, W, weight, H, start, "; ".join(n for n in (group_note, note, stored) if n))
         record.extra.update(ctx.adapter.module_facts(ctx.layer, name))
         return record
 

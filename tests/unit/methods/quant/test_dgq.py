@@ -180,3 +180,6 @@ def test_compress_evaluates_int8_and_writes_dense_weights(
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=getattr(torch, dtype))
         torch.testing.assert_close(reloaded(tokens).logits, expected, rtol=0, atol=0)
     assert report.eval is not None and report.eval["after"]["ppl"] == pytest.approx(after)
+    # the report says, for every module, that the file runs float activations
+    told = [w for w in report.warnings if "INT8 activations are computed in memory" in str(w)]
+    assert sum(w["count"] for w in told) == len(report.layers)
