@@ -72,5 +72,8 @@ def test_gptq_w4_compressed_tensors_reloads_with_equal_logits(
     with torch.no_grad():
         logits = loaded.model(TOKENS).logits
     seen = reload_without_compressor(out, TOKENS, logits)
-    assert (seen["class"], seen["diff"]) == (CLASSES[family], 0.0)
+    # transformers' experts multiply gate and up as one [2I, H] matrix, ours as two: with more than one thread the
+    # GEMMs block differently and logits differ in the last bits (1.2e-7 seen on 2 threads; 0.0 on one). A wrong
+    # code or scale moves them by 1e-3 or more.
+    assert seen["class"] == CLASSES[family] and seen["diff"] <= 1e-5, seen
     assert seen["experts"] != "LinearExperts"  # transformers' own 3-D experts
