@@ -18,7 +18,7 @@ from compressor.methods.quant.ops import Grid, QuantizedWeight, ScaleSearch, eff
 
 if TYPE_CHECKING:
     from compressor.engine import LayerContext, ModelContext
-    from compressor.models.base import ModelAdapter
+    from compressor.models.base import LinearGroup, ModelAdapter
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,15 @@ class WeightQuantizer(Method):
         return []
 
 
+def targeted_groups(ctx: LayerContext, config: TargetedConfig) -> list[tuple[LinearGroup, list[str]]]:
+    """This layer's linear groups in data-flow order, each with the member names ``config`` targets (none: left out)."""
+    groups = [
+        (group, [n for n in group.names if config.matches(ctx.path(n), type(ctx.module(n)).__name__)])
+        for group in ctx.adapter.linear_groups()
+    ]
+    return [(group, names) for group, names in groups if names]
+
+
 def quantize_layer_linears(
     ctx: LayerContext,
     config: WeightQuantConfig,
@@ -203,11 +212,7 @@ def quantize_layer_linears(
     (then such a plan is an error).
     """
     records = []
-    groups = [
-        (group, [n for n in group.names if config.matches(ctx.path(n), type(ctx.module(n)).__name__)])
-        for group in ctx.adapter.linear_groups()
-    ]
-    groups = [(group, names) for group, names in groups if names]
+    groups = targeted_groups(ctx, config)
     shared = {} if sequential or not groups else ctx.hessians([group for group, _ in groups])
     for group, names in groups:
         # Sequentially, nothing upstream of a group changes after its Hessian: its sublayer may replay.

@@ -19,6 +19,7 @@ from torch import nn
 
 from compressor.errors import NumericalError, RecipeError
 from compressor.methods.base import GroupSize, LayerRecord, Method, MethodConfig, TargetedConfig
+from compressor.methods.quant.common import targeted_groups
 from compressor.methods.quant.dgq_ops import (
     DualGrainedWeight,
     fold_into_norm,
@@ -123,11 +124,7 @@ class DGQ(Method):
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
         config = self.config
         assert isinstance(config, DGQConfig)
-        groups = [
-            (group, [n for n in group.names if config.matches(ctx.path(n), type(ctx.module(n)).__name__)])
-            for group in ctx.adapter.linear_groups()
-        ]
-        groups = [(group, names) for group, names in groups if names]
+        groups = targeted_groups(ctx, config)
         targeted = {ctx.path(n) for _, names in groups for n in names}
         notes = _smooth(ctx, config, targeted) if config.smoothing is not None and targeted else {}
         records = []

@@ -58,7 +58,7 @@ from compressor.methods.quant.baq.ops import (
     range_sensitivity,
     row_energy,
 )
-from compressor.methods.quant.common import WeightQuantConfig, targeted_linears
+from compressor.methods.quant.common import WeightQuantConfig, targeted_groups, targeted_linears
 from compressor.methods.quant.ops import effective_group_size
 from compressor.methods.registry import get_method, register_method
 
@@ -260,11 +260,7 @@ class BAQ(Method):
         """Measure the targeted linears' column sensitivities; the layer is left unchanged."""
         config, quant = self.config, self._quantizer()
         assert isinstance(config, BAQConfig)
-        groups = [
-            (group, [n for n in group.names if config.matches(ctx.path(n), type(ctx.module(n)).__name__)])
-            for group in ctx.adapter.linear_groups()
-        ]
-        groups = [(group, names) for group, names in groups if names]
+        groups = targeted_groups(ctx, config)
         if not groups:
             return []
         fused = {}

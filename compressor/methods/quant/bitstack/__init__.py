@@ -37,6 +37,7 @@ from compressor.methods.quant.bitstack.order import (
     global_order,
     parse_budget,
 )
+from compressor.methods.quant.common import targeted_groups
 from compressor.methods.registry import register_method
 
 if TYPE_CHECKING:
@@ -126,11 +127,7 @@ class BitStack(Method):
         """Decompose the layer's targeted linears and measure their prefixes; the weights stay as they are."""
         config = self.config
         assert isinstance(config, BitStackConfig)
-        groups = [
-            (group, [n for n in group.names if config.matches(ctx.path(n), type(ctx.module(n)).__name__)])
-            for group in ctx.adapter.linear_groups()
-        ]
-        groups = [(group, names) for group, names in groups if names]
+        groups = targeted_groups(ctx, config)
         if not groups:
             return []
         hessians = ctx.hessians([group for group, _ in groups])
