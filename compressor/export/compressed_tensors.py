@@ -13,6 +13,11 @@ file through the default path (the library's meta-device compress step leaves ``
 unpacked, so the packed tensor is refused as a size mismatch; files the library writes itself fail the same
 way). Such files load with ``CompressedTensorsConfig(dequantize=True)`` when they have one config group.
 
+Linears that quantize their inputs (dgq's :class:`Int8Linear`: W4A8, W8A8) get ``input_activations`` INT8
+per-token dynamic symmetric in their config group. W4A8 is written ``pack-quantized`` explicitly (the library
+infers ``int-quantized`` for any int scheme with activations, which vLLM routes to a CPU-only W4A8 kernel);
+INT8 per-channel weights with activations are ``int-quantized``: an int8 ``weight`` plus ``weight_scale``.
+
 Each distinct (bits, group_size, symmetric) becomes one config group whose ``targets`` are anchored regexes of
 the exact module paths, so per-module mixed precision loads with the default transformers path. Do not
 recommend ``CompressedTensorsConfig(dequantize=True)`` for such files: in transformers 5.23 it applies the
@@ -46,10 +51,15 @@ from safetensors.torch import save_file
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from compressor.errors import ExportError
+from compressor.methods.quant.int8_linear import Int8Linear
 from compressor.methods.quant.ops import QuantizedWeight
 from compressor.models.moe import ExpertMLP
 
 FORMAT = "pack-quantized"
+#: INT8 per-channel weights with INT8 activations (W8A8): int8 ``weight`` + ``weight_scale``, the library's form.
+INT_FORMAT = "int-quantized"
+#: What an :class:`Int8Linear` does to its input: INT8, one scale per token computed at run time, symmetric.
+INT8_TOKEN_ACTIVATIONS = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
 #: ``pack_to_int32`` packs 1..8 bits; below 2 bits the symmetric grid has no zero-centred level worth storing.
 SUPPORTED_BITS = range(2, 9)
 
@@ -123,6 +133,34 @@ def pack_weight(qweight: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch
     return tensors
 
 
+def int_weight(qweight: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``weight: [out, in]`` int8 signed codes and ``weight_scale: [out, 1]`` in ``dtype`` (int-quantized W8A8)."""
+    if scheme_of(qweight) != (8, -1, True):
+        raise ExportError(f"int-quantized stores 8-bit symmetric per-channel weights, got {scheme_of(qweight)}")
+    signed = qweight.q.to(torch.int16) - qweight.zero[:, qweight.column_groups()].to(torch.int16)
+    if int(signed.min()) < -128 or int(signed.max()) > 127:
+        raise ExportError("codes outside the 8-bit range; the weight is not 8-bit")
+    return {"weight": signed.to(torch.int8).contiguous(), "weight_scale": qweight.scale.to(dtype).contiguous()}
+
+
+def activation_bits(module: torch.nn.Module | None) -> int | None:
+    """8 for a linear whose forward quantizes its input per token (Int8Linear), None for weight-only linears.
+
+    A clip below the per-token maximum (``act_percentile`` < 100) is refused: loaders quantize with the maximum.
+    """
+    if not isinstance(module, Int8Linear):
+        return None
+    if module.act_percentile != 100:
+        raise ExportError(f"activations clipped at percentile {module.act_percentile:g} cannot be stored in "
+                          "compressed-tensors (loaders scale each token by its maximum); use act_percentile: 100")
+    return 8
+
+
+def module_format(scheme: Scheme, act_bits: int | None) -> str:
+    """``int-quantized`` for W8A8 per channel, ``pack-quantized`` for everything else (W4A8 included)."""
+    return INT_FORMAT if act_bits and scheme == (8, -1, True) else FORMAT
+
+
 def _check_storable(qweight: QuantizedWeight) -> None:
     bits, group_size, symmetric = scheme_of(qweight)
     problem = validate_compressed_tensors(bits, group_size, symmetric, qweight.shape[1])
@@ -152,24 +190,28 @@ def build_quantization_config(
     module itself, which compressed-tensors would read as KV-cache quantization.
     """
     modules = dict(model.named_modules())
-    groups: dict[tuple[Scheme, bool], list[str]] = {}
+    groups: dict[tuple[Scheme, bool, int], list[str]] = {}
     for path, qweight in quantized.items():
         expert = _is_expert(modules, path)  # apart from the dense linears: see the module docstring
-        groups.setdefault((scheme_of(qweight), expert), []).append(path)
-    _check_experts(sorted(scheme for scheme, expert in groups if expert))
+        groups.setdefault((scheme_of(qweight), expert, activation_bits(modules.get(path)) or 0), []).append(path)
+    _check_experts(sorted(scheme for scheme, expert, _ in groups if expert))
     config_groups = {}
-    for index, (((bits, group_size, symmetric), _), paths) in enumerate(sorted(groups.items())):
+    for index, ((scheme, _, act_bits), paths) in enumerate(sorted(groups.items())):
+        bits, group_size, symmetric = scheme
         weights = QuantizationArgs(
             num_bits=bits, type="int", symmetric=symmetric,
             strategy="channel" if group_size == -1 else "group",
             group_size=None if group_size == -1 else group_size,
         )
-        config_groups[f"group_{index}"] = QuantizationScheme(targets=[target_regex(p) for p in sorted(paths)],
-                                                             weights=weights)
+        config_groups[f"group_{index}"] = QuantizationScheme(
+            targets=[target_regex(p) for p in sorted(paths)], weights=weights,
+            input_activations=INT8_TOKEN_ACTIVATIONS if act_bits else None,
+            format=module_format(scheme, act_bits) if act_bits else None)  # weight-only groups: as before
     ignore = [name for name, module in model.named_modules()
               if isinstance(module, torch.nn.Linear) and name not in quantized]
-    return QuantizationConfig(config_groups=config_groups, format=FORMAT, quantization_status="compressed",
-                              ignore=ignore)
+    formats = {str(getattr(s.format, "value", s.format or FORMAT)) for s in config_groups.values()}
+    return QuantizationConfig(config_groups=config_groups, format=formats.pop() if len(formats) == 1 else
+                              "mixed-precision", quantization_status="compressed", ignore=ignore)
 
 
 def _is_expert(modules: dict[str, torch.nn.Module], path: str) -> bool:
@@ -216,7 +258,8 @@ def compressed_state_dict(
             continue
         tensors[name] = tensor.detach().cpu().contiguous().clone()
     for path, qweight in quantized.items():
-        for suffix, tensor in pack_weight(qweight, dtype).items():
+        as_int = module_format(scheme_of(qweight), activation_bits(modules[path])) == INT_FORMAT
+        for suffix, tensor in (int_weight if as_int else pack_weight)(qweight, dtype).items():
             tensors[f"{path}.{suffix}"] = tensor.cpu()
     return tensors
 

@@ -55,8 +55,9 @@ class DGQConfig(TargetedConfig):
       act_percentile: 100   # per-token clip at this percentile of |x| (100 = max, no clipping)
       smoothing: 0.5        # SmoothQuant alpha folded into the norms; null = off
     ```
-    Only ``export: {format: dense}`` can store it for now (the dequantized weights; the activation quantization
-    exists in the in-memory model only).
+    ``export: {format: compressed-tensors}`` stores W4A8 as ``pack-quantized`` (group scales = integer scale x
+    channel scale, exact in float32) and W8A8 as ``int-quantized``, both with INT8 per-token input activations
+    (``act_percentile`` must be 100 there); ``dense`` stores the dequantized weights only (float activations).
     """
 
     weight_bits: Literal[4, 8] = Field(4, description="4: dual-grained W4A8 (DGQ); 8: INT8 per-channel W8A8.")
@@ -91,6 +92,24 @@ class DGQConfig(TargetedConfig):
             raise ValueError(f"smoothing must be an alpha in [0, 1] or null, got {value}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_group_size(cls, data: object) -> object:
+        """An unset group size is 128 for INT4 and per channel (-1) for INT8, so every reader sees the real one."""
+        if isinstance(data, dict) and data.get("group_size") is None:
+            return {**data, "group_size": -1 if data.get("weight_bits") == 8 else 128}
+        return data
+
+    @property
+    def bits(self) -> int:
+        """The weight bits, under the name the export checks read from every quantizing stage."""
+        return self.weight_bits
+
+    @property
+    def symmetric(self) -> bool:
+        """DGQ's weights are always symmetric (signed codes, no zero point)."""
+        return True
+
     @model_validator(mode="after")
     def _per_channel_int8(self) -> DGQConfig:
         if self.weight_bits == 8 and self.group_size not in (None, -1):
@@ -112,14 +131,22 @@ class DGQConfig(TargetedConfig):
 class DGQ(Method):
     config_class = DGQConfig
     kind = "quant"
+    #: The recipe's export format (``bind``): the per-module note says what a dense file loses.
+    export_format = "dense"
 
     @classmethod
     def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
-        if export_format != "dense":
-            return (f"dgq cannot be exported as {export_format} yet (its W4A8/W8A8 export is not built, and any "
-                    "other file would load as a different model); use export: {format: dense}, which stores the "
-                    "dequantized weights without the INT8 activations")
+        assert isinstance(config, DGQConfig)
+        if export_format not in ("dense", "compressed-tensors"):
+            return (f"dgq cannot be exported as {export_format} (it has no INT8-activation form, so the file would "
+                    "load as a different model); use export: {format: compressed-tensors} (W4A8/W8A8) or dense")
+        if export_format == "compressed-tensors" and config.act_percentile != 100:
+            return (f"act_percentile {config.act_percentile:g} cannot be stored in compressed-tensors (loaders scale "
+                    "each token by its maximum); use act_percentile: 100, or export: {format: dense}")
         return None
+
+    def bind(self, later: list[MethodConfig], export_format: str) -> None:
+        self.export_format = export_format
 
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
         config = self.config
@@ -156,7 +183,8 @@ class DGQ(Method):
         ctx.layer.set_submodule(name, Int8Linear.from_linear(module, weight, config.act_percentile))
         ctx.run.quantized[path] = weight.to_quantized_weight()
         stored = ("INT8 activations are computed in memory (the report's perplexity) but not stored: the dense file "
-                  "holds the dequantized weights and runs float activations")
+                  "holds the dequantized weights and runs float activations"
+                  if self.export_format == "dense" else "")
         record = _record(path, config, W, weight, H, start, "; ".join(n for n in (group_note, note, stored) if n))
         record.extra.update(ctx.adapter.module_facts(ctx.layer, name))
         return record

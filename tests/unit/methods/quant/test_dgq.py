@@ -49,13 +49,20 @@ def test_config_is_strict(fields: dict[str, Any], message: str) -> None:
         DGQConfig.model_validate({"method": "dgq", **fields})
 
 
-@pytest.mark.parametrize("export", ["compressed-tensors", "gguf"])
-def test_exports_other_than_dense_are_refused_at_validation(export: str) -> None:
+@pytest.mark.parametrize("export", ["gguf", "bitstack"])
+def test_exports_without_int8_activations_are_refused_at_validation(export: str) -> None:
     data = {"name": "x", "stages": [{"method": "dgq"}], "export": {"format": export}}
-    with pytest.raises(RecipeError, match=f"stages.0: dgq cannot be exported as {export} yet"):
+    with pytest.raises(RecipeError, match=f"stages.0: dgq cannot be exported as {export} "):
         recipe_from_dict(data)
-    dense = recipe_from_dict({**data, "export": {"format": "dense"}})
-    assert dense.stages[0].method == "dgq"
+    for ok in ("dense", "compressed-tensors"):
+        assert recipe_from_dict({**data, "export": {"format": ok}}).stages[0].method == "dgq"
+
+
+@pytest.mark.parametrize(("fields", "group_size"), [({}, 128), ({"weight_bits": 8}, -1), ({"group_size": 64}, 64)])
+def test_unset_group_size_is_resolved(fields: dict[str, Any], group_size: int) -> None:
+    """The export checks read bits/group_size/symmetric from every quantizing stage: dgq states its real ones."""
+    config = DGQConfig.model_validate({"method": "dgq", **fields})
+    assert (config.group_size, config.bits, config.symmetric) == (group_size, fields.get("weight_bits", 4), True)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
