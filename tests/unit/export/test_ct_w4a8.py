@@ -29,7 +29,7 @@ from compressor.methods.quant.dgq import DGQConfig
 from compressor.methods.quant.int8_linear import Int8Linear, float_activations
 from compressor.models import get_adapter
 from compressor.pipeline import compress, load
-from compressor.recipe import build_stages, recipe_from_dict
+from compressor.recipe import build_stages, load_recipe, recipe_from_dict
 
 SCHEMES = {4: {"weight_bits": 4, "group_size": 32}, 8: {"weight_bits": 8}}
 
@@ -156,5 +156,27 @@ def test_compress_writes_w4a8_that_transformers_loads(model_dir_factory: Any, te
     assert not [w for w in report.warnings if "INT8 activations are computed in memory" in str(w)]
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, _loader_reference(loaded.model, ids), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("w4a8-dgq", "pack-quantized"), ("w8a8", "int-quantized")])
+def test_shipped_recipes_write_int8_activation_files(name: str, fmt: str, model_dir_factory: Any, text_file: Path,
+                                                     tmp_path: Path) -> None:
+    """The shipped recipes on a tiny Llama (64 wide: groups of 32 stand in for 128) write what their name says."""
+    recipe = load_recipe(name)
+    assert recipe.stages[0].method == "dgq" and recipe.stages[0].solver == "gptq"
+    assert recipe.stages[0].smoothing is not None and recipe.export.format == "compressed-tensors"
+    overrides = [f"calibration.dataset={text_file}", "calibration.samples=4", "calibration.seq_len=32",
+                 "calibration.batch_size=2"]
+    if recipe.stages[0].weight_bits == 4:
+        overrides.append("stages.0.group_size=32")
+    loaded = load(model_dir_factory("llama"))
+    compress(loaded, load_recipe(name, overrides), tmp_path / name, device="cpu")
+    quant = json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]
+    assert quant["format"] == fmt
+    assert all(g["input_activations"]["num_bits"] == 8 for g in quant["config_groups"].values())
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, _loader_reference(loaded.model, ids), rtol=0, atol=1e-6)
