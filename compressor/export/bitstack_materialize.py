@@ -16,15 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compressor.errors import UsageError
-from compressor.export.bitstack_store import MANIFEST, load_bitstack, read_manifest
+from compressor.export.bitstack_store import MANIFEST, REMOTE_CODE_FILE, load_bitstack, read_manifest
 
 if TYPE_CHECKING:
     from compressor.models.loading import LoadedModel
 
 FORMATS = ("dense",)
 REPORT = "bitstack_materialize.json"
-#: Files of a BitStack directory that describe the whole stack or the run, not the materialised model.
-_NOT_COPIED = ("compression_report.json", "compression_report.md", "recipe.yaml", MANIFEST)
+#: Files of a BitStack directory that describe the whole stack or the run, not the materialised model (whose
+#: config.json names no modeling file: it is a stock model).
+_NOT_COPIED = ("compression_report.json", "compression_report.md", "recipe.yaml", MANIFEST, REMOTE_CODE_FILE)
 
 
 def budget_report(manifest: dict[str, Any], counts: dict[str, int], budget: str | int | None) -> dict[str, Any]:

@@ -7,9 +7,13 @@ Layout (``out_dir``):
 - ``bitstack-block-NNN.safetensors``: block ``NNN`` of every linear (``<path>.signs`` packed uint8,
   ``<path>.u``, ``<path>.v``; block 000 also ``<path>.scale``), one shard per depth, so a small budget
   reads the first shards whole and later ones in part;
-- ``config.json`` and the tokenizer files.
+- ``config.json`` (whose ``auto_map`` names ``modeling_bitstack.py``, copied in, so that
+  ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True, bitstack_budget="300MB")`` loads it
+  without compressor) and the tokenizer files.
 
-The order and sizes are written, not recomputed, so a budget picks the same blocks in every loader.
+The order and sizes are written, not recomputed, so a budget picks the same blocks in every loader; the
+selection and the reconstruction are the shipped file's (:mod:`compressor.models.shipped.modeling_bitstack`),
+which this module wraps in compressor's errors.
 The skeleton is built from ``config.json`` (``AutoModelForCausalLM.from_config``); a model whose
 in-memory modules are not that skeleton's (MoE experts this package linearizes) is refused when written.
 """
@@ -17,27 +21,23 @@ in-memory modules are not that skeleton's (MoE experts this package linearizes) 
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from compressor.errors import ExportError, ModelLoadError
 from compressor.methods.quant.bitstack import BitStack, BitStackConfig, _fixed_bytes
-from compressor.methods.quant.bitstack.ops import Block, Decomposition
-from compressor.methods.quant.bitstack.order import Chain, blocks_for_budget, global_order, parse_budget
+from compressor.methods.quant.bitstack.order import BudgetError, global_order
+from compressor.models.shipped import auto_class_name, shipped_dir
+from compressor.models.shipped import modeling_bitstack as shipped
+from compressor.models.shipped.modeling_bitstack import FIXED, FORMAT_VERSION, MANIFEST, block_file
 
-MANIFEST = "bitstack.json"
-FIXED = "bitstack-fixed.safetensors"
-FORMAT_VERSION = 1
-
-
-def block_file(index: int) -> str:
-    return f"bitstack-block-{index:03d}.safetensors"
+#: The modeling file every directory carries, so transformers alone loads it at a budget (``bitstack_budget``).
+REMOTE_CODE_FILE = "modeling_bitstack.py"
 
 
 def write_bitstack(out_dir: Path, model: Any, stage: BitStack, tokenizer: Any = None) -> list[str]:
@@ -74,6 +74,7 @@ def write_bitstack(out_dir: Path, model: Any, stage: BitStack, tokenizer: Any = 
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     model.config.save_pretrained(out_dir)
+    _attach_loader(out_dir, model)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return sorted(p.name for p in out_dir.iterdir())
@@ -117,57 +118,50 @@ def _fixed_tensors(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Te
     return stored, tied
 
 
+def _attach_loader(out_dir: Path, model: Any) -> None:
+    """Copy the shipped modeling file and name its class in config.json ``auto_map`` (``BitStackLlamaForCausalLM``)."""
+    shutil.copyfile(shipped_dir() / REMOTE_CODE_FILE, out_dir / REMOTE_CODE_FILE)
+    path = out_dir / "config.json"
+    config = json.loads(path.read_text())
+    name = auto_class_name(shipped.PREFIX, model)
+    config["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE.removesuffix('.py')}.{name}"}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise ModelLoadError(f"{directory}: no {MANIFEST}, not a BitStack directory")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != "bitstack" or manifest.get("version") != FORMAT_VERSION:
-        raise ModelLoadError(f"{path}: not a version {FORMAT_VERSION} BitStack manifest")
-    return manifest
+    try:
+        return shipped.read_manifest(directory)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def blocks_at(manifest: dict[str, Any], budget: str | int | None) -> dict[str, int]:
     """Blocks per linear at ``budget`` (all of them when None), from the manifest's order and sizes."""
-    linears = manifest["linears"]
-    if budget is None:
-        return {path: len(item["block_bytes"]) for path, item in linears.items()}
-    chains = [Chain(path, (), tuple(item["block_bytes"]), item["shape"][0] * item["shape"][1])
-              for path, item in linears.items()]
-    order = [(path, int(index)) for path, index in manifest["order"]]
-    return blocks_for_budget(chains, order, parse_budget(budget), int(manifest["fixed_bytes"]))
+    try:
+        return shipped.blocks_at(manifest, budget)
+    except shipped.BitStackBudgetError as exc:
+        raise BudgetError(str(exc)) from None
 
 
 def bitstack_state_dict(directory: Path, budget: str | int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The full state dict at ``budget``: stored tensors plus each linear rebuilt from its first blocks."""
-    directory = Path(directory)
     manifest = read_manifest(directory)
     counts = blocks_at(manifest, budget)
-    dtype = getattr(torch, manifest["dtype"])
-    with safe_open(str(directory / FIXED), "pt") as handle:
-        state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
-    for alias, name in manifest["tied"].items():
-        state[alias] = state[name]
-    with ExitStack() as stack:
-        shards = [stack.enter_context(safe_open(str(directory / block_file(i)), "pt"))
-                  for i in range(max(counts.values(), default=0))]
-        for path, item in manifest["linears"].items():
-            decomposition = Decomposition((int(item["shape"][0]), int(item["shape"][1])), torch.empty(0))
-            for index in range(counts[path]):
-                get = shards[index].get_tensor
-                if index == 0:
-                    decomposition.scale = get(f"{path}.scale")
-                decomposition.blocks.append(Block(get(f"{path}.signs"), get(f"{path}.u"), get(f"{path}.v")))
-            state[f"{path}.weight"] = decomposition.reconstruct().to(dtype)
-    return state, counts
+    return shipped.state_dict_at(directory, manifest, counts), counts
 
 
 def load_bitstack(directory: Path, budget: str | int | None = None) -> tuple[nn.Module, dict[str, int]]:
-    """The model at ``budget`` (bytes, MB/GB/MiB/GiB or bpw; every block when None) and its blocks per linear."""
+    """The model at ``budget`` (bytes, MB/GB/MiB/GiB or bpw; every block when None) and its blocks per linear.
+
+    The stock class, not the shipped one: its config drops ``auto_map``, so a model saved from it (materialize)
+    is a standard directory.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     state, counts = bitstack_state_dict(Path(directory), budget)
     config = AutoConfig.from_pretrained(directory)
+    if hasattr(config, "auto_map"):
+        del config.auto_map
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, read_manifest(directory)["dtype"]))
     model.load_state_dict(state, strict=True)  # every stored tensor and every linear, nothing else
     return model.eval(), counts

@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+# The unpacking and the sum of blocks are the shipped modeling file's, so the stage, compressor.load and
+# transformers alone (trust_remote_code) compute the same weights from the same blocks.
+from compressor.models.shipped.modeling_bitstack import scaled_sum, unpack_signs
+
 #: The dtype factors and scales are stored in (the reference stores fp16 too).
 FACTOR_DTYPE = torch.float16
 
@@ -48,16 +52,6 @@ def pack_signs(R: torch.Tensor) -> torch.Tensor:
         bits = torch.cat([bits, bits.new_zeros(pad)])
     weights = (2 ** torch.arange(8, dtype=torch.int32, device=R.device))
     return (bits.reshape(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
-
-
-def unpack_signs(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The ±1 float32 tensor of ``shape`` that :func:`pack_signs` packed (+1 where the entry was >= 0)."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
-    bits = (packed.to(torch.int32)[:, None] >> shifts) & 1
-    return (bits.reshape(-1)[:numel].float() * 2 - 1).reshape(shape)
 
 
 def block_bytes(out_features: int, in_features: int, rank: int, factor_bytes: int = 2, scale_bytes: int = 0) -> int:
@@ -94,11 +88,11 @@ class Decomposition:
         return [block_bytes(out, columns, self.rank, item, scales if i == 0 else 0) for i in range(len(self.blocks))]
 
     def scaled_sum(self, k: int) -> torch.Tensor:
-        """``sum_{j<k} sign_j * (u_j @ v_j)``: the first ``k`` blocks in the scaled space, float32 ``[out, in]``."""
-        total = torch.zeros(self.shape, dtype=torch.float32, device=self.scale.device)
-        for block in self.blocks[:k]:
-            total += unpack_signs(block.signs, self.shape) * (block.u.float() @ block.v.float())
-        return total
+        """``sum_{j<k} sign_j * (u_j @ v_j)``: the first ``k`` blocks in the scaled space, float32 ``[out, in]``.
+
+        Computed by the shipped modeling file, as both loaders do, so the stage's weights are theirs bit for bit.
+        """
+        return scaled_sum(self.shape, [(b.signs, b.u, b.v) for b in self.blocks[:k]], self.scale.device)
 
     def reconstruct(self, k: int | None = None) -> torch.Tensor:
         """The weight the first ``k`` blocks (default all) stand for: float32 ``[out, in]``."""

@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 
 from compressor.errors import UsageError
+from compressor.models.shipped.modeling_bitstack import BitStackBudgetError, select_blocks
 
 
 class BudgetError(UsageError):
@@ -78,12 +79,6 @@ class Budget:
     value: float
     unit: str  # "bytes" or "bpw"
 
-    def linear_bytes(self, fixed_bytes: int, linear_params: int) -> float:
-        """Bytes left for the decomposed linears, given the bytes of everything else and their weight count."""
-        if self.unit == "bpw":
-            return self.value * linear_params / 8
-        return self.value - fixed_bytes
-
 
 def parse_budget(text: str | int | float) -> Budget:
     """``300MB`` (10^6), ``1.5GiB`` (2^30), ``123456`` or ``123456B`` (bytes), ``2.5bpw`` (bits per weight)."""
@@ -108,32 +103,11 @@ def blocks_for_budget(
 
     ``fixed_bytes``: the weights outside the decomposed linears (embeddings, norms, head), which a byte
     budget covers too. A budget below one block per linear is an error naming the smallest and largest.
+    The walk is the shipped modeling file's, so the stage and both loaders choose the same blocks.
     """
-    sizes = {chain.path: chain.sizes for chain in chains}
+    sizes = {chain.path: list(chain.sizes) for chain in chains}
     params = sum(chain.params for chain in chains)
-    available = budget.linear_bytes(fixed_bytes, params)
-    counts = dict.fromkeys(sizes, 0)
-    used = 0
-    for path, index in order:
-        if used + sizes[path][index] > available:
-            break
-        used += sizes[path][index]
-        counts[path] += 1
-    if any(count == 0 for count in counts.values()):
-        smallest = sum(chain.sizes[0] for chain in chains if chain.sizes)
-        largest = sum(sum(chain.sizes) for chain in chains)
-        raise BudgetError(
-            f"budget {_describe(budget)} is below the smallest loadable model: the smallest is "
-            f"{_span(smallest, fixed_bytes, params)} (one block per linear), the largest "
-            f"{_span(largest, fixed_bytes, params)} (all blocks)"
-        )
-    return counts
-
-
-def _describe(budget: Budget) -> str:
-    return f"{budget.value:g}bpw" if budget.unit == "bpw" else f"{budget.value / 1e6:.3f}MB"
-
-
-def _span(linear_bytes: int, fixed_bytes: int, params: int) -> str:
-    bits = f" = {linear_bytes * 8 / params:.3f}bpw" if params else ""
-    return f"{(linear_bytes + fixed_bytes) / 1e6:.3f}MB ({linear_bytes + fixed_bytes} bytes){bits}"
+    try:
+        return select_blocks(sizes, params, order, (budget.value, budget.unit), fixed_bytes)
+    except BitStackBudgetError as exc:
+        raise BudgetError(str(exc)) from None
