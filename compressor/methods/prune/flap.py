@@ -15,9 +15,11 @@ loadable with only per-layer head counts. Without GQA a group is one head.
 
 Storage: a model whose layers all keep the same heads and width and got no new bias is a standard, smaller
 model of its family (the config's head counts, ``head_dim`` and ``intermediate_size`` are updated, so
-``format: dense`` reloads it in stock transformers). Anything else needs a shipped modeling file that does
-not exist yet, so recipes that could produce it are refused at validation: ``format: dense`` is accepted only
-with ``structure: uniform`` and ``compensate: false``; other formats are refused.
+``format: dense`` reloads it in stock transformers). Anything else ships
+``compressor/models/shipped/modeling_flap.py``: config.json ``flap`` records every layer's head counts, width
+and output biases, and ``auto_map`` names the class that builds the stock model and resizes its linears before
+the weights load (the same function sets the in-memory attention modules' head counts). ``dense`` and
+``compressed-tensors`` (after a quantizing stage) store both; GGUF and BitStack cannot.
 """
 
 from __future__ import annotations
@@ -34,9 +36,17 @@ from compressor.methods.base import LayerRecord, Method, MethodConfig
 from compressor.methods.prune import flap_ops as ops
 from compressor.methods.registry import register_method
 from compressor.models.base import ModelAdapter
+from compressor.models.shipped import auto_class_name
+from compressor.models.shipped.modeling_flap import PREFIX, set_head_counts
 
 if TYPE_CHECKING:
     from compressor.engine import LayerContext, ModelContext
+
+REMOTE_CODE_FILE = "modeling_flap.py"
+#: Formats that store the per-layer shapes and biases (the modeling file travels with both).
+STORABLE_FORMATS = ("dense", "compressed-tensors")
+#: What config.json ``flap.layers`` holds per layer (what ``modeling_flap.narrow_layer`` reads).
+SHAPE_KEYS = ("heads", "kv_heads", "intermediate_size", "attention_output_bias", "mlp_output_bias")
 
 
 class FLAPConfig(MethodConfig):
@@ -49,9 +59,9 @@ class FLAPConfig(MethodConfig):
       structure: uniform     # uniform | per_layer | global (the paper's adaptive structure)
       compensate: false      # add the removed channels' mean contribution as o_proj / down_proj biases
     ```
-    Defaults give a standard model that ``format: dense`` stores (same heads and width in every layer, no
-    bias); ``structure: global`` and ``compensate: true`` (the paper's) run in memory but cannot be exported
-    until the shipped modeling file exists.
+    Defaults give a standard model that stock transformers loads (same heads and width in every layer, no
+    bias); ``structure: global`` and ``compensate: true`` (the paper's) are stored with FLAP's shipped
+    modeling file (``auto_map``), in ``format: dense`` or ``compressed-tensors``.
     """
 
     ratio: float = Field(0.2, gt=0, lt=1, description="Fraction of the attention and MLP parameters to remove.")
@@ -134,19 +144,26 @@ class FLAP(Method):
 
     @classmethod
     def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
+        from compressor.methods.registry import get_method
+
         assert isinstance(config, FLAPConfig)
-        if export_format != "dense":
-            return (f"flap: {export_format} cannot store per-layer head counts, MLP widths and new biases yet; "
-                    "use format: dense with structure: uniform and compensate: false")
-        if config.structure != "uniform" or config.compensate:
-            return ("flap: format dense stores only a uniform model without new biases until FLAP's modeling file "
-                    "exists; set structure: uniform and compensate: false")
+        if export_format not in STORABLE_FORMATS:
+            return (f"flap: {export_format} cannot store per-layer head counts, MLP widths and new biases; "
+                    f"use format: {' or '.join(STORABLE_FORMATS)}")
+        for stage in later:
+            if get_method(stage.method).kind == "prune":
+                return (f"flap must be the last pruning stage: {stage.method} after it would change the layers "
+                        "whose shapes it records")
         return None
 
     def prepare(self, run: ModelContext) -> list[LayerRecord]:
         reason = _blocker(run.adapter)
         if reason:
             raise RecipeError(f"flap cannot prune this model: {reason}")
+        shipped = (run.structure.get("remote_code") or {}).get("file")
+        if shipped or getattr(run.adapter.config, "flap", None):
+            what = f"that ships {shipped}" if shipped else "FLAP already pruned"
+            raise RecipeError(f"flap cannot prune a model {what}; start from the original model")
         self._layout = _heads(run.adapter)
         self._stats = []
         return []
@@ -201,6 +218,8 @@ class FLAP(Method):
             shapes.append(shape)
         self._stats = []
         standard = _make_standard(run.adapter, self._layout, shapes)
+        if not standard:
+            _ship_modeling_file(run, self._layout, shapes)
         run.structure["flap"] = {
             "metric": self.cfg.metric, "structure": self.cfg.structure, "ratio": self.cfg.ratio,
             "compensate": self.cfg.compensate, "head_dim": self._layout.head_dim, "layers": shapes,
@@ -233,7 +252,9 @@ class FLAP(Method):
         prefix = adapter.layer_prefix(index)
         shape = {"kv_heads": len(kept_groups), "heads": len(kept_groups) * layout.per_group,
                  "intermediate_size": int(kept_channels.numel()), "attention_bias": attention_bias,
-                 "mlp_bias": mlp_bias}
+                 "mlp_bias": mlp_bias, "attention_output_bias": adapter.attention_output(layer).bias is not None,
+                 "mlp_output_bias": adapter.mlp_output(layer).bias is not None}
+        set_head_counts(adapter.attention(layer), shape["heads"], shape["kv_heads"])
         facts: list[dict[str, Any]] = [
             {"heads_before": layout.heads, "heads_after": shape["heads"], "kv_heads_after": shape["kv_heads"],
              "removed_kv_groups": groups, "bias_added": attention_bias},
@@ -294,6 +315,24 @@ def _keep_columns(linear: nn.Linear, columns: torch.Tensor) -> None:
     columns = columns.to(linear.weight.device)
     linear.weight = nn.Parameter(linear.weight.data.index_select(1, columns), requires_grad=linear.weight.requires_grad)
     linear.in_features = int(columns.numel())
+
+
+def _ship_modeling_file(run: ModelContext, layout: _Heads, shapes: list[dict[str, Any]]) -> None:
+    """Record the per-layer shapes in the config (``flap``) and ship ``modeling_flap.py`` to rebuild them."""
+    spec = {
+        "version": 1, "head_dim": layout.head_dim, "layout": run.adapter.family.layout(),
+        "layers": [{key: shape[key] for key in SHAPE_KEYS} for shape in shapes],
+    }
+    run.adapter.config.flap = spec
+    try:
+        class_name = auto_class_name(PREFIX, run.model)
+    except LookupError as exc:
+        raise RecipeError(f"flap: no modeling class for this model: {exc}") from None
+    run.structure["remote_code"] = {
+        "file": REMOTE_CODE_FILE,
+        "auto_map": {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE.removesuffix('.py')}.{class_name}"},
+        "config": {"flap": spec},
+    }
 
 
 def _make_standard(adapter: ModelAdapter, layout: _Heads, shapes: list[dict[str, Any]]) -> bool:

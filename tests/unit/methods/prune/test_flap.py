@@ -119,19 +119,16 @@ def test_uniform_result_without_bias_reloads_in_stock_transformers(tmp_path: Pat
         assert torch.equal(reloaded(TOKENS).logits, model(TOKENS).logits)
 
 
-def test_compensated_or_adaptive_result_is_not_marked_standard(tmp_path: Path) -> None:
-    from compressor.errors import ExportError
-    from compressor.export import write_model
-    from compressor.recipe import ExportConfig
-
+def test_compensated_or_adaptive_result_ships_the_modeling_file() -> None:
     model = tiny_model("llama")
     run, _ = _run(model, structure="global", ratio=0.3, compensate=True)
     assert not run.structure["flap"]["standard"]
     assert model.config.intermediate_size == 128 and model.config.num_key_value_heads == 2
-    # a library caller that skipped recipe validation still cannot write it as a standard dense model
-    with pytest.raises(ExportError, match="flap left per-layer"):
-        write_model(ExportConfig(format="dense"), run, None, tmp_path)
-    assert not any(tmp_path.iterdir())
+    spec = run.structure["remote_code"]
+    assert spec["file"] == "modeling_flap.py"
+    assert spec["auto_map"] == {"AutoModelForCausalLM": "modeling_flap.FLAPLlamaForCausalLM"}
+    assert spec["config"]["flap"] is model.config.flap and len(model.config.flap["layers"]) == 3
+    assert model.config.flap["layout"]["mlp"]["output"] == "mlp.down_proj"
 
 
 @pytest.mark.parametrize(("family", "reason"), [
@@ -148,14 +145,18 @@ def test_families_it_cannot_narrow_are_refused_before_any_work(family: str, reas
 
 
 def test_recipe_validation_refuses_what_cannot_be_stored() -> None:
-    def check(fmt: str, **config: object) -> str | None:
-        return FLAP.check_recipe(FLAPConfig.model_validate({"method": "flap", **config}), [], fmt)
+    from compressor.methods.prune.layer_drop import LayerDropConfig
+
+    def check(fmt: str, later: list | None = None, **config: object) -> str | None:
+        return FLAP.check_recipe(FLAPConfig.model_validate({"method": "flap", **config}), later or [], fmt)
 
     assert check("dense") is None
-    assert "compressed-tensors cannot store" in (check("compressed-tensors") or "")
+    assert check("dense", structure="global", compensate=True) is None
+    assert check("compressed-tensors", structure="global", compensate=True) is None
     assert "gguf cannot store" in (check("gguf") or "")
-    assert "structure: uniform and compensate: false" in (check("dense", structure="global") or "")
-    assert "structure: uniform and compensate: false" in (check("dense", compensate=True) or "")
+    assert "bitstack cannot store" in (check("bitstack") or "")
+    later_prune = check("dense", [LayerDropConfig.model_validate({"method": "layer_drop", "remove": 1})])
+    assert "flap must be the last pruning stage: layer_drop" in (later_prune or "")
     with pytest.raises(ValueError, match="ratio"):
         FLAPConfig.model_validate({"method": "flap", "ratio": 1.5})
     with pytest.raises(ValueError, match="extra"):
@@ -190,13 +191,13 @@ def test_per_layer_keeps_each_layer_within_its_own_budget() -> None:
         assert torch.isfinite(model(TOKENS).logits).all()
 
 
-def test_recipe_with_the_papers_settings_is_refused_before_a_model_loads() -> None:
+def test_recipe_with_the_papers_settings_validates_and_gguf_is_refused_before_a_model_loads() -> None:
     from compressor.recipe import recipe_from_dict
 
     stage = {"method": "flap", "ratio": 0.2, "structure": "global", "compensate": True}
     data = {"name": "t", "calibration": {"dataset": "demo:lee", "samples": 2, "seq_len": 16}, "stages": [stage]}
-    with pytest.raises(RecipeError, match="stages.0: flap: format dense stores only a uniform model"):
-        recipe_from_dict({**data, "export": {"format": "dense"}})
+    assert recipe_from_dict({**data, "export": {"format": "dense"}}).stages
+    gptq = {"method": "gptq", "bits": 4, "group_size": 128}
+    assert recipe_from_dict({**data, "stages": [stage, gptq], "export": {"format": "compressed-tensors"}}).stages
     with pytest.raises(RecipeError, match="stages.0: flap: gguf cannot store"):
-        recipe_from_dict({**data, "stages": [{"method": "flap"}], "export": {"format": "gguf"}})
-    assert recipe_from_dict({**data, "stages": [{"method": "flap"}], "export": {"format": "dense"}}).stages
+        recipe_from_dict({**data, "stages": [{"method": "flap"}, gptq], "export": {"format": "gguf"}})
