@@ -58,6 +58,7 @@ class FLAPConfig(MethodConfig):
       metric: fluctuation    # fluctuation (the paper's WIFV) | weight_norm | activation_norm
       structure: uniform     # uniform | per_layer | global (the paper's adaptive structure)
       compensate: false      # add the removed channels' mean contribution as o_proj / down_proj biases
+      round_to: 1            # keep a multiple of this many MLP channels per layer (e.g. a later group_size)
     ```
     Defaults give a standard model that stock transformers loads (same heads and width in every layer, no
     bias); ``structure: global`` and ``compensate: true`` (the paper's) are stored with FLAP's shipped
@@ -74,6 +75,10 @@ class FLAPConfig(MethodConfig):
         "layer loses ratio of its parameters; uniform: each layer loses ratio of its head groups and channels."
     )
     compensate: bool = Field(False, description="Add the removed input channels' mean contribution as a bias.")
+    round_to: int = Field(
+        1, ge=1, description="Each layer keeps a multiple of this many MLP channels (rounded up: fewer are removed "
+        "than ratio allows); set it to a later quantizer's group_size so its groups divide down_proj's input."
+    )
 
 
 @dataclass
@@ -207,7 +212,9 @@ class FLAP(Method):
 
     def finalize(self, run: ModelContext) -> list[LayerRecord]:
         assert self._layout is not None
-        chosen = ops.select_units(self._units(run), self.cfg.ratio, self.cfg.structure)
+        units = self._units(run)
+        chosen = ops.round_kept_channels(units, ops.select_units(units, self.cfg.ratio, self.cfg.structure),
+                                         self.cfg.round_to)
         records: list[LayerRecord] = []
         shapes: list[dict[str, Any]] = []
         for index, layer in enumerate(run.adapter.layers()):

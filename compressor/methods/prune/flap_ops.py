@@ -155,6 +155,25 @@ def select_units(units: list[Unit], ratio: float, structure: Structure) -> list[
     return chosen
 
 
+def round_kept_channels(units: list[Unit], chosen: list[Unit], multiple: int) -> list[Unit]:
+    """``chosen`` without each layer's highest-scored removed MLP channels, so the kept width is a multiple.
+
+    Every layer keeps ``ceil(kept / multiple) * multiple`` channels (all of them when that is more than it
+    has), so fewer parameters go than chosen, never more; head groups are unchanged. ``multiple`` 1 changes
+    nothing. Used so a later quantizer's groups divide down_proj's narrower input.
+    """
+    if multiple <= 1:
+        return chosen
+    result = [u for u in chosen if u.kind != "mlp"]
+    for layer in sorted({u.layer for u in units}):
+        width = sum(1 for u in units if u.layer == layer and u.kind == "mlp")
+        removed = sorted((u for u in chosen if u.layer == layer and u.kind == "mlp"), key=lambda u: (u.score, u.index))
+        kept = width - len(removed)
+        restore = min(width, math.ceil(kept / multiple) * multiple) - kept
+        result += removed[: len(removed) - restore]
+    return result
+
+
 def compensation_bias(W: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
     """``W[:, removed] @ mean[removed]``: what the removed input channels added on average (``[out]``, W's dtype).
 

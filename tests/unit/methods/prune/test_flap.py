@@ -201,3 +201,15 @@ def test_recipe_with_the_papers_settings_validates_and_gguf_is_refused_before_a_
     assert recipe_from_dict({**data, "stages": [stage, gptq], "export": {"format": "compressed-tensors"}}).stages
     with pytest.raises(RecipeError, match="stages.0: flap: gguf cannot store"):
         recipe_from_dict({**data, "stages": [{"method": "flap"}, gptq], "export": {"format": "gguf"}})
+
+
+def test_round_to_keeps_a_multiple_of_channels_within_the_budget() -> None:
+    model = tiny_model("llama")
+    run = ModelContext(model, get_adapter(model), TOKENS, torch.device("cpu"), batch_size=2)
+    before = _sublayer_params(run)
+    run, records = _run(model, structure="global", ratio=0.3, compensate=True, round_to=32)
+    widths = [s["intermediate_size"] for s in run.structure["flap"]["layers"]]
+    assert all(w % 32 == 0 for w in widths) and min(widths) < 128, widths
+    assert 0 < before - _sublayer_params(run) <= math.floor(0.3 * before)
+    with pytest.raises(ValueError, match="round_to"):
+        FLAPConfig.model_validate({"method": "flap", "round_to": 0})

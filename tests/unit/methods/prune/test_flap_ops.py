@@ -16,6 +16,7 @@ from compressor.methods.prune.flap_ops import (
     group_scores,
     head_group_params,
     mlp_channel_params,
+    round_kept_channels,
     select_units,
     standardize,
 )
@@ -136,3 +137,16 @@ def test_removing_a_constant_channel_with_compensation_leaves_the_output_exactly
     # without the bias the output is off by exactly the removed column times 3
     assert torch.equal(x @ W.T - x[:, keep] @ W[:, keep].T, (3.0 * W[:, 2]).expand(10, 6))
 
+
+
+def test_rounding_the_kept_width_gives_back_the_best_removed_channels() -> None:
+    # layer 0: 10 channels, the 5 lowest (scores 0..4) removed, 5 kept -> 8 kept: the 3 best removed (scores 4,
+    # 3, 2: channels 4, 3, 8) return; layer 1: 6 channels, 1 removed -> 8 > 6, so all 6 kept; heads untouched
+    units = [Unit(0, "mlp", i, float(s), 1) for i, s in enumerate([9, 0, 8, 3, 4, 7, 1, 6, 2, 5])]
+    units += [Unit(1, "mlp", i, float(i), 1) for i in range(6)] + [Unit(1, "attention", 0, -1.0, 50)]
+    chosen = [u for u in units if u.layer == 0 and u.score < 5] + [units[10], units[-1]]
+    rounded = round_kept_channels(units, chosen, 4)
+    assert sorted((u.layer, u.kind, u.index) for u in rounded) == [(0, "mlp", 1), (0, "mlp", 6), (1, "attention", 0)]
+    assert round_kept_channels(units, chosen, 1) is chosen
+    exact = [u for u in units if u.layer == 0 and u.score < 2]  # 8 kept: already a multiple of 4
+    assert round_kept_channels(units, exact, 4) == exact
