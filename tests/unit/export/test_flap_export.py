@@ -184,3 +184,25 @@ def test_a_model_already_shipping_a_modeling_file_is_refused() -> None:
     with pytest.raises(RecipeError, match="ships modeling_sliced.py"):
         run_stages(other, build_stages([FLAPConfig(method="flap")], "dense"))
     assert run.structure["remote_code"]["file"] == "modeling_flap.py"
+
+
+@pytest.mark.parametrize("name", ["flap-20pct", "flap-20pct-w4a16-gptq"])
+def test_shipped_recipe_runs_and_reloads(name: str, model_dir_factory: Any, text_file: Path, tmp_path: Path) -> None:
+    """The shipped recipes through the pipeline on a tiny Llama (64 wide: round_to and groups of 32 stand in)."""
+    from compressor.pipeline import compress
+    from compressor.recipe import load_recipe
+
+    overrides = [f"calibration.dataset={text_file}", "calibration.samples=4", "calibration.seq_len=32",
+                 "calibration.batch_size=2"]
+    if name.endswith("gptq"):
+        overrides += ["stages.0.round_to=32", "stages.1.group_size=32"]
+    loaded = load(model_dir_factory("llama"))
+    out = tmp_path / name
+    report = compress(loaded, load_recipe(name, overrides), out, device="cpu")
+    assert report.params["after"] < report.params["before"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_flap.FLAPLlamaForCausalLM"
+    assert ("quantization_config" in config) == name.endswith("gptq")
+    if name.endswith("gptq"):
+        assert all(layer["intermediate_size"] % 32 == 0 for layer in config["flap"]["layers"])
+    torch.testing.assert_close(_logits(load(out).model), _logits(loaded.model), rtol=0, atol=1e-5)
