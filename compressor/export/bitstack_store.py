@@ -89,12 +89,21 @@ def write_bitstack_stage(out_dir: Path, model: Any, stages: list[Any]) -> list[s
 
 
 def check_skeleton(model: Any) -> None:
-    """The model's tensors are exactly those of the model ``config.json`` builds, or an ExportError."""
+    """The model's tensors are those of the model ``config.json`` builds, or an ExportError.
+
+    A MoE's experts may differ: linearized in memory (``experts.3.w1``, :mod:`compressor.models.moe`), they
+    carry the checkpoint's names, which transformers' loader merges into the 3-D expert tensors of the model
+    it builds (:func:`~compressor.models.shipped.modeling_bitstack.build_model`); every other tensor must match.
+    """
     from transformers import AutoModelForCausalLM
+
+    from compressor.models.moe import LinearExperts
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model.config)
-    ours, theirs = set(model.state_dict()), set(skeleton.state_dict())
+    experts = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, LinearExperts))
+    ours = {name for name in model.state_dict() if not name.startswith(experts)}
+    theirs = {name for name in skeleton.state_dict() if not name.startswith(experts)}
     if ours != theirs:
         odd = sorted(ours ^ theirs)
         raise ExportError(f"bitstack directory: {type(model).__name__} in memory differs from the model its config "
@@ -154,14 +163,20 @@ def load_bitstack(directory: Path, budget: str | int | None = None) -> tuple[nn.
     """The model at ``budget`` (bytes, MB/GB/MiB/GiB or bpw; every block when None) and its blocks per linear.
 
     The stock class, not the shipped one: its config drops ``auto_map``, so a model saved from it (materialize)
-    is a standard directory.
+    is a standard directory. Built by the shipped file's :func:`build_model`, as transformers alone builds it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     state, counts = bitstack_state_dict(Path(directory), budget)
     config = AutoConfig.from_pretrained(directory)
     if hasattr(config, "auto_map"):
         del config.auto_map
-    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, read_manifest(directory)["dtype"]))
-    model.load_state_dict(state, strict=True)  # every stored tensor and every linear, nothing else
-    return model.eval(), counts
+    model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type])
+    dtype = getattr(torch, read_manifest(directory)["dtype"])
+    try:
+        model = shipped.build_model(model_class.from_pretrained, config, state, dtype)
+    except ValueError as exc:
+        raise ModelLoadError(f"{directory}: {exc}") from None
+    return model, counts

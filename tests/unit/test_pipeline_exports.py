@@ -87,12 +87,11 @@ def test_export_command_turns_compressed_tensors_into_gguf(model_dir_factory, te
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize(("family", "export"), [("opt", "gguf"), ("mixtral", "gguf"), ("mixtral", "bitstack")])
+@pytest.mark.parametrize(("family", "export"), [("opt", "gguf"), ("mixtral", "gguf")])
 def test_a_format_that_cannot_hold_the_model_fails_before_calibration(
     model_dir_factory, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: str, export: str
 ) -> None:
-    """OPT has no llama.cpp architecture, no MoE layout is written to GGUF, and a BitStack directory rebuilds the
-    model from its config (a MoE's per-expert linears are not what it builds): a recipe error (exit 2) before any
+    """OPT has no llama.cpp architecture and no MoE layout is written to GGUF: a recipe error (exit 2) before any
     calibration text is read, not an export error after the run."""
     import compressor.pipeline as pipeline
     from compressor.errors import RecipeError
@@ -101,12 +100,7 @@ def test_a_format_that_cannot_hold_the_model_fails_before_calibration(
         raise AssertionError("calibration ran before the format was checked against the model")
 
     monkeypatch.setattr(pipeline, "calibration_batch", no_calibration)
-    if export == "gguf":
-        recipe = _recipe(text_file, {"format": export})
-    else:
-        recipe = recipe_from_dict({"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32},
-                                   "stages": [{"method": "bitstack", "iterations": 2, "rank": 2}],
-                                   "export": {"format": "bitstack"}})
+    recipe = _recipe(text_file, {"format": export})
     with pytest.raises(RecipeError, match=f"export.format {export}: .*({family}|Mixtral)") as caught:
         compress(load(model_dir_factory(family)), recipe, tmp_path / "o", device="cpu")
     assert caught.value.exit_code == 2 and not (tmp_path / "o").exists()

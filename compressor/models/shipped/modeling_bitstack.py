@@ -167,31 +167,45 @@ def state_dict_at(directory: str | Path, manifest: dict[str, Any], counts: dict[
     return state
 
 
-def _from_pretrained(cls: Any, path: Any, *args: Any, bitstack_budget: Any = None, config: Any = None,
+def build_model(from_pretrained: Any, config: Any, state: dict[str, torch.Tensor], dtype: Any) -> Any:
+    """The model ``from_pretrained`` (a bound ``PreTrainedModel.from_pretrained``) makes from ``state``, strictly.
+
+    Through transformers' loader rather than ``load_state_dict`` because the stored names are the
+    checkpoint's: a MoE's experts are decomposed as one linear per expert projection
+    (``experts.3.w1``), which the loader merges into the model's 3-D expert tensors as it does for any
+    checkpoint. A tensor left out or left over is an error, not a randomly initialised weight.
+    """
+    model, info = from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
+    odd = {kind: names for kind, names in info.items() if names and kind != "error_msgs"}
+    if odd or info.get("error_msgs"):
+        raise ValueError(f"BitStack directory does not fit its config.json: {odd or info['error_msgs']}")
+    return model.eval()
+
+
+def _from_pretrained(base: Any, cls: Any, path: Any, *args: Any, bitstack_budget: Any = None, config: Any = None,
                      **kwargs: Any) -> Any:
-    """Build the stock model from config.json and load the weights the budget's blocks give (strictly)."""
+    """The model at ``bitstack_budget`` (every block without one), built by ``base``'s loader as class ``cls``."""
     manifest = read_manifest(path)
     counts = blocks_at(manifest, bitstack_budget)
     if config is None:
         config = transformers.AutoConfig.from_pretrained(path)
     dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
     dtype = getattr(torch, manifest["dtype"]) if dtype in (None, "auto") else dtype
-    model = cls(config).to(dtype)
-    state = state_dict_at(path, manifest, counts)
-    model.load_state_dict(state, strict=True)
+    model = build_model(functools.partial(base.from_pretrained.__func__, cls), config,
+                        state_dict_at(path, manifest, counts), dtype)
     model.bitstack_blocks = counts
     try:
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     except OSError:  # no generation_config.json: keep the one built from config
         pass
-    return model.eval()
+    return model
 
 
 @functools.cache
 def _model_class(base_name: str) -> type:
     base: Any = getattr(transformers, base_name)
-    return type(PREFIX + base.__name__, (base,), {"from_pretrained": classmethod(_from_pretrained),
-                                                 "__module__": __name__})
+    loader = classmethod(functools.partial(_from_pretrained, base))
+    return type(PREFIX + base.__name__, (base,), {"from_pretrained": loader, "__module__": __name__})
 
 
 def __getattr__(name: str) -> type:

@@ -107,3 +107,19 @@ def test_the_shipped_recipe_writes_a_bitstack_directory(model_dir_factory, text_
     compress(str(model_dir_factory("llama")), load_recipe("bitstack", tiny), out, device="cpu")
     manifest = json.loads((out / MANIFEST).read_text())
     assert (manifest["iterations"], manifest["rank"], len(manifest["linears"])) == (2, 16, 3 * 7)
+
+
+def test_a_moe_model_compresses_to_a_bitstack_directory_and_evaluates(model_dir_factory, text_file: Path,
+                                                                      tmp_path: Path) -> None:
+    """The whole run on a tiny Mixtral: its per-expert linears are stored, and the directory loads back as the
+    model the run evaluated (transformers merges the experts) and evaluates at a budget."""
+    loaded = load(model_dir_factory("mixtral"))
+    out = tmp_path / "moe"
+    compress(loaded, _recipe(text_file, "bitstack", [{"method": "bitstack", "iterations": 2, "rank": 2}]), out,
+             device="cpu")
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert sum(".experts." in path for path in manifest["linears"]) == 3 * 8 * 3  # layers x experts x projections
+    torch.testing.assert_close(_logits(load(out).model), _logits(loaded.model), rtol=0, atol=1e-5)
+    first = sum(item["block_bytes"][0] for item in manifest["linears"].values())
+    budget = f"{manifest['fixed_bytes'] + first}B"
+    assert evaluate(load(out, budget=budget), str(text_file), seq_len=32, max_tokens=64, device="cpu").ppl > 1

@@ -9,10 +9,14 @@ import pytest
 import torch
 import yaml
 from isolation import run_without_compressor
+from tiny import tiny_model
 
+from compressor.engine import ModelContext, run_stages
 from compressor.export.bitstack_materialize import materialize
-from compressor.export.bitstack_store import MANIFEST, REMOTE_CODE_FILE
+from compressor.export.bitstack_store import MANIFEST, REMOTE_CODE_FILE, load_bitstack, write_bitstack
+from compressor.methods.quant.bitstack import BitStack, BitStackConfig
 from compressor.methods.quant.bitstack.order import Budget, BudgetError, parse_budget
+from compressor.models import get_adapter
 from compressor.models.shipped import modeling_bitstack, shipped_dir
 from compressor.pipeline import compress, load
 from compressor.recipe import recipe_from_dict
@@ -29,24 +33,24 @@ BUDGETS = [
 ]
 BAD = ["", "300 apples", "-1MB", "0", "0bpw", "MB", "1.2.3MB", "3 bits", True]
 
-#: Run in a Python that cannot import compressor: load DIR at each budget, compare with compressor.load's logits.
+#: Run in a Python that cannot import compressor: load each (directory, budget), compare with compressor's logits.
 _LOAD_AT_BUDGETS = """
 import json, sys
 import torch
 from transformers import AutoModelForCausalLM
-directory, scratch, budgets = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+scratch, loads = sys.argv[1], json.loads(sys.argv[2])
 tokens = torch.load(scratch + "/tokens.pt")
-seen = {}
-for i, budget in enumerate(budgets):
+seen = []
+for i, (directory, budget) in enumerate(loads):
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, bitstack_budget=budget)
     with torch.no_grad():
         logits = model(tokens).logits
     diff = float((logits - torch.load(f"{scratch}/logits-{i}.pt")).abs().max())
-    seen[budget] = {"class": type(model).__name__, "diff": diff, "blocks": model.bitstack_blocks}
+    seen.append({"class": type(model).__name__, "diff": diff, "blocks": model.bitstack_blocks})
 try:
-    AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, bitstack_budget="1kB")
+    AutoModelForCausalLM.from_pretrained(loads[0][0], trust_remote_code=True, bitstack_budget="1kB")
 except ValueError as exc:
-    seen["error"] = str(exc)
+    seen.append(str(exc))
 print(json.dumps(seen))
 """
 
@@ -81,31 +85,56 @@ def test_the_directory_names_its_shipped_loader(stack_dir: Path) -> None:
     assert (stack_dir / REMOTE_CODE_FILE).read_bytes() == (shipped_dir() / REMOTE_CODE_FILE).read_bytes()
 
 
-def test_transformers_alone_loads_the_model_compressor_loads_at_each_budget(stack_dir: Path, tmp_path: Path) -> None:
-    manifest = json.loads((stack_dir / MANIFEST).read_text())
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Mixtral's BitStack directory: its experts decomposed per expert projection."""
+    model = tiny_model("mixtral")
+    tokens = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    run = ModelContext(model, get_adapter(model), tokens, torch.device("cpu"), batch_size=2)
+    stage = BitStack(BitStackConfig.model_validate({"method": "bitstack", "iterations": 3, "rank": 2}))
+    run_stages(run, [stage])
+    out = tmp_path_factory.mktemp("moe")
+    write_bitstack(out, model, stage)
+    return out
+
+
+def _budgets(directory: Path) -> tuple[str, str, str]:
+    """Room for two blocks per linear (bytes), and one block each plus the next in the order (bpw, that path)."""
+    manifest = json.loads((directory / MANIFEST).read_text())
     sizes = [item["block_bytes"] for item in manifest["linears"].values()]
     two_each = f"{manifest['fixed_bytes'] + sum(s[0] + s[1] for s in sizes)}B"
     params = sum(item["shape"][0] * item["shape"][1] for item in manifest["linears"].values())
     first, (after, index) = sum(s[0] for s in sizes), manifest["order"][len(sizes)]  # the block after the first ones
     assert index == 1
     bpw = f"{8 * (first + manifest['linears'][after]['block_bytes'][1] + 1) / params:.6f}bpw"  # it fits, no more
-    budgets = [two_each, bpw]
+    return two_each, bpw, after
+
+
+def test_transformers_alone_loads_the_model_compressor_loads_at_each_budget(
+    stack_dir: Path, moe_dir: Path, tmp_path: Path
+) -> None:
+    """At two budgets on a tiny Llama and one on a tiny Mixtral (experts merged back into transformers' 3-D
+    tensors by its loader), a Python without compressor builds the model compressor.load builds."""
+    two_each, bpw, after = _budgets(stack_dir)
+    loads = [(stack_dir, two_each), (stack_dir, bpw), (moe_dir, _budgets(moe_dir)[0])]
     torch.save(TOKENS, tmp_path / "tokens.pt")
-    for i, budget in enumerate(budgets):
-        loaded = load(stack_dir, budget=budget)
+    for i, (directory, budget) in enumerate(loads):
+        model = load(directory, budget=budget).model if directory == stack_dir else load_bitstack(directory, budget)[0]
         with torch.no_grad():
-            torch.save(loaded.model(TOKENS).logits, tmp_path / f"logits-{i}.pt")
-    child = run_without_compressor(_LOAD_AT_BUDGETS, str(stack_dir), str(tmp_path), json.dumps(budgets), cwd=tmp_path)
+            torch.save(model(TOKENS).logits, tmp_path / f"logits-{i}.pt")
+    child = run_without_compressor(_LOAD_AT_BUDGETS, str(tmp_path), json.dumps([[str(d), b] for d, b in loads]),
+                                   cwd=tmp_path)
     assert child.returncode == 0, child.stderr[-3000:]
-    seen = json.loads(child.stdout.strip().splitlines()[-1])
-    for budget in budgets:
-        assert seen[budget]["class"] == "BitStackLlamaForCausalLM"
-        assert seen[budget]["diff"] <= 1e-5, (budget, seen[budget]["diff"])
-    assert seen[two_each]["blocks"] == dict.fromkeys(manifest["linears"], 2)
-    assert seen[bpw]["blocks"] == {path: 2 if path == after else 1 for path in manifest["linears"]}
-    assert "\n" not in seen["error"]
-    assert seen["error"].startswith("budget 0.001MB is below the smallest loadable model: the smallest is ")
-    assert "(one block per linear), the largest" in seen["error"] and seen["error"].endswith("(all blocks)")
+    *seen, error = json.loads(child.stdout.strip().splitlines()[-1])
+    assert [row["class"] for row in seen] == ["BitStackLlamaForCausalLM"] * 2 + ["BitStackMixtralForCausalLM"]
+    assert all(row["diff"] <= 1e-5 for row in seen), [row["diff"] for row in seen]
+    linears = json.loads((stack_dir / MANIFEST).read_text())["linears"]
+    assert seen[0]["blocks"] == dict.fromkeys(linears, 2)
+    assert seen[1]["blocks"] == {path: 2 if path == after else 1 for path in linears}
+    assert set(seen[2]["blocks"].values()) == {2} and any(".experts.7.w2" in path for path in seen[2]["blocks"])
+    assert "\n" not in error
+    assert error.startswith("budget 0.001MB is below the smallest loadable model: the smallest is ")
+    assert "(one block per linear), the largest" in error and error.endswith("(all blocks)")
 
 
 def test_a_materialized_model_is_stock_and_names_no_modeling_file(stack_dir: Path, tmp_path: Path) -> None:

@@ -83,7 +83,26 @@ def test_a_budget_below_the_smallest_model_names_the_range(written: tuple[Path, 
         load_bitstack(written[0], "1kB")
 
 
-def test_a_model_whose_modules_differ_from_its_config_is_refused(tmp_path: Path) -> None:
-    model, stage = _compress("mixtral")  # experts linearized in memory, fused in the config's model
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_moe_directory_loads_into_the_model_the_stage_builds(tmp_path: Path, family: str) -> None:
+    """Experts are decomposed per expert projection (linearized in memory); the loader merges them into
+    transformers' 3-D expert tensors like any checkpoint's, so the stock class computes the stage's model."""
+    model, stage = _compress(family)
+    write_bitstack(tmp_path, model, stage)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert any(".experts.3." in path for path in manifest["linears"])
+    sizes = [item["block_bytes"] for item in manifest["linears"].values()]
+    budget = manifest["fixed_bytes"] + sum(s[0] + s[1] for s in sizes)  # two blocks per linear
+    loaded, counts = load_bitstack(tmp_path, budget)
+    assert set(counts.values()) == {2}
+    assert not any(".experts.3." in name for name in loaded.state_dict()), "experts not merged back"
+    at_budget, same = _compress(family, budget=budget)
+    assert same.blocks == counts
+    torch.testing.assert_close(_logits(loaded), _logits(at_budget), rtol=0, atol=1e-5)
+
+
+def test_a_model_whose_tensors_differ_from_its_config_is_refused(tmp_path: Path) -> None:
+    model, stage = _compress()
+    model.config.num_hidden_layers = 1  # the config's model would have one layer fewer
     with pytest.raises(ExportError, match="differs from the model its config builds"):
         write_bitstack(tmp_path, model, stage)
