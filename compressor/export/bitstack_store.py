@@ -14,8 +14,9 @@ Layout (``out_dir``):
 The order and sizes are written, not recomputed, so a budget picks the same blocks in every loader; the
 selection and the reconstruction are the shipped file's (:mod:`compressor.models.shipped.modeling_bitstack`),
 which this module wraps in compressor's errors.
-The skeleton is built from ``config.json`` (``AutoModelForCausalLM.from_config``); a model whose
-in-memory modules are not that skeleton's (MoE experts this package linearizes) is refused when written.
+The model is rebuilt from ``config.json`` by transformers' loader from the stored names, so a MoE's
+per-expert linears (as this package linearizes them) merge back into its 3-D expert tensors; a model whose
+other tensors are not those the config builds is refused when written (:func:`check_skeleton`).
 """
 
 from __future__ import annotations
