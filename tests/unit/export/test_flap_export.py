@@ -132,6 +132,9 @@ def test_adaptive_compensated_dense_export_loads_without_compressor(name: str, e
     assert export.reloaded[0] == f"FLAP{type(model).__name__}" and export.reloaded[1] <= 1e-5
     ours = load(out).model  # compressor trusts its own byte-identical shipped file
     torch.testing.assert_close(_logits(ours), _logits(model), rtol=0, atol=1e-5)
+    prompt = TOKENS[:1, :6]  # the KV cache holds a different number of heads per layer
+    cached = ours.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(cached, model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False))
 
 
 def test_uniform_result_without_bias_writes_a_stock_config(tmp_path: Path, tiny_tokenizer: Any) -> None:
@@ -206,3 +209,20 @@ def test_shipped_recipe_runs_and_reloads(name: str, model_dir_factory: Any, text
     if name.endswith("gptq"):
         assert all(layer["intermediate_size"] % 32 == 0 for layer in config["flap"]["layers"])
     torch.testing.assert_close(_logits(load(out).model), _logits(loaded.model), rtol=0, atol=1e-5)
+
+
+def test_the_modeling_file_refuses_a_config_it_cannot_rebuild() -> None:
+    from compressor.models.shipped.modeling_flap import apply_shapes
+
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="no flap structure"):
+        apply_shapes(model, model.config)
+    run, _ = _run(model, "dense", **PAPER)
+    spec = dict(model.config.flap)
+    fresh = tiny_model("llama")
+    fresh.config.flap = {**spec, "layers": spec["layers"][:2]}
+    with pytest.raises(ValueError, match="2 entries for 3 decoder layers"):
+        apply_shapes(fresh, fresh.config)
+    fresh.config.flap = {**spec, "layers": [{**spec["layers"][0], "kv_heads": 0}, *spec["layers"][1:]]}
+    with pytest.raises(ValueError, match="invalid layer shape"):
+        apply_shapes(fresh, fresh.config)
