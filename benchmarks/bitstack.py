@@ -1,0 +1,212 @@
+"""BitStack's size-vs-perplexity curve on the demo model: decompose once, load at every budget, one PNG.
+
+    python benchmarks/bitstack.py [--samples 64 --seq-len 512 --eval-tokens 16384] [--iterations 16 --rank 16]
+        [--bpw 1.5,1.75,2,2.25,2.5,2.75,3,3.5,4,4.5] [--reference "GPTQ W3 g128=40.66@3.125" ...]
+        [--keep DIR] [--out bench-bitstack]
+
+The bitstack stage decomposes every decoder linear once (calibration demo:lee, ``samples`` x ``seq_len``,
+seed 0, as benchmarks/quant.py and baq.py) and its BitStack directory is written (to ``--keep`` or a temporary
+directory); then for each budget the model is loaded from that directory (``load_bitstack``, what
+``compressor.load(DIR, budget=...)`` does) and scored on the same demo:wiki windows (512 tokens) as the other
+benchmarks. A budget in bits per weight counts every stored byte of the decomposed linears (packed signs, fp16
+SVD factors, per-channel scales) over their weights; each row states the bits actually loaded (at most the
+budget: whole blocks only). A budget below one block per linear has no model: its row says the smallest.
+Timed: the decomposition (the stage's pass), writing the directory, each load at a budget, and one
+``compressor bitstack materialize`` (load + write a dense directory) at ``--materialize-at``.
+
+Outputs in ``--out``: ``bitstack.json`` (rewritten after every row), ``bitstack.md`` (the table) and
+``bitstack.png`` (the curve, log perplexity; needs matplotlib, the 'plots' extra), with the dense model as a
+line and each ``--reference "LABEL=PPL@BITS"`` as a labelled point (``@BITS`` may be left out when the label
+holds ``W<bits>``, e.g. ``"GPTQ W3=40.66"`` is placed at 3 bits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor.calibration.tokens import calibration_batch
+from compressor.engine import ModelContext, run_stages
+from compressor.errors import UsageError
+from compressor.export.bitstack_materialize import budget_report, materialize
+from compressor.export.bitstack_store import load_bitstack, read_manifest, write_bitstack
+from compressor.methods.quant.bitstack import BitStack, BitStackConfig
+from compressor.models import get_adapter
+from compressor.pipeline import LoadedModel, evaluate, load
+from compressor.plots import _pyplot
+from compressor.report import peak_rss_bytes
+
+DEFAULT_BPW = "1.5,1.75,2,2.25,2.5,2.75,3,3.5,4,4.5"
+
+
+def parse_reference(text: str) -> tuple[str, float, float]:
+    """``"LABEL=PPL@BITS"`` (or ``"LABEL=PPL"`` with ``W<bits>`` in the label) as ``(label, bits, ppl)``."""
+    label, _, value = text.rpartition("=")
+    ppl_text, _, bits_text = value.partition("@")
+    if not bits_text:
+        found = re.search(r"\bW(\d+(?:\.\d+)?)", label, re.IGNORECASE)
+        if found is None:
+            raise SystemExit(f"--reference {text!r}: give the bits as LABEL=PPL@BITS (no W<bits> in the label)")
+        bits_text = found.group(1)
+    try:
+        return label.strip(), float(bits_text), float(ppl_text)
+    except ValueError:
+        raise SystemExit(f"--reference {text!r}: expected LABEL=PPL@BITS, e.g. 'GPTQ W3 g128=40.66@3.125'") from None
+
+
+def decompose(loaded: LoadedModel, tokens: torch.Tensor, iterations: int, rank: int, directory: Path,
+              ) -> dict[str, Any]:
+    """Run the stage once (every block) and write its directory; seconds and RSS of both steps."""
+    stage = BitStack(BitStackConfig.model_validate({"method": "bitstack", "iterations": iterations, "rank": rank}))
+    run = ModelContext(loaded.model, get_adapter(loaded.model), tokens, torch.device("cpu"), 8)
+    start = time.perf_counter()
+    run_stages(run, [stage])
+    seconds = time.perf_counter() - start
+    rss = peak_rss_bytes()
+    start = time.perf_counter()
+    write_bitstack(directory, loaded.model, stage, loaded.tokenizer)
+    manifest = read_manifest(directory)
+    everything = budget_report(manifest, {path: len(item["block_bytes"]) for path, item in manifest["linears"].items()},
+                               None)
+    smallest = budget_report(manifest, dict.fromkeys(manifest["linears"], 1), None)
+    return {"decompose_seconds": round(seconds, 1), "peak_rss_mb_after_decompose": round(rss / 2**20),
+            "write_seconds": round(time.perf_counter() - start, 1),
+            "directory_mb": round(sum(p.stat().st_size for p in directory.glob("*.safetensors")) / 1e6, 1),
+            "linears": len(manifest["linears"]), "smallest_bpw": smallest["avg_bits_per_weight"],
+            "largest_bpw": everything["avg_bits_per_weight"]}
+
+
+def measure_budget(directory: Path, budget: str, score: Any) -> dict[str, Any]:
+    """Load the directory at ``budget`` and score it; a budget below the smallest model gives a row without ppl."""
+    start = time.perf_counter()
+    try:
+        model, counts = load_bitstack(directory, budget)
+    except UsageError as exc:
+        return {"budget": budget, "ppl": None, "error": str(exc)}
+    load_seconds = time.perf_counter() - start
+    report = budget_report(read_manifest(directory), counts, budget)
+    blocks = sorted(counts.values())
+    return {"budget": budget, "bits_per_weight": report["avg_bits_per_weight"], "ppl": score(model),
+            "load_seconds": round(load_seconds, 1), "bitstack_mb": round(report["bitstack_bytes"] / 1e6, 2),
+            "blocks_min_median_max": [blocks[0], blocks[len(blocks) // 2], blocks[-1]]}
+
+
+def time_materialize(directory: Path, budget: str) -> dict[str, Any]:
+    """Seconds of ``compressor bitstack materialize DIR --budget B`` (load at the budget + write dense)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        start = time.perf_counter()
+        report = materialize(directory, budget, Path(scratch) / "out")
+        return {"materialize_budget": budget, "materialize_seconds": round(time.perf_counter() - start, 1),
+                "materialized_file_mb": round(report["file_bytes"] / 1e6, 1)}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"BitStack on {result['model']}: iterations {result['iterations']}, rank {result['rank']}, "
+             f"calibration {result['calibration']}, eval {result['eval']}; decomposition "
+             f"{result['decompose_seconds']} s ({result['threads']} threads), peak RSS {result['peak_rss_mb']} MB, "
+             f"loadable {result['smallest_bpw']} to {result['largest_bpw']} bits per weight.", "",
+             "| budget | bits/weight loaded | ppl | BitStack MB | load s |", "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        if row.get("ppl") is None:
+            lines.append(f"| {row['budget']} | - | below the smallest loadable model | - | - |")
+        else:
+            lines.append(f"| {row['budget']} | {row.get('bits_per_weight', '-')} | {row['ppl']} | "
+                         f"{row.get('bitstack_mb', '-')} | {row.get('load_seconds', '-')} |")
+    for label, bits, ppl in result["references"]:
+        lines.append(f"| {label} (reference) | {bits} | {ppl} | - | - |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(result: dict[str, Any], path: Path) -> bool:
+    """The curve (bits per weight vs log perplexity), the dense line and the reference points; False without
+    matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    rows = [row for row in result["rows"] if row.get("ppl") is not None and row.get("bits_per_weight")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([r["bits_per_weight"] for r in rows], [r["ppl"] for r in rows], "o-",
+            label=f"BitStack (rank {result['rank']}, {result['iterations']} blocks)")
+    if result.get("dense_ppl"):
+        ax.axhline(result["dense_ppl"], color="gray", linestyle="--", label=f"dense ({result['dense_ppl']:.2f})")
+    for label, bits, ppl in result["references"]:
+        ax.scatter([bits], [ppl], marker="s")
+        ax.annotate(label, (bits, ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (decomposed linears, everything stored)")
+    ax.set_ylabel(f"perplexity, {result['eval']}")
+    ax.set_title(f"BitStack on {result['model']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo:smollm2")
+    parser.add_argument("--calibration", default="demo:lee")
+    parser.add_argument("--eval-data", default="demo:wiki")
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--iterations", type=int, default=16, help="Blocks per linear.")
+    parser.add_argument("--rank", type=int, default=16, help="Rank of each block's magnitude approximation.")
+    parser.add_argument("--bpw", default=DEFAULT_BPW, help="Budgets in bits per decomposed weight, comma-separated.")
+    parser.add_argument("--materialize-at", default="2.5bpw", help="The budget whose materialize is timed.")
+    parser.add_argument("--reference", action="append", default=[], help="LABEL=PPL@BITS, repeatable.")
+    parser.add_argument("--skip-dense", action="store_true", help="Do not evaluate the dense model.")
+    parser.add_argument("--keep", type=Path, default=None, help="Write the BitStack directory here and keep it.")
+    parser.add_argument("--out", type=Path, default=Path("bench-bitstack"), help="Directory for JSON, MD, PNG.")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _arguments()
+    references = [parse_reference(text) for text in args.reference]  # bad text fails before any work
+    args.out.mkdir(parents=True, exist_ok=True)
+    loaded = load(args.model)
+    tokens = calibration_batch(loaded.tokenizer, args.calibration, args.samples, args.seq_len, seed=0)
+
+    def score(model: torch.nn.Module) -> float:
+        scored = LoadedModel(model, loaded.tokenizer, loaded.source, loaded.source_dir)
+        return round(evaluate(scored, args.eval_data, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens,
+                              device="cpu").ppl, 4)
+
+    result: dict[str, Any] = {
+        "model": args.model, "iterations": args.iterations, "rank": args.rank, "order": "relative",
+        "calibration": f"{args.calibration} {args.samples}x{args.seq_len}",
+        "eval": f"{args.eval_data} {args.eval_tokens} tokens, windows of {args.eval_seq_len}",
+        "threads": torch.get_num_threads(), "references": references, "rows": [],
+        "dense_ppl": None if args.skip_dense else score(loaded.model),
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = args.keep or Path(scratch) / "bitstack"
+        result |= decompose(loaded, tokens, args.iterations, args.rank, directory)
+        print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
+        for bits in args.bpw.split(","):
+            result["rows"].append(measure_budget(directory, f"{bits.strip()}bpw", score))
+            print(json.dumps(result["rows"][-1]), flush=True)
+            (args.out / "bitstack.json").write_text(json.dumps(result, indent=2) + "\n")
+        result |= time_materialize(directory, args.materialize_at)
+    result["peak_rss_mb"] = round(peak_rss_bytes() / 2**20)
+    (args.out / "bitstack.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "bitstack.md").write_text(markdown(result))
+    plotted = plot_curve(result, args.out / "bitstack.png")
+    print(markdown(result))
+    png = ", bitstack.png" if plotted else " (no matplotlib: no PNG)"
+    print(f"wrote {args.out}/bitstack.json, bitstack.md{png}")
+
+
+if __name__ == "__main__":
+    main()
