@@ -90,8 +90,23 @@ def write_model(
         raise ExportError(f"unknown export format {export.format}")
     if export.format != "gguf":
         tokenizer.save_pretrained(out_dir)
-        _attach_remote_code(run.structure.get("remote_code"), out_dir)
+        _attach_remote_code(run.structure.get("remote_code") or _loaded_remote_code(run.model), out_dir)
     return sorted(p.name for p in out_dir.iterdir())
+
+
+def _loaded_remote_code(model: Any) -> dict[str, Any] | None:
+    """The remote-code spec of a model loaded from one of our exports whose ``auto_map`` names a shipped file.
+
+    Quantizing a slicegpt / finercut / flap export in a second run keeps its config keys and ``auto_map``
+    (the compressed-tensors writer saves the config as it is), so the modeling file must be copied again.
+    """
+    from compressor.models.shipped import shipped_dir
+
+    auto_map = getattr(model.config, "auto_map", None) or {}
+    modules = {str(ref).split(".")[0] for ref in auto_map.values()}
+    if len(modules) != 1 or not (shipped_dir() / f"{next(iter(modules))}.py").is_file():
+        return None
+    return {"file": f"{modules.pop()}.py", "auto_map": dict(auto_map)}
 
 
 def _check_dense_loads(run: ModelContext) -> None:

@@ -226,3 +226,22 @@ def test_the_modeling_file_refuses_a_config_it_cannot_rebuild() -> None:
     fresh.config.flap = {**spec, "layers": [{**spec["layers"][0], "kv_heads": 0}, *spec["layers"][1:]]}
     with pytest.raises(ValueError, match="invalid layer shape"):
         apply_shapes(fresh, fresh.config)
+
+
+def test_quantizing_a_flap_export_in_a_second_run_ships_the_modeling_file_again(
+    model_dir_factory: Any, text_file: Path, tmp_path: Path
+) -> None:
+    """compress DIR (a FLAP export) with a GPTQ recipe: its config keeps auto_map, so the file must travel too."""
+    from compressor.pipeline import compress
+    from compressor.recipe import load_recipe
+
+    calibration = [f"calibration.dataset={text_file}", "calibration.samples=4", "calibration.seq_len=32",
+                   "calibration.batch_size=2"]
+    compress(load(model_dir_factory("llama")), load_recipe("flap-20pct", calibration), tmp_path / "flap", device="cpu")
+    pruned = load(tmp_path / "flap")
+    out = tmp_path / "gptq"
+    compress(pruned, load_recipe("w4a16-gptq", [*calibration, "stages.0.group_size=32"]), out, device="cpu")
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_flap.FLAPLlamaForCausalLM" and config["flap"]
+    assert (out / "modeling_flap.py").read_bytes() == (tmp_path / "flap" / "modeling_flap.py").read_bytes()
+    torch.testing.assert_close(_logits(load(out).model), _logits(pruned.model), rtol=0, atol=1e-5)
