@@ -12,7 +12,8 @@ benchmarks. A budget in bits per weight counts every stored byte of the decompos
 SVD factors, per-channel scales) over their weights; each row states the bits actually loaded (at most the
 budget: whole blocks only). A budget below one block per linear has no model: its row says the smallest.
 Timed: the decomposition (the stage's pass), writing the directory, each load at a budget, and one
-``compressor bitstack materialize`` (load + write a dense directory) at ``--materialize-at``.
+``compressor bitstack materialize`` (load + write a dense directory) at ``--materialize-at`` (default: the
+largest budget that loads).
 
 Outputs in ``--out``: ``bitstack.json`` (rewritten after every row), ``bitstack.md`` (the table) and
 ``bitstack.png`` (the curve, log perplexity; needs matplotlib, the 'plots' extra), with the dense model as a
@@ -102,7 +103,10 @@ def time_materialize(directory: Path, budget: str) -> dict[str, Any]:
     """Seconds of ``compressor bitstack materialize DIR --budget B`` (load at the budget + write dense)."""
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
-        report = materialize(directory, budget, Path(scratch) / "out")
+        try:
+            report = materialize(directory, budget, Path(scratch) / "out")
+        except UsageError as exc:
+            return {"materialize_budget": budget, "materialize_error": str(exc)}
         return {"materialize_budget": budget, "materialize_seconds": round(time.perf_counter() - start, 1),
                 "materialized_file_mb": round(report["file_bytes"] / 1e6, 1)}
 
@@ -163,7 +167,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=16, help="Blocks per linear.")
     parser.add_argument("--rank", type=int, default=16, help="Rank of each block's magnitude approximation.")
     parser.add_argument("--bpw", default=DEFAULT_BPW, help="Budgets in bits per decomposed weight, comma-separated.")
-    parser.add_argument("--materialize-at", default="2.5bpw", help="The budget whose materialize is timed.")
+    parser.add_argument("--materialize-at", default=None,
+                        help="The budget whose materialize is timed (default: the largest --bpw that loads).")
     parser.add_argument("--reference", action="append", default=[], help="LABEL=PPL@BITS, repeatable.")
     parser.add_argument("--skip-dense", action="store_true", help="Do not evaluate the dense model.")
     parser.add_argument("--keep", type=Path, default=None, help="Write the BitStack directory here and keep it.")
@@ -198,7 +203,9 @@ def main() -> None:
             result["rows"].append(measure_budget(directory, f"{bits.strip()}bpw", score))
             print(json.dumps(result["rows"][-1]), flush=True)
             (args.out / "bitstack.json").write_text(json.dumps(result, indent=2) + "\n")
-        result |= time_materialize(directory, args.materialize_at)
+        loadable = [row["budget"] for row in result["rows"] if row.get("ppl") is not None]
+        if args.materialize_at or loadable:
+            result |= time_materialize(directory, args.materialize_at or loadable[-1])
     result["peak_rss_mb"] = round(peak_rss_bytes() / 2**20)
     (args.out / "bitstack.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "bitstack.md").write_text(markdown(result))
