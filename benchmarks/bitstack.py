@@ -112,36 +112,44 @@ def time_materialize(directory: Path, budget: str) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"BitStack on {result['model']}: iterations {result['iterations']}, rank {result['rank']}, "
-             f"calibration {result['calibration']}, eval {result['eval']}; decomposition "
-             f"{result['decompose_seconds']} s ({result['threads']} threads), peak RSS {result['peak_rss_mb']} MB, "
-             f"loadable {result['smallest_bpw']} to {result['largest_bpw']} bits per weight.", "",
-             "| budget | bits/weight loaded | ppl | BitStack MB | load s |", "|---|---|---|---|---|"]
-    for row in result["rows"]:
-        if row.get("ppl") is None:
-            lines.append(f"| {row['budget']} | - | below the smallest loadable model | - | - |")
-        else:
-            lines.append(f"| {row['budget']} | {row.get('bits_per_weight', '-')} | {row['ppl']} | "
-                         f"{row.get('bitstack_mb', '-')} | {row.get('load_seconds', '-')} |")
+    lines = [f"BitStack on {result['model']}: {result['iterations']} iterations, calibration {result['calibration']}, "
+             f"eval {result['eval']}, dense ppl {result['dense_ppl']}, {result['threads']} threads, peak RSS "
+             f"{result.get('peak_rss_mb')} MB.", "",
+             "| rank | budget | bits/weight loaded | ppl | BitStack MB | load s |", "|---|---|---|---|---|---|"]
+    for stack in result["stacks"]:
+        for row in stack["rows"]:
+            if row.get("ppl") is None:
+                lines.append(f"| {stack['rank']} | {row['budget']} | - | below the smallest loadable model | - | - |")
+            else:
+                lines.append(f"| {stack['rank']} | {row['budget']} | {row['bits_per_weight']} | {row['ppl']} | "
+                             f"{row['bitstack_mb']} | {row['load_seconds']} |")
     for label, bits, ppl in result["references"]:
-        lines.append(f"| {label} (reference) | {bits} | {ppl} | - | - |")
+        lines.append(f"| {label} (reference) | | {bits} | {ppl} | | |")
+    lines += ["", "| rank | loadable bits/weight | decomposition s | peak RSS after it (MB) | directory MB | "
+              "materialize s (budget) |", "|---|---|---|---|---|---|"]
+    for stack in result["stacks"]:
+        lines.append(f"| {stack['rank']} | {stack['smallest_bpw']} to {stack['largest_bpw']} | "
+                     f"{stack['decompose_seconds']} | {stack['peak_rss_mb_after_decompose']} | "
+                     f"{stack['directory_mb']} | "
+                     f"{stack.get('materialize_seconds', '-')} ({stack.get('materialize_budget', '-')}) |")
     return "\n".join(lines) + "\n"
 
 
 def plot_curve(result: dict[str, Any], path: Path) -> bool:
-    """The curve (bits per weight vs log perplexity), the dense line and the reference points; False without
-    matplotlib."""
+    """One curve per rank (bits per weight vs log perplexity), the dense line and the reference points; False
+    without matplotlib."""
     plt = _pyplot()
     if plt is None:
         return False
-    rows = [row for row in result["rows"] if row.get("ppl") is not None and row.get("bits_per_weight")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([r["bits_per_weight"] for r in rows], [r["ppl"] for r in rows], "o-",
-            label=f"BitStack (rank {result['rank']}, {result['iterations']} blocks)")
+    for stack in result["stacks"]:
+        rows = [row for row in stack["rows"] if row.get("ppl") is not None]
+        ax.plot([r["bits_per_weight"] for r in rows], [r["ppl"] for r in rows], "o-",
+                label=f"BitStack rank {stack['rank']} ({result['iterations']} blocks)")
     if result.get("dense_ppl"):
         ax.axhline(result["dense_ppl"], color="gray", linestyle="--", label=f"dense ({result['dense_ppl']:.2f})")
     for label, bits, ppl in result["references"]:
-        ax.scatter([bits], [ppl], marker="s")
+        ax.scatter([bits], [ppl], marker="s", color="black")
         ax.annotate(label, (bits, ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (decomposed linears, everything stored)")
@@ -165,7 +173,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--iterations", type=int, default=16, help="Blocks per linear.")
-    parser.add_argument("--rank", type=int, default=16, help="Rank of each block's magnitude approximation.")
+    parser.add_argument("--rank", default="16", help="Rank of each block's magnitude approximation; several "
+                        "(16,8,4) decompose once per rank, one curve each.")
     parser.add_argument("--bpw", default=DEFAULT_BPW, help="Budgets in bits per decomposed weight, comma-separated.")
     parser.add_argument("--materialize-at", default=None,
                         help="The budget whose materialize is timed (default: the largest --bpw that loads).")
@@ -176,11 +185,30 @@ def _arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def run_rank(stack: dict[str, Any], loaded: LoadedModel, tokens: torch.Tensor, args: argparse.Namespace,
+             score: Any, save: Any) -> None:
+    """Decompose at ``stack["rank"]``, then load and score every budget into ``stack``; ``save()`` after each row."""
+    rank = stack["rank"]
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = args.keep / f"rank{rank}" if args.keep else Path(scratch) / "bitstack"
+        stack |= decompose(loaded, tokens, args.iterations, rank, directory)
+        print(json.dumps({k: v for k, v in stack.items() if k != "rows"}), flush=True)
+        for bits in args.bpw.split(","):
+            stack["rows"].append(measure_budget(directory, f"{bits.strip()}bpw", score))
+            print(json.dumps(stack["rows"][-1]), flush=True)
+            save()
+        loadable = [row["budget"] for row in stack["rows"] if row.get("ppl") is not None]
+        if args.materialize_at or loadable:
+            stack |= time_materialize(directory, args.materialize_at or loadable[-1])
+
+
 def main() -> None:
     args = _arguments()
     references = [parse_reference(text) for text in args.reference]  # bad text fails before any work
+    ranks = [int(rank) for rank in args.rank.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     loaded = load(args.model)
+    dense = {name: tensor.clone() for name, tensor in loaded.model.state_dict().items()}
     tokens = calibration_batch(loaded.tokenizer, args.calibration, args.samples, args.seq_len, seed=0)
 
     def score(model: torch.nn.Module) -> float:
@@ -189,25 +217,22 @@ def main() -> None:
                               device="cpu").ppl, 4)
 
     result: dict[str, Any] = {
-        "model": args.model, "iterations": args.iterations, "rank": args.rank, "order": "relative",
+        "model": args.model, "iterations": args.iterations, "order": "relative",
         "calibration": f"{args.calibration} {args.samples}x{args.seq_len}",
         "eval": f"{args.eval_data} {args.eval_tokens} tokens, windows of {args.eval_seq_len}",
-        "threads": torch.get_num_threads(), "references": references, "rows": [],
+        "threads": torch.get_num_threads(), "references": references, "stacks": [],
         "dense_ppl": None if args.skip_dense else score(loaded.model),
     }
-    with tempfile.TemporaryDirectory() as scratch:
-        directory = args.keep or Path(scratch) / "bitstack"
-        result |= decompose(loaded, tokens, args.iterations, args.rank, directory)
-        print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
-        for bits in args.bpw.split(","):
-            result["rows"].append(measure_budget(directory, f"{bits.strip()}bpw", score))
-            print(json.dumps(result["rows"][-1]), flush=True)
-            (args.out / "bitstack.json").write_text(json.dumps(result, indent=2) + "\n")
-        loadable = [row["budget"] for row in result["rows"] if row.get("ppl") is not None]
-        if args.materialize_at or loadable:
-            result |= time_materialize(directory, args.materialize_at or loadable[-1])
+
+    def save() -> None:  # after every row, so an interrupted run keeps what it measured
+        (args.out / "bitstack.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    for rank in ranks:
+        loaded.model.load_state_dict(dense)  # the stage wrote its reconstruction into the model
+        result["stacks"].append({"rank": rank, "rows": []})
+        run_rank(result["stacks"][-1], loaded, tokens, args, score, save)
     result["peak_rss_mb"] = round(peak_rss_bytes() / 2**20)
-    (args.out / "bitstack.json").write_text(json.dumps(result, indent=2) + "\n")
+    save()
     (args.out / "bitstack.md").write_text(markdown(result))
     plotted = plot_curve(result, args.out / "bitstack.png")
     print(markdown(result))
