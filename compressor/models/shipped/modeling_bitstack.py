@@ -167,7 +167,11 @@ def state_dict_at(directory: str | Path, manifest: dict[str, Any], counts: dict[
     return state
 
 
-def build_model(from_pretrained: Any, config: Any, state: dict[str, torch.Tensor], dtype: Any) -> Any:
+#: ``from_pretrained`` options passed on to transformers' loader; the rest (hub and remote-code options) are spent.
+PASSED_ON = ("device_map", "attn_implementation")
+
+
+def build_model(from_pretrained: Any, config: Any, state: dict[str, torch.Tensor], dtype: Any, **options: Any) -> Any:
     """The model ``from_pretrained`` (a bound ``PreTrainedModel.from_pretrained``) makes from ``state``, strictly.
 
     Through transformers' loader rather than ``load_state_dict`` because the stored names are the
@@ -175,7 +179,8 @@ def build_model(from_pretrained: Any, config: Any, state: dict[str, torch.Tensor
     (``experts.3.w1``), which the loader merges into the model's 3-D expert tensors as it does for any
     checkpoint. A tensor left out or left over is an error, not a randomly initialised weight.
     """
-    model, info = from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
+    model, info = from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True,
+                                  **options)
     odd = {kind: names for kind, names in info.items() if names and kind != "error_msgs"}
     if odd or info.get("error_msgs"):
         raise ValueError(f"BitStack directory does not fit its config.json: {odd or info['error_msgs']}")
@@ -192,7 +197,8 @@ def _from_pretrained(base: Any, cls: Any, path: Any, *args: Any, bitstack_budget
     dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
     dtype = getattr(torch, manifest["dtype"]) if dtype in (None, "auto") else dtype
     model = build_model(functools.partial(base.from_pretrained.__func__, cls), config,
-                        state_dict_at(path, manifest, counts), dtype)
+                        state_dict_at(path, manifest, counts), dtype,
+                        **{key: kwargs[key] for key in PASSED_ON if kwargs.get(key) is not None})
     model.bitstack_blocks = counts
     try:
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
