@@ -1,7 +1,8 @@
 """Model definitions shipped next to exports that stock transformers cannot express (named by ``auto_map``).
 
 Each file here is self-contained (torch and transformers only, and safetensors, which transformers needs)
-because the export copies it into the output directory, where ``from_pretrained(..., trust_remote_code=True)`` imports it without compressor; the methods
+because the export copies it into the output directory, where ``from_pretrained(..., trust_remote_code=True)``
+imports it without compressor; the methods
 import the same files, so the in-memory model and the reloaded one are built by the same classes. The files
 keep no table of families: the layout they need (:meth:`compressor.models.base.Family.layout`) travels in
 config.json, and their model classes are made for any transformers ``<X>ForCausalLM`` from the name
