@@ -123,3 +123,14 @@ def test_a_moe_model_compresses_to_a_bitstack_directory_and_evaluates(model_dir_
     first = sum(item["block_bytes"][0] for item in manifest["linears"].values())
     budget = f"{manifest['fixed_bytes'] + first}B"
     assert evaluate(load(out, budget=budget), str(text_file), seq_len=32, max_tokens=64, device="cpu").ppl > 1
+
+
+@pytest.mark.parametrize("prune", [{"method": "slicegpt", "slicing": 0.25}, {"method": "finercut", "ratio": 0.25}])
+def test_a_pruning_stage_that_needs_its_own_modeling_file_is_refused_before_the_run(text_file: Path,
+                                                                                     prune: dict[str, object]) -> None:
+    """The directory is rebuilt from config.json by modeling_bitstack.py alone, which cannot build a sliced model
+    or one without sublayers: refused at validation, not by the writer after the decomposition."""
+    stages = [prune, {"method": "bitstack", "iterations": 2, "rank": 2}]
+    with pytest.raises(RecipeError, match=f"stages.0: {prune['method']}'s model needs its own modeling file"):
+        _recipe(text_file, "bitstack", stages)
+    assert _recipe(text_file, "dense", stages) is not None  # the reconstruction at the budget, in its own file
