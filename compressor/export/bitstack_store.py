@@ -90,7 +90,7 @@ def write_bitstack_stage(out_dir: Path, model: Any, stages: list[Any]) -> list[s
 
 
 def check_skeleton(model: Any) -> None:
-    """The model's tensors are those of the model ``config.json`` builds, or an ExportError.
+    """The model's tensors (names and shapes) are those of the model ``config.json`` builds, or an ExportError.
 
     A MoE's experts may differ: linearized in memory (``experts.3.w1``, :mod:`compressor.models.moe`), they
     carry the checkpoint's names, which transformers' loader merges into the 3-D expert tensors of the model
@@ -103,12 +103,13 @@ def check_skeleton(model: Any) -> None:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model.config)
     experts = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, LinearExperts))
-    ours = {name for name in model.state_dict() if not name.startswith(experts)}
-    theirs = {name for name in skeleton.state_dict() if not name.startswith(experts)}
+    ours = {name: tuple(t.shape) for name, t in model.state_dict().items() if not name.startswith(experts)}
+    theirs = {name: tuple(t.shape) for name, t in skeleton.state_dict().items() if not name.startswith(experts)}
     if ours != theirs:
-        odd = sorted(ours ^ theirs)
+        odd = sorted(name for name in ours.keys() | theirs.keys() if ours.get(name) != theirs.get(name))
         raise ExportError(f"bitstack directory: {type(model).__name__} in memory differs from the model its config "
-                          f"builds ({odd[0]} and {len(odd) - 1} more); not supported for this family yet")
+                          f"builds ({odd[0]}: {ours.get(odd[0])} vs {theirs.get(odd[0])}, and {len(odd) - 1} more), "
+                          "which is all its directory can rebuild")
 
 
 def _fixed_tensors(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -101,8 +101,13 @@ def test_a_moe_directory_loads_into_the_model_the_stage_builds(tmp_path: Path, f
     torch.testing.assert_close(_logits(loaded), _logits(at_budget), rtol=0, atol=1e-5)
 
 
-def test_a_model_whose_tensors_differ_from_its_config_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("key", "value", "first"), [("num_hidden_layers", 1, "model.layers.1."),
+                                                     ("intermediate_size", 96, "model.layers.0.mlp.down_proj.weight")])
+def test_a_model_whose_tensors_differ_from_its_config_is_refused(tmp_path: Path, key: str, value: int,
+                                                                 first: str) -> None:
+    """Names or shapes the config's model does not have (a layer fewer, a narrower MLP) are refused."""
     model, stage = _compress()
-    model.config.num_hidden_layers = 1  # the config's model would have one layer fewer
-    with pytest.raises(ExportError, match="differs from the model its config builds"):
+    setattr(model.config, key, value)
+    with pytest.raises(ExportError, match=f"differs from the model its config builds \\({first}"):
         write_bitstack(tmp_path, model, stage)
+    assert not (tmp_path / MANIFEST).exists()
