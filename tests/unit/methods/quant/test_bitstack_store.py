@@ -111,3 +111,20 @@ def test_a_model_whose_tensors_differ_from_its_config_is_refused(tmp_path: Path,
     with pytest.raises(ExportError, match=f"differs from the model its config builds \\({first}"):
         write_bitstack(tmp_path, model, stage)
     assert not (tmp_path / MANIFEST).exists()
+
+
+def test_a_directory_missing_a_tensor_is_an_error_not_a_random_weight(written: tuple[Path, BitStack],
+                                                                     tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from compressor.errors import ModelLoadError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(written[0], copy)
+    fixed = load_file(str(copy / FIXED))
+    del fixed["model.norm.weight"]
+    save_file(fixed, str(copy / FIXED))
+    with pytest.raises(ModelLoadError, match=r"does not fit its config.json: .*missing_keys.*model\.norm\.weight"):
+        load_bitstack(copy)
