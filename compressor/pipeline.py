@@ -58,6 +58,10 @@ def load(
         return load_at_budget(path, budget, dtype)
     if budget is not None:
         raise UsageError(f"budget: {path} is not a BitStack directory (no bitstack.json); only those load at a budget")
+    from compressor.export.int8_dir import int8_dir_config, load_int8_dir
+
+    if int8_dir_config(path) is not None:
+        return load_int8_dir(Path(path), dtype)
     return load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
 
 

@@ -25,6 +25,11 @@ def check_export_settings(export: ExportConfig, quant_stages: list[MethodConfig]
     if export.format == "bitstack":
         has_stage = any(stage.method == "bitstack" for stage in quant_stages)
         return None if has_stage else "'bitstack' stores a bitstack stage's blocks, but the recipe has none"
+    if export.format == "compressor-int8":
+        others = [stage.method for stage in quant_stages if stage.method != "dgq"]
+        if others or not quant_stages:
+            return f"'compressor-int8' stores dgq's INT8 linears only, the recipe quantizes with {others or 'none'}"
+        return None
     if not quant_stages:
         return f"'{export.format}' stores quantized weights, but no stage quantizes (use format: dense)"
     for stage in quant_stages:
@@ -57,8 +62,8 @@ def format_problem(export: ExportConfig, bits: int, group: int, symmetric: bool)
 
 
 def storage_scale_dtype(export: ExportConfig, model_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the format stores scales in: fp16 in GGUF blocks, the model dtype otherwise."""
-    return torch.float16 if export.format == "gguf" else model_dtype
+    """The dtype the format stores scales in: fp16 in GGUF blocks, float32 in compressor-int8, else the model's."""
+    return {"gguf": torch.float16, "compressor-int8": torch.float32}.get(export.format, model_dtype)
 
 
 def write_model(
@@ -82,6 +87,11 @@ def write_model(
 
         file_type = export.gguf_type or ("Q4_0" if _bits(run) == 4 else "Q8_0")
         write_gguf(run.model, run.quantized, out_dir / f"model-{file_type}.gguf", tokenizer, file_type)
+    elif export.format == "compressor-int8":
+        from compressor.export.int8_dir import write_int8_dir
+
+        write_int8_dir(run.model, out_dir, run.structure)
+        _save_generation_config(run.model, out_dir)
     elif export.format == "bitstack":
         from compressor.export.bitstack_store import write_bitstack_stage
 

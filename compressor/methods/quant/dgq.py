@@ -137,12 +137,13 @@ class DGQ(Method):
     @classmethod
     def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
         assert isinstance(config, DGQConfig)
-        if export_format not in ("dense", "compressed-tensors"):
+        if export_format not in ("dense", "compressed-tensors", "compressor-int8"):
             return (f"dgq cannot be exported as {export_format} (it has no INT8-activation form, so the file would "
-                    "load as a different model); use export: {format: compressed-tensors} (W4A8/W8A8) or dense")
+                    "load as a different model); use export: {format: compressed-tensors} (W4A8/W8A8), "
+                    "compressor-int8 (compressor.load rebuilds the INT8 model exactly) or dense")
         if export_format == "compressed-tensors" and config.act_percentile != 100:
             return (f"act_percentile {config.act_percentile:g} cannot be stored in compressed-tensors (loaders scale "
-                    "each token by its maximum); use act_percentile: 100, or export: {format: dense}")
+                    "each token by its maximum); use act_percentile: 100, or export: {format: compressor-int8}")
         return None
 
     def bind(self, later: list[MethodConfig], export_format: str) -> None:

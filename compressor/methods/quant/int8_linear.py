@@ -6,7 +6,8 @@ per output channel, quantizes each input token to INT8 (``dgq_ops.quantize_activ
 ``token_scale * channel_scale``. It is an ``nn.Linear`` whose ``weight``
 parameter is the dequantized float weight: the state dict is a plain linear's (a dense save writes the
 dual-grained weights exactly, without the activation quantization), and code that reads ``.weight`` sees what
-the INT8 path multiplies. The INT8 tensors are non-persistent buffers rebuilt from the integer form.
+the INT8 path multiplies. The INT8 tensors are non-persistent buffers rebuilt from the integer form; the integer
+group scales are kept too (``dual_grained``), so the compressor-int8 directory stores the two levels apart.
 """
 
 from __future__ import annotations
@@ -54,12 +55,15 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> torc
 class Int8Linear(nn.Linear):
     """``y = (Q(x) @ W8^T) * x_scale * channel_scale + bias`` with ``Q`` per-token INT8 (``act_percentile`` clip).
 
-    Buffers: ``weight_int8: [out, in]`` int8, ``channel_scale: [out]`` float32. ``quantize_inputs`` False makes
-    it a plain linear on the dequantized weight (see :func:`float_activations`).
+    Buffers: ``weight_int8: [out, in]`` int8, ``channel_scale: [out]`` float32, ``int_scale: [out, n_groups]``
+    int16 (the integer group scales ``weight_int8`` already holds; ``bits`` and ``group_size`` say how to split
+    them off again). ``quantize_inputs`` False makes it a plain linear on the dequantized weight (see
+    :func:`float_activations`).
     """
 
     weight_int8: torch.Tensor
     channel_scale: torch.Tensor
+    int_scale: torch.Tensor
 
     def __init__(self, weight: DualGrainedWeight, bias: torch.Tensor | None, act_percentile: float = 100.0,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -71,6 +75,8 @@ class Int8Linear(nn.Linear):
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.register_buffer("weight_int8", weight.int8_weight().to(device), persistent=False)
         self.register_buffer("channel_scale", weight.channel_scale.float().to(device), persistent=False)
+        self.register_buffer("int_scale", weight.int_scale.to(torch.int16).to(device), persistent=False)
+        self.bits, self.group_size = weight.bits, weight.group_size
         self.act_percentile = act_percentile
         self.quantize_inputs = True
 
@@ -78,6 +84,13 @@ class Int8Linear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, weight: DualGrainedWeight, act_percentile: float = 100.0) -> Int8Linear:
         """Replace ``linear``'s weight by ``weight`` (its bias and dtype kept)."""
         return cls(weight, None if linear.bias is None else linear.bias.data, act_percentile, linear.weight.dtype)
+
+    def dual_grained(self) -> DualGrainedWeight:
+        """The integer form this layer multiplies: codes ``weight_int8 / int_scale`` (exact), both scales."""
+        weight = DualGrainedWeight(self.weight_int8, self.int_scale, self.channel_scale, self.bits, self.group_size)
+        codes = self.weight_int8.to(torch.int16) // weight.column_int_scale()
+        return DualGrainedWeight(codes.to(torch.int8), self.int_scale.clone(), self.channel_scale.clone(), self.bits,
+                                 self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantize_inputs:
