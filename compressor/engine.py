@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from compressor.methods.base import LayerRecord, Method
 from compressor.methods.quant.gptq_ops import accumulate_hessian
 from compressor.methods.quant.ops import QuantizedWeight
 from compressor.models.base import LinearGroup, ModelAdapter
+
+if TYPE_CHECKING:
+    from compressor.checkpoint import Checkpoints, PassCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -352,8 +355,14 @@ def _move_embeddings(adapter: ModelAdapter, device: torch.device) -> None:
         module.to(device)
 
 
-def run_pass(run: ModelContext, stages: list[Method], progress: ProgressFn | None = None) -> list[LayerRecord]:
-    """One sweep over the decoder layers applying ``stages`` in order inside each layer."""
+def run_pass(
+    run: ModelContext, stages: list[Method], progress: ProgressFn | None = None,
+    checkpoint: PassCheckpoint | None = None,
+) -> list[LayerRecord]:
+    """One sweep over the decoder layers applying ``stages`` in order inside each layer.
+
+    With ``checkpoint``, each finished layer is saved, and a resumed pass starts after the last saved layer.
+    """
     records: list[LayerRecord] = []
     for stage in stages:
         records += stage.prepare(run)
@@ -362,18 +371,23 @@ def run_pass(run: ModelContext, stages: list[Method], progress: ProgressFn | Non
     _move_embeddings(run.adapter, torch.device("cpu"))
     layers = run.adapter.layers()
     label = "+".join(stage.name for stage in stages)
-    hidden = captured.hidden
-    for index in range(len(layers)):
+    start, saved, restored = checkpoint.begin(run, stages) if checkpoint else (0, None, [])
+    hidden, records = saved or captured.hidden, records + restored
+    for index in range(start, len(layers)):
         layer = layers[index].to(run.device)
         ctx = LayerContext(index=index, layer=layer, run=run, inputs=captured.layer(index, hidden))
+        done: list[LayerRecord] = []
         for stage in stages:
             ctx.thaw()
-            records += stage.apply(ctx)
+            done += stage.apply(ctx)
         hidden = ctx.forward()  # replays what the last stage left replayable
         if not all(torch.isfinite(out).all() for out in hidden):
             raise NumericalError(f"layer {ctx.prefix} produced NaN/inf outputs after {label}")
         layers[index].to("cpu")
         run.store_codes()
+        records += done
+        if checkpoint:
+            checkpoint.save(run, index, layers[index], done, hidden)
         if progress:
             progress(label, index + 1, len(layers))
     for stage in stages:
@@ -381,11 +395,14 @@ def run_pass(run: ModelContext, stages: list[Method], progress: ProgressFn | Non
     return records
 
 
-def run_stages(run: ModelContext, stages: list[Method], progress: ProgressFn | None = None) -> list[LayerRecord]:
-    """Every pass in order; returns the per-module records of all stages."""
+def run_stages(
+    run: ModelContext, stages: list[Method], progress: ProgressFn | None = None,
+    checkpoints: Checkpoints | None = None,
+) -> list[LayerRecord]:
+    """Every pass in order; returns the per-module records of all stages (``checkpoints``: see checkpoint.py)."""
     records: list[LayerRecord] = []
-    for stages_of_pass in split_passes(stages):
+    for number, stages_of_pass in enumerate(split_passes(stages)):
         start = time.perf_counter()
-        records += run_pass(run, stages_of_pass, progress)
+        records += run_pass(run, stages_of_pass, progress, checkpoints.for_pass(number) if checkpoints else None)
         log.info("pass %s took %.1f s", [s.name for s in stages_of_pass], time.perf_counter() - start)
     return records

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from compressor.calibration.tokens import calibration_batch, iter_eval_windows
+from compressor.checkpoint import Checkpoints, check_resume, fingerprint
 from compressor.engine import ModelContext, ProgressFn, run_stages
 from compressor.errors import CalibrationError, ExportError, QualityGateError, RecipeError, UsageError
 from compressor.evaluate.perplexity import PerplexityResult, perplexity
@@ -174,8 +175,13 @@ def compress(
     max_ppl_increase: float | None = None,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    checkpoint: bool = True,
+    resume: bool = False,
 ) -> Report:
     """Run ``recipe`` on ``model`` and write the result to ``out`` (atomically); returns the report.
+
+    ``checkpoint`` saves each finished layer in ``OUT.partial``; ``resume`` continues from there
+    (see :mod:`compressor.checkpoint`).
 
     With ``max_ppl_increase`` (percent) and ``eval_data``, a perplexity increase above the limit raises
     :class:`QualityGateError` after the output and report are written.
@@ -183,6 +189,7 @@ def compress(
     if max_ppl_increase is not None and eval_data is None:
         raise CalibrationError("--max-ppl-increase needs --eval SOURCE to measure perplexity")
     check_output_dir(out, overwrite)
+    check_resume(out, resume=resume, checkpoint=checkpoint, overwrite=overwrite)
     timings: dict[str, float] = {}
     stages = build_stages(recipe.stages, recipe.export.format)
     with _phase(timings, "load"):
@@ -204,10 +211,12 @@ def compress(
         with _phase(timings, "eval_before"):
             evaluation["before"] = evaluate(loaded, eval_data, seq_len=eval_len, max_tokens=eval_max_tokens,
                                             device=device).to_dict()
+    marks = fingerprint(recipe.digest(), loaded.model, tokens) if checkpoint else {}
+    checkpoints = Checkpoints(out, recipe.to_dict(), marks, resume) if checkpoint else None
     torch.manual_seed(recipe.seed)
     run = ModelContext(loaded.model, adapter, tokens, target, calib.batch_size)
     with _phase(timings, "compress"):
-        records = run_stages(run, stages, progress)
+        records = run_stages(run, stages, progress, checkpoints)
         _round_scales_for_storage(run, recipe.export)
     if eval_data:
         with _phase(timings, "eval_after"):

@@ -1,12 +1,14 @@
 """Output directories that appear whole or not at all.
 
-Everything is written into ``DIR.partial-XXXX`` beside the target, flushed to disk, then renamed into
+Everything is written into ``DIR.partial/model-XXXX`` beside the target, flushed to disk, then renamed into
 place: an interrupted run never leaves something that looks like a model, and an existing directory
-is replaced only with ``--overwrite`` (and only once the new one is complete).
+is replaced only with ``--overwrite`` (and only once the new one is complete). ``DIR.partial`` is the one
+partial location: the per-layer checkpoints of ``--resume`` live there too, and it is removed once ``DIR`` is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -38,12 +40,23 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def partial_dir(out: Path) -> Path:
+    """``DIR.partial`` beside ``out``: the staging area and the checkpoints of an unfinished run."""
+    out = out.resolve()
+    return out.parent / f"{out.name}.partial"
+
+
 @contextmanager
 def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a staging directory; on success it becomes ``out``, on any failure it is removed."""
+    """Yield a staging directory; on success it becomes ``out`` (and ``DIR.partial`` goes), on failure it is removed.
+
+    Checkpoints beside the staging directory survive a failure, for ``--resume``.
+    """
     check_output_dir(out, overwrite)
     out = out.resolve()
-    staging = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
+    partial = partial_dir(out)
+    partial.mkdir(exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="model-", dir=partial))
     try:
         yield staging
         _fsync_tree(staging)
@@ -54,6 +67,9 @@ def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, out)
+        shutil.rmtree(partial, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            partial.rmdir()  # only when no checkpoint is left in it
         raise

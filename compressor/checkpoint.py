@@ -1,0 +1,221 @@
+"""Per-layer checkpoints of a compression run, so ``compress ... --resume`` continues after a crash.
+
+Where: ``DIR.partial/`` beside the output (the atomic writer's one partial location). What, after each finished
+decoder layer of a layer-wise pass:
+
+- ``pass{p}-layer{i}.safetensors``: the finished layer's state_dict (``state.*``), its integer codes
+  (``codes.<module path>.<field>``) and the torch RNG state; its report rows in the metadata;
+- ``pass{p}-hidden{i}.safetensors``: the next layer's inputs (only the newest is kept), one tensor per calibration batch
+  (``samples x seq_len x hidden x itemsize`` bytes: 128 x 512 x 4096 x 4 = 1 GiB for a 7B model in float32);
+- ``manifest.json``: the resolved recipe, hashes of the recipe, the model's weights and config, and the
+  calibration tokens, and the last finished pass and layer.
+
+Every file is written to a temporary name, flushed and renamed, and the manifest goes last: a kill at any
+moment leaves the previous checkpoint whole. Only passes whose stages are all in :data:`LAYER_LOCAL` get
+layer checkpoints: their ``apply`` keeps nothing between layers and changes weight values only, so a finished
+layer is restored from its state_dict. Other passes (SliceGPT's rotations, BAQ's and ShortGPT's statistics,
+DGQ's INT8 modules) and every pass before the one that was interrupted are re-run on resume; a run is
+deterministic, so the result is the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from compressor.engine import ModelContext
+from compressor.errors import UsageError
+from compressor.export.atomic import partial_dir
+from compressor.methods.base import LayerRecord, Method
+from compressor.methods.quant.ops import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+VERSION = 1
+#: Methods whose finished layer is fully described by its state_dict and its codes (see the module docstring).
+LAYER_LOCAL = frozenset({"gptq", "rtn"})
+_CODE_TENSORS = ("q", "scale", "zero", "g_idx", "group_bits")
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """``write(tmp)`` then fsync and rename over ``path``: readers see the old file or the new one, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    _write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
+
+
+def _hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    data = tensor.detach().to("cpu").contiguous()
+    digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def fingerprint(recipe_digest: str, model: Any, tokens: torch.Tensor) -> dict[str, str]:
+    """What a resume must match: the recipe, the model (every weight as loaded, and its config), the tokens."""
+    weights = hashlib.sha256(model.config.to_json_string().encode())
+    for name, tensor in model.state_dict().items():
+        _hash_tensor(weights, name, tensor)
+    calibration = hashlib.sha256()
+    _hash_tensor(calibration, "tokens", tokens)
+    return {"recipe": recipe_digest, "model": weights.hexdigest()[:16], "calibration": calibration.hexdigest()[:16]}
+
+
+def check_resume(out: Path, *, resume: bool, checkpoint: bool, overwrite: bool) -> None:
+    """Refuse contradictory options, and a fresh run over an unfinished run's checkpoints, before any loading."""
+    manifest = partial_dir(out) / MANIFEST
+    if resume and not checkpoint:
+        raise UsageError("--resume needs checkpoints: drop --no-checkpoint")
+    if resume and not manifest.is_file():
+        raise UsageError(f"--resume: no checkpoint to resume in {manifest.parent} (no {MANIFEST})")
+    if not resume and manifest.is_file() and not overwrite:
+        raise UsageError(f"{manifest.parent} holds the checkpoints of an unfinished run: add --resume to continue "
+                         "it, or --overwrite to start over")
+
+
+class Checkpoints:
+    """The checkpoints of one run: writes them, and on resume says where the interrupted pass stopped."""
+
+    def __init__(self, out: Path, recipe: dict[str, Any], marks: dict[str, str], resume: bool) -> None:
+        self.root = partial_dir(out)
+        self.recipe, self.marks = recipe, marks
+        self.resume_at: tuple[int, int] | None = None  # (pass, last finished layer) still to be restored
+        if resume:
+            manifest = self._read_manifest()
+            saved = manifest["fingerprint"]
+            differ = [key for key in ("recipe", "model", "calibration") if saved.get(key) != marks[key]]
+            if differ:
+                names = {"recipe": "recipe", "model": "model weights/config", "calibration": "calibration tokens"}
+                raise UsageError(f"--resume: the checkpoint in {self.root} was made with a different "
+                                 f"{' and '.join(names[d] for d in differ)}; rerun without --resume (and --overwrite)")
+            self.resume_at = (int(manifest["pass"]), int(manifest["layer"]))
+        else:
+            self._clear()
+            self.root.mkdir(exist_ok=True)
+
+    def _read_manifest(self) -> dict[str, Any]:
+        try:
+            manifest = json.loads((self.root / MANIFEST).read_text())
+            if manifest.get("version") != VERSION:
+                raise ValueError(f"version {manifest.get('version')} (this compressor writes {VERSION})")
+            return dict(manifest)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--resume: unreadable {self.root / MANIFEST}: {exc}") from None
+
+    def _clear(self) -> None:
+        for path in self.root.glob("pass*"):
+            path.unlink()
+
+    def for_pass(self, number: int) -> PassCheckpoint:
+        """The checkpoint of pass ``number``: restoring (the interrupted pass), replaying, or writing."""
+        if self.resume_at is None:
+            return PassCheckpoint(self, number, "write")
+        stopped, layer = self.resume_at
+        if number < stopped:
+            return PassCheckpoint(self, number, "replay")
+        self.resume_at = None
+        if number == stopped:
+            return PassCheckpoint(self, number, "restore", layer)
+        return PassCheckpoint(self, number, "write")
+
+    def write_manifest(self, number: int, layer: int) -> None:
+        manifest = {"version": VERSION, "fingerprint": self.marks, "pass": number, "layer": layer,
+                    "recipe": self.recipe}
+        _write_atomic(self.root / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+
+    def discard(self) -> None:
+        """Forget every checkpoint (the run finished; the atomic writer removes the directory with the output)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PassCheckpoint:
+    """One pass's layer checkpoints; ``mode``: ``write`` them, ``restore`` finished layers first, or ``replay``."""
+
+    def __init__(self, owner: Checkpoints, number: int, mode: str, stopped: int = -1) -> None:
+        self.owner, self.number, self.mode, self.stopped = owner, number, mode, stopped
+        self.enabled = False
+
+    def _layer_file(self, index: int) -> Path:
+        return self.owner.root / f"pass{self.number}-layer{index}.safetensors"
+
+    def _hidden_file(self, index: int) -> Path:
+        return self.owner.root / f"pass{self.number}-hidden{index}.safetensors"
+
+    def begin(
+        self, run: ModelContext, stages: list[Method]
+    ) -> tuple[int, list[torch.Tensor] | None, list[LayerRecord]]:
+        """After ``prepare``: the first layer to compute, its saved inputs (None: the captured ones), restored rows."""
+        layer_local = all(s.name in LAYER_LOCAL and getattr(s, "plan", None) is None for s in stages)
+        self.enabled = layer_local and self.mode != "replay"
+        if self.mode == "replay" or not layer_local:
+            return 0, None, []
+        if self.mode == "write":
+            self.owner._clear()
+            self.owner.write_manifest(self.number, -1)
+            return 0, None, []
+        stopped = self.stopped
+        records: list[LayerRecord] = []
+        for index in range(stopped + 1):
+            records += self._restore_layer(run, index)
+        if stopped < 0:
+            return 0, None, records
+        saved = load_file(str(self._hidden_file(stopped)))
+        hidden = [saved[str(b)].to(run.device) for b in range(len(saved))]
+        log.info("resuming pass %d after layer %d", self.number, stopped)
+        return stopped + 1, hidden, records
+
+    def _restore_layer(self, run: ModelContext, index: int) -> list[LayerRecord]:
+        path = self._layer_file(index)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        tensors = load_file(str(path))
+        layer = run.adapter.layers()[index]
+        layer.load_state_dict({k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")})
+        for module, fields in json.loads(metadata["codes"]).items():
+            parts = {name: tensors.get(f"codes.{module}.{name}") for name in _CODE_TENSORS}
+            qweight = QuantizedWeight(**parts, **fields)  # type: ignore[arg-type]
+            run.quantized[module] = qweight.to(run.storage_device)
+        torch.set_rng_state(tensors["rng"])
+        return [LayerRecord(**row) for row in json.loads(metadata["records"])]
+
+    def save(self, run: ModelContext, index: int, layer: nn.Module, records: list[LayerRecord],
+             hidden: list[torch.Tensor]) -> None:
+        """Layer ``index`` is finished: its weights, codes, rows and RNG, then the next inputs, then the manifest."""
+        if not self.enabled:
+            return
+        prefix = run.adapter.layer_prefix(index) + "."
+        tensors = {f"state.{k}": v for k, v in layer.state_dict().items()}
+        codes: dict[str, dict[str, Any]] = {}
+        for module, qweight in run.quantized.items():
+            if module.startswith(prefix):
+                codes[module] = {"bits": qweight.bits, "group_size": qweight.group_size, "symmetric": qweight.symmetric}
+                for name in _CODE_TENSORS:
+                    if getattr(qweight, name) is not None:
+                        tensors[f"codes.{module}.{name}"] = getattr(qweight, name)
+        tensors["rng"] = torch.get_rng_state()
+        rows = json.dumps([r.to_dict() for r in records])
+        _save_tensors(self._layer_file(index), tensors, {"records": rows, "codes": json.dumps(codes)})
+        _save_tensors(self._hidden_file(index), {str(b): h for b, h in enumerate(hidden)})
+        self.owner.write_manifest(self.number, index)
+        self._hidden_file(index - 1).unlink(missing_ok=True)

@@ -1,0 +1,185 @@
+"""Per-layer checkpoints and ``compress(..., resume=True)``: an interrupted run, resumed, writes the same bytes.
+
+The interruption is a ``KeyboardInterrupt`` raised from the progress callback, which the engine calls right after
+a layer's checkpoint is written (the CLI tests kill a real process with SIGKILL).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+from tiny import tiny_model
+
+from compressor.errors import UsageError
+from compressor.pipeline import compress
+from compressor.recipe import load_recipe
+
+GPTQ = """\
+name: tiny-gptq
+calibration: {{dataset: "{calib}", samples: 4, seq_len: 32, batch_size: 2}}
+stages:
+  - method: gptq
+    bits: 4
+    group_size: 32
+    act_order: true
+export: {{format: compressed-tensors}}
+"""
+# ShortGPT closes a pass (model-level); GPTQ runs in a second pass over the 4 layers left.
+TWO_PASSES = """\
+name: tiny-drop-gptq
+calibration: {{dataset: "{calib}", samples: 4, seq_len: 32, batch_size: 2}}
+stages:
+  - method: layer_drop
+    metric: block_influence
+    remove: 2
+  - method: gptq
+    bits: 4
+    group_size: 32
+export: {{format: compressed-tensors}}
+"""
+
+
+@pytest.fixture(scope="module")
+def six_layers(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("six-layers")
+    tiny_model("llama", num_hidden_layers=6).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def _recipe(tmp_path: Path, text: str, calib: Path, *sets: str):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text.format(calib=calib))
+    return load_recipe(path, list(sets))
+
+
+def _interrupt_after(layers: int, label: str = "gptq"):
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == label and done == layers:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    """Every output file's bytes; the report without what differs between any two runs (times, memory)."""
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    report = json.loads(files.pop("compression_report.json"))
+    for key in ("timings", "peak_rss_bytes"):
+        report.pop(key)
+    for row in report["layers"]:
+        row.pop("seconds")
+    files["compression_report.json"] = json.dumps(report).encode()
+    files.pop("compression_report.md")  # the same numbers, plus the timings
+    return files
+
+
+@pytest.fixture(scope="module")
+def reference(six_layers: Path, text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Uninterrupted runs, without checkpoints, of each recipe."""
+    runs = {}
+    for name, text in (("gptq", GPTQ), ("two", TWO_PASSES)):
+        tmp = tmp_path_factory.mktemp(name)
+        compress(six_layers, _recipe(tmp, text, text_file), tmp / "out", checkpoint=False)
+        runs[name] = _files(tmp / "out")
+    return runs
+
+
+@pytest.mark.parametrize(("recipe", "after"), [("gptq", 1), ("gptq", 4), ("two", 2)])
+def test_resume_writes_the_same_bytes(six_layers: Path, text_file: Path, tmp_path: Path, reference: dict,
+                                      recipe: str, after: int) -> None:
+    text = GPTQ if recipe == "gptq" else TWO_PASSES
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        compress(six_layers, _recipe(tmp_path, text, text_file), out, progress=_interrupt_after(after))
+    manifest = json.loads((tmp_path / "out.partial" / "manifest.json").read_text())
+    assert (manifest["pass"], manifest["layer"]) == ((0 if recipe == "gptq" else 1), after - 1)
+    assert not out.exists()
+    compress(six_layers, _recipe(tmp_path, text, text_file), out, resume=True)
+    assert _files(out) == reference[recipe]
+    assert {p.name for p in tmp_path.iterdir()} == {"recipe.yaml", "out"}  # the checkpoints went with success
+
+
+def test_resume_skips_the_finished_layers(six_layers: Path, text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        compress(six_layers, _recipe(tmp_path, GPTQ, text_file), out, progress=_interrupt_after(4))
+    computed: list[int] = []
+    compress(six_layers, _recipe(tmp_path, GPTQ, text_file), out, resume=True,
+             progress=lambda phase, done, total: computed.append(done))
+    assert computed == [5, 6]
+
+
+def test_a_write_cut_short_leaves_the_previous_checkpoint(six_layers: Path, text_file: Path, tmp_path: Path,
+                                                          reference: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill while layer 3's files are written: the manifest still names layer 2, and resume gets it right."""
+    real_save, calls = safetensors.torch.save_file, []
+
+    def dying_save(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        calls.append(filename)
+        if "pass0-hidden3" in filename:  # layer 3's weights are written, its outputs half-written
+            Path(filename).write_bytes(b"half a file")
+            raise KeyboardInterrupt
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr("compressor.checkpoint.save_file", dying_save)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        compress(six_layers, _recipe(tmp_path, GPTQ, text_file), out)
+    monkeypatch.undo()
+    partial = tmp_path / "out.partial"
+    assert json.loads((partial / "manifest.json").read_text())["layer"] == 2
+    assert not list(partial.glob("*.tmp"))
+    compress(six_layers, _recipe(tmp_path, GPTQ, text_file), out, resume=True)
+    assert _files(out) == reference["gptq"]
+
+
+def _interrupted(six_layers: Path, text_file: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        compress(six_layers, _recipe(tmp_path, GPTQ, text_file), out, progress=_interrupt_after(2))
+    return out
+
+
+def test_resume_refuses_another_recipe(six_layers: Path, text_file: Path, tmp_path: Path) -> None:
+    out = _interrupted(six_layers, text_file, tmp_path)
+    with pytest.raises(UsageError, match=r"different recipe; rerun without --resume"):
+        compress(six_layers, _recipe(tmp_path, GPTQ, text_file, "stages.0.bits=3"), out, resume=True)
+
+
+def test_resume_refuses_other_weights(six_layers: Path, text_file: Path, tmp_path: Path, tiny_tokenizer) -> None:
+    out = _interrupted(six_layers, text_file, tmp_path)
+    other = tmp_path / "other-model"
+    tiny_model("llama", seed=1, num_hidden_layers=6).save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    with pytest.raises(UsageError, match=r"different model weights/config;"):
+        compress(other, _recipe(tmp_path, GPTQ, text_file), out, resume=True)
+
+
+def test_resume_refuses_other_calibration_text(six_layers: Path, text_file: Path, tmp_path: Path) -> None:
+    """The same recipe naming the same file, whose text changed since: only the calibration tokens differ."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text_file.read_text())
+    out = _interrupted(six_layers, calib, tmp_path)
+    calib.write_text(text_file.read_text()[::-1])
+    with pytest.raises(UsageError, match=r"with a different calibration tokens;"):
+        compress(six_layers, _recipe(tmp_path, GPTQ, calib), out, resume=True)
+
+
+def test_fresh_run_over_a_checkpoint_is_refused(six_layers: Path, text_file: Path, tmp_path: Path) -> None:
+    out = _interrupted(six_layers, text_file, tmp_path)
+    with pytest.raises(UsageError, match=r"checkpoints of an unfinished run: add --resume"):
+        compress(six_layers, _recipe(tmp_path, GPTQ, text_file), out)
+    with pytest.raises(UsageError, match=r"no checkpoint to resume"):
+        compress(six_layers, _recipe(tmp_path, GPTQ, text_file), tmp_path / "elsewhere", resume=True)
+
+
+def test_no_checkpoint_writes_none(six_layers: Path, text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        compress(six_layers, _recipe(tmp_path, GPTQ, text_file), out, checkpoint=False,
+                 progress=_interrupt_after(3))
+    assert not (tmp_path / "out.partial").exists() and not out.exists()
