@@ -17,10 +17,11 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from compressor.errors import NumericalError, RecipeError
+from compressor.errors import ExportError, NumericalError, RecipeError
 from compressor.methods.base import GroupSize, LayerRecord, Method, MethodConfig, TargetedConfig
 from compressor.methods.quant.common import targeted_groups
 from compressor.methods.quant.dgq_ops import (
+    SCALE_SIGNIFICAND_BITS,
     DualGrainedWeight,
     fold_into_norm,
     gptq_dual_grained,
@@ -29,6 +30,7 @@ from compressor.methods.quant.dgq_ops import (
     search_channel_scale,
     search_int_scales,
     smoothing_scales,
+    stored_scale_bits,
 )
 from compressor.methods.quant.int8_linear import Int8Linear
 from compressor.methods.quant.ops import effective_group_size
@@ -56,8 +58,10 @@ class DGQConfig(TargetedConfig):
       smoothing: 0.5        # SmoothQuant alpha folded into the norms; null = off
     ```
     ``export: {format: compressed-tensors}`` stores W4A8 as ``pack-quantized`` (group scales = integer scale x
-    channel scale, exact in float32) and W8A8 as ``int-quantized``, both with INT8 per-token input activations
-    (``act_percentile`` must be 100 there); ``dense`` stores the dequantized weights only (float activations).
+    channel scale, exact in the model dtype: in bf16/fp16 the channel scales keep fewer significant bits for that)
+    and W8A8 as ``int-quantized``, both with INT8 per-token input activations (``act_percentile`` must be 100
+    there); ``compressor-int8`` keeps both scale levels and the clip, and ``compressor.load`` rebuilds this INT8
+    model exactly; ``dense`` stores the dequantized weights only (float activations).
     """
 
     weight_bits: Literal[4, 8] = Field(4, description="4: dual-grained W4A8 (DGQ); 8: INT8 per-channel W8A8.")
@@ -172,7 +176,8 @@ class DGQ(Method):
         start = time.perf_counter()
         W = module.weight.data
         bits, (size, group_note) = config.weight_bits, config.groups_for(W.shape[1])
-        channel, ints = search_channel_scale(W, H, bits, size)
+        scale_bits, scale_note = self._scale_bits(bits, W.dtype)
+        channel, ints = search_channel_scale(W, H, bits, size, scale_bits=scale_bits)
         ints = search_int_scales(W, H, channel, ints, bits, size)
         if config.solver == "gptq":
             try:
@@ -181,14 +186,42 @@ class DGQ(Method):
                 raise NumericalError(f"{path}: DGQ's GPTQ solver failed: {exc}") from exc
         else:
             weight = quantize_dual_grained(W, channel, ints, bits, size)
+        _check_stored_scales(path, weight, W.dtype, self.export_format)
         ctx.layer.set_submodule(name, Int8Linear.from_linear(module, weight, config.act_percentile))
         ctx.run.quantized[path] = weight.to_quantized_weight()
         stored = ("INT8 activations are computed in memory (the report's perplexity) but not stored: the dense file "
                   "holds the dequantized weights and runs float activations"
                   if self.export_format == "dense" else "")
-        record = _record(path, config, W, weight, H, start, "; ".join(n for n in (group_note, note, stored) if n))
+        notes = (group_note, note, scale_note, stored)
+        record = _record(path, config, W, weight, H, start, "; ".join(n for n in notes if n))
         record.extra.update(ctx.adapter.module_facts(ctx.layer, name))
         return record
+
+
+    def _scale_bits(self, bits: int, dtype: torch.dtype) -> tuple[int, str]:
+        """Significant bits of the channel scales, and a note when fewer than usual.
+
+        compressed-tensors stores each group scale ``u * s`` in the model dtype; in bf16/fp16 a 16-bit ``s`` would
+        round there, and the file would no longer hold the INT8 model in memory. Coarser ``s`` (the search still
+        picks among them) keeps every stored product exact: the file and the in-memory model are the same.
+        """
+        scale_bits = stored_scale_bits(bits, dtype)
+        if self.export_format != "compressed-tensors" or scale_bits == SCALE_SIGNIFICAND_BITS:
+            return SCALE_SIGNIFICAND_BITS, ""
+        dtype_name = str(dtype).removeprefix("torch.")
+        return scale_bits, (f"channel scales rounded to {scale_bits} significant bits so compressed-tensors stores the "
+                            f"{dtype_name} group scales exactly")
+
+
+def _check_stored_scales(path: str, weight: DualGrainedWeight, dtype: torch.dtype, export_format: str) -> None:
+    """Refuse group scales the model dtype cannot hold exactly (float16's range) when compressed-tensors stores them."""
+    if export_format != "compressed-tensors":
+        return
+    scale = weight.int_scale.float() * weight.channel_scale[:, None]
+    if not torch.equal(scale.to(dtype).float(), scale):
+        raise ExportError(f"{path}: a group scale ({float(scale.min()):.3g}..{float(scale.max()):.3g}) is not exact "
+                          f"in {str(dtype).removeprefix('torch.')} (outside its normal range); use export format "
+                          "compressor-int8, which stores float32 channel scales, or a bfloat16/float32 model")
 
 
 def _hessian(ctx: LayerContext, group: LinearGroup) -> torch.Tensor:

@@ -78,6 +78,18 @@ class DualGrainedWeight:
         )
 
 
+def stored_scale_bits(weight_bits: int, dtype: torch.dtype) -> int:
+    """Significant bits a channel scale ``s`` may keep so that every group scale ``u * s`` is exact in ``dtype``.
+
+    Formats that store one float scale per group in the model dtype (compressed-tensors) round ``u * s``; with
+    ``s`` at this many bits they store it exactly, so the file holds the in-memory INT8 model. ``u`` takes up to
+    4 significant bits (15; 16 is a power of two), so INT4 leaves the dtype's significand minus 4: bfloat16 (8
+    bits) 4, float16 (11) 7; INT8 weights (``u = 1``) keep the whole significand. Never more than 16.
+    """
+    significand = {torch.bfloat16: 8, torch.float16: 11}.get(dtype, 24)
+    return min(SCALE_SIGNIFICAND_BITS, significand - 4 if weight_bits == 4 else significand)
+
+
 def round_significand(x: torch.Tensor, bits: int = SCALE_SIGNIFICAND_BITS) -> torch.Tensor:
     """``x`` rounded to ``bits`` significant bits (float32), so products with small integers stay exact."""
     mantissa, exponent = torch.frexp(x.float())
@@ -116,13 +128,13 @@ def quantize_dual_grained(
 
 
 def initial_scales(
-    W: torch.Tensor, bits: int, group_size: int, ratio: float = 1.0
+    W: torch.Tensor, bits: int, group_size: int, ratio: float = 1.0, scale_bits: int = SCALE_SIGNIFICAND_BITS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain fit times ``ratio``: ``(channel_scale [out], int_scale [out, n_groups])``.
 
     Each group's own INT4 scale is ``max|w_g| / 7``; the channel scale puts the row's largest group scale on
     ``u = 16`` (times ``ratio``) and every group takes the nearest integer multiple in ``[1, 16]``. INT8 weights
-    have one group per row, ``u = 1`` and ``s = max|w| / 127``.
+    have one group per row, ``u = 1`` and ``s = max|w| / 127``. ``s`` keeps ``scale_bits`` significant bits.
     """
     _, high = _code_range(bits)
     size, n_groups = _groups(W, group_size)
@@ -132,7 +144,7 @@ def initial_scales(
         channel = group_scale.amax(dim=1) * ratio
     else:
         channel = group_scale.amax(dim=1) / MAX_INT_SCALE * ratio
-    channel = round_significand(torch.where(channel > 0, channel, torch.ones_like(channel)))
+    channel = round_significand(torch.where(channel > 0, channel, torch.ones_like(channel)), scale_bits)
     if bits == 8:
         return channel, torch.ones_like(group_scale, dtype=torch.int16)
     ints = torch.clamp(torch.round(group_scale / channel[:, None]), 1, MAX_INT_SCALE).to(torch.int16)
@@ -140,15 +152,17 @@ def initial_scales(
 
 
 def search_channel_scale(
-    W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, ratios: tuple[float, ...] = CHANNEL_RATIOS
+    W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, ratios: tuple[float, ...] = CHANNEL_RATIOS,
+    scale_bits: int = SCALE_SIGNIFICAND_BITS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 1: per row, the candidate channel scale whose nearest-integer group scales give the least
     output error ``d H d^T``. Returns ``(channel_scale [out], int_scale [out, n_groups])``; the plain fit
-    (ratio 1) is always a candidate, so the result is never worse than it."""
+    (ratio 1) is always a candidate, so the result is never worse than it. Channel scales keep ``scale_bits``
+    significant bits (:func:`stored_scale_bits`)."""
     best_error = torch.full((W.shape[0],), float("inf"), device=W.device)
-    best_channel, best_ints = initial_scales(W, bits, group_size)
+    best_channel, best_ints = initial_scales(W, bits, group_size, scale_bits=scale_bits)
     for ratio in (1.0, *ratios):
-        channel, ints = initial_scales(W, bits, group_size, ratio)
+        channel, ints = initial_scales(W, bits, group_size, ratio, scale_bits)
         weight = quantize_dual_grained(W, channel, ints, bits, group_size)
         error = output_error(W.float() - weight.dequantize(), H)
         better = error < best_error

@@ -180,3 +180,32 @@ def test_shipped_recipes_write_int8_activation_files(name: str, fmt: str, model_
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, _loader_reference(loaded.model, ids), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["w4a8", "w8a8"])
+def test_bf16_file_holds_the_in_memory_int8_model(bits: int, tmp_path: Path) -> None:
+    """bf16 stores each group scale ``u * s`` in bf16: the channel scales keep few enough significant bits that every
+    stored scale is exact, so the file decodes to the integers and scales our INT8 matmul uses, and transformers'
+    model (activation step off) gives our float-activation logits bit for bit."""
+    base = tiny_model("llama")
+    model = AutoModelForCausalLM.from_config(base.config, dtype=torch.bfloat16)  # as a loader builds it
+    model.load_state_dict(base.state_dict())
+    tokens = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    run = ModelContext(model.eval(), get_adapter(model), tokens, torch.device("cpu"), batch_size=2)
+    records = run_stages(run, build_stages([DGQConfig.model_validate({"method": "dgq", **SCHEMES[bits]})],
+                                           "compressed-tensors"))
+    assert all(f"rounded to {4 if bits == 4 else 8} significant bits" in r.note for r in records)
+    write_compressed_tensors(run.model, run.quantized, tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    for path, module in _int8_linears(run.model).items():
+        stored = tensors[f"{path}.weight_scale"]
+        assert stored.dtype == torch.bfloat16
+        exact = module.int_scale.double() * module.channel_scale.double()[:, None]  # the in-memory group scales
+        assert torch.equal(stored.double(), exact), path
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    for module in loaded.modules():
+        if hasattr(module, "quantization_scheme"):
+            module.quantization_enabled = False
+    with torch.no_grad(), float_activations(run.model):
+        assert torch.equal(loaded(ids).logits, run.model(ids).logits)

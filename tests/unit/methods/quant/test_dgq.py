@@ -190,3 +190,19 @@ def test_compress_evaluates_int8_and_writes_dense_weights(
     # the report says, for every module, that the file runs float activations
     told = [w for w in report.warnings if "INT8 activations are computed in memory" in str(w)]
     assert sum(w["count"] for w in told) == len(report.layers)
+
+
+def test_group_scales_float16_cannot_hold_are_refused() -> None:
+    """A channel scale below float16's normal range would be stored rounded in compressed-tensors: refused, naming
+    the module and the format that keeps float32 scales; other formats store it as it is."""
+    from compressor.errors import ExportError
+    from compressor.methods.quant.dgq import _check_stored_scales
+    from compressor.methods.quant.dgq_ops import DualGrainedWeight
+
+    weight = DualGrainedWeight(torch.ones(2, 4, dtype=torch.int8), torch.tensor([[3], [5]], dtype=torch.int16),
+                               torch.tensor([2.0**-10, 3 * 2.0**-30]), bits=4, group_size=-1)
+    with pytest.raises(ExportError, match="model.layers.0.mlp.up_proj: a group scale .* not exact in float16 .* "
+                                          "compressor-int8"):
+        _check_stored_scales("model.layers.0.mlp.up_proj", weight, torch.float16, "compressed-tensors")
+    _check_stored_scales("x", weight, torch.float16, "compressor-int8")
+    _check_stored_scales("x", weight, torch.bfloat16, "compressed-tensors")  # bf16 has float32's range

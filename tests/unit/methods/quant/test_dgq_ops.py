@@ -25,6 +25,7 @@ from compressor.methods.quant.dgq_ops import (
     search_channel_scale,
     search_int_scales,
     smoothing_scales,
+    stored_scale_bits,
 )
 
 
@@ -229,3 +230,18 @@ def test_int_scale_search_last_group_optimal_given_the_others() -> None:
             W_hat = quantize_dual_grained(W, channel, trial, 4, 4).dequantize()
             errors.append(float((X.double() @ (W[row] - W_hat[row]).double()).square().sum()))
         assert errors[int(found[row, 2]) - 1] <= min(errors) * (1 + 1e-6)
+
+
+def test_stored_scale_bits_keep_every_group_scale_exact_in_the_dtype() -> None:
+    """Known answers (bf16 8 significant bits, fp16 11, INT4's integer scales take 4), then every u * s checked."""
+    known = {(4, torch.bfloat16): 4, (8, torch.bfloat16): 8, (4, torch.float16): 7, (8, torch.float16): 11,
+             (4, torch.float32): 16, (8, torch.float32): 16}
+    assert {key: stored_scale_bits(*key) for key in known} == known
+    s = torch.rand(300, generator=_gen(3)) * 0.05 + 1e-3
+    for (weight_bits, dtype), bits in known.items():
+        channel = round_significand(s, bits)
+        ints = torch.arange(1, 17).float()[:, None] if weight_bits == 4 else torch.ones(1, 1)
+        scale = ints * channel
+        assert torch.equal(scale.to(dtype).float(), scale), (weight_bits, dtype)
+    unrounded = torch.arange(1, 17).float()[:, None] * round_significand(s)  # the float32 form: rounds in bf16
+    assert not torch.equal(unrounded.to(torch.bfloat16).float(), unrounded)
