@@ -42,7 +42,9 @@ class ExportConfig(_Strict):
     """The stored form of the result."""
 
     format: Literal["dense", "compressed-tensors", "gguf", "bitstack", "compressor-int8"] = "dense"
-    gguf_type: Literal["Q4_0", "Q8_0"] | None = Field(None, description="GGUF block type; default from bits.")
+    gguf_type: Literal["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"] | None = Field(
+        None, description="GGUF type for every quantized linear, requantizing codes it cannot hold; default: "
+        "each linear's own type from its bits and symmetry.")
     max_shard_mb: int = Field(2048, ge=1, description="Largest safetensors shard, in MiB.")
 
 

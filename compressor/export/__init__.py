@@ -47,10 +47,7 @@ def format_problem(export: ExportConfig, bits: int, group: int, symmetric: bool)
     if export.format == "gguf":
         from compressor.export.gguf import validate_gguf
 
-        wanted = {"Q4_0": 4, "Q8_0": 8}.get(export.gguf_type or "", bits)
-        if bits != wanted:
-            return f"gguf_type {export.gguf_type} stores {wanted}-bit weights, the stage has bits={bits}"
-        return validate_gguf(bits, group, symmetric)
+        return validate_gguf(bits, group, symmetric, export.gguf_type)
     from compressor.export.compressed_tensors import validate_compressed_tensors
 
     if not symmetric:
@@ -83,10 +80,11 @@ def write_model(
         write_compressed_tensors(run.model, run.quantized, out_dir, max_shard_bytes=export.max_shard_mb * 2**20)
         _save_generation_config(run.model, out_dir)
     elif export.format == "gguf":
-        from compressor.export.gguf import write_gguf
+        from compressor.export.gguf import default_file_type, write_gguf
 
-        file_type = export.gguf_type or ("Q4_0" if _bits(run) == 4 else "Q8_0")
-        write_gguf(run.model, run.quantized, out_dir / f"model-{file_type}.gguf", tokenizer, file_type)
+        file_type = export.gguf_type or default_file_type(run.quantized)
+        write_gguf(run.model, run.quantized, out_dir / f"model-{file_type}.gguf", tokenizer, file_type,
+                   requantize=export.gguf_type)
     elif export.format == "compressor-int8":
         from compressor.export.int8_dir import write_int8_dir
 

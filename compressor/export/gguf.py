@@ -1,10 +1,9 @@
-"""GGUF export (llama.cpp, Ollama): our own integers in Q4_0 / Q8_0 blocks, plus the metadata llama.cpp needs.
+"""GGUF export (llama.cpp, Ollama): our own integer codes in GGUF blocks, plus the metadata llama.cpp needs.
 
 We fill the blocks with the engine's codes instead of calling ``gguf.quants.quantize`` (llama.cpp's own RTN),
-so what GPTQ or BAQ optimised is what the file holds. Both block types are symmetric groups of 32 with an fp16
-scale ``d``: Q4_0 stores unsigned nibbles with value ``d * (q - 8)`` (our symmetric 4-bit codes, zero 8, map
-one to one), Q8_0 stores the signed byte ``q - 128``. The scale is rounded to fp16 on the way: for the file to
-equal the in-memory model bit for bit, the engine must dequantize with ``round_scales_fp16(qweight)``.
+so what GPTQ or BAQ optimised is what the file holds. Each quantized linear gets the type of its own bits and
+symmetry (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; ``gguf_blocks.py`` has the layouts, what is exact and the fp16 bound of
+the asymmetric types); requantizing into another type happens only when asked (``gguf_type``).
 
 Tensor names come from gguf-py's own ``TensorNameMap`` (llama.cpp's table). For the llama architecture q/k
 rows are stored permuted the way llama.cpp's converter permutes them (q with n_head, k with n_kv_head): files
@@ -22,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,73 +38,28 @@ from compressor.export.gguf_arch import (
     rope_theta,
     rotary_dims,
 )
+from compressor.export.gguf_blocks import (
+    BLOCK,
+    TYPES,
+    exact_type,
+    pack_blocks,
+    round_scales_fp16,
+    store,
+    validate_gguf,
+)
 from compressor.methods.quant.ops import QuantizedWeight
 from compressor.models import MODEL_TYPES
 
 logger = logging.getLogger(__name__)
 
-BLOCK = 32
-#: file type -> (bits, block type, general.file_type)
-FILE_TYPES = {
-    "Q4_0": (4, gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
-    "Q8_0": (8, gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-}
-BLOCK_TYPES = {bits: block for bits, block, _ in FILE_TYPES.values()}
+#: file type name -> block type (``gguf_blocks.TYPES``): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
+FILE_TYPES = TYPES
 #: llama.cpp architectures whose keys and tensor layout this writer knows (``gguf_arch.ARCHITECTURES``).
 WRITTEN_ARCHITECTURES = tuple(ARCHITECTURES)
 #: llama.cpp's ``general.architecture`` for a model type (None: it has none).
 architecture = architecture_name
-
-
-def validate_gguf(bits: int, group_size: int, symmetric: bool) -> str | None:
-    """Why (bits, group_size, symmetric) has no GGUF block type we write, or None when it has."""
-    if bits not in BLOCK_TYPES:
-        return f"GGUF export writes 4-bit (Q4_0) or 8-bit (Q8_0) blocks; got bits={bits}"
-    if group_size != BLOCK:
-        return f"Q4_0/Q8_0 blocks hold {BLOCK} weights per scale; need group_size={BLOCK}, not {group_size}"
-    if not symmetric:
-        return "GGUF Q4_0/Q8_0 blocks have no zero point; use symmetric: true"
-    return None
-
-
-def round_scales_fp16(qweight: QuantizedWeight) -> QuantizedWeight:
-    """The same weight with scales rounded to fp16 (kept as float32), as a GGUF block stores them.
-
-    ``dequantize()`` of the result equals what llama.cpp and transformers' GGUF loader read back from the
-    file: the product of an fp16 scale and a code below 256 is exact in float32.
-    """
-    return replace(qweight, scale=qweight.scale.to(torch.float16).float())
-
-
-def pack_blocks(qweight: QuantizedWeight) -> np.ndarray:
-    """``[out, in / 32 * block_bytes]`` uint8 rows of Q4_0 (18-byte) or Q8_0 (34-byte) blocks, HF rows."""
-    problem = validate_gguf(qweight.bits, qweight.group_size, qweight.symmetric)
-    if problem:
-        raise ExportError(problem)
-    out, columns = qweight.shape
-    if columns % BLOCK or qweight.g_idx is not None and not _trivial_groups(qweight):
-        raise ExportError(f"GGUF blocks need {columns} columns in contiguous groups of {BLOCK}")
-    # q - zero per group: a group with narrower codes (its own midpoint as zero) still fits the block exactly
-    signed = qweight.q.to(torch.int16) - qweight.zero[:, qweight.column_groups()].to(torch.int16)
-    half = 1 << (qweight.bits - 1)
-    if int(signed.min()) < -half or int(signed.max()) >= half:
-        raise ExportError(f"codes minus zero leave [-{half}, {half - 1}]: not a {qweight.bits}-bit weight")
-    d = qweight.scale.to(torch.float16)
-    if not bool(torch.isfinite(d).all()):
-        raise ExportError("a scale overflows fp16; GGUF blocks store fp16 scales")
-    scales = d.cpu().numpy().reshape(out, columns // BLOCK, 1).view(np.uint8)  # 2 little-endian bytes
-    values = signed.cpu().numpy().reshape(out, columns // BLOCK, BLOCK)
-    if qweight.bits == 4:
-        codes = (values + 8).astype(np.uint8)  # Q4_0 reads d * (nibble - 8)
-        payload = codes[..., :16] | (codes[..., 16:] << 4)
-    else:
-        payload = values.astype(np.int8).view(np.uint8)
-    return np.ascontiguousarray(np.concatenate([scales, payload], axis=-1).reshape(out, -1))
-
-
-def _trivial_groups(qweight: QuantizedWeight) -> bool:
-    columns = qweight.shape[1]
-    return torch.equal(qweight.column_groups().cpu(), torch.arange(columns) // BLOCK)
+__all__ = ["BLOCK", "FILE_TYPES", "default_file_type", "pack_blocks", "round_scales_fp16", "validate_gguf",
+           "write_gguf"]
 
 
 def permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -135,6 +88,10 @@ def _add_hparams(writer: gguf.GGUFWriter, model: Any, arch: str, file_type: gguf
         # (transformers' loader switches to Mistral only when the name is exactly "mistral"; else it builds Llama,
         # which computes the same here since the sliding window is not written)
         name = f"{config.model_type} {name}"
+    if name == "mistral":
+        # transformers 5.23 maps a llama file named exactly "mistral" to a gguf-py "mistral" architecture that gguf
+        # 0.19 lacks, and fails to load it; llama.cpp ignores the name
+        name = "Mistral"
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -270,8 +227,10 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, config: Any) -> None
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def _tensors(model: Any, quantized: dict[str, QuantizedWeight], arch: str) -> list[tuple[str, np.ndarray, Any]]:
-    """``(gguf name, array, raw dtype or None)`` for every stored tensor of ``arch``; a tied output is not stored."""
+def _tensors(model: Any, quantized: dict[str, QuantizedWeight], arch: str,
+             requantize: str | None) -> tuple[list[tuple[str, np.ndarray, Any]], dict[str, tuple[float, float]]]:
+    """``(gguf name, array, raw dtype or None)`` for every stored tensor of ``arch`` (a tied output is not stored),
+    and ``(||error||^2, ||weight||^2)`` per tensor ``requantize`` had to requantize."""
     config = model.config
     spec = ARCHITECTURES[arch]
     arch_enum = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
@@ -285,7 +244,7 @@ def _tensors(model: Any, quantized: dict[str, QuantizedWeight], arch: str) -> li
     unknown = [path for path in quantized if f"{path}.weight" not in state]
     if unknown:
         raise ExportError(f"quantized module {unknown[0]} has no own weight in the model (tied or missing)")
-    out = []
+    out, errors = [], {}
     for key, tensor in state.items():
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
@@ -295,7 +254,13 @@ def _tensors(model: Any, quantized: dict[str, QuantizedWeight], arch: str) -> li
             raise ExportError(f"llama.cpp's {arch} reads no bias for {role}; this model has {key}")
         path, _, kind = key.rpartition(".")
         if kind == "weight" and path in quantized:  # a quantized linear's bias stays dense
-            array, raw = pack_blocks(quantized[path]), BLOCK_TYPES[quantized[path].bits]
+            try:
+                array, block, error = store(quantized[path], requantize)
+            except ExportError as exc:
+                raise ExportError(f"{path}: {exc}") from None
+            raw = block.ggml
+            if error is not None:
+                errors[name] = error
         else:
             array = tensor.detach().float().cpu().numpy()
             if role.endswith("norm"):
@@ -304,25 +269,48 @@ def _tensors(model: Any, quantized: dict[str, QuantizedWeight], arch: str) -> li
         if role in heads:
             array = permute_rows(array, heads[role])
         out.append((name, np.ascontiguousarray(array), raw))
-    return out
+    return out, errors
+
+
+def default_file_type(quantized: dict[str, QuantizedWeight]) -> str:
+    """``general.file_type`` of a file of our codes: the type holding most of the quantized weights (Q8_0 if none)."""
+    counts: dict[str, int] = {}
+    for qweight in quantized.values():
+        block = exact_type(qweight.bits, qweight.symmetric)
+        if block is not None:
+            counts[block.name] = counts.get(block.name, 0) + qweight.q.numel()
+    return max(counts, key=lambda name: counts[name]) if counts else "Q8_0"
+
+
+def requantization_summary(errors: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Relative Frobenius error ``||W_file - W||/||W||`` per requantized tensor and over all of them together."""
+    total_error, total_norm = (sum(e[i] for e in errors.values()) for i in (0, 1))
+    return {"tensors": {name: (error / norm) ** 0.5 if norm else 0.0 for name, (error, norm) in errors.items()},
+            "total": (total_error / total_norm) ** 0.5 if total_norm else 0.0}
 
 
 def write_gguf(model: Any, quantized: dict[str, QuantizedWeight], out_path: Path, tokenizer: Any,
-               file_type: str) -> None:
+               file_type: str | None = None, requantize: str | None = None) -> dict[str, Any] | None:
     """Write one ``.gguf`` file: the architecture's hparams, the tokenizer, blocks for quantized linears, dense
-    the rest.
+    the rest. The parent directory must exist.
 
-    ``file_type`` ("Q4_0" or "Q8_0") is the file's ``general.file_type``; every quantized linear is stored in
-    the block type of its own bits (4 -> Q4_0, 8 -> Q8_0), so a BAQ mix of the two is one valid file, as
-    llama.cpp's own mixed files are. The parent directory must exist.
+    Without ``requantize`` every quantized linear is stored in the type of its own bits and symmetry (4 ->
+    Q4_0/Q4_1, 5 -> Q5_0/Q5_1, 8 -> Q8_0), so a BAQ module plan is one file with a type per tensor, as
+    llama.cpp's own mixed files are. ``requantize`` (a type name, the recipe's ``gguf_type``) stores every
+    quantized linear in that type: our codes where they fit it, llama.cpp's RTN of the weight where not.
+    ``file_type`` is only the file's ``general.file_type`` label (default: ``requantize``, else the most
+    used type). Returns :func:`requantization_summary` when any tensor was requantized (also logged and
+    written beside the file as ``<file>.requantization.json``), else None.
     """
-    if file_type not in FILE_TYPES:
-        raise ExportError(f"GGUF file type must be one of {', '.join(FILE_TYPES)}; got {file_type}")
+    file_type = file_type or requantize or default_file_type(quantized)
+    for value in (file_type, requantize):
+        if value is not None and value not in FILE_TYPES:
+            raise ExportError(f"GGUF file type must be one of {', '.join(FILE_TYPES)}; got {value}")
     arch = check_architecture(model)
-    tensors = _tensors(model, quantized, arch)
+    tensors, errors = _tensors(model, quantized, arch, requantize)
     writer = gguf.GGUFWriter(str(out_path), arch)
     try:
-        _add_hparams(writer, model, arch, FILE_TYPES[file_type][2])
+        _add_hparams(writer, model, arch, FILE_TYPES[file_type].file_type)
         _add_tokenizer(writer, tokenizer, model.config)
         for name, array, raw in tensors:
             writer.add_tensor(name, array, raw_dtype=raw)
@@ -331,3 +319,12 @@ def write_gguf(model: Any, quantized: dict[str, QuantizedWeight], out_path: Path
         writer.write_tensors_to_file()
     finally:
         writer.close()
+    if not errors:
+        return None
+    summary = requantization_summary(errors)
+    Path(f"{out_path}.requantization.json").write_text(json.dumps(summary, indent=2) + "\n")
+    worst = max(summary["tensors"], key=summary["tensors"].get)
+    logger.warning("GGUF %s: requantized %d tensors with llama.cpp's RTN (our codes do not fit it): relative weight "
+                   "error %.4g in total, %.4g at worst (%s); the in-memory model keeps our codes", requantize,
+                   len(errors), summary["total"], summary["tensors"][worst], worst)
+    return summary

@@ -81,10 +81,17 @@ def test_export_command_turns_compressed_tensors_into_gguf(model_dir_factory, te
     assert dense.exit_code == 0, dense.output
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "d")), in_memory,
                                rtol=0, atol=0)
-    bad = runner.invoke(app, ["export", str(ct), "--format", "gguf", "--gguf-type", "Q8_0", "--out",
+    bad = runner.invoke(app, ["export", str(ct), "--format", "gguf", "--gguf-type", "Q6_K", "--out",
                               str(tmp_path / "x")])
-    assert bad.exit_code == 2 and "Q8_0 stores 8-bit" in bad.stderr
+    assert bad.exit_code == 2 and "--gguf-type" in bad.stderr
     assert not (tmp_path / "x").exists()
+    # a wider type holds the 4-bit codes exactly: Q8_0 gives the same weights as Q4_0, not a requantization
+    wide = runner.invoke(app, ["export", str(ct), "--format", "gguf", "--gguf-type", "Q8_0", "--out",
+                               str(tmp_path / "w")])
+    assert wide.exit_code == 0, wide.output
+    assert not list((tmp_path / "w").glob("*.requantization.json"))
+    q8 = AutoModelForCausalLM.from_pretrained(tmp_path / "w", gguf_file="model-Q8_0.gguf")
+    torch.testing.assert_close(_logits(q8), _logits(gguf), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("family", "export"), [("opt", "gguf"), ("mixtral", "gguf")])

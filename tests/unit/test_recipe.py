@@ -57,7 +57,7 @@ def test_export_format_rejects_unstorable_bits(tmp_path: Path) -> None:
     text = text.replace("bits: 4", "bits: 4\n    symmetric: false")
     with pytest.raises(RecipeError, match="asymmetric pack-quantized files do not load"):
         load_recipe(_write(tmp_path, text))
-    text = GOOD.replace("format: dense", "format: gguf").replace("group_size: 32", "group_size: 64")
+    text = GOOD.replace("format: dense", "format: gguf").replace("group_size: 32", "group_size: 48")
     with pytest.raises(RecipeError, match="need group_size=32"):
         load_recipe(_write(tmp_path, text))
 

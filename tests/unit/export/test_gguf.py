@@ -58,13 +58,18 @@ def _metadata(path) -> dict:
     return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
 
-@pytest.mark.parametrize(("bits", "group", "sym", "ok"), [
-    (4, 32, True, True), (8, 32, True, True), (4, 64, True, False), (8, -1, True, False),
-    (4, 32, False, False), (3, 32, True, False),
+@pytest.mark.parametrize(("bits", "group", "sym", "gguf_type", "ok"), [
+    (4, 32, True, None, True), (8, 32, True, None, True), (4, 32, False, None, True), (5, 32, True, None, True),
+    (5, 32, False, None, True), (4, 64, True, None, True), (4, 128, False, None, True), (8, -1, True, None, True),
+    (4, 48, True, None, False), (4, 16, True, None, False), (3, 32, True, None, False), (2, 32, False, None, False),
+    (8, 32, False, None, False), (3, 32, True, "Q4_0", True), (4, 48, True, "Q5_1", True), (4, 32, True, "Q6_K", False),
 ])
-def test_validate_gguf(bits, group, sym, ok) -> None:
-    message = validate_gguf(bits, group, sym)
+def test_validate_gguf(bits, group, sym, gguf_type, ok) -> None:
+    """Exact types: 4/5-bit either symmetry, symmetric 8-bit, whole 32-blocks per group; gguf_type takes anything."""
+    message = validate_gguf(bits, group, sym, gguf_type)
     assert (message is None) == ok, message
+    if not ok and gguf_type is None:
+        assert "export.gguf_type" in message
 
 
 def test_round_scales_fp16_is_what_a_block_stores() -> None:
@@ -262,13 +267,13 @@ def test_unknown_split_pre_tokenizers_are_refused(tmp_path, make_llama, llama3_t
 def test_refuses_what_llama_gguf_cannot_hold(tmp_path, make_llama, quantized_llama, tiny_tokenizer) -> None:
     model, quantized = quantized_llama()
     out = tmp_path / "m.gguf"
-    with pytest.raises(ExportError, match="Q4_0, Q8_0"):
+    with pytest.raises(ExportError, match="one of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0"):
         write_gguf(model, quantized, out, tiny_tokenizer, "Q5_K")
     path = "model.layers.0.self_attn.q_proj"
-    for bits, group, sym, match in [(4, 64, True, "group_size=32"), (4, 32, False, "symmetric"),
+    for bits, group, sym, match in [(4, 16, True, "group_size=32 or a multiple"), (8, 32, False, "asymmetric 8-bit"),
                                     (3, 32, True, "4-bit")]:
         bad = dict(quantized, **{path: quantize_rtn(torch.randn(64, 64), bits, group, sym)})
-        with pytest.raises(ExportError, match=match):
+        with pytest.raises(ExportError, match=f"{path}: .*{match}"):
             write_gguf(model, bad, out, tiny_tokenizer, "Q4_0")
     small = make_llama(vocab_size=256)
     with pytest.raises(ExportError, match="vocab_size is 256"):

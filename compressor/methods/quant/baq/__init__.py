@@ -200,8 +200,13 @@ class BAQ(Method):
             return None  # recipe.py says that a quantizer must follow
         if not isinstance(quant, WeightQuantConfig):
             return f"baq plans for integer weight quantizers (rtn, gptq), not {quant.method}"
-        if export_format == "gguf":
-            return "gguf holds one block type per file; BAQ's mixed widths need export dense or compressed-tensors"
+        if export_format == "gguf":  # a module plan stores each module in its width's GGUF type
+            from compressor.export.gguf import validate_gguf
+
+            for bits in config.candidates:
+                problem = validate_gguf(bits, quant.group_size, quant.symmetric)
+                if problem:
+                    return f"baq candidate {bits} bits cannot be stored in gguf: {problem}"
         if config.granularity != "module":
             if export_format != "dense":
                 return (f"baq granularity '{config.granularity}' gives each group its own width, which only the "

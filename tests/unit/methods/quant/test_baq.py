@@ -467,7 +467,7 @@ def _recipe(baq: dict[str, object], quant: dict[str, object], export: str = "den
     [
         ({"granularity": "group"}, {}, "compressed-tensors", "only the dense export"),
         ({"granularity": "column"}, {}, "compressed-tensors", "only the dense export"),
-        ({}, {"group_size": 32}, "gguf", "gguf holds one block type"),
+        ({}, {"group_size": 32}, "gguf", "candidate 2 bits cannot be stored in gguf"),
         ({"candidates": [2, 5], "avg_bits": 3}, {}, "dense", "candidate 5 bits cannot be used by gptq"),
     ],
 )
