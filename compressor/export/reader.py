@@ -61,6 +61,7 @@ def read_compressed_tensors(directory: Path) -> tuple[Any, dict[str, QuantizedWe
     if not config_path.is_file():
         raise ModelLoadError(f"{directory}: no config.json")
     quant = json.loads(config_path.read_text()).get("quantization_config") or {}
+    _refuse_int8_activations(directory, quant)
     if quant.get("format") != "pack-quantized":
         raise ModelLoadError(f"{directory}: not a compressed-tensors pack-quantized export (no quantization_config)")
     tensors: dict[str, torch.Tensor] = {}
@@ -90,6 +91,25 @@ def read_compressed_tensors(directory: Path) -> tuple[Any, dict[str, QuantizedWe
         )
     model.tie_weights()
     return model.eval(), quantized, AutoTokenizer.from_pretrained(directory)
+
+
+def _refuse_int8_activations(directory: Path, quant: dict[str, Any]) -> None:
+    """dgq's files (W4A8 pack-quantized, W8A8 int-quantized, compressor-int8) run INT8 activations, which no
+    other format stores: re-storing them would write a different model, so they are refused by name."""
+    from compressor.errors import UsageError
+
+    what = None
+    if quant.get("quant_method") == "compressor-int8":
+        what = "a compressor-int8 directory (dgq INT8 linears, INT8 per-token activations)"
+    groups = [g for g in (quant.get("config_groups") or {}).values() if (g or {}).get("input_activations")]
+    if groups:
+        weights = sorted({int((g.get("weights") or {}).get("num_bits", 0)) for g in groups})
+        scheme = "/".join(f"W{bits}A8" for bits in weights)
+        what = f"a compressed-tensors {quant.get('format')} {scheme} file (INT8 per-token input activations)"
+    if what:
+        raise UsageError(f"{directory}: {what}: compressor export cannot re-store it, no other format keeps the INT8 "
+                         "activations (the file would load as a different model); run compress again with the "
+                         "export format you need")
 
 
 def _tied(model: Any) -> set[str]:

@@ -130,3 +130,32 @@ def test_compress_then_load_gives_the_in_memory_model(model_dir_factory: Any, te
     again = load(tmp_path / "out")
     assert again.tokenizer is not None and len(_int8_linears(again.model)) == len(_int8_linears(loaded.model))
     assert torch.equal(_logits(again.model), _logits(loaded.model))
+
+
+@pytest.mark.parametrize(("form", "named"), [
+    ("w4a8", "a compressed-tensors pack-quantized W4A8 file (INT8 per-token input activations)"),
+    ("w8a8", "a compressed-tensors int-quantized W8A8 file (INT8 per-token input activations)"),
+    ("int8-dir", "a compressor-int8 directory (dgq INT8 linears, INT8 per-token activations)"),
+], ids=["w4a8", "w8a8", "int8-dir"])
+@pytest.mark.parametrize("target", ["gguf", "dense"])
+def test_cli_export_refuses_int8_activation_sources(form: str, named: str, target: str, runner: Any,
+                                                    tmp_path: Path) -> None:
+    """``compressor export`` of a dgq result: exit 2, one line naming the source's format, nothing written."""
+    from compressor.cli import app
+    from compressor.export.compressed_tensors import write_compressed_tensors
+
+    source = tmp_path / form
+    source.mkdir()
+    if form == "int8-dir":
+        write_int8_dir(_dgq_model(CASES["w4a8"][0], torch.float32), source)
+    else:
+        model = _dgq_model(CASES[form][0], torch.float32)
+        tokens = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+        run = ModelContext(model, get_adapter(model), tokens, torch.device("cpu"), batch_size=2)
+        run.quantized.update({p: m.dual_grained().to_quantized_weight() for p, m in _int8_linears(model).items()})
+        write_compressed_tensors(run.model, run.quantized, source)
+    result = runner.invoke(app, ["export", str(source), "--format", target, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and named in lines[0] and "compressor export cannot re-store it" in lines[0], lines
+    assert not (tmp_path / "out").exists()
