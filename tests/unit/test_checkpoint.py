@@ -27,7 +27,8 @@ stages:
     act_order: true
 export: {{format: compressed-tensors}}
 """
-# ShortGPT closes a pass (model-level); GPTQ runs in a second pass over the 4 layers left.
+# ShortGPT closes a pass (model-level); GPTQ runs in a second pass over the 4 layers left. Dense: the file holds
+# the layers' weights (restored from the checkpoint), where compressed-tensors holds the codes.
 TWO_PASSES = """\
 name: tiny-drop-gptq
 calibration: {{dataset: "{calib}", samples: 4, seq_len: 32, batch_size: 2}}
@@ -38,7 +39,7 @@ stages:
   - method: gptq
     bits: 4
     group_size: 32
-export: {{format: compressed-tensors}}
+export: {{format: dense}}
 """
 
 
