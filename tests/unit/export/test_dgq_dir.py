@@ -87,6 +87,22 @@ def test_directory_reloads_the_int8_model_bit_for_bit(case: str, tmp_path: Path)
         assert stored[path]["group_size"] == settings["group_size"]
 
 
+@pytest.mark.parametrize("family", ["opt", "gemma3", "mixtral"])
+def test_other_families_reload_bit_for_bit(family: str, tmp_path: Path) -> None:
+    """LayerNorm with biases (OPT), x * (1 + w) norms (Gemma 3), per-expert linears merged into 3-D experts by the
+    loader and split again (Mixtral)."""
+    model = tiny_model(family)
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    run = ModelContext(model, get_adapter(model), tokens, torch.device("cpu"), batch_size=2)
+    scheme = {"weight_bits": 8} if family == "mixtral" else {"group_size": 32}  # 72 expert linears: the fast search
+    config = DGQConfig.model_validate({"method": "dgq", "solver": "rtn", **scheme})
+    run_stages(run, build_stages([config], "compressor-int8"))
+    write_int8_dir(model, tmp_path)
+    reloaded = read_int8_dir(tmp_path)
+    assert sorted(_int8_linears(reloaded)) == sorted(_int8_linears(model))
+    assert torch.equal(_logits(reloaded), _logits(model))
+
+
 def test_plain_transformers_refuses_the_directory(tmp_path: Path) -> None:
     """transformers skips the unknown quant_method (a warning naming it) and finds no model.safetensors, so it
     fails instead of running the INT8 linears at random initial weights."""
