@@ -88,7 +88,7 @@ def write_model(
     elif export.format == "compressor-int8":
         from compressor.export.int8_dir import write_int8_dir
 
-        write_int8_dir(run.model, out_dir, run.structure)
+        write_int8_dir(run.model, out_dir, run.structure, max_shard_bytes=export.max_shard_mb * 2**20)
         _save_generation_config(run.model, out_dir)
     elif export.format == "bitstack":
         from compressor.export.bitstack_store import write_bitstack_stage

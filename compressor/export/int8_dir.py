@@ -4,7 +4,8 @@ compressed-tensors stores a dual-grained weight as one float scale per group (in
 to the model dtype) and cannot say "clip each token at a percentile", so a file of that format is a close
 neighbour of the in-memory model, not the model. This form keeps what :class:`Int8Linear` multiplies:
 
-- ``int8-model.safetensors``: every dense tensor under its usual name (the smoothing scales are already folded
+- ``int8-model.safetensors`` (or ``int8-model-0000k-of-0000n.safetensors`` + index above the shard size): every
+  dense tensor under its usual name (the smoothing scales are already folded
   into the norms), and per INT8 linear ``<path>.weight_codes`` (INT4 codes packed two per byte as ``code + 8``,
   low nibble first; INT8 codes as int8), ``<path>.weight_int_scale`` (``[out, n_groups]`` uint8 in ``[1, 16]``)
   and ``<path>.weight_channel_scale`` (``[out]`` float32);
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 FORMAT = "compressor-int8"
 VERSION = 1
 WEIGHTS_FILE = "int8-model.safetensors"
+_SHARDS = "int8-model{suffix}.safetensors"
 _SUFFIXES = ("weight_codes", "weight_int_scale", "weight_channel_scale")
 NOTE = (f"{FORMAT}: dgq INT8 linears (integer group scales and channel scales kept apart, INT8 per-token "
         "activations); load with compressor.load(DIR), transformers alone cannot run it")
@@ -57,7 +59,9 @@ def unpack_int4(packed: torch.Tensor, columns: int) -> torch.Tensor:
     return (unsigned.to(torch.int16) - 8).to(torch.int8)
 
 
-def write_int8_dir(model: Any, out_dir: Path, structure: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_int8_dir(
+    model: Any, out_dir: Path, structure: dict[str, Any] | None = None, max_shard_bytes: int = 2 * 1024**3
+) -> dict[str, Any]:
     """Write ``model``'s INT8 linears and every other tensor into ``out_dir`` (which must exist).
 
     Returns the ``quantization_config`` written. ``structure`` is the run's (a modeling file named there, or an
@@ -79,7 +83,7 @@ def write_int8_dir(model: Any, out_dir: Path, structure: dict[str, Any] | None =
         tensors[f"{path}.weight_channel_scale"] = weight.channel_scale.float().cpu().contiguous()
         specs[path] = {"weight_bits": weight.bits, "group_size": weight.group_size,
                        "shape": list(weight.codes.shape), "act_percentile": module.act_percentile}
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    _save_shards(tensors, out_dir, max_shard_bytes)
     model.config.save_pretrained(out_dir)
     quant = {"quant_method": FORMAT, "version": VERSION, "note": NOTE,
              "activations": {"num_bits": 8, "strategy": "token", "dynamic": True, "symmetric": True},
@@ -89,6 +93,34 @@ def write_int8_dir(model: Any, out_dir: Path, structure: dict[str, Any] | None =
     config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")  # the weights', not the config's
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return quant
+
+
+def _save_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> None:
+    """One ``int8-model.safetensors``, or shards plus ``int8-model.safetensors.index.json`` (the usual layout)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(tensors, filename_pattern=_SHARDS, max_shard_size=max_shard_bytes)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: tensors[name] for name in names}, str(out_dir / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                 "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        (out_dir / f"{WEIGHTS_FILE}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _load_shards(directory: Path) -> dict[str, torch.Tensor]:
+    index = directory / f"{WEIGHTS_FILE}.index.json"
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS_FILE]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{index}: unreadable shard index ({exc})") from None
+    missing = [name for name in files if not (directory / name).is_file()]
+    if missing:
+        raise ModelLoadError(f"{directory}: {FORMAT} directory without {missing[0]}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        tensors.update(load_file(str(directory / name)))
+    return tensors
 
 
 def _dense_tensors(model: Any, quantized: set[str]) -> dict[str, torch.Tensor]:
@@ -130,8 +162,6 @@ def read_int8_dir(directory: Path, dtype: torch.dtype | str = "auto") -> nn.Modu
     if quant is None or quant.get("version") != VERSION:
         raise ModelLoadError(f"{directory}: not a {FORMAT} version {VERSION} directory (config.json "
                              "quantization_config)")
-    if not (directory / WEIGHTS_FILE).is_file():
-        raise ModelLoadError(f"{directory}: {FORMAT} directory without {WEIGHTS_FILE}")
     config = AutoConfig.from_pretrained(directory)
     del config.quantization_config
     if dtype == "auto":
@@ -139,7 +169,7 @@ def read_int8_dir(directory: Path, dtype: torch.dtype | str = "auto") -> nn.Modu
         dtype = getattr(torch, stored) if isinstance(stored, str) else stored
     model: Any = AutoModelForCausalLM.from_config(config, dtype=dtype)
     get_adapter(model)  # the module layout the directory was written from (a MoE's experts as per-expert linears)
-    tensors = load_file(str(directory / WEIGHTS_FILE))
+    tensors = _load_shards(directory)
     dense = {name: t for name, t in tensors.items() if not name.endswith(_SUFFIXES)}
     missing, unexpected = model.load_state_dict(dense, strict=False)
     allowed = {f"{path}.weight" for path in quant["linears"]} | _tied(model)

@@ -13,7 +13,7 @@ from tiny import tiny_model
 from transformers import AutoModelForCausalLM
 
 from compressor.engine import ModelContext, run_stages
-from compressor.errors import ExportError, RecipeError
+from compressor.errors import ExportError, ModelLoadError, RecipeError
 from compressor.export.int8_dir import WEIGHTS_FILE, pack_int4, read_int8_dir, unpack_int4, write_int8_dir
 from compressor.methods.quant.dgq import DGQConfig
 from compressor.methods.quant.int8_linear import Int8Linear
@@ -101,6 +101,19 @@ def test_other_families_reload_bit_for_bit(family: str, tmp_path: Path) -> None:
     reloaded = read_int8_dir(tmp_path)
     assert sorted(_int8_linears(reloaded)) == sorted(_int8_linears(model))
     assert torch.equal(_logits(reloaded), _logits(model))
+
+
+def test_large_models_are_sharded(tmp_path: Path) -> None:
+    model = _dgq_model(CASES["w4a8"][0], torch.float32)
+    write_int8_dir(model, tmp_path, max_shard_bytes=16_000)
+    shards = sorted(p.name for p in tmp_path.glob("int8-model-*.safetensors"))
+    index = json.loads((tmp_path / f"{WEIGHTS_FILE}.index.json").read_text())
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    assert not (tmp_path / WEIGHTS_FILE).exists()
+    assert torch.equal(_logits(read_int8_dir(tmp_path)), _logits(model))
+    (tmp_path / shards[-1]).unlink()
+    with pytest.raises(ModelLoadError, match=f"compressor-int8 directory without {shards[-1]}"):
+        read_int8_dir(tmp_path)
 
 
 def test_plain_transformers_refuses_the_directory(tmp_path: Path) -> None:
