@@ -18,7 +18,12 @@ def export(
     *,
     format_: Annotated[str, typer.Option("--format", "-f", help="dense, compressed-tensors or gguf.")] = "gguf",
     gguf_type: Annotated[
-        str | None, typer.Option("--gguf-type", help="Q4_0 or Q8_0 [default: from the weights' bits].")
+        str | None,
+        typer.Option(
+            "--gguf-type",
+            help="Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 for every quantized linear: our codes where they fit it, llama.cpp's "
+            "rounding otherwise (the added error is reported) [default: each linear's own type from its bits].",
+        ),
     ] = None,
     overwrite: OverwriteOpt = False,
     json_output: JsonOpt = False,
