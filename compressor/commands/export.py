@@ -22,7 +22,7 @@ def export(
         typer.Option(
             "--gguf-type",
             help="Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 for every quantized linear: our codes where they fit it, llama.cpp's "
-            "rounding otherwise (the added error is reported) [default: each linear's own type from its bits].",
+            "rounding otherwise (the added error is reported). Default: each linear's own type from its bits.",
         ),
     ] = None,
     overwrite: OverwriteOpt = False,
