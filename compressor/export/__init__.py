@@ -44,6 +44,8 @@ def format_problem(export: ExportConfig, bits: int, group: int, symmetric: bool)
     """Why one weight scheme cannot be stored in ``export.format``, or None."""
     if export.format == "dense":
         return None
+    if export.format == "compressor-int8":
+        return "compressor-int8 stores dgq's INT8 linears (weights, activation settings); a weight-only model has none"
     if export.format == "gguf":
         from compressor.export.gguf import validate_gguf
 

@@ -188,3 +188,23 @@ def test_cli_export_refuses_int8_activation_sources(form: str, named: str, targe
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and named in lines[0] and "compressor export cannot re-store it" in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_export_to_compressor_int8_is_refused_for_weight_only_files(runner: Any, tiny_tokenizer: Any,
+                                                                         tmp_path: Path) -> None:
+    """A weight-only compressed-tensors run has no INT8 linears to store as compressor-int8: exit 2 before writing."""
+    from compressor.cli import app
+    from compressor.export.compressed_tensors import write_compressed_tensors
+    from compressor.methods.quant.ops import quantize_rtn
+
+    model = tiny_model("llama")
+    quantized = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            quantized[name] = quantize_rtn(module.weight.data, 4, 32, True)
+            module.weight.data = quantized[name].dequantize()
+    write_compressed_tensors(model, quantized, tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    result = runner.invoke(app, ["export", str(tmp_path), "--format", "compressor-int8", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert "compressor-int8 stores dgq's INT8 linears" in result.output and not (tmp_path / "o").exists()
