@@ -21,6 +21,8 @@ from compressor.methods.base import Method, MethodConfig
 from compressor.methods.registry import get_method
 
 RECIPE_VERSION = 1
+#: A recipe is a page of settings; anything larger is a mistake or an attack on the parser.
+MAX_RECIPE_BYTES = 1 << 20
 EXPORT_FORMATS = ("dense", "compressed-tensors", "gguf")
 
 
@@ -108,12 +110,15 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override (``--set a.b=v``), and validate a recipe; errors name file, line and field."""
     path = resolve_recipe_path(name_or_path)
-    text = path.read_text()
+    text = _read_recipe_text(path)
     try:
+        check_plain_yaml(text, str(path))
         data = yaml.safe_load(text)
         root = yaml.compose(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from exc
+    except RecursionError:
+        raise RecipeError(f"{path}: invalid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping with 'name' and 'stages'")
     data.pop("version", None)
@@ -121,6 +126,32 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     for override in overrides or []:
         apply_override(data, override)
     return recipe_from_dict(data, source=str(path), node=root)
+
+
+def _read_recipe_text(path: Path) -> str:
+    """The recipe's text, refused before parsing when it is over 1 MB or not UTF-8."""
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {size:,} bytes; a recipe must be under 1 MB")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); a recipe is a YAML file") from None
+
+
+def check_plain_yaml(text: str, where: str) -> None:
+    """Refuse YAML tags (``!!python/object``...) and anchors/aliases before any object is built.
+
+    ``safe_load`` already refuses Python tags, but an alias bomb (aliases of aliases) is a few hundred bytes
+    that expand to billions of nodes once validated or dumped; recipes never need either feature.
+    """
+    for token in yaml.scan(text):
+        line = token.start_mark.line + 1
+        if isinstance(token, yaml.TagToken):
+            handle, suffix = token.value
+            raise RecipeError(f"{where}:{line}: YAML tag {handle or ''}{suffix} refused: recipes are plain YAML")
+        if isinstance(token, (yaml.AnchorToken, yaml.AliasToken)):
+            raise RecipeError(f"{where}:{line}: YAML anchor/alias '{token.value}' refused: write the values out")
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
@@ -132,7 +163,11 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     target: Any = data
     for i, part in enumerate(parts[:-1]):
         target = _child(target, part, ".".join(parts[: i + 1]), override)
-    value = yaml.safe_load(raw) if raw else ""
+    try:
+        check_plain_yaml(raw, f"--set '{override}'")
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set '{override}': invalid YAML value: {' '.join(str(exc).split())}") from None
     last = parts[-1]
     if isinstance(target, list):
         target[_index(target, last, key, override)] = value
