@@ -125,6 +125,8 @@ def _read_lines(path: Path) -> Iterator[str]:
     with path.open(encoding="utf-8") as file:
         try:
             for lineno, line in enumerate(file, 1):  # noqa: B007 - lineno is read in the handler
+                if "\x00" in line:  # valid UTF-8, but no text file holds NUL: a binary file
+                    raise CalibrationError(f"{path} looks binary (a NUL byte on line {lineno}); give a text file")
                 yield line
         except UnicodeDecodeError:
             raise CalibrationError(f"{path} is not UTF-8 (near line {lineno + 1}); re-encode it") from None

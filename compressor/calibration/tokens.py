@@ -50,8 +50,8 @@ def calibration_batch(
     total = stream.numel()
     if total < seq_len:
         raise CalibrationError(
-            f"calibration source {source!r} has only {total} tokens, fewer than seq_len={seq_len}; "
-            "use a smaller --seq-len or more text"
+            f"calibration source {source!r} has only {total} tokens, fewer than seq_len={seq_len} for one window "
+            f"({needed} for {samples} independent windows); use a smaller --seq-len or more text"
         )
     generator = torch.Generator().manual_seed(seed)
     if total >= needed:
