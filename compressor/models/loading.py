@@ -24,6 +24,7 @@ from torch import nn
 
 from compressor.errors import ModelLoadError, UnsupportedModelError, UsageError
 from compressor.models import check_supported
+from compressor.models.checkpoint_checks import check_config_sizes, check_finite, check_weight_files
 from compressor.models.gemma3 import GEMMA3_MULTIMODAL, LanguageModelOf
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,7 @@ def load_model(
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
         model, tokenizer = _load_gguf(path, torch_dtype if isinstance(torch_dtype, torch.dtype) else GGUF_DTYPE)
+        check_finite(model, str(path))
         check_supported(getattr(model.config, "model_type", None))
         return LoadedModel(model, tokenizer, spec, path.parent)
     if path.is_dir():
@@ -225,9 +227,32 @@ def _load_directory(
                 f"{directory}: config.json asks for custom modeling code; pass --trust-remote-code if you trust it"
             )
         trust_remote_code = True
+    _check_tokenizer_code(directory, trust_remote_code)
     check_weights(directory, allow_pickle)
+    check_config_sizes(_config_object(config, directory), check_weight_files(directory), str(directory / "config.json"))
     model, tokenizer = _from_pretrained(str(directory), dtype, trust_remote_code, allow_pickle, part)
     return LoadedModel(model, tokenizer, spec, directory, _left_out_warnings(part))
+
+
+def _check_tokenizer_code(directory: Path, trust_remote_code: bool) -> None:
+    """tokenizer_config.json may name custom code too (its own ``auto_map``): refused the same way."""
+    path = directory / "tokenizer_config.json"
+    try:
+        has_code = path.is_file() and "auto_map" in json.loads(path.read_text())
+    except (ValueError, TypeError):
+        raise ModelLoadError(f"{path}: invalid JSON") from None
+    if has_code and not trust_remote_code:
+        raise ModelLoadError(f"{path} asks for custom tokenizer code; pass --trust-remote-code if you trust it")
+
+
+def _config_object(config: dict[str, Any], directory: Path) -> Any:
+    """config.json as its transformers class (with the family's defaults for absent sizes), running no code."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(**config)
+    except Exception as exc:  # transformers' strict config fields raise their own validation error types
+        raise ModelLoadError(f"{directory / 'config.json'}: {_first_line(exc)}") from exc
 
 
 def _load_hub(spec: str, dtype: torch.dtype | str, trust_remote_code: bool) -> LoadedModel:
@@ -265,6 +290,7 @@ def _from_pretrained(
     except Exception as exc:
         raise ModelLoadError(f"cannot load the tokenizer from {name}: {_first_line(exc)}") from exc
     model.eval()
+    check_finite(model, name)
     return model, tokenizer
 
 
