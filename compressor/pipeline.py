@@ -45,7 +45,8 @@ def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
 
 
 def load(
-    path: str | Path, *, dtype: str = "auto", trust_remote_code: bool = False, budget: str | int | None = None
+    path: str | Path, *, dtype: str = "auto", trust_remote_code: bool = False, budget: str | int | None = None,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load any model this package reads or writes (HF dir, our exports, .gguf, demo:, hub id).
 
@@ -63,7 +64,7 @@ def load(
 
     if int8_dir_config(path) is not None:
         return load_int8_dir(Path(path), dtype)
-    return load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    return load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
 
 def evaluate(
@@ -175,6 +176,8 @@ def compress(
     max_ppl_increase: float | None = None,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
     checkpoint: bool = True,
     resume: bool = False,
 ) -> Report:
@@ -193,7 +196,8 @@ def compress(
     timings: dict[str, float] = {}
     stages = build_stages(recipe.stages, recipe.export.format)
     with _phase(timings, "load"):
-        loaded = model if isinstance(model, LoadedModel) else load(model, dtype=dtype)
+        loaded = model if isinstance(model, LoadedModel) else load(model, dtype=dtype, allow_pickle=allow_pickle,
+                                                                    trust_remote_code=trust_remote_code)
     adapter = get_adapter(loaded.model)
     calib = recipe.calibration
     _check_seq_len(adapter, calib.seq_len)

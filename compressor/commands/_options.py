@@ -35,6 +35,16 @@ DtypeOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or warnings.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+AllowPickleOpt = Annotated[
+    bool,
+    typer.Option("--allow-pickle", help="Load pickle weights (*.bin, *.pt) when a model has no safetensors. "
+                 "Unpickling runs code stored in the file: use only for files you trust."),
+]
+TrustRemoteCodeOpt = Annotated[
+    bool,
+    typer.Option("--trust-remote-code", help="Run the Python modeling/tokenizer code a model directory names "
+                 "in its auto_map. That code runs with your permissions: use only for models you trust."),
+]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output directory if it exists.")]
 SeqLenOpt = Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence/window.")]
 TextFieldOpt = Annotated[

@@ -9,6 +9,7 @@ import typer
 
 from compressor.commands._handler import configure_logging, run_guarded
 from compressor.commands._options import (
+    AllowPickleOpt,
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
@@ -22,6 +23,7 @@ from compressor.commands._options import (
     SeqLenOpt,
     SetOpt,
     TextFieldOpt,
+    TrustRemoteCodeOpt,
 )
 from compressor.commands._render import layer_progress, log_warnings, print_json, print_table
 
@@ -59,6 +61,8 @@ def compress(
         str | None, typer.Option("--max-ppl-increase", help="Quality gate: exit 3 if ppl rises more (e.g. 5%).")
     ] = None,
     overwrite: OverwriteOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -84,7 +88,8 @@ def compress(
             try:
                 report = run_compress(model, resolved, out, dtype=dtype, device=device, eval_data=eval_data,
                                       eval_max_tokens=eval_tokens, max_ppl_increase=limit, overwrite=overwrite,
-                                      progress=progress)
+                                      progress=progress, allow_pickle=allow_pickle,
+                                      trust_remote_code=trust_remote_code)
             except QualityGateError:
                 written = _read_report(out)
                 log_warnings(written["warnings"])

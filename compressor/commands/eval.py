@@ -8,6 +8,7 @@ import typer
 
 from compressor.commands._handler import configure_logging, run_guarded
 from compressor.commands._options import (
+    AllowPickleOpt,
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
@@ -33,6 +34,7 @@ def eval_(
     trust_remote_code: Annotated[
         bool, typer.Option("--trust-remote-code", help="Allow a model directory's own modeling code to run.")
     ] = False,
+    allow_pickle: AllowPickleOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -44,7 +46,7 @@ def eval_(
         from compressor.models.loading import dtype_name
         from compressor.pipeline import evaluate, load
 
-        loaded = load(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        loaded = load(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         result = evaluate(loaded, data, seq_len=seq_len, max_tokens=max_tokens, device=device,
                           text_field=text_field)
         summary = {"model": model, "data": data, "dtype": dtype_name(loaded.model), **result.to_dict()}
