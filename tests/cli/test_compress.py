@@ -103,7 +103,7 @@ def test_bad_model_paths(runner: CliRunner, recipe_file: Path, tmp_path: Path, m
     unsupported.mkdir()
     (unsupported / "config.json").write_text(json.dumps({"model_type": "gpt_bigcode"}))
     cases = [(tmp_path / "missing", "model path not found"), (empty, "no weights found"),
-             (corrupt, "cannot load model"), (unsupported, "unsupported architecture 'gpt_bigcode'")]
+             (corrupt, "header length 16 does not fit"), (unsupported, "unsupported architecture 'gpt_bigcode'")]
     for model, message in cases:
         result = runner.invoke(app, ["compress", str(model), "-r", str(recipe_file), "-o", str(tmp_path / "o")])
         assert result.exit_code == 2, (model, result.output)
