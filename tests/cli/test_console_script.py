@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -29,3 +30,11 @@ def test_console_script_compress_and_inspect(model_dir_factory, text_file: Path,
     failed = subprocess.run([exe, "compress", str(tmp_path / "nope"), "-r", str(recipe), "-o", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert failed.returncode == 2 and failed.stderr.startswith("error: ") and "Traceback" not in failed.stderr
+
+
+def test_python_dash_m_runs_the_same_cli() -> None:
+    """Launchers that start a module (``torchrun -m compressor``) need ``compressor/__main__.py``."""
+    done = subprocess.run([sys.executable, "-m", "compressor", "recipes", "list"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "w4a16-gptq" in done.stdout
