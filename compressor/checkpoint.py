@@ -108,6 +108,8 @@ class Checkpoints:
                 raise UsageError(f"--resume: the checkpoint in {self.root} was made with a different "
                                  f"{' and '.join(names[d] for d in differ)}; rerun without --resume (and --overwrite)")
             self.resume_at = (int(manifest["pass"]), int(manifest["layer"]))
+            for stale in self.root.glob("*.tmp"):  # a write that a kill cut short; the manifest never named it
+                stale.unlink()
         else:
             self._clear()
             self.root.mkdir(exist_ok=True)
@@ -122,7 +124,7 @@ class Checkpoints:
             raise UsageError(f"--resume: unreadable {self.root / MANIFEST}: {exc}") from None
 
     def _clear(self) -> None:
-        for path in self.root.glob("pass*"):
+        for path in self.root.glob("pass*.safetensors"):
             path.unlink()
 
     def for_pass(self, number: int) -> PassCheckpoint:

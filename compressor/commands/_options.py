@@ -46,6 +46,16 @@ TrustRemoteCodeOpt = Annotated[
                  "in its auto_map. That code runs with your permissions: use only for models you trust."),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output directory if it exists.")]
+CheckpointOpt = Annotated[
+    bool,
+    typer.Option("--checkpoint/--no-checkpoint", help="Save each finished layer in OUT.partial so --resume can "
+                 "continue after a crash (costs disk: the next layer's inputs plus the finished layers)."),
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option("--resume", help="Continue an interrupted run from its checkpoints in OUT.partial (the same "
+                 "model, recipe and calibration data, else refused)."),
+]
 SeqLenOpt = Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence/window.")]
 TextFieldOpt = Annotated[
     str | None, typer.Option("--text-field", help="Column holding the text in json/jsonl/csv/parquet/hf data.")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -10,6 +15,7 @@ import typer
 from compressor.commands._handler import configure_logging, run_guarded
 from compressor.commands._options import (
     AllowPickleOpt,
+    CheckpointOpt,
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
@@ -19,6 +25,7 @@ from compressor.commands._options import (
     OverwriteOpt,
     QuietOpt,
     RecipeOpt,
+    ResumeOpt,
     SeedOpt,
     SeqLenOpt,
     SetOpt,
@@ -61,6 +68,8 @@ def compress(
         str | None, typer.Option("--max-ppl-increase", help="Quality gate: exit 3 if ppl rises more (e.g. 5%).")
     ] = None,
     overwrite: OverwriteOpt = False,
+    checkpoint: CheckpointOpt = True,
+    resume: ResumeOpt = False,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_output: JsonOpt = False,
@@ -69,13 +78,8 @@ def compress(
 ) -> None:
     """Compress MODEL with a recipe; writes weights, config, tokenizer, recipe.yaml and a report to --out."""
     configure_logging(quiet or json_output)
-    sets = list(overrides or [])
-    for key, value in (("dataset", calib), ("samples", calib_samples), ("seq_len", seq_len),
-                       ("text_field", text_field)):
-        if value is not None:
-            sets.append(f"calibration.{key}={value}")
-    if seed is not None:
-        sets.append(f"seed={seed}")
+    sets = _recipe_sets(overrides, {"calibration.dataset": calib, "calibration.samples": calib_samples,
+                                    "calibration.seq_len": seq_len, "calibration.text_field": text_field, "seed": seed})
 
     def action() -> None:
         from compressor.errors import QualityGateError
@@ -84,12 +88,12 @@ def compress(
 
         resolved = load_recipe(recipe, sets)
         limit = parse_percent(max_ppl_increase)
-        with layer_progress(not (quiet or json_output)) as progress:
+        with _interrupts(), layer_progress(not (quiet or json_output)) as progress:
             try:
                 report = run_compress(model, resolved, out, dtype=dtype, device=device, eval_data=eval_data,
                                       eval_max_tokens=eval_tokens, max_ppl_increase=limit, overwrite=overwrite,
                                       progress=progress, allow_pickle=allow_pickle,
-                                      trust_remote_code=trust_remote_code)
+                                      trust_remote_code=trust_remote_code, checkpoint=checkpoint, resume=resume)
             except QualityGateError:
                 written = _read_report(out)
                 log_warnings(written["warnings"])
@@ -102,7 +106,63 @@ def compress(
         elif not quiet:
             print_table(f"compressed -> {out}", report.summary())
 
-    run_guarded(action, debug=debug)
+    _run_interruptible(action, debug, model, recipe, out)
+
+
+def _recipe_sets(overrides: list[str] | None, options: dict[str, object]) -> list[str]:
+    """``--set`` values, then the recipe fields the shortcut options give (None: not given)."""
+    return [*(overrides or []), *(f"{key}={value}" for key, value in options.items() if value is not None)]
+
+
+class _Interrupted(BaseException):
+    """SIGINT or SIGTERM during a run (a BaseException, so the error handler leaves it to :func:`compress`)."""
+
+    def __init__(self, name: str, exit_code: int) -> None:
+        super().__init__(name)
+        self.name, self.exit_code = name, exit_code
+
+
+@contextmanager
+def _interrupts() -> Iterator[None]:
+    """Turn SIGTERM (exit 143) and Ctrl-C (exit 130) into :class:`_Interrupted` for the duration of a run.
+
+    The exception unwinds like any other: the atomic writer removes its staging directory, and the layer
+    checkpoints, each written whole before the next starts, stay for ``--resume``.
+    """
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        raise _Interrupted("SIGTERM", 143)
+
+    main = threading.current_thread() is threading.main_thread()  # handlers can only be set there
+    previous = signal.signal(signal.SIGTERM, terminate) if main else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise _Interrupted("SIGINT", 130) from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_interruptible(action: Callable[[], None], debug: bool, model: str, recipe: str, out: Path) -> None:
+    """The error handler, plus the one line an interrupted run prints (how to resume) and its exit code."""
+    try:
+        run_guarded(action, debug=debug)
+    except _Interrupted as stop:
+        typer.echo(_resume_hint(stop, model, recipe, out), err=True)
+        raise typer.Exit(stop.exit_code) from None
+
+
+def _resume_hint(stop: _Interrupted, model: str, recipe: str, out: Path) -> str:
+    """One line: what was kept, and the command that continues (the other options as they were)."""
+    from compressor.checkpoint import MANIFEST
+    from compressor.export.atomic import partial_dir
+
+    kept = partial_dir(out)
+    if not (kept / MANIFEST).is_file():
+        return f"interrupted ({stop.name}): no output was written"
+    return (f"interrupted ({stop.name}): finished layers are checkpointed in {kept}; to continue, run the same "
+            f"command plus --resume: compressor compress {model} --recipe {recipe} --out {out} ... --resume")
 
 
 def _read_report(out: Path) -> dict[str, Any]:
