@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -62,6 +63,16 @@ def _write_atomic(path: Path, write: Any) -> None:
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     _write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A checkpoint file's tensors and metadata; a missing or damaged one is a one-line error."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(str(path)), metadata
+    except (OSError, SafetensorError) as exc:
+        raise UsageError(f"--resume: unreadable checkpoint {path}: {exc}; start over with --overwrite") from None
 
 
 def _hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
@@ -111,8 +122,7 @@ class Checkpoints:
             for stale in self.root.glob("*.tmp"):  # a write that a kill cut short; the manifest never named it
                 stale.unlink()
         else:
-            self._clear()
-            self.root.mkdir(exist_ok=True)
+            self._clear()  # the directory itself appears with the first manifest (a pass with layer checkpoints)
 
     def _read_manifest(self) -> dict[str, Any]:
         try:
@@ -140,6 +150,7 @@ class Checkpoints:
         return PassCheckpoint(self, number, "write")
 
     def write_manifest(self, number: int, layer: int) -> None:
+        self.root.mkdir(exist_ok=True)
         manifest = {"version": VERSION, "fingerprint": self.marks, "pass": number, "layer": layer,
                     "recipe": self.recipe}
         _write_atomic(self.root / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
@@ -180,18 +191,13 @@ class PassCheckpoint:
             records += self._restore_layer(run, index)
         if stopped < 0:
             return 0, None, records
-        saved = load_file(str(self._hidden_file(stopped)))
+        saved, _ = _read(self._hidden_file(stopped))
         hidden = [saved[str(b)].to(run.device) for b in range(len(saved))]
         log.info("resuming pass %d after layer %d", self.number, stopped)
         return stopped + 1, hidden, records
 
     def _restore_layer(self, run: ModelContext, index: int) -> list[LayerRecord]:
-        path = self._layer_file(index)
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata()
-        tensors = load_file(str(path))
+        tensors, metadata = _read(self._layer_file(index))
         layer = run.adapter.layers()[index]
         layer.load_state_dict({k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")})
         for module, fields in json.loads(metadata["codes"]).items():

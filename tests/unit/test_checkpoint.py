@@ -184,3 +184,21 @@ def test_no_checkpoint_writes_none(six_layers: Path, text_file: Path, tmp_path: 
         compress(six_layers, _recipe(tmp_path, GPTQ, text_file), out, checkpoint=False,
                  progress=_interrupt_after(3))
     assert not (tmp_path / "out.partial").exists() and not out.exists()
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error(six_layers: Path, text_file: Path, tmp_path: Path) -> None:
+    out = _interrupted(six_layers, text_file, tmp_path)
+    damaged = tmp_path / "out.partial" / "pass0-layer1.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.raises(UsageError, match=r"unreadable checkpoint .*pass0-layer1.safetensors: .*--overwrite"):
+        compress(six_layers, _recipe(tmp_path, GPTQ, text_file), out, resume=True)
+
+
+def test_a_pass_without_layer_checkpoints_leaves_no_partial_directory(six_layers: Path, text_file: Path,
+                                                                      tmp_path: Path) -> None:
+    """ShortGPT's scores live in the method until its pass ends: nothing to save, so nothing to resume."""
+    drop_only = TWO_PASSES.split("  - method: gptq")[0] + "export: {{format: dense}}\n"
+    with pytest.raises(KeyboardInterrupt):
+        compress(six_layers, _recipe(tmp_path, drop_only, text_file), tmp_path / "out",
+                 progress=_interrupt_after(3, "layer_drop"))
+    assert not (tmp_path / "out.partial").exists()
