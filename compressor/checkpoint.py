@@ -12,10 +12,10 @@ decoder layer of a layer-wise pass:
 
 Every file is written to a temporary name, flushed and renamed, and the manifest goes last: a kill at any
 moment leaves the previous checkpoint whole. Only passes whose stages are all in :data:`LAYER_LOCAL` get
-layer checkpoints: their ``apply`` keeps nothing between layers and changes weight values only, so a finished
-layer is restored from its state_dict. Other passes (SliceGPT's rotations, BAQ's and ShortGPT's statistics,
-DGQ's INT8 modules) and every pass before the one that was interrupted are re-run on resume; a run is
-deterministic, so the result is the same bytes.
+layer checkpoints: their ``apply`` keeps nothing between layers (but which entries of BAQ's plan it used) and
+changes weight values only, so a finished layer is restored from its state_dict. Other passes (SliceGPT's
+rotations, BAQ's and ShortGPT's statistics, DGQ's INT8 modules) and every pass before the one that was
+interrupted are re-run on resume; a run is deterministic, so the result is the same bytes.
 """
 
 from __future__ import annotations
@@ -160,6 +160,14 @@ class Checkpoints:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _mark_planned_as_used(stages: list[Method], run: ModelContext) -> None:
+    """A quantizer that took BAQ's plan checks at the end of its pass that it used every entry: restored layers did."""
+    for stage in stages:
+        plan = getattr(stage, "plan", None)  # WeightQuantizer's BitPlan, taken in prepare
+        if plan is not None:
+            plan.used.update(path for path in run.quantized if path in plan.bits or path in plan.group_bits)
+
+
 class PassCheckpoint:
     """One pass's layer checkpoints; ``mode``: ``write`` them, ``restore`` finished layers first, or ``replay``."""
 
@@ -177,7 +185,7 @@ class PassCheckpoint:
         self, run: ModelContext, stages: list[Method]
     ) -> tuple[int, list[torch.Tensor] | None, list[LayerRecord]]:
         """After ``prepare``: the first layer to compute, its saved inputs (None: the captured ones), restored rows."""
-        layer_local = all(s.name in LAYER_LOCAL and getattr(s, "plan", None) is None for s in stages)
+        layer_local = all(s.name in LAYER_LOCAL for s in stages)
         self.enabled = layer_local and self.mode != "replay"
         if self.mode == "replay" or not layer_local:
             return 0, None, []
@@ -189,6 +197,7 @@ class PassCheckpoint:
         records: list[LayerRecord] = []
         for index in range(stopped + 1):
             records += self._restore_layer(run, index)
+        _mark_planned_as_used(stages, run)
         if stopped < 0:
             return 0, None, records
         saved, _ = _read(self._hidden_file(stopped))

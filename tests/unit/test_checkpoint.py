@@ -42,6 +42,21 @@ stages:
 export: {{format: dense}}
 """
 
+# BAQ plans each linear's width in its own pass (model-level); the GPTQ pass after it must use every planned width.
+BAQ = """\
+name: tiny-baq-gptq
+calibration: {{dataset: "{calib}", samples: 4, seq_len: 32, batch_size: 2}}
+stages:
+  - method: baq
+    avg_bits: 3.0
+    candidates: [2, 3, 4, 8]
+    granularity: module
+  - method: gptq
+    group_size: 32
+export: {{format: compressed-tensors}}
+"""
+RECIPES = {"gptq": GPTQ, "two": TWO_PASSES, "baq": BAQ}
+
 
 @pytest.fixture(scope="module")
 def six_layers(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
@@ -82,17 +97,17 @@ def _files(out: Path) -> dict[str, bytes]:
 def reference(six_layers: Path, text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """Uninterrupted runs, without checkpoints, of each recipe."""
     runs = {}
-    for name, text in (("gptq", GPTQ), ("two", TWO_PASSES)):
+    for name, text in RECIPES.items():
         tmp = tmp_path_factory.mktemp(name)
         compress(six_layers, _recipe(tmp, text, text_file), tmp / "out", checkpoint=False)
         runs[name] = _files(tmp / "out")
     return runs
 
 
-@pytest.mark.parametrize(("recipe", "after"), [("gptq", 1), ("gptq", 4), ("two", 2)])
+@pytest.mark.parametrize(("recipe", "after"), [("gptq", 1), ("gptq", 4), ("two", 2), ("baq", 3)])
 def test_resume_writes_the_same_bytes(six_layers: Path, text_file: Path, tmp_path: Path, reference: dict,
                                       recipe: str, after: int) -> None:
-    text = GPTQ if recipe == "gptq" else TWO_PASSES
+    text = RECIPES[recipe]
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         compress(six_layers, _recipe(tmp_path, text, text_file), out, progress=_interrupt_after(after))
