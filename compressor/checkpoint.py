@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +61,7 @@ def _write_atomic(path: Path, write: Any) -> None:
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    path.parent.mkdir(exist_ok=True)
     _write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
@@ -110,6 +110,7 @@ class Checkpoints:
         self.root = partial_dir(out)
         self.recipe, self.marks = recipe, marks
         self.resume_at: tuple[int, int] | None = None  # (pass, last finished layer) still to be restored
+        self.plans: list[int] = []  # finished planning passes whose results are saved
         if resume:
             manifest = self._read_manifest()
             saved = manifest["fingerprint"]
@@ -119,6 +120,7 @@ class Checkpoints:
                 raise UsageError(f"--resume: the checkpoint in {self.root} was made with a different "
                                  f"{' and '.join(names[d] for d in differ)}; rerun without --resume (and --overwrite)")
             self.resume_at = (int(manifest["pass"]), int(manifest["layer"]))
+            self.plans = [int(n) for n in manifest.get("plans", [])]
             for stale in self.root.glob("*.tmp"):  # a write that a kill cut short; the manifest never named it
                 stale.unlink()
         else:
@@ -134,8 +136,13 @@ class Checkpoints:
             raise UsageError(f"--resume: unreadable {self.root / MANIFEST}: {exc}") from None
 
     def _clear(self) -> None:
-        for path in self.root.glob("pass*.safetensors"):
-            path.unlink()
+        """Drop the layer checkpoints (a new pass starts); the results of planning passes stay."""
+        for pattern in ("pass*-layer*.safetensors", "pass*-hidden*.safetensors"):
+            for path in self.root.glob(pattern):
+                path.unlink()
+        if not self.plans:
+            for path in self.root.glob("pass*-plan.safetensors"):
+                path.unlink()
 
     def for_pass(self, number: int) -> PassCheckpoint:
         """The checkpoint of pass ``number``: restoring (the interrupted pass), replaying, or writing."""
@@ -152,12 +159,8 @@ class Checkpoints:
     def write_manifest(self, number: int, layer: int) -> None:
         self.root.mkdir(exist_ok=True)
         manifest = {"version": VERSION, "fingerprint": self.marks, "pass": number, "layer": layer,
-                    "recipe": self.recipe}
+                    "plans": self.plans, "recipe": self.recipe}
         _write_atomic(self.root / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
-
-    def discard(self) -> None:
-        """Forget every checkpoint (the run finished; the atomic writer removes the directory with the output)."""
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _mark_planned_as_used(stages: list[Method], run: ModelContext) -> None:
@@ -174,6 +177,40 @@ class PassCheckpoint:
     def __init__(self, owner: Checkpoints, number: int, mode: str, stopped: int = -1) -> None:
         self.owner, self.number, self.mode, self.stopped = owner, number, mode, stopped
         self.enabled = False
+
+    def _plan_file(self) -> Path:
+        return self.owner.root / f"pass{self.number}-plan.safetensors"
+
+    def restore_plans(self, run: ModelContext) -> list[LayerRecord] | None:
+        """A planning pass finished before the interruption: its plans, rows and RNG (None: run the pass)."""
+        if self.mode != "replay" or self.number not in self.owner.plans:
+            return None
+        tensors, metadata = _read(self._plan_file())
+        for key, value in json.loads(metadata["plans"]).items():
+            run.plans[key] = value
+        for name, tensor in tensors.items():
+            if name.startswith("plans."):
+                key, path = name[len("plans."):].split(".", 1)
+                run.plans.setdefault(key, {})[path] = tensor
+        torch.set_rng_state(tensors["rng"])
+        log.info("resuming: pass %d's plan restored, not recomputed", self.number)
+        return [LayerRecord(**row) for row in json.loads(metadata["records"])]
+
+    def finish(self, run: ModelContext, stages: list[Method], records: list[LayerRecord]) -> None:
+        """After a pass: a planning pass (it only fills ``run.plans``; BAQ) saves its plan, rows and RNG."""
+        if self.mode == "replay" or not all(stage.kind == "allocate" for stage in stages):
+            return
+        tensors = {"rng": torch.get_rng_state()}
+        plain: dict[str, Any] = {}
+        for key, value in run.plans.items():
+            if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                tensors.update({f"plans.{key}.{path}": tensor for path, tensor in value.items()})
+            else:
+                plain[key] = value
+        metadata = {"plans": json.dumps(plain), "records": json.dumps([r.to_dict() for r in records])}
+        _save_tensors(self._plan_file(), tensors, metadata)
+        self.owner.plans.append(self.number)
+        self.owner.write_manifest(self.number + 1, -1)
 
     def _layer_file(self, index: int) -> Path:
         return self.owner.root / f"pass{self.number}-layer{index}.safetensors"

@@ -403,6 +403,12 @@ def run_stages(
     records: list[LayerRecord] = []
     for number, stages_of_pass in enumerate(split_passes(stages)):
         start = time.perf_counter()
-        records += run_pass(run, stages_of_pass, progress, checkpoints.for_pass(number) if checkpoints else None)
+        checkpoint = checkpoints.for_pass(number) if checkpoints else None
+        done = checkpoint.restore_plans(run) if checkpoint else None  # a finished planning pass is not redone
+        if done is None:
+            done = run_pass(run, stages_of_pass, progress, checkpoint)
+            if checkpoint:
+                checkpoint.finish(run, stages_of_pass, done)
+        records += done
         log.info("pass %s took %.1f s", [s.name for s in stages_of_pass], time.perf_counter() - start)
     return records

@@ -217,3 +217,16 @@ def test_a_pass_without_layer_checkpoints_leaves_no_partial_directory(six_layers
         compress(six_layers, _recipe(tmp_path, drop_only, text_file), tmp_path / "out",
                  progress=_interrupt_after(3, "layer_drop"))
     assert not (tmp_path / "out.partial").exists()
+
+
+def test_a_finished_planning_pass_is_not_redone(six_layers: Path, text_file: Path, tmp_path: Path,
+                                                reference: dict) -> None:
+    """Interrupted in GPTQ's pass, the resumed run takes BAQ's saved plan instead of measuring again."""
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        compress(six_layers, _recipe(tmp_path, BAQ, text_file), out, progress=_interrupt_after(1))
+    phases: set[str] = set()
+    compress(six_layers, _recipe(tmp_path, BAQ, text_file), out, resume=True,
+             progress=lambda phase, done, total: phases.add(phase))
+    assert phases == {"gptq"}
+    assert _files(out) == reference["baq"]
