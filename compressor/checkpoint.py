@@ -7,8 +7,10 @@ decoder layer of a layer-wise pass:
   (``codes.<module path>.<field>``) and the torch RNG state; its report rows in the metadata;
 - ``pass{p}-hidden{i}.safetensors``: the next layer's inputs (only the newest is kept), one tensor per calibration batch
   (``samples x seq_len x hidden x itemsize`` bytes: 128 x 512 x 4096 x 4 = 1 GiB for a 7B model in float32);
+- ``pass{p}-plan.safetensors``: after a planning pass (BAQ: it only fills ``run.plans``), the plan, its report
+  rows and the RNG state; a resume restores it instead of measuring again;
 - ``manifest.json``: the resolved recipe, hashes of the recipe, the model's weights and config, and the
-  calibration tokens, and the last finished pass and layer.
+  calibration tokens, the last finished pass and layer, and the saved planning passes.
 
 Every file is written to a temporary name, flushed and renamed, and the manifest goes last: a kill at any
 moment leaves the previous checkpoint whole. Only passes whose stages are all in :data:`LAYER_LOCAL` get
@@ -124,13 +126,17 @@ class Checkpoints:
             for stale in self.root.glob("*.tmp"):  # a write that a kill cut short; the manifest never named it
                 stale.unlink()
         else:
-            self._clear()  # the directory itself appears with the first manifest (a pass with layer checkpoints)
+            self._clear()  # the directory itself appears with the first file written
+            (self.root / MANIFEST).unlink(missing_ok=True)
 
     def _read_manifest(self) -> dict[str, Any]:
         try:
             manifest = json.loads((self.root / MANIFEST).read_text())
             if manifest.get("version") != VERSION:
                 raise ValueError(f"version {manifest.get('version')} (this compressor writes {VERSION})")
+            missing = [key for key in ("fingerprint", "pass", "layer") if key not in manifest]
+            if missing:
+                raise ValueError(f"no {missing[0]}")
             return dict(manifest)
         except (OSError, ValueError) as exc:
             raise UsageError(f"--resume: unreadable {self.root / MANIFEST}: {exc}") from None

@@ -230,3 +230,10 @@ def test_a_finished_planning_pass_is_not_redone(six_layers: Path, text_file: Pat
              progress=lambda phase, done, total: phases.add(phase))
     assert phases == {"gptq"}
     assert _files(out) == reference["baq"]
+
+
+def test_a_manifest_without_its_fields_is_a_one_line_error(six_layers: Path, text_file: Path, tmp_path: Path) -> None:
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / "manifest.json").write_text('{"version": 1}')
+    with pytest.raises(UsageError, match=r"--resume: unreadable .*manifest.json: no fingerprint"):
+        compress(six_layers, _recipe(tmp_path, GPTQ, text_file), tmp_path / "out", resume=True)
