@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from compressor.engine import ModelContext
+from compressor.engine import ModelContext, ProgressFn, run_pass
 from compressor.errors import UsageError
 from compressor.export.atomic import partial_dir
 from compressor.methods.base import LayerRecord, Method
@@ -162,6 +162,16 @@ class Checkpoints:
             return PassCheckpoint(self, number, "restore", layer)
         return PassCheckpoint(self, number, "write")
 
+    def run_pass(self, number: int, run: ModelContext, stages: list[Method],
+                 progress: ProgressFn | None) -> list[LayerRecord]:
+        """Pass ``number``: its saved plan if a planning pass finished before, else the pass, saving as it goes."""
+        checkpoint = self.for_pass(number)
+        records = checkpoint.restore_plans(run)
+        if records is None:
+            records = run_pass(run, stages, progress, checkpoint)
+            checkpoint.finish(run, stages, records)
+        return records
+
     def write_manifest(self, number: int, layer: int) -> None:
         self.root.mkdir(exist_ok=True)
         manifest = {"version": VERSION, "fingerprint": self.marks, "pass": number, "layer": layer,
@@ -183,6 +193,7 @@ class PassCheckpoint:
     def __init__(self, owner: Checkpoints, number: int, mode: str, stopped: int = -1) -> None:
         self.owner, self.number, self.mode, self.stopped = owner, number, mode, stopped
         self.enabled = False
+        self._saved_rows = 0  # how many of the pass's rows are in saved checkpoints (or came before layer 0)
 
     def _plan_file(self) -> Path:
         return self.owner.root / f"pass{self.number}-plan.safetensors"
@@ -225,24 +236,30 @@ class PassCheckpoint:
         return self.owner.root / f"pass{self.number}-hidden{index}.safetensors"
 
     def begin(
-        self, run: ModelContext, stages: list[Method]
-    ) -> tuple[int, list[torch.Tensor] | None, list[LayerRecord]]:
-        """After ``prepare``: the first layer to compute, its saved inputs (None: the captured ones), restored rows."""
+        self, run: ModelContext, stages: list[Method], hidden: list[torch.Tensor], records: list[LayerRecord]
+    ) -> tuple[int, list[torch.Tensor], list[LayerRecord]]:
+        """After ``prepare``: the first layer to compute, its inputs and the rows so far (restored layers' added).
+
+        ``hidden`` (layer 0's captured inputs) and ``records`` (``prepare``'s rows) are returned as they are when
+        there is nothing to restore.
+        """
         layer_local = all(s.name in LAYER_LOCAL for s in stages)
         self.enabled = layer_local and self.mode != "replay"
+        self._saved_rows = len(records)
         if self.mode == "replay" or not layer_local:
-            return 0, None, []
+            return 0, hidden, records
         if self.mode == "write":
             self.owner._clear()
             self.owner.write_manifest(self.number, -1)
-            return 0, None, []
+            return 0, hidden, records
         stopped = self.stopped
-        records: list[LayerRecord] = []
+        records = list(records)
         for index in range(stopped + 1):
             records += self._restore_layer(run, index)
         _mark_planned_as_used(stages, run)
+        self._saved_rows = len(records)
         if stopped < 0:
-            return 0, None, records
+            return 0, hidden, records
         saved, _ = _read(self._hidden_file(stopped))
         hidden = [saved[str(b)].to(run.device) for b in range(len(saved))]
         log.info("resuming pass %d after layer %d", self.number, stopped)
@@ -261,7 +278,10 @@ class PassCheckpoint:
 
     def save(self, run: ModelContext, index: int, layer: nn.Module, records: list[LayerRecord],
              hidden: list[torch.Tensor]) -> None:
-        """Layer ``index`` is finished: its weights, codes, rows and RNG, then the next inputs, then the manifest."""
+        """Layer ``index`` is finished: its weights, codes, rows and RNG, then the next inputs, then the manifest.
+
+        ``records``: the pass's rows so far; this layer's are those after the last save.
+        """
         if not self.enabled:
             return
         prefix = run.adapter.layer_prefix(index) + "."
@@ -274,8 +294,9 @@ class PassCheckpoint:
                     if getattr(qweight, name) is not None:
                         tensors[f"codes.{module}.{name}"] = getattr(qweight, name)
         tensors["rng"] = torch.get_rng_state()
-        rows = json.dumps([r.to_dict() for r in records])
+        rows = json.dumps([r.to_dict() for r in records[self._saved_rows:]])
         _save_tensors(self._layer_file(index), tensors, {"records": rows, "codes": json.dumps(codes)})
         _save_tensors(self._hidden_file(index), {str(b): h for b, h in enumerate(hidden)})
         self.owner.write_manifest(self.number, index)
         self._hidden_file(index - 1).unlink(missing_ok=True)
+        self._saved_rows = len(records)

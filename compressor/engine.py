@@ -28,9 +28,8 @@ from compressor.methods.quant.gptq_ops import accumulate_hessian
 from compressor.methods.quant.ops import QuantizedWeight
 from compressor.models.base import LinearGroup, ModelAdapter
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # checkpoint.py imports this module
     from compressor.checkpoint import Checkpoints, PassCheckpoint
-
 log = logging.getLogger(__name__)
 
 #: progress(phase, done, total): the CLI renders it; the library never prints.
@@ -355,14 +354,9 @@ def _move_embeddings(adapter: ModelAdapter, device: torch.device) -> None:
         module.to(device)
 
 
-def run_pass(
-    run: ModelContext, stages: list[Method], progress: ProgressFn | None = None,
-    checkpoint: PassCheckpoint | None = None,
-) -> list[LayerRecord]:
-    """One sweep over the decoder layers applying ``stages`` in order inside each layer.
-
-    With ``checkpoint``, each finished layer is saved, and a resumed pass starts after the last saved layer.
-    """
+def run_pass(run: ModelContext, stages: list[Method], progress: ProgressFn | None = None,
+             checkpoint: PassCheckpoint | None = None) -> list[LayerRecord]:
+    """One sweep over the decoder layers applying ``stages`` in each; ``checkpoint`` saves/restores finished layers."""
     records: list[LayerRecord] = []
     for stage in stages:
         records += stage.prepare(run)
@@ -371,23 +365,21 @@ def run_pass(
     _move_embeddings(run.adapter, torch.device("cpu"))
     layers = run.adapter.layers()
     label = "+".join(stage.name for stage in stages)
-    start, saved, restored = checkpoint.begin(run, stages) if checkpoint else (0, None, [])
-    hidden, records = saved or captured.hidden, records + restored
+    hidden = captured.hidden
+    start, hidden, records = checkpoint.begin(run, stages, hidden, records) if checkpoint else (0, hidden, records)
     for index in range(start, len(layers)):
         layer = layers[index].to(run.device)
         ctx = LayerContext(index=index, layer=layer, run=run, inputs=captured.layer(index, hidden))
-        done: list[LayerRecord] = []
         for stage in stages:
             ctx.thaw()
-            done += stage.apply(ctx)
+            records += stage.apply(ctx)
         hidden = ctx.forward()  # replays what the last stage left replayable
         if not all(torch.isfinite(out).all() for out in hidden):
             raise NumericalError(f"layer {ctx.prefix} produced NaN/inf outputs after {label}")
         layers[index].to("cpu")
         run.store_codes()
-        records += done
         if checkpoint:
-            checkpoint.save(run, index, layers[index], done, hidden)
+            checkpoint.save(run, index, layers[index], records, hidden)
         if progress:
             progress(label, index + 1, len(layers))
     for stage in stages:
@@ -395,20 +387,13 @@ def run_pass(
     return records
 
 
-def run_stages(
-    run: ModelContext, stages: list[Method], progress: ProgressFn | None = None,
-    checkpoints: Checkpoints | None = None,
-) -> list[LayerRecord]:
+def run_stages(run: ModelContext, stages: list[Method], progress: ProgressFn | None = None,
+               checkpoints: Checkpoints | None = None) -> list[LayerRecord]:
     """Every pass in order; returns the per-module records of all stages (``checkpoints``: see checkpoint.py)."""
     records: list[LayerRecord] = []
     for number, stages_of_pass in enumerate(split_passes(stages)):
         start = time.perf_counter()
-        checkpoint = checkpoints.for_pass(number) if checkpoints else None
-        done = checkpoint.restore_plans(run) if checkpoint else None  # a finished planning pass is not redone
-        if done is None:
-            done = run_pass(run, stages_of_pass, progress, checkpoint)
-            if checkpoint:
-                checkpoint.finish(run, stages_of_pass, done)
-        records += done
+        records += (checkpoints.run_pass(number, run, stages_of_pass, progress) if checkpoints
+                    else run_pass(run, stages_of_pass, progress))
         log.info("pass %s took %.1f s", [s.name for s in stages_of_pass], time.perf_counter() - start)
     return records
