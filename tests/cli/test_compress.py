@@ -31,7 +31,7 @@ def recipe_file(tmp_path: Path, text_file: Path) -> Path:
 
 
 def _leftovers(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if ".partial-" in p.name]
+    return [p.name for p in parent.iterdir() if ".partial" in p.name]
 
 
 def test_compress_writes_model_and_report(runner: CliRunner, model_dir_factory, recipe_file: Path,

@@ -56,7 +56,7 @@ def _refused(result: Any, out: Path, *fragments: str, code: int = 2) -> None:
         assert fragment in lines[0], lines[0]
     assert "Traceback" not in result.output
     assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if ".partial-" in p.name]
+    assert not [p for p in out.parent.iterdir() if ".partial" in p.name]
 
 
 def _header(path: Path) -> tuple[dict[str, Any], bytes]:
