@@ -2,7 +2,7 @@
 
 The pass measures, per decoder layer, the running mean and variance of every input channel of the attention
 output projection and of the MLP output projection (``flap_ops``), and scores heads and channels. ``finalize``
-standardises the scores per kind, picks the units to remove under the parameter budget (one global threshold,
+standardises each layer's scores per module, picks the units to remove under the parameter budget (one global threshold,
 per layer, or uniform), narrows the linears in memory, and with ``compensate`` adds the removed channels' mean
 contribution as a bias of the output projections. The stage is model-level: the global choice needs every
 layer's scores, and the stages after it (GPTQ...) get a fresh pass over the narrower model.
@@ -85,7 +85,7 @@ class FLAPConfig(MethodConfig):
 class _LayerStats:
     """What the pass keeps of one layer: per-unit scores and the output projections' input means (float64)."""
 
-    attention_scores: torch.Tensor  # [kv groups]
+    attention_scores: torch.Tensor  # [o_proj inputs]: squared channel scores
     mlp_scores: torch.Tensor  # [intermediate]
     attention_mean: torch.Tensor  # [heads * head_dim]
     mlp_mean: torch.Tensor  # [intermediate]
@@ -187,8 +187,9 @@ class FLAP(Method):
         ctx.collect_many([(o_proj, folder("attention")), (down, folder("mlp"))])
         attention, mlp = moments["attention"], moments["mlp"]
         assert attention is not None and mlp is not None
-        group_width = self._layout.per_group * self._layout.head_dim
-        attention_scores = ops.group_scores(ops.channel_scores(self.cfg.metric, attention, o_proj.weight), group_width)
+        # o_proj's channel scores are squared before they are standardised and averaged per head (the reference's
+        # choice): a head is then scored mostly by its strongest channels.
+        attention_scores = ops.channel_scores(self.cfg.metric, attention, o_proj.weight).square()
         mlp_scores = ops.channel_scores(self.cfg.metric, mlp, down.weight)
         self._stats.append(_LayerStats(attention_scores, mlp_scores, attention.mean, mlp.mean))
         return []
@@ -202,8 +203,9 @@ class FLAP(Method):
         hidden = run.adapter.hidden_size
         group_cost = ops.head_group_params(hidden, self._layout.head_dim, self._layout.per_group, qkv_bias)
         channel_cost = ops.mlp_channel_params(hidden, len(run.adapter.family.mlp.inputs), gate_bias)
-        attention = ops.standardize([s.attention_scores for s in self._stats])
-        mlp = ops.standardize([s.mlp_scores for s in self._stats])
+        group_width = self._layout.per_group * self._layout.head_dim
+        attention = [ops.group_means(ops.standardize(s.attention_scores), group_width) for s in self._stats]
+        mlp = [ops.standardize(s.mlp_scores) for s in self._stats]
         units = []
         for index in range(len(self._stats)):
             units += [ops.Unit(index, "attention", i, float(v), group_cost) for i, v in enumerate(attention[index])]

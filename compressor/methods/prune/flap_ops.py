@@ -9,9 +9,10 @@ variance of a nearly constant channel does not cancel to noise). Scores per chan
 - ``weight_norm``: ``||W[:, j]||^2`` (no data);
 - ``activation_norm``: ``sqrt(E[x_j^2]) * ||W[:, j]||`` (the size of the channel's contribution, Wanda-like).
 
-A head (here: a whole KV group, see ``flap.py``) scores the sum of its channels. Scores are standardised per
-module type (attention units across every layer, MLP channels across every layer), so one threshold compares
-heads with channels. Selection removes the lowest-scored units under a budget counted in parameters.
+As in the paper's reference code, o_proj's channel scores are squared, each layer's scores are standardised on
+their own per module (o_proj's channels, down_proj's channels), and a head (here: a whole KV group, see
+``flap.py``) scores the mean of its channels' standardised scores; so one threshold compares heads with channels
+and every layer with every other. Selection removes the lowest-scored units under a budget counted in parameters.
 """
 
 from __future__ import annotations
@@ -66,20 +67,24 @@ def channel_scores(metric: Metric, moments: Moments, W: torch.Tensor) -> torch.T
     return second.sqrt() * column_sq.sqrt()
 
 
-def group_scores(scores: torch.Tensor, width: int) -> torch.Tensor:
-    """Sum of consecutive ``width`` channels: ``[C] -> [C / width]`` (a head's score from its channels')."""
-    return scores.reshape(-1, width).sum(dim=1)
+def group_means(scores: torch.Tensor, width: int) -> torch.Tensor:
+    """Mean of consecutive ``width`` channels: ``[C] -> [C / width]`` (a head group's score from its channels')."""
+    return scores.reshape(-1, width).mean(dim=1)
 
 
-def standardize(scores: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``(s - mean) / std`` over every entry of every tensor together (one module type, all layers).
+def standardize(scores: torch.Tensor) -> torch.Tensor:
+    """``(s - mean) / std`` over one layer's channels of one module (sample std); all equal: zeros.
 
-    Population std; when every score is equal the result is all zeros.
+    The paper standardises each layer's scores on their own (its reference does it per row of the [layers,
+    channels] matrix), so the one global threshold asks how far a unit lies below its own layer's typical score.
+    Standardising across all layers instead lets a layer whose inputs fluctuate little overall be emptied for that
+    alone: on the demo model it took a third of the attention of the first ten layers (ppl 194 at 20%).
     """
-    flat = torch.cat([s.double().reshape(-1) for s in scores])
-    mean, std = flat.mean(), flat.std(correction=0)
-    scale = std if std > 0 else torch.ones((), dtype=torch.float64)
-    return [(s.double() - mean) / scale for s in scores]
+    flat = scores.double()
+    if flat.numel() < 2:
+        return torch.zeros_like(flat)
+    std = flat.std()
+    return (flat - flat.mean()) / (std if std > 0 else torch.ones((), dtype=torch.float64))
 
 
 def head_group_params(hidden: int, head_dim: int, heads_per_group: int, qkv_bias: bool) -> int:

@@ -13,7 +13,7 @@ from compressor.methods.prune.flap_ops import (
     channel_scores,
     compensation_bias,
     group_channels,
-    group_scores,
+    group_means,
     head_group_params,
     mlp_channel_params,
     round_kept_channels,
@@ -41,7 +41,7 @@ def test_scores_by_metric_on_a_hand_case() -> None:
     assert channel_scores("weight_norm", state, W).tolist() == [5.0, 4.0]
     torch.testing.assert_close(channel_scores("activation_norm", state, W),
                                torch.tensor([math.sqrt(5) * math.sqrt(5), 5 * 2.0], dtype=torch.float64))
-    assert group_scores(torch.arange(6.0), 3).tolist() == [3.0, 12.0]
+    assert group_means(torch.arange(6.0), 3).tolist() == [1.0, 4.0]
     assert group_channels(torch.tensor([0, 2]), 2).tolist() == [0, 1, 4, 5]
 
 
@@ -75,12 +75,16 @@ def test_uniform_removes_the_same_count_in_every_layer() -> None:
 
 
 def _brute_force(attention: list[list[float]], mlp: list[list[float]], costs: tuple[int, int], ratio: float) -> set:
-    """Standardise each kind by hand, then try every threshold: the largest removal within budget wins."""
+    """Standardise each layer's scores of each kind by hand, then try every threshold: the largest removal within
+    budget wins."""
     def z(rows: list[list[float]]) -> list[list[float]]:
-        flat = [v for row in rows for v in row]
-        mean = sum(flat) / len(flat)
-        std = math.sqrt(sum((v - mean) ** 2 for v in flat) / len(flat))
-        return [[(v - mean) / std for v in row] for row in rows]
+        """Each layer (row) on its own, sample standard deviation."""
+        out = []
+        for row in rows:
+            mean = sum(row) / len(row)
+            std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))
+            out.append([(v - mean) / std for v in row])
+        return out
 
     scored = [(s, layer, "attention", i, costs[0]) for layer, row in enumerate(z(attention)) for i, s in enumerate(row)]
     scored += [(s, layer, "mlp", i, costs[1]) for layer, row in enumerate(z(mlp)) for i, s in enumerate(row)]
@@ -106,8 +110,8 @@ def test_global_selection_with_standardisation_matches_brute_force(seed: int) ->
     attention = (torch.rand(3, 3, generator=rng) * 100).tolist()  # 3 layers x 3 KV groups
     mlp = (torch.rand(3, 6, generator=rng) * 0.1).tolist()        # 3 layers x 6 channels, another scale
     costs = (50, 7)
-    z_attention = standardize([torch.tensor(row) for row in attention])
-    z_mlp = standardize([torch.tensor(row) for row in mlp])
+    z_attention = [standardize(torch.tensor(row)) for row in attention]
+    z_mlp = [standardize(torch.tensor(row)) for row in mlp]
     units = [Unit(layer, "attention", i, float(s), costs[0]) for layer, row in enumerate(z_attention)
              for i, s in enumerate(row)]
     units += [Unit(layer, "mlp", i, float(s), costs[1]) for layer, row in enumerate(z_mlp) for i, s in enumerate(row)]
@@ -116,10 +120,15 @@ def test_global_selection_with_standardisation_matches_brute_force(seed: int) ->
         assert chosen == _brute_force(attention, mlp, costs, ratio)
 
 
-def test_standardize_puts_each_kind_on_one_scale() -> None:
-    out = standardize([torch.tensor([1.0, 3.0]), torch.tensor([5.0, 7.0])])
-    torch.testing.assert_close(torch.cat(out), torch.tensor([-3.0, -1.0, 1.0, 3.0], dtype=torch.float64) / math.sqrt(5))
-    assert standardize([torch.tensor([2.0, 2.0])])[0].tolist() == [0.0, 0.0]
+def test_standardize_puts_each_layer_on_its_own_scale() -> None:
+    """A layer whose scores are all 100x smaller gets the same standardised scores: no layer is emptied for its
+    overall scale alone (the reference code standardises per layer, with the sample standard deviation)."""
+    small, large = standardize(torch.tensor([1.0, 2.0, 4.0])), standardize(torch.tensor([100.0, 200.0, 400.0]))
+    expected = torch.tensor([-4.0, -1.0, 5.0], dtype=torch.float64) / math.sqrt(21)  # -4/3, -1/3, 5/3 over sqrt(7/3)
+    torch.testing.assert_close(small, expected)
+    torch.testing.assert_close(large, expected)
+    assert standardize(torch.tensor([2.0, 2.0])).tolist() == [0.0, 0.0]
+    assert standardize(torch.tensor([7.0])).tolist() == [0.0]
 
 
 def test_removing_a_constant_channel_with_compensation_leaves_the_output_exactly_unchanged() -> None:
