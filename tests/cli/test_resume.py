@@ -73,9 +73,12 @@ def _start_blocked(model: Path, recipe: Path, out: Path, pass_number: int, after
     os.mkfifo(partial / f"pass{pass_number}-layer{after}.safetensors.tmp")
     exe = shutil.which("compressor", path=sysconfig.get_path("scripts"))
     assert exe
+    # SIGINT at its default, as a terminal's foreground process has it: a job a non-interactive shell started with
+    # `&` (a CI runner's, a nohup'd pytest) inherits SIGINT ignored, which Python keeps, so Ctrl-C would be lost.
     process = subprocess.Popen([exe, "compress", str(model), "-r", str(recipe), "-o", str(out), "--quiet"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     manifest = partial / "manifest.json"
     deadline = time.monotonic() + 120
     while not (manifest.is_file() and json.loads(manifest.read_text())["layer"] == after - 1):
