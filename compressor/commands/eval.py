@@ -16,6 +16,7 @@ from compressor.commands._options import (
     ModelArg,
     QuietOpt,
     TextFieldOpt,
+    TrustRemoteCodeOpt,
 )
 from compressor.commands._render import print_json, print_table
 
@@ -31,9 +32,7 @@ def eval_(
     text_field: TextFieldOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
-    trust_remote_code: Annotated[
-        bool, typer.Option("--trust-remote-code", help="Allow a model directory's own modeling code to run.")
-    ] = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,

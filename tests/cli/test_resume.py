@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from run_outputs import comparable_files
 from tiny import tiny_model
 from typer.testing import CliRunner
 
@@ -51,19 +52,6 @@ def _recipe(tmp_path: Path, calib: Path, two_passes: bool) -> Path:
     path.write_text(RECIPE.format(calib=calib, stages=DROP if two_passes else "",
                                   format="dense" if two_passes else "compressed-tensors"))
     return path
-
-
-def _files(out: Path) -> dict[str, bytes]:
-    """Every output file's bytes; the report without what differs between any two runs (times, memory)."""
-    files = {p.name: p.read_bytes() for p in out.iterdir()}
-    report = json.loads(files.pop("compression_report.json"))
-    for key in ("timings", "peak_rss_bytes"):
-        report.pop(key)
-    for row in report["layers"]:
-        row.pop("seconds")
-    files["compression_report.json"] = json.dumps(report).encode()
-    files.pop("compression_report.md")  # the same numbers, plus the timings
-    return files
 
 
 def _start_blocked(model: Path, recipe: Path, out: Path, pass_number: int, after: int) -> subprocess.Popen:
@@ -112,7 +100,7 @@ def reference(six_layers: Path, text_file: Path, tmp_path_factory: pytest.TempPa
         if two_passes not in made:
             tmp = tmp_path_factory.mktemp("reference")
             compress(six_layers, load_recipe(_recipe(tmp, text_file, two_passes)), tmp / "out", checkpoint=False)
-            made[two_passes] = _files(tmp / "out")
+            made[two_passes] = comparable_files(tmp / "out")
         return made[two_passes]
 
     return files
@@ -130,7 +118,7 @@ def test_kill_9_then_resume_writes_the_same_bytes(runner: CliRunner, six_layers:
     (tmp_path / "out.partial" / f"pass{int(two_passes)}-layer{after}.safetensors.tmp").unlink()  # the test's FIFO
     result = runner.invoke(app, ["compress", str(six_layers), "-r", str(recipe), "-o", str(out), "--resume", "-q"])
     assert result.exit_code == 0, result.output
-    assert _files(out) == reference(two_passes)
+    assert comparable_files(out) == reference(two_passes)
     assert not (tmp_path / "out.partial").exists()
 
 
@@ -155,7 +143,7 @@ def test_sigterm_and_sigint_keep_the_checkpoint_and_say_how_to_resume(
     assert manifest["layer"] in (after - 1, after)  # the handler may run after layer `after` is saved
     result = runner.invoke(app, ["compress", str(six_layers), "-r", str(recipe), "-o", str(out), "--resume", "-q"])
     assert result.exit_code == 0, result.output
-    assert _files(out) == reference(False)
+    assert comparable_files(out) == reference(False)
 
 
 def test_resume_mismatch_is_one_line_exit_2(runner: CliRunner, six_layers: Path, text_file: Path,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
+from run_outputs import comparable_files
 from tiny import tiny_model
 
 from compressor.errors import UsageError
@@ -80,19 +81,6 @@ def _interrupt_after(layers: int, label: str = "gptq"):
     return progress
 
 
-def _files(out: Path) -> dict[str, bytes]:
-    """Every output file's bytes; the report without what differs between any two runs (times, memory)."""
-    files = {p.name: p.read_bytes() for p in out.iterdir()}
-    report = json.loads(files.pop("compression_report.json"))
-    for key in ("timings", "peak_rss_bytes"):
-        report.pop(key)
-    for row in report["layers"]:
-        row.pop("seconds")
-    files["compression_report.json"] = json.dumps(report).encode()
-    files.pop("compression_report.md")  # the same numbers, plus the timings
-    return files
-
-
 @pytest.fixture(scope="module")
 def reference(six_layers: Path, text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """Uninterrupted runs, without checkpoints, of each recipe."""
@@ -100,7 +88,7 @@ def reference(six_layers: Path, text_file: Path, tmp_path_factory: pytest.TempPa
     for name, text in RECIPES.items():
         tmp = tmp_path_factory.mktemp(name)
         compress(six_layers, _recipe(tmp, text, text_file), tmp / "out", checkpoint=False)
-        runs[name] = _files(tmp / "out")
+        runs[name] = comparable_files(tmp / "out")
     return runs
 
 
@@ -115,7 +103,7 @@ def test_resume_writes_the_same_bytes(six_layers: Path, text_file: Path, tmp_pat
     assert (manifest["pass"], manifest["layer"]) == ((0 if recipe == "gptq" else 1), after - 1)
     assert not out.exists()
     compress(six_layers, _recipe(tmp_path, text, text_file), out, resume=True)
-    assert _files(out) == reference[recipe]
+    assert comparable_files(out) == reference[recipe]
     assert {p.name for p in tmp_path.iterdir()} == {"recipe.yaml", "out"}  # the checkpoints went with success
 
 
@@ -150,7 +138,7 @@ def test_a_write_cut_short_leaves_the_previous_checkpoint(six_layers: Path, text
     assert json.loads((partial / "manifest.json").read_text())["layer"] == 2
     assert not list(partial.glob("*.tmp"))
     compress(six_layers, _recipe(tmp_path, GPTQ, text_file), out, resume=True)
-    assert _files(out) == reference["gptq"]
+    assert comparable_files(out) == reference["gptq"]
 
 
 def _interrupted(six_layers: Path, text_file: Path, tmp_path: Path) -> Path:
@@ -229,7 +217,7 @@ def test_a_finished_planning_pass_is_not_redone(six_layers: Path, text_file: Pat
     compress(six_layers, _recipe(tmp_path, BAQ, text_file), out, resume=True,
              progress=lambda phase, done, total: phases.add(phase))
     assert phases == {"gptq"}
-    assert _files(out) == reference["baq"]
+    assert comparable_files(out) == reference["baq"]
 
 
 def test_a_manifest_without_its_fields_is_a_one_line_error(six_layers: Path, text_file: Path, tmp_path: Path) -> None:
