@@ -72,7 +72,8 @@ class FLAPConfig(MethodConfig):
     )
     structure: ops.Structure = Field(
         "uniform", description="global: one threshold over standardised scores of every layer; per_layer: each "
-        "layer loses ratio of its parameters; uniform: each layer loses ratio of its head groups and channels."
+        "layer loses ratio of its parameters; uniform: each layer loses floor(ratio x groups) head groups and spends "
+        "the rest of its ratio on channels (the same counts in every layer)."
     )
     compensate: bool = Field(False, description="Add the removed input channels' mean contribution as a bias.")
     round_to: int = Field(

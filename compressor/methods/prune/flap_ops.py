@@ -142,7 +142,8 @@ def select_units(units: list[Unit], ratio: float, structure: Structure) -> list[
 
     ``global``: one threshold over every layer (scores must be standardised per kind: the paper's adaptive
     structure); ``per_layer``: each layer loses at most ``ratio`` of its own parameters, split between heads
-    and channels by score; ``uniform``: each layer and kind loses ``floor(ratio * count)`` units.
+    and channels by score; ``uniform``: each layer loses ``floor(ratio * groups)`` head groups and spends the
+    rest of its ``ratio`` on the lowest-scored channels, the same counts in every layer.
     """
     if structure == "global":
         return lowest_within(units, math.floor(ratio * sum(u.params for u in units)))
@@ -153,11 +154,24 @@ def select_units(units: list[Unit], ratio: float, structure: Structure) -> list[
         if structure == "per_layer":
             chosen += lowest_within(own, math.floor(ratio * sum(u.params for u in own)))
             continue
-        for kind in ("attention", "mlp"):
-            of_kind = [u for u in own if u.kind == kind]
-            count = min(math.floor(ratio * len(of_kind)), len(of_kind) - 1)
-            chosen += sorted(of_kind, key=lambda u: (u.score, u.index))[: max(count, 0)]
+        chosen += _uniform_layer(own, ratio)
     return chosen
+
+
+def _uniform_layer(own: list[Unit], ratio: float) -> list[Unit]:
+    """``floor(ratio * groups)`` head groups, then as many MLP channels as the rest of the layer's budget pays for.
+
+    Head groups are coarse (a model with 3 KV groups cannot lose 20% of them), so counting each kind on its
+    own would leave most of the budget unspent and compare a uniform model larger than the adaptive one;
+    spending the remainder on channels keeps every layer alike and the size equal to the other structures'.
+    """
+    heads = sorted((u for u in own if u.kind == "attention"), key=lambda u: (u.score, u.index))
+    channels = sorted((u for u in own if u.kind == "mlp"), key=lambda u: (u.score, u.index))
+    removed = heads[: max(min(math.floor(ratio * len(heads)), len(heads) - 1), 0)]
+    left = math.floor(ratio * sum(u.params for u in own)) - sum(u.params for u in removed)
+    if channels and left > 0:
+        removed += channels[: max(min(left // channels[0].params, len(channels) - 1), 0)]
+    return removed
 
 
 def round_kept_channels(units: list[Unit], chosen: list[Unit], multiple: int) -> list[Unit]:

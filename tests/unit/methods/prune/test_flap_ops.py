@@ -74,6 +74,20 @@ def test_uniform_removes_the_same_count_in_every_layer() -> None:
     assert {(u.layer, u.index) for u in chosen} == {(0, 0), (0, 3), (1, 2), (1, 0)}
 
 
+def test_uniform_spends_what_the_coarse_head_groups_leave_on_channels() -> None:
+    # per layer: 2 head groups of 100 params, 5 channels of 10 -> 250 params
+    units = [Unit(layer, "attention", i, float(i + layer), 100) for layer in range(2) for i in range(2)]
+    units += [Unit(layer, "mlp", i, float((3 * i + layer) % 5), 10) for layer in range(2) for i in range(5)]
+    # 20%: budget 50; floor(0.2 * 2) = 0 groups, so 5 channels would fit but each module keeps one: 4 channels
+    chosen = select_units(units, 0.2, "uniform")
+    assert sorted((u.layer, u.kind) for u in chosen) == [(0, "mlp")] * 4 + [(1, "mlp")] * 4
+    # 50%: budget 125; one group (100) and 25 // 10 = 2 channels, the lowest-scored ones
+    chosen = select_units(units, 0.5, "uniform")
+    assert {(u.layer, u.kind, u.index) for u in chosen} == {
+        (0, "attention", 0), (0, "mlp", 0), (0, "mlp", 2), (1, "attention", 0), (1, "mlp", 3), (1, "mlp", 0)}
+    assert all(sum(u.params for u in chosen if u.layer == layer) <= 125 for layer in range(2))
+
+
 def _brute_force(attention: list[list[float]], mlp: list[list[float]], costs: tuple[int, int], ratio: float) -> set:
     """Standardise each layer's scores of each kind by hand, then try every threshold: the largest removal within
     budget wins."""
