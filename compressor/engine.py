@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from compressor.calibration.precision import fitting_precision
 from compressor.errors import NumericalError, UnsupportedModelError
 from compressor.methods.base import LayerRecord, Method
 from compressor.methods.quant.gptq_ops import accumulate_hessian
@@ -363,17 +364,16 @@ def run_pass(run: ModelContext, stages: list[Method], progress: ProgressFn | Non
     _move_embeddings(run.adapter, run.device)
     captured = run.capture_inputs()
     _move_embeddings(run.adapter, torch.device("cpu"))
-    layers = run.adapter.layers()
-    label = "+".join(stage.name for stage in stages)
+    layers, label = run.adapter.layers(), "+".join(stage.name for stage in stages)
     hidden = captured.hidden
     start, hidden, records = checkpoint.begin(run, stages, hidden, records) if checkpoint else (0, hidden, records)
     for index in range(start, len(layers)):
-        layer = layers[index].to(run.device)
-        ctx = LayerContext(index=index, layer=layer, run=run, inputs=captured.layer(index, hidden))
-        for stage in stages:
-            ctx.thaw()
-            records += stage.apply(ctx)
-        hidden = ctx.forward()  # replays what the last stage left replayable
+        ctx = LayerContext(index, layers[index].to(run.device), run, captured.layer(index, hidden))
+        with fitting_precision(ctx, records):  # float32 for a float16 layer that would overflow
+            for stage in stages:
+                ctx.thaw()
+                records += stage.apply(ctx)
+            hidden = ctx.forward()  # replays what the last stage left replayable
         if not all(torch.isfinite(out).all() for out in hidden):
             raise NumericalError(f"layer {ctx.prefix} produced NaN/inf outputs after {label}")
         layers[index].to("cpu")

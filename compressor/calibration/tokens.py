@@ -35,6 +35,7 @@ def calibration_batch(
     seq_len: int,
     seed: int,
     text_field: str | None = None,
+    notes: list[str] | None = None,
 ) -> torch.Tensor:
     """Draw `samples` windows of `seq_len` tokens from SOURCE, the same ones for the same seed.
 
@@ -42,12 +43,21 @@ def calibration_batch(
     distinct, non-overlapping, aligned slices chosen by a seeded permutation; when it does not, starts are
     drawn at random and windows overlap (a warning says so), since a small calibration set still beats
     failing. Reading stops after `2 * samples * seq_len` tokens, so a huge source costs no more than that.
+    Documents shorter than `seq_len` are packed: a window runs across them, EOS between them, never padded (so
+    every token is real text and no attention mask is needed). Real corpora are mostly such documents, so this is
+    normal, logged at info level, and said in `notes` (the report's calibration section) when given.
     """
     _check_positive("samples", samples, 1)
     _check_positive("seq_len", seq_len, 2)
     needed = samples * seq_len
-    stream = _read_tokens(tokenizer, source, text_field, limit=_READ_AHEAD * needed)
+    lengths: list[int] = []
+    stream = _read_tokens(tokenizer, source, text_field, limit=_READ_AHEAD * needed, lengths=lengths)
     total = stream.numel()
+    note = packing_note(lengths, seq_len, tokenizer.eos_token_id is not None)
+    if note:
+        logger.info("calibration source %r: %s", source, note)
+        if notes is not None:
+            notes.append(note)
     if total < seq_len:
         raise CalibrationError(
             f"calibration source {source!r} has only {total} tokens, fewer than seq_len={seq_len} for one window "
@@ -117,12 +127,26 @@ def _windows(
         )
 
 
+def packing_note(lengths: list[int], seq_len: int, eos: bool) -> str:
+    """What the report says when documents (token counts `lengths`) are shorter than a window; "" when none is."""
+    short = sorted(length for length in lengths if length < seq_len)
+    if not short:
+        return ""
+    joined = "with EOS between them" if eos else "joined directly (the tokenizer has no EOS token)"
+    return (f"{len(short)} of {len(lengths)} documents read are shorter than seq_len={seq_len} (median "
+            f"{short[len(short) // 2]} tokens): packed end to end into full windows, {joined}, no padding")
+
+
 def _read_tokens(
-    tokenizer: PreTrainedTokenizerBase, source: str, text_field: str | None, limit: int
+    tokenizer: PreTrainedTokenizerBase, source: str, text_field: str | None, limit: int,
+    lengths: list[int] | None = None,
 ) -> torch.Tensor:
-    """At least `limit` tokens of SOURCE (all, if it is shorter) as a 1-D `torch.long` tensor."""
+    """At least `limit` tokens of SOURCE (all, if it is shorter) as a 1-D `torch.long` tensor.
+
+    `lengths`, when given, receives each document's token count (without the separator) as it is read.
+    """
     ids: list[int] = []
-    for chunk in _token_chunks(tokenizer, iter_documents(source, text_field)):
+    for chunk in _token_chunks(tokenizer, iter_documents(source, text_field), lengths):
         ids.extend(chunk)
         if len(ids) >= limit:
             break  # the abandoned generators close their files when released
@@ -130,7 +154,9 @@ def _read_tokens(
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _token_chunks(tokenizer: PreTrainedTokenizerBase, documents: Iterator[str]) -> Iterator[list[int]]:
+def _token_chunks(
+    tokenizer: PreTrainedTokenizerBase, documents: Iterator[str], lengths: list[int] | None = None
+) -> Iterator[list[int]]:
     """Tokenize documents a few at a time into one stream, with the EOS id between documents (if any).
 
     Special tokens are not added per document: a BOS in the middle of the stream is not what a model sees
@@ -144,6 +170,8 @@ def _token_chunks(tokenizer: PreTrainedTokenizerBase, documents: Iterator[str]) 
         chunk: list[int] = []
         for ids in encoded:
             chunk.extend(ids if first else separator + ids)
+            if lengths is not None:
+                lengths.append(len(ids))
             first = False
         yield chunk
 

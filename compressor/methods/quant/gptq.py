@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 from compressor.errors import NumericalError
 from compressor.methods.base import LayerRecord
 from compressor.methods.quant.common import WeightQuantConfig, WeightQuantizer, quantize_layer_linears
-from compressor.methods.quant.gptq_ops import FitOn, gptq_quantize
+from compressor.methods.quant.gptq_ops import FitOn, GPTQResult, gptq_quantize
 from compressor.methods.quant.ops import Grid, QuantizedWeight, ScaleSearch
 from compressor.methods.quant.refine import float_targets, refine_layer
 from compressor.methods.registry import register_method
@@ -98,12 +98,9 @@ class GPTQ(WeightQuantizer):
                 )
             except ValueError as exc:
                 raise NumericalError(f"{ctx.prefix}: GPTQ failed: {exc}") from exc
-            notes = []
+            notes = _numerics_notes(W, config.dampening, result)
             if result.cholesky_retries:
-                notes.append(f"Cholesky retried {result.cholesky_retries}x, dampening {result.dampening:g}")
-                log.warning("%s: %s", ctx.prefix, notes[-1])
-            if result.dead_columns:
-                notes.append(f"{result.dead_columns} dead input columns")
+                log.warning("%s: %s", ctx.prefix, notes[0])
             if targets is not None:
                 rounded.append(result.rounded)
             return result.qweight, "; ".join(notes)
@@ -117,3 +114,21 @@ class GPTQ(WeightQuantizer):
         if targets is not None:
             refine_layer(ctx, config, targets, dict(zip([r.module for r in records], rounded, strict=True)), records)
         return records
+
+
+def _numerics_notes(W: torch.Tensor, asked: float, result: GPTQResult) -> list[str]:
+    """The report row's account of what the solver had to recover from (issue 20's numerics cases).
+
+    A Hessian that is not positive definite (too few tokens for the width, duplicated channels) gets its
+    dampening raised tenfold per step; inputs that were always zero give no information, so their weights are
+    zeroed as in the reference; an all-zero weight stays all zero. Each is said, so a user sees why a row differs.
+    """
+    notes = []
+    if result.cholesky_retries:
+        notes.append(f"Hessian not positive definite: dampening raised {asked:g} -> {result.dampening:g} "
+                     f"in {result.cholesky_retries} steps")
+    if result.dead_columns:
+        notes.append(f"{result.dead_columns} dead input columns (always zero in calibration): their weights zeroed")
+    if not bool(W.any()):
+        notes.append("all-zero weight: quantized to zeros")
+    return notes
