@@ -9,23 +9,34 @@ decoder layer of a layer-wise pass:
   (``samples x seq_len x hidden x itemsize`` bytes: 128 x 512 x 4096 x 4 = 1 GiB for a 7B model in float32);
 - ``pass{p}-plan.safetensors``: after a planning pass (BAQ: it only fills ``run.plans``), the plan, its report
   rows and the RNG state; a resume restores it instead of measuring again;
+- ``pass{p}-state.safetensors``: what stages computed over the whole model (``Method.checkpoint_state``), saved
+  after ``prepare`` (SliceGPT's basis, from a forward of the whole model) and again after the pass (ShortGPT's
+  scores, with the pass's rows and the RNG state). A resume hands it back (``Method.restore_state``); a pass whose
+  every stage says that is its whole result runs only ``prepare`` and ``finalize``, without a sweep;
 - ``manifest.json``: the resolved recipe, hashes of the recipe, the model's weights and config, and the
-  calibration tokens, the last finished pass and layer, and the saved planning passes.
+  calibration tokens, the last finished pass and layer, and the saved planning passes and states.
+
+A write that fails (disk full, a file-size limit, a read-only location) is one :class:`ExportError` line that says
+which checkpoints were kept.
 
 Every file is written to a temporary name, flushed and renamed, and the manifest goes last: a kill at any
 moment leaves the previous checkpoint whole. Only passes whose stages are all in :data:`LAYER_LOCAL` get
 layer checkpoints: their ``apply`` keeps nothing between layers (but which entries of BAQ's plan it used) and
 changes weight values only, so a finished layer is restored from its state_dict. Other passes (SliceGPT's
-rotations, BAQ's and ShortGPT's statistics, DGQ's INT8 modules) and every pass before the one that was
-interrupted are re-run on resume; a run is deterministic, so the result is the same bytes.
+rotations, ShortGPT's layer removal, DGQ's INT8 modules) and every pass before the one that was interrupted are
+re-run on resume, from their saved plans and states where they have them; a run is deterministic, so the result is
+the same bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compressor.engine import ModelContext, ProgressFn, run_pass
-from compressor.errors import UsageError
+from compressor.errors import ExportError, UsageError
 from compressor.export.atomic import partial_dir
 from compressor.methods.base import LayerRecord, Method
 from compressor.methods.quant.ops import QuantizedWeight
@@ -49,21 +60,48 @@ LAYER_LOCAL = frozenset({"gptq", "rtn"})
 _CODE_TENSORS = ("q", "scale", "zero", "g_idx", "group_bits")
 
 
+#: Errors of a write that did not fit: disk full, a quota, a file-size limit (RLIMIT_FSIZE).
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+def _reason(exc: Exception) -> str:
+    """Why a write failed, in words; safetensors wraps the OS error in its own text (``... (os error 27)``)."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    text = os.strerror(code) if code else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text + (" (disk full, or over a quota or file-size limit)" if code in _NO_SPACE else "")
+
+
+def write_error(exc: Exception, target: Path, partial: Path) -> ExportError:
+    """One line for a failed write of ``target``: why, and whether ``partial`` keeps checkpoints to resume from."""
+    kept = (f"the checkpoints that fit are kept in {partial}: make room, then rerun the same command with --resume"
+            if (partial / MANIFEST).is_file() else "no checkpoint was kept")
+    return ExportError(f"cannot write {target}: {_reason(exc)}; {kept}")
+
+
 def _write_atomic(path: Path, write: Any) -> None:
-    """``write(tmp)`` then fsync and rename over ``path``: readers see the old file or the new one, whole."""
+    """``write(tmp)`` then fsync and rename over ``path``: readers see the old file or the new one, whole.
+
+    A failed write (disk full...) leaves the previous file and manifest as they were, and is one line.
+    """
     tmp = path.with_name(path.name + ".tmp")
     try:
+        path.parent.mkdir(exist_ok=True)
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        raise write_error(exc, path, path.parent) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    path.parent.mkdir(exist_ok=True)
     _write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
@@ -113,6 +151,8 @@ class Checkpoints:
         self.recipe, self.marks = recipe, marks
         self.resume_at: tuple[int, int] | None = None  # (pass, last finished layer) still to be restored
         self.plans: list[int] = []  # finished planning passes whose results are saved
+        self.states: list[int] = []  # passes with a saved state file (Method.checkpoint_state)
+        self.finished: list[int] = []  # of those, the passes that finished (their state file holds their rows)
         if resume:
             manifest = self._read_manifest()
             saved = manifest["fingerprint"]
@@ -123,6 +163,8 @@ class Checkpoints:
                                  f"{' and '.join(names[d] for d in differ)}; rerun without --resume (and --overwrite)")
             self.resume_at = (int(manifest["pass"]), int(manifest["layer"]))
             self.plans = [int(n) for n in manifest.get("plans", [])]
+            self.states = [int(n) for n in manifest.get("states", [])]
+            self.finished = [int(n) for n in manifest.get("finished", [])]
             for stale in self.root.glob("*.tmp"):  # a write that a kill cut short; the manifest never named it
                 stale.unlink()
         else:
@@ -142,12 +184,10 @@ class Checkpoints:
             raise UsageError(f"--resume: unreadable {self.root / MANIFEST}: {exc}") from None
 
     def _clear(self) -> None:
-        """Drop the layer checkpoints (a new pass starts); the results of planning passes stay."""
-        for pattern in ("pass*-layer*.safetensors", "pass*-hidden*.safetensors"):
-            for path in self.root.glob(pattern):
-                path.unlink()
-        if not self.plans:
-            for path in self.root.glob("pass*-plan.safetensors"):
+        """Drop the layer checkpoints (a new pass starts); the saved plans and states of earlier passes stay."""
+        keep = {f"pass{n}-plan.safetensors" for n in self.plans} | {f"pass{n}-state.safetensors" for n in self.states}
+        for path in self.root.glob("pass*.safetensors"):
+            if path.name not in keep:
                 path.unlink()
 
     def for_pass(self, number: int) -> PassCheckpoint:
@@ -168,6 +208,8 @@ class Checkpoints:
         checkpoint = self.for_pass(number)
         records = checkpoint.restore_plans(run)
         if records is None:
+            records = checkpoint.restore_states(run, stages)
+        if records is None:
             records = run_pass(run, stages, progress, checkpoint)
             checkpoint.finish(run, stages, records)
         return records
@@ -175,7 +217,7 @@ class Checkpoints:
     def write_manifest(self, number: int, layer: int) -> None:
         self.root.mkdir(exist_ok=True)
         manifest = {"version": VERSION, "fingerprint": self.marks, "pass": number, "layer": layer,
-                    "plans": self.plans, "recipe": self.recipe}
+                    "plans": self.plans, "states": self.states, "finished": self.finished, "recipe": self.recipe}
         _write_atomic(self.root / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
 
 
@@ -213,9 +255,54 @@ class PassCheckpoint:
         log.info("resuming: pass %d's plan restored, not recomputed", self.number)
         return [LayerRecord(**row) for row in json.loads(metadata["records"])]
 
+    def _state_file(self) -> Path:
+        return self.owner.root / f"pass{self.number}-state.safetensors"
+
+    def restore_states(self, run: ModelContext, stages: list[Method]) -> list[LayerRecord] | None:
+        """Hand the stages their saved states; a finished pass they fully describe: prepare, finalize, its rows.
+
+        None: the pass must still sweep the layers (its stages may use their states to skip work).
+        """
+        if self.mode == "write" or self.number not in self.owner.states:
+            return None
+        tensors, metadata = _read(self._state_file())
+        complete = [stage.restore_state({name.split(".", 1)[1]: tensor for name, tensor in tensors.items()
+                                         if name.startswith(f"{index}.")}) for index, stage in enumerate(stages)]
+        if self.mode != "replay" or self.number not in self.owner.finished or not all(complete):
+            return None
+        for stage in stages:
+            stage.prepare(run)
+        for stage in stages:
+            stage.finalize(run)
+        torch.set_rng_state(tensors["rng"])
+        log.info("resuming: pass %d restored from its saved state, not recomputed", self.number)
+        return [LayerRecord(**row) for row in json.loads(metadata["records"])]
+
+    def _save_states(self, stages: list[Method], records: list[LayerRecord] | None) -> bool:
+        """Save what the stages computed over the whole model (``records``: the pass finished); False: nothing."""
+        tensors = {f"{index}.{name}": tensor for index, stage in enumerate(stages)
+                   for name, tensor in stage.checkpoint_state().items()}
+        if not tensors:
+            return False
+        metadata = {}
+        if records is not None:
+            tensors["rng"] = torch.get_rng_state()
+            metadata["records"] = json.dumps([r.to_dict() for r in records])
+            if self.number not in self.owner.finished:
+                self.owner.finished.append(self.number)
+        _save_tensors(self._state_file(), tensors, metadata)
+        if self.number not in self.owner.states:
+            self.owner.states.append(self.number)
+        return True
+
     def finish(self, run: ModelContext, stages: list[Method], records: list[LayerRecord]) -> None:
-        """After a pass: a planning pass (it only fills ``run.plans``; BAQ) saves its plan, rows and RNG."""
-        if self.mode == "replay" or not all(stage.kind == "allocate" for stage in stages):
+        """After a pass: a planning pass (it only fills ``run.plans``; BAQ) saves its plan, rows and RNG; a pass
+        whose stages computed something over the whole model saves their states, rows and RNG."""
+        if self.mode == "replay":
+            return
+        if not all(stage.kind == "allocate" for stage in stages):
+            if self._save_states(stages, records):
+                self.owner.write_manifest(self.number + 1, -1)
             return
         tensors = {"rng": torch.get_rng_state()}
         plain: dict[str, Any] = {}
@@ -246,6 +333,8 @@ class PassCheckpoint:
         layer_local = all(s.name in LAYER_LOCAL for s in stages)
         self.enabled = layer_local and self.mode != "replay"
         self._saved_rows = len(records)
+        if self.mode == "write" and self._save_states(stages, None):  # e.g. SliceGPT's basis, after prepare
+            self.owner.write_manifest(self.number, -1)
         if self.mode == "replay" or not layer_local:
             return 0, hidden, records
         if self.mode == "write":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -10,14 +11,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from compressor.calibration.tokens import calibration_batch, iter_eval_windows
-from compressor.checkpoint import Checkpoints, check_resume, fingerprint
+from compressor.checkpoint import Checkpoints, check_resume, fingerprint, write_error
 from compressor.engine import ModelContext, ProgressFn, run_stages
 from compressor.errors import CalibrationError, ExportError, QualityGateError, RecipeError, UsageError
 from compressor.evaluate.perplexity import PerplexityResult, perplexity
 from compressor.export import format_problem, storage_scale_dtype, write_model
-from compressor.export.atomic import atomic_output_dir, check_output_dir
+from compressor.export.atomic import atomic_output_dir, check_output_dir, partial_dir
 from compressor.methods.base import Method, TargetedConfig
 from compressor.models import ModelAdapter, get_adapter
 from compressor.models.loading import LoadedModel, dtype_name, load_model, resolve_device
@@ -94,6 +96,7 @@ def export(source: str | Path, export_config: ExportConfig, out: Path, *, overwr
     """Store a finished compressed-tensors run in another format without re-running calibration."""
     from compressor.export.reader import read_compressed_tensors
 
+    check_writable(out)
     check_output_dir(out, overwrite)
     model, quantized, tokenizer = read_compressed_tensors(Path(source))
     for path, qweight in quantized.items():
@@ -108,6 +111,26 @@ def export(source: str | Path, export_config: ExportConfig, out: Path, *, overwr
             if (Path(source) / name).is_file():
                 (staging / name).write_bytes((Path(source) / name).read_bytes())
     return files
+
+
+def check_writable(out: Path) -> None:
+    """Refuse, before any loading, an ``out`` whose directory cannot take ``OUT.partial`` and ``OUT``.
+
+    The nearest existing ancestor of ``out``'s parent (the rest is created) must be a writable directory, and so
+    must an existing ``OUT.partial``: read-only file systems and permissions (``os.access``; root ignores modes)
+    and a file where a directory should be are one line with exit 2 instead of a failure after the run.
+    """
+    partial = partial_dir(out)
+    place = partial.parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    for where in (place, partial) if partial.exists() else (place,):
+        if not where.is_dir():
+            raise UsageError(f"--out {out}: {where} is not a directory")
+        if not os.access(where, os.W_OK | os.X_OK):
+            read_only = os.statvfs(where).f_flag & os.ST_RDONLY
+            why = "is on a read-only file system" if read_only else "is not writable (permission denied)"
+            raise UsageError(f"--out {out}: {where} {why}; choose another --out")
 
 
 def _check_seq_len(adapter: ModelAdapter, seq_len: int) -> None:
@@ -191,6 +214,7 @@ def compress(
     """
     if max_ppl_increase is not None and eval_data is None:
         raise CalibrationError("--max-ppl-increase needs --eval SOURCE to measure perplexity")
+    check_writable(out)
     check_output_dir(out, overwrite)
     check_resume(out, resume=resume, checkpoint=checkpoint, overwrite=overwrite)
     timings: dict[str, float] = {}
@@ -285,6 +309,17 @@ def _quality_gate(evaluation: dict[str, object], limit: float | None) -> dict[st
 
 
 def _write(
+    report: Report, run: ModelContext, loaded: LoadedModel, recipe: Recipe, out: Path, overwrite: bool,
+    timings: dict[str, float], stages: list[Method] | None = None,
+) -> None:
+    """Write the model and its report atomically; a write that fails (disk full, read-only) is one line."""
+    try:
+        _write_files(report, run, loaded, recipe, out, overwrite, timings, stages)
+    except (OSError, SafetensorError) as exc:
+        raise write_error(exc, out, partial_dir(out)) from None
+
+
+def _write_files(
     report: Report, run: ModelContext, loaded: LoadedModel, recipe: Recipe, out: Path, overwrite: bool,
     timings: dict[str, float], stages: list[Method] | None = None,
 ) -> None:

@@ -161,7 +161,7 @@ def _resume_hint(stop: _Interrupted, model: str, recipe: str, out: Path) -> str:
     kept = partial_dir(out)
     if not (kept / MANIFEST).is_file():
         return f"interrupted ({stop.name}): no output was written"
-    return (f"interrupted ({stop.name}): finished layers are checkpointed in {kept}; to continue, run the same "
+    return (f"interrupted ({stop.name}): the finished work is checkpointed in {kept}; to continue, run the same "
             f"command plus --resume: compressor compress {model} --recipe {recipe} --out {out} ... --resume")
 
 

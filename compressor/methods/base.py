@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
 if TYPE_CHECKING:
+    import torch
+
     from compressor.engine import LayerContext, ModelContext
 
 
@@ -150,3 +152,17 @@ class Method(ABC):
     def finalize(self, run: ModelContext) -> list[LayerRecord]:
         """Model-level work after the last layer (e.g. removing the layers chosen while measuring)."""
         return []
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Results of whole-model work done so far (ShortGPT's scores, SliceGPT's basis) that a resumed run reuses.
+
+        ``compressor.checkpoint`` saves them after ``prepare`` and after the pass; empty (the default): nothing.
+        """
+        return {}
+
+    def restore_state(self, state: dict[str, torch.Tensor]) -> bool:
+        """Take :meth:`checkpoint_state`'s tensors from an interrupted run, before ``prepare``, to skip recomputing.
+
+        Returns True when they are the stage's complete result, so its pass needs no sweep over the layers.
+        """
+        return False

@@ -56,7 +56,19 @@ stages:
     group_size: 32
 export: {{format: compressed-tensors}}
 """
-RECIPES = {"gptq": GPTQ, "two": TWO_PASSES, "baq": BAQ}
+# SliceGPT's shared basis comes from a forward of the whole model in prepare; GPTQ shares the pass (one sweep).
+SLICE = """\
+name: tiny-slice-gptq
+calibration: {{dataset: "{calib}", samples: 4, seq_len: 32, batch_size: 2}}
+stages:
+  - method: slicegpt
+    slicing: 0.25
+  - method: gptq
+    bits: 4
+    group_size: 16
+export: {{format: compressed-tensors}}
+"""
+RECIPES = {"gptq": GPTQ, "two": TWO_PASSES, "baq": BAQ, "slice": SLICE}
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +237,39 @@ def test_a_manifest_without_its_fields_is_a_one_line_error(six_layers: Path, tex
     (tmp_path / "out.partial" / "manifest.json").write_text('{"version": 1}')
     with pytest.raises(UsageError, match=r"--resume: unreadable .*manifest.json: no fingerprint"):
         compress(six_layers, _recipe(tmp_path, GPTQ, text_file), tmp_path / "out", resume=True)
+
+
+def test_shortgpt_scores_are_not_measured_again(six_layers: Path, text_file: Path, tmp_path: Path,
+                                                reference: dict) -> None:
+    """Interrupted in GPTQ's pass, the resumed run drops the same layers from the saved scores, without a sweep."""
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        compress(six_layers, _recipe(tmp_path, TWO_PASSES, text_file), out, progress=_interrupt_after(2))
+    assert json.loads((tmp_path / "out.partial" / "manifest.json").read_text())["finished"] == [0]
+    phases: set[str] = set()
+    compress(six_layers, _recipe(tmp_path, TWO_PASSES, text_file), out, resume=True,
+             progress=lambda phase, done, total: phases.add(phase))
+    assert phases == {"gptq"}
+    assert comparable_files(out) == reference["two"]
+
+
+def test_slicegpt_basis_is_not_measured_again(six_layers: Path, text_file: Path, tmp_path: Path, reference: dict,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted mid-pass, the resumed run rotates with the saved basis: no second forward of the whole model."""
+    from compressor.methods.prune import slicegpt
+
+    real, forwards = slicegpt._stream_covariance, []
+
+    def counted(*args, **kwargs):
+        forwards.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(slicegpt, "_stream_covariance", counted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        compress(six_layers, _recipe(tmp_path, SLICE, text_file), out, progress=_interrupt_after(3, "slicegpt+gptq"))
+    assert forwards == [1]
+    assert json.loads((tmp_path / "out.partial" / "manifest.json").read_text())["states"] == [0]
+    compress(six_layers, _recipe(tmp_path, SLICE, text_file), out, resume=True)
+    assert forwards == [1]
+    assert comparable_files(out) == reference["slice"]

@@ -5,7 +5,8 @@ states entering layer ``l``; the ``n`` lowest-BI layers go. The ``angular`` vari
 block of ``n`` layers by ``E[arccos(cos(x_l, x_{l+n})) / pi]`` and removes the best block. The scores come from
 the engine's pass (each layer's inputs are the previous layer's outputs, so only the last layer is run
 twice); the removal happens in ``finalize`` through the adapter, which leaves a standard model of the same
-family with fewer layers (renumbered weights and cache indices, trimmed per-layer config).
+family with fewer layers (renumbered weights and cache indices, trimmed per-layer config). The scores are the
+pass's whole result: a resumed run that has them saved removes the same layers without the sweep.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class LayerDrop(Method):
         self._n = 0
         self._scores: list[float] = []
         self._window: list[list[torch.Tensor]] = []
+        self._restored: list[float] | None = None  # the scores of an interrupted run (restore_state)
 
     @property
     def cfg(self) -> LayerDropConfig:
@@ -140,11 +142,23 @@ class LayerDrop(Method):
                               "must leave at least one)")
         if self.cfg.layers is not None and max(self.cfg.layers, default=-1) >= count:
             raise RecipeError(f"layer_drop: layers {self.cfg.layers} name a layer past the model's last ({count - 1})")
-        self._scores, self._window = [], []
+        self._scores, self._window = list(self._restored or []), []
         return []
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The scores once the sweep measured them all (float64: the exact Python floats)."""
+        return {"scores": torch.tensor(self._scores, dtype=torch.float64)} if self._scores else {}
+
+    def restore_state(self, state: dict[str, torch.Tensor]) -> bool:
+        if "scores" not in state:
+            return False
+        self._restored = state["scores"].tolist()
+        return True
 
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
         """Score the previous layer (its output is this layer's input); the last layer is run once more."""
+        if self._restored is not None:  # the scores are known; another stage of the pass needed the sweep
+            return []
         states = [batch.hidden for batch in ctx.inputs]
         self._observe(states)
         if ctx.index == ctx.adapter.num_layers - 1:

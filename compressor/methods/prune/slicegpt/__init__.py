@@ -100,6 +100,9 @@ class SliceGPT(Method):
         self._shared: torch.Tensor | None = None  # [D, D]: the shared rotation
         self._shared_lost = 0.0
         self._width = 0
+        #: The first basis and its eigenvalues (prepare's PCA over a forward of the whole model), for a resume.
+        self._first: dict[str, torch.Tensor] = {}
+        self._resumed: dict[str, torch.Tensor] = {}  # the same, saved by an interrupted run (restore_state)
 
     @classmethod
     def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
@@ -121,14 +124,10 @@ class SliceGPT(Method):
         self._width = self._check(run)
         params_before = _embedding_params(run)
         self._ready = make_rotation_ready(run.model, run.adapter, self._config.rotation)
-        adapter = run.adapter
+        self._first = self._resumed or dict(zip(("values", "Q"), self._first_basis(run), strict=True))
+        values, Q = self._first["values"], self._first["Q"]
         if self._config.rotation == "shared":
-            blocks = [n for layer in adapter.layers() for n in (adapter.attention_norm(layer), adapter.mlp_norm(layer))]
-            values, Q = ops.principal_basis(_stream_covariance(run, blocks, adapter.final_norm(), normalize=True))
             self._shared, self._shared_lost = Q, ops.lost_fraction(values, self._width)
-        else:
-            first = adapter.attention_norm(adapter.layers()[0])
-            values, Q = ops.principal_basis(_stream_covariance(run, [], first, normalize=False))
         self._basis = Q[:, : self._width]
         lost = ops.lost_fraction(values, self._width)
         for linear in self._ready.embedding_writers:
@@ -143,6 +142,25 @@ class SliceGPT(Method):
             params_before=params_before, params_after=_embedding_params(run), rel_error=math.sqrt(lost),
             seconds=time.perf_counter() - start, note=note, extra={"width": self._width, "lost_energy": lost},
         )]
+
+    def _first_basis(self, run: ModelContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eigenvalues, basis) of the stream: pooled over every block (shared) or entering layer 0 (per_layer)."""
+        adapter = run.adapter
+        if self._config.rotation == "shared":
+            blocks = [n for layer in adapter.layers() for n in (adapter.attention_norm(layer), adapter.mlp_norm(layer))]
+            return ops.principal_basis(_stream_covariance(run, blocks, adapter.final_norm(), normalize=True))
+        first = adapter.attention_norm(adapter.layers()[0])
+        return ops.principal_basis(_stream_covariance(run, [], first, normalize=False))
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The first basis: for ``shared``, the PCA of a forward of the whole model (the per-layer ones are cheap)."""
+        return dict(self._first)
+
+    def restore_state(self, state: dict[str, torch.Tensor]) -> bool:
+        """``prepare`` takes the saved basis instead of measuring; the layers must still be rotated (False)."""
+        if {"values", "Q"} <= state.keys():
+            self._resumed = {"values": state["values"], "Q": state["Q"]}
+        return False
 
     def _check(self, run: ModelContext) -> int:
         """The kept width, after every model-dependent check (before any calibration data is run)."""
