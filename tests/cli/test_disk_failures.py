@@ -136,6 +136,27 @@ def test_no_space_left_names_the_cause(runner: CliRunner, six_layers: Path, reci
     assert not out.exists()
 
 
+def test_disk_full_keeps_the_previous_output_and_says_when_nothing_is_kept(
+    runner: CliRunner, six_layers: Path, recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--overwrite replaces OUT only once the new one is whole; without checkpoints the line says none were kept."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+
+    def full(*args: object, **kwargs: object) -> list[str]:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("compressor.pipeline.write_model", full)
+    result = runner.invoke(app, ["compress", str(six_layers), "-r", str(recipe), "-o", str(out), "-q", "--overwrite",
+                                 "--no-checkpoint"])
+    assert result.exit_code == 1, result.output
+    assert _one_line(result.stderr) == (f"error: cannot write {out}: No space left on device (disk full, or over a "
+                                        "quota or file-size limit); no checkpoint was kept")
+    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "{}"
+    assert not (tmp_path / "out.partial").exists()
+
+
 def _can_write(directory: Path) -> bool:
     try:
         (directory / "probe").write_text("")
