@@ -43,7 +43,7 @@ class CalibrationConfig(_Strict):
 class ExportConfig(_Strict):
     """The stored form of the result."""
 
-    format: Literal["dense", "compressed-tensors", "gguf", "bitstack", "compressor-int8"] = "dense"
+    format: Literal["dense", "compressed-tensors", "gguf", "bitstack", "compressor-int8", "bitsandbytes"] = "dense"
     gguf_type: Literal["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"] | None = Field(
         None, description="GGUF type for every quantized linear, requantizing codes it cannot hold; default: "
         "each linear's own type from its bits and symmetry.")
@@ -270,7 +270,7 @@ def check_combination(recipe: Recipe, source: str) -> None:
         seen |= targets
     from compressor.export import check_export_settings
 
-    problem = check_export_settings(recipe.export, [s for _, s in quant])
+    problem = check_export_settings(recipe.export, [s for _, s in quant], recipe.stages)
     if problem:
         raise RecipeError(f"{source}: export.format: {problem}")
 

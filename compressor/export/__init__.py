@@ -15,13 +15,19 @@ if TYPE_CHECKING:
     from compressor.recipe import ExportConfig
 
 
-def check_export_settings(export: ExportConfig, quant_stages: list[MethodConfig]) -> str | None:
-    """Why the quantizing stages' settings cannot be stored in ``export.format``, or None.
+def check_export_settings(
+    export: ExportConfig, quant_stages: list[MethodConfig], stages: list[MethodConfig] | None = None
+) -> str | None:
+    """Why the quantizing stages' settings (``stages``: every stage) cannot be stored in ``export.format``, or None.
 
     Runs before any model is loaded, so widths are unknown here; the writers check per module again.
     """
     if export.format == "dense":
         return None
+    if export.format == "bitsandbytes":
+        from compressor.export.bnb import check_bitsandbytes_recipe
+
+        return check_bitsandbytes_recipe(quant_stages if stages is None else stages)
     if export.format == "bitstack":
         has_stage = any(stage.method == "bitstack" for stage in quant_stages)
         return None if has_stage else "'bitstack' stores a bitstack stage's blocks, but the recipe has none"
@@ -46,6 +52,8 @@ def format_problem(export: ExportConfig, bits: int, group: int, symmetric: bool)
         return None
     if export.format == "compressor-int8":
         return "compressor-int8 stores dgq's INT8 linears (weights, activation settings); a weight-only model has none"
+    if export.format == "bitsandbytes":
+        return "bitsandbytes stores the codes of nf4/int8 stages; other integer codes would be rounded again"
     if export.format == "gguf":
         from compressor.export.gguf import validate_gguf
 
@@ -70,7 +78,8 @@ def write_model(
 ) -> list[str]:
     """Write the compressed model into ``out_dir`` in the recipe's format; returns the files written.
 
-    ``stages``: the run's stages, which only ``bitstack`` needs (its blocks live on the stage, not the model).
+    ``stages``: the run's stages, which ``bitstack`` and ``bitsandbytes`` need (their stored forms live on the
+    stage, not the model).
     """
     max_shard = f"{export.max_shard_mb}MB"
     if export.format == "dense":
@@ -91,6 +100,11 @@ def write_model(
         from compressor.export.int8_dir import write_int8_dir
 
         write_int8_dir(run.model, out_dir, run.structure, max_shard_bytes=export.max_shard_mb * 2**20)
+        _save_generation_config(run.model, out_dir)
+    elif export.format == "bitsandbytes":
+        from compressor.export.bnb import write_bitsandbytes
+
+        write_bitsandbytes(run, stages or [], out_dir, max_shard_bytes=export.max_shard_mb * 2**20)
         _save_generation_config(run.model, out_dir)
     elif export.format == "bitstack":
         from compressor.export.bitstack_store import write_bitstack_stage

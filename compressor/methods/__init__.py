@@ -2,6 +2,6 @@
 
 from compressor.methods import registry
 from compressor.methods.prune import finercut, flap, layer_drop, slicegpt  # noqa: F401
-from compressor.methods.quant import baq, bitstack, dgq, gptq, rtn  # noqa: F401
+from compressor.methods.quant import baq, bitstack, bnb, dgq, gptq, rtn  # noqa: F401
 
 __all__ = ["registry"]
