@@ -263,3 +263,22 @@ def test_other_families_load_with_identical_logits(family: str, tmp_path: Path) 
     run_stages(run, stages)
     write_bitsandbytes(run, stages, tmp_path, 2**30)
     torch.testing.assert_close(_logits(_reload(tmp_path)), _logits(model), rtol=0, atol=0)
+
+
+def test_report_perplexity_is_the_exported_models(model_dir_factory: Any, text_file: Path, tmp_path: Path) -> None:
+    """compress --eval measures the in-memory nf4 model; compressor.load + evaluate of the directory gives the same
+    number (it loads through transformers' bitsandbytes integration), and the report counts the stored bytes."""
+    import bitsandbytes as bnb
+
+    from compressor.pipeline import evaluate
+
+    loaded = load(model_dir_factory("llama"))
+    out = tmp_path / "nf4"
+    report = compress(loaded, _recipe(text_file, [{"method": "nf4"}]), out, device="cpu", eval_data=str(text_file),
+                      eval_max_tokens=256)
+    again = load(out)
+    assert isinstance(again.model.get_submodule("model.layers.0.mlp.up_proj"), bnb.nn.Linear4bit)
+    ppl = evaluate(again, str(text_file), seq_len=32, max_tokens=256, device="cpu").ppl
+    assert report.eval is not None and report.eval["after"]["ppl"] == ppl
+    assert report.size_bytes["after"] == (out / "model.safetensors").stat().st_size < report.size_bytes["before"]
+    assert 4.5 < report.avg_bits_per_weight < 5  # 4-bit codes + a float32 absmax per 64 + per-module fixed parts
