@@ -1,7 +1,8 @@
 """Layer and sublayer removal on the demo model: which layers to drop, at equal parameter budgets.
 
     python benchmarks/layer_drop.py --samples 16 --seq-len 512 --eval-tokens 16384 [--counts 2,4,8] \
-        [--strategies block_influence,angular,evenly_spaced,last,finercut] [--out result.json]
+        [--strategies block_influence,angular,evenly_spaced,last,finercut] [--out result.json] \
+        [--finercut-search screened,lazy,exact] [--finercut-ratio 0.25] [--screen-samples 2] [--rescore-top 3]
 
 For each count n of whole layers: ShortGPT's block influence (the n lowest-scoring layers), the angular
 variant (the best contiguous block of n), n evenly spaced layers, the last n layers (the ShortGPT paper's
@@ -9,6 +10,10 @@ baselines), and FinerCut removing attention/MLP sublayers until the same number 
 (``ratio = n / layers``: every decoder layer has the same size). Every setting starts from the same dense
 weights, calibrates on the same demo:lee windows and is scored on the same demo:wiki windows of 512 tokens.
 "seconds" is the method's own time (scoring pass + search), without loading and evaluation.
+
+FinerCut runs once per ``--finercut-search`` value (rows ``finercut-<search>``, each with its removals, full
+and screen evaluation counts, so the searches can be compared); ``--finercut-ratio`` replaces ``n / layers``
+(0.25: the shipped ``finercut-25pct``, whose calibration is ``--samples 16 --seq-len 256``).
 """
 
 from __future__ import annotations
@@ -42,14 +47,19 @@ def _fixed_layers(strategy: str, count: int, layers: int) -> list[int]:
     return [int((k + 0.5) * layers / count) for k in range(count)]  # evenly spaced, centred in each stride
 
 
-def _stage(strategy: str, count: int, layers: int) -> Method:
-    if strategy == "finercut":
-        return FinerCut(FinerCutConfig(method="finercut", ratio=count / layers))
+def _stage(strategy: str, count: int, layers: int, finercut: dict[str, Any]) -> Method:
+    if strategy.startswith("finercut"):
+        settings = {"ratio": count / layers, **finercut}
+        if settings["search"] != "screened":  # screen_samples / rescore_top belong to the screened search
+            settings = {k: v for k, v in settings.items() if k not in ("screen_samples", "rescore_top")}
+        return FinerCut(FinerCutConfig(method="finercut", **settings))
     return LayerDrop(LayerDropConfig(method="layer_drop", metric=strategy, remove=count))  # type: ignore[arg-type]
 
 
-def run_setting(loaded: LoadedModel, tokens: torch.Tensor, strategy: str, count: int) -> dict[str, Any]:
-    """Prune ``loaded`` in place by ``strategy`` and describe what went."""
+def run_setting(
+    loaded: LoadedModel, tokens: torch.Tensor, strategy: str, count: int, finercut: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Prune ``loaded`` in place by ``strategy`` and describe what went (``finercut``: FinerCut's settings)."""
     adapter = get_adapter(loaded.model)
     layers = adapter.num_layers
     start = time.perf_counter()
@@ -59,11 +69,12 @@ def run_setting(loaded: LoadedModel, tokens: torch.Tensor, strategy: str, count:
         adapter.remove_layers(removed)
     else:
         run = ModelContext(loaded.model, adapter, tokens, torch.device("cpu"), 8)
-        run_stages(run, [_stage(strategy, count, layers)])
-        if strategy == "finercut":
+        run_stages(run, [_stage(strategy, count, layers, finercut or {"search": "screened"})])
+        if strategy.startswith("finercut"):
             summary = run.structure["finercut"]
             removed = [f"{index}.{'attn' if kind == 'attention' else 'mlp'}" for index, kind, _ in summary["removed"]]
-            extra = {"evaluations": summary["evaluations"], "search_seconds": summary["seconds"]}
+            extra = {"evaluations": summary["evaluations"], "screen_evaluations": summary.get("screen_evaluations", 0),
+                     "search_seconds": summary["seconds"], "params_removed": summary["params_removed"]}
         else:
             removed = run.structure["layer_drop"]["removed"]
     return {"strategy": strategy, "count": count, "removed": removed, "seconds": round(time.perf_counter() - start, 1),
@@ -73,7 +84,7 @@ def run_setting(loaded: LoadedModel, tokens: torch.Tensor, strategy: str, count:
 def _table(rows: list[dict[str, Any]]) -> str:
     lines = ["| layers' worth removed | strategy | params (M) | ppl | seconds | removed |", "|---|---|---|---|---|---|"]
     for r in rows:
-        removed = ", ".join(str(x) for x in r["removed"]) if r["strategy"] != "finercut" else \
+        removed = ", ".join(str(x) for x in r["removed"]) if not r["strategy"].startswith("finercut") else \
             f"{len(r['removed'])} sublayers ({sum('attn' in x for x in r['removed'])} attention)"
         lines.append(f"| {r['count']} | {r['strategy']} | {r['params'] / 1e6:.1f} | {r['ppl']} | {r['seconds']} | "
                      f"{removed} |")
@@ -89,11 +100,23 @@ def main() -> None:
     parser.add_argument("--counts", default="2,4,8")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--out", type=Path, default=None, help="Also write the JSON result here.")
+    parser.add_argument("--finercut-search", default="screened", help="Comma-separated: screened, lazy, exact.")
+    parser.add_argument("--finercut-ratio", type=float, default=None, help="FinerCut's ratio (default: n / layers).")
+    parser.add_argument("--screen-samples", type=int, default=None, help="FinerCut screened: screen sequences.")
+    parser.add_argument("--rescore-top", type=int, default=None, help="FinerCut screened: candidates rescored.")
     args = parser.parse_args()
     strategies = args.strategies.split(",")
     unknown = set(strategies) - set(STRATEGIES)
     if unknown:
         parser.error(f"unknown strategies {sorted(unknown)}; choose from {', '.join(STRATEGIES)}")
+    searches = args.finercut_search.split(",")
+    if set(searches) - {"screened", "lazy", "exact"}:
+        parser.error(f"unknown --finercut-search values {sorted(set(searches) - {'screened', 'lazy', 'exact'})}")
+    if "finercut" in strategies:  # one finercut row per search, in place of the plain strategy
+        at = strategies.index("finercut")
+        strategies[at : at + 1] = [f"finercut-{search}" for search in searches]
+    given = {k: v for k, v in {"ratio": args.finercut_ratio, "screen_samples": args.screen_samples,
+                                "rescore_top": args.rescore_top}.items() if v is not None}
 
     def ppl(loaded: LoadedModel) -> float:
         return round(evaluate(loaded, "demo:wiki", seq_len=512, max_tokens=args.eval_tokens, device="cpu").ppl, 3)
@@ -108,7 +131,8 @@ def main() -> None:
         for strategy in strategies:
             loaded = load(args.model)  # a fresh model: removal changes the module tree
             loaded.model.load_state_dict(dense)
-            row = run_setting(loaded, tokens, strategy, count)
+            finercut = {"search": strategy.removeprefix("finercut-"), **given}
+            row = run_setting(loaded, tokens, strategy, count, finercut)
             row.update(ppl=ppl(loaded), params=_unique_params(loaded.model))
             rows.append(row)
             print(json.dumps(row), flush=True)

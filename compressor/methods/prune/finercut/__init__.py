@@ -8,8 +8,10 @@ removed parameters would pass ``ratio`` of the decoder layers' parameters.
 
 What makes it fast: the engine's pass leaves the hidden states entering every layer cached, so a candidate
 in layer ``i`` is scored by running layers ``i..L-1`` only; a committed removal in layer ``i`` recomputes only
-the states after it; the original outputs are computed once, at a configurable subset of positions; and the
-default lazy search rescores only the candidates that could still be the best (see ``ops.greedy_removal``).
+the states after it; the original outputs are computed once, at a configurable subset of positions; the lazy
+search rescores only the candidates that could still be the best (see ``ops.greedy_removal``); and the
+screened search ranks candidates on a few calibration sequences and scores only the best few on all of them
+(``ops.screened_removal``), which cuts the cost of a step roughly by samples / screen_samples.
 
 A removed sublayer is swapped for weightless stand-ins that add exactly zero to the residual stream (the
 classes of ``compressor/models/shipped/modeling_finercut.py``, the file the export ships, so the model in
@@ -30,7 +32,7 @@ from pydantic import Field, field_validator, model_validator
 
 from compressor.errors import RecipeError
 from compressor.methods.base import Count, Fraction, LayerRecord, Method, MethodConfig
-from compressor.methods.prune.finercut.ops import SearchResult, greedy_removal, scored_positions
+from compressor.methods.prune.finercut.ops import SearchResult, greedy_removal, scored_positions, screened_removal
 from compressor.methods.prune.finercut.search import Key, SublayerSearch, sublayer_params
 from compressor.methods.registry import register_method
 from compressor.models.shipped import auto_class_name
@@ -42,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_RATIO = 0.25
+DEFAULT_SCREEN_SAMPLES = 2
+DEFAULT_RESCORE_TOP = 3
 REMOTE_CODE_FILE = "modeling_finercut.py"
 
 
@@ -54,9 +58,12 @@ class FinerCutConfig(MethodConfig):
       measure: kl          # kl | js | cosine
       sublayers: both      # both | attention | mlp
       positions: 64        # scored positions per calibration sequence (null: all)
-      search: lazy         # lazy | exact
+      search: screened     # screened | lazy | exact
+      screen_samples: 2    # screened: calibration sequences every candidate is ranked on
+      rescore_top: 3       # screened: best-ranked candidates scored on every sequence each step
     ```
     Set at most one of ``remove`` and ``ratio``; with neither, 25% of the layers' parameters are removed.
+    ``screen_samples`` and ``rescore_top`` belong to ``search: screened`` and are refused with the others.
     """
 
     remove: Count = Field(None, description="Number of sublayers to remove (0 keeps the model as it is).")
@@ -72,9 +79,18 @@ class FinerCutConfig(MethodConfig):
         64, description="Evenly spaced positions per calibration sequence at which outputs are compared "
         "(the forward still sees every token); null compares all."
     )
-    search: Literal["lazy", "exact"] = Field(
-        "lazy", description="exact: rescore every candidate at every step (the paper); lazy: rescore only "
-        "candidates whose last score says they could be the best (same result when removals only add harm)."
+    search: Literal["screened", "lazy", "exact"] = Field(
+        "screened", description="exact: rescore every candidate at every step (the paper); lazy: rescore only "
+        "candidates whose last score says they could be the best (same result when removals only add harm); "
+        "screened: rank candidates lazily on screen_samples sequences and score the rescore_top best on all."
+    )
+    screen_samples: int | None = Field(
+        None, ge=1, description="search: screened: calibration sequences every candidate is ranked on (all of "
+        f"them when there are fewer; null: {DEFAULT_SCREEN_SAMPLES})."
+    )
+    rescore_top: int | None = Field(
+        None, ge=1, description="search: screened: candidates with the best screen scores that are scored on "
+        f"every sequence each step (at least the number of candidates: the exact search; null: {DEFAULT_RESCORE_TOP})."
     )
 
     @field_validator("positions")
@@ -88,6 +104,9 @@ class FinerCutConfig(MethodConfig):
     def _one_amount(self) -> FinerCutConfig:
         if self.remove is not None and self.ratio is not None:
             raise ValueError("set only one of remove and ratio")
+        screening = [name for name in ("screen_samples", "rescore_top") if getattr(self, name) is not None]
+        if screening and self.search != "screened":
+            raise ValueError(f"{' and '.join(screening)} apply only to search: screened (search is {self.search})")
         return self
 
 
@@ -162,9 +181,15 @@ class FinerCut(Method):
         _move(run, run.device)
         try:
             search = SublayerSearch(adapter, self._states, self._kwargs,
-                                    scored_positions(run.tokens.shape[1], self.cfg.positions), self.cfg.measure)
-            result = greedy_removal(candidates, {k: v[0] for k, v in sizes.items()}, search.evaluate, search.commit,
-                                    count=count, budget=budget, lazy=self.cfg.search == "lazy")
+                                    scored_positions(run.tokens.shape[1], self.cfg.positions), self.cfg.measure,
+                                    screen_samples=self._screen_samples())
+            params = {k: v[0] for k, v in sizes.items()}
+            if self.cfg.search == "screened":
+                result = screened_removal(candidates, params, search.screen, search.evaluate, search.commit,
+                                          count=count, budget=budget, top=self._rescore_top())
+            else:
+                result = greedy_removal(candidates, params, search.evaluate, search.commit, count=count,
+                                        budget=budget, lazy=self.cfg.search == "lazy")
         finally:
             _move(run, torch.device("cpu"))
             self._states, self._kwargs = [], []
@@ -178,9 +203,21 @@ class FinerCut(Method):
             "params_removed": removed_params, "params_budget": budget, "decoder_params": total,
             "evaluations": result.evaluations, "candidates": len(candidates), "seconds": round(seconds, 3),
         }
-        log.info("finercut removed %d sublayers (%d params) with %d evaluations in %.1f s",
-                 len(result.steps), removed_params, result.evaluations, seconds)
+        if self.cfg.search == "screened":
+            run.structure["finercut"].update(screen_samples=self._screen_samples(), rescore_top=self._rescore_top(),
+                                             screen_evaluations=result.screen_evaluations)
+        log.info("finercut removed %d sublayers (%d params) with %d evaluations (%d screens) in %.1f s",
+                 len(result.steps), removed_params, result.evaluations, result.screen_evaluations, seconds)
         return records
+
+    def _screen_samples(self) -> int | None:
+        """Sequences a screen runs (None: no screening, every score uses all of them)."""
+        if self.cfg.search != "screened":
+            return None
+        return self.cfg.screen_samples or DEFAULT_SCREEN_SAMPLES
+
+    def _rescore_top(self) -> int:
+        return self.cfg.rescore_top or DEFAULT_RESCORE_TOP
 
     def _amount(self, total: int) -> tuple[int | None, int | None]:
         """(sublayer count, parameter budget): exactly one of them is set."""

@@ -59,9 +59,20 @@ class Step(Generic[K]):
 @dataclass
 class SearchResult(Generic[K]):
     steps: list[Step[K]]
-    #: Every candidate's score in the first step (the unpruned model minus that candidate alone).
+    #: Every candidate's score in the first step (the unpruned model minus that candidate alone); in a screened
+    #: search the full score for the shortlisted candidates and the screen score for the others.
     first_scores: dict[K, float] = field(default_factory=dict)
+    #: Full evaluations (every calibration sample), summed over steps.
     evaluations: int = 0
+    #: Screen evaluations (a few samples) of a screened search, summed over steps.
+    screen_evaluations: int = 0
+
+
+def _eligible(
+    candidates: list[K], bound: dict[K, float], cost: dict[K, int], spent: int, budget: int | None
+) -> list[K]:
+    """The candidates not yet removed whose cost still fits in the budget."""
+    return [k for k in candidates if k in bound and (budget is None or spent + cost[k] <= budget)]
 
 
 def greedy_removal(
@@ -85,7 +96,7 @@ def greedy_removal(
     result: SearchResult[K] = SearchResult(steps=[])
     spent = 0
     while count is None or len(result.steps) < count:
-        eligible = [k for k in candidates if k in bound and (budget is None or spent + cost[k] <= budget)]
+        eligible = _eligible(candidates, bound, cost, spent, budget)
         if not eligible:
             break
         fresh: set[K] = set()
@@ -108,3 +119,60 @@ def greedy_removal(
         spent += cost[best]
         commit(best)
     return result
+
+
+def screened_removal(
+    candidates: list[K],
+    cost: dict[K, int],
+    screen: Callable[[K], float],
+    evaluate: Callable[[K], float],
+    commit: Callable[[K], None],
+    count: int | None = None,
+    budget: int | None = None,
+    top: int = 3,
+) -> SearchResult[K]:
+    """Greedy removal that ranks candidates by a cheap ``screen`` and fully ``evaluate``s only the ``top`` best.
+
+    Each step finds the ``top`` eligible candidates with the lowest screen scores (lazily, as the lazy greedy
+    search does with full scores: a candidate's last screen score is a lower bound), scores those on everything
+    and removes the lowest. The screen only decides which candidates get the expensive score, so the result
+    is the exact search's whenever the exact choice ranks in the screen's ``top``; with ``top`` at least the
+    number of eligible candidates nothing is screened and the search is the exact one. Stopping rules and
+    ``commit`` are those of :func:`greedy_removal`.
+    """
+    bound: dict[K, float] = {key: -math.inf for key in candidates}
+    result: SearchResult[K] = SearchResult(steps=[])
+    spent = 0
+    while count is None or len(result.steps) < count:
+        eligible = _eligible(candidates, bound, cost, spent, budget)
+        if not eligible:
+            break
+        shortlist, screened = _shortlist(eligible, bound, screen, top, candidates.index)
+        scores = {key: evaluate(key) for key in shortlist}
+        best = min(shortlist, key=lambda k: (scores[k], candidates.index(k)))
+        if not result.steps:
+            result.first_scores = {**{k: bound[k] for k in eligible}, **scores}
+        bound.pop(best)
+        result.steps.append(Step(best, scores[best], len(shortlist)))
+        result.evaluations += len(shortlist)
+        result.screen_evaluations += screened
+        spent += cost[best]
+        commit(best)
+    return result
+
+
+def _shortlist(
+    eligible: list[K], bound: dict[K, float], screen: Callable[[K], float], top: int, order: Callable[[K], int]
+) -> tuple[list[K], int]:
+    """(the ``top`` candidates with the lowest fresh screen scores, screen evaluations spent); updates ``bound``."""
+    if top >= len(eligible):
+        return list(eligible), 0
+    fresh: set[K] = set()
+    while True:
+        shortlist = sorted(eligible, key=lambda k: (bound[k], order(k)))[:top]
+        stale = [k for k in shortlist if k not in fresh]
+        if not stale:
+            return shortlist, len(fresh)
+        for key in stale:
+            bound[key] = screen(key)
+            fresh.add(key)

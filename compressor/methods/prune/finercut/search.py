@@ -6,6 +6,10 @@ forward gives layer ``l`` (a sliding-window layer's mask differs from a full-att
 removal in layer ``i`` only changes what comes after it, so a candidate is scored by running ``states[i]``
 through layers ``i..L-1`` alone; committing a removal recomputes only ``states[i+1..L]``. The original
 model's outputs are kept once, at the scored positions, as the reference every candidate is compared with.
+
+A screen scores a candidate on the first ``screen_samples`` calibration sequences only (rows of the cached
+batches; the layers' batch-shaped kwargs are cut to the same rows). Its divergence sum is kept until the next
+commit, so a full evaluation of a screened candidate runs only the remaining sequences.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from compressor.models.base import ModelAdapter
 from compressor.models.shipped.modeling_finercut import remove_sublayer
 
 Key = tuple[int, str]
+#: Rows ``start:stop`` of calibration batch ``batch``: ``(batch, start, stop)``.
+Part = tuple[int, int, int]
 
 
 class SublayerSearch:
@@ -28,7 +34,7 @@ class SublayerSearch:
 
     def __init__(
         self, adapter: ModelAdapter, states: list[list[torch.Tensor]], kwargs: list[list[dict[str, Any]]],
-        positions: torch.Tensor, measure: Measure,
+        positions: torch.Tensor, measure: Measure, screen_samples: int | None = None,
     ) -> None:
         self.adapter = adapter
         self.layers = list(adapter.layers())
@@ -40,6 +46,11 @@ class SublayerSearch:
         self.references = [reference(self._output(h), measure) for h in states[-1]]
         #: Seconds spent scoring each candidate, summed over steps (for the report).
         self.seconds: dict[Key, float] = {}
+        rows = [h.shape[0] for h in states[0]]
+        self._screen, self._rest = _split_rows(rows, sum(rows) if screen_samples is None else screen_samples)
+        self._whole: list[Part] = [(batch, 0, size) for batch, size in enumerate(rows)]
+        #: A screen's (divergence sum, tokens) per candidate, valid until the next commit.
+        self._screened: dict[Key, tuple[float, int]] = {}
 
     def _output(self, hidden: torch.Tensor) -> torch.Tensor:
         """What the measure compares at the scored positions: logits (kl, js) or final hidden states."""
@@ -50,44 +61,94 @@ class SublayerSearch:
             return hidden
         return self.adapter.logits(hidden)
 
-    def _run(self, start: int, hidden: torch.Tensor, batch: int) -> torch.Tensor:
+    def _run(self, start: int, hidden: torch.Tensor, batch: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Layers ``start..L-1`` on ``hidden``: batch ``batch``'s states, or its rows ``rows`` (start, stop)."""
         for index in range(start, len(self.layers)):
-            hidden = self._run_one(index, hidden, batch)
+            hidden = self._run_one(index, hidden, batch, rows)
         return hidden
 
-    @torch.no_grad()
     def evaluate(self, key: Key) -> float:
         """Mean divergence from the original outputs with sublayer ``key`` removed on top of the committed ones."""
+        if key in self._screened:  # its screened rows are scored already: run the others
+            total, tokens = self._screened[key]
+            part, count = self._score(key, self._rest)
+            return (total + part) / max(tokens + count, 1)
+        total, tokens = self._score(key, self._whole)
+        return total / max(tokens, 1)
+
+    def screen(self, key: Key) -> float:
+        """:meth:`evaluate` on the screened sequences alone."""
+        total, tokens = self._screened[key] = self._score(key, self._screen)
+        return total / max(tokens, 1)
+
+    @torch.no_grad()
+    def _score(self, key: Key, parts: list[Part]) -> tuple[float, int]:
+        """(divergence sum, tokens) over ``parts`` with sublayer ``key`` removed on top of the committed ones."""
         start = time.perf_counter()
         index, sublayer = key
         layer = self.layers[index]
         replaced = remove_sublayer(layer, self.layout, sublayer)
         total, tokens = 0.0, 0
         try:
-            for batch, (hidden, ref) in enumerate(zip(self.states[index], self.references, strict=True)):
-                part, count = divergence(ref, self._output(self._run(index, hidden, batch)), self.measure)
+            for batch, first, stop in parts:
+                hidden = self._run(index, self.states[index][batch][first:stop], batch, (first, stop))
+                part, count = divergence(self.references[batch][first:stop], self._output(hidden), self.measure)
                 total, tokens = total + part, tokens + count
         finally:
             for path, module in replaced.items():
                 layer.set_submodule(path, module)
         self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
-        return total / max(tokens, 1)
+        return total, tokens
 
     @torch.no_grad()
     def commit(self, key: Key) -> None:
         """Remove sublayer ``key`` for good and recompute the hidden states after its layer."""
         index, sublayer = key
         remove_sublayer(self.layers[index], self.layout, sublayer)
+        self._screened.clear()
         for b in range(len(self.references)):
             hidden = self.states[index][b]
             for j in range(index, len(self.layers)):
                 hidden = self._run_one(j, hidden, b)
                 self.states[j + 1][b] = hidden
 
-    def _run_one(self, index: int, hidden: torch.Tensor, batch: int) -> torch.Tensor:
-        """Layer ``index`` on batch ``batch``'s hidden states, with the kwargs that layer gets for that batch."""
-        out = self.layers[index](hidden, **self.kwargs[index][batch])
+    def _run_one(
+        self, index: int, hidden: torch.Tensor, batch: int, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Layer ``index`` on batch ``batch``'s hidden states (or its rows ``rows``), with that layer's kwargs."""
+        kwargs = self.kwargs[index][batch]
+        size = self.states[index][batch].shape[0]
+        if rows is not None and rows != (0, size):
+            kwargs = {name: _rows(value, rows, size) for name, value in kwargs.items()}
+        out = self.layers[index](hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
+
+
+def _rows(value: Any, rows: tuple[int, int], size: int) -> Any:
+    """``value`` (a layer kwarg of a batch of ``size`` sequences) for sequences ``rows`` (start, stop) alone.
+
+    Batch-shaped tensors (at least 2-D, ``size`` first: masks, position ids and embeddings) are cut; tensors
+    shared by the batch (first dimension 1, or 1-D such as cache positions) and everything else pass as they are.
+    """
+    if isinstance(value, torch.Tensor):
+        return value[rows[0] : rows[1]] if value.dim() >= 2 and value.shape[0] == size else value
+    if isinstance(value, tuple):
+        return tuple(_rows(item, rows, size) for item in value)
+    return value
+
+
+def _split_rows(rows: list[int], screened: int) -> tuple[list[Part], list[Part]]:
+    """(the first ``screened`` sequences, the others) of batches of ``rows`` sequences each, as row ranges."""
+    screen: list[Part] = []
+    rest: list[Part] = []
+    for batch, size in enumerate(rows):
+        cut = min(max(screened, 0), size)
+        if cut:
+            screen.append((batch, 0, cut))
+        if cut < size:
+            rest.append((batch, cut, size))
+        screened -= cut
+    return screen, rest
 
 
 def sublayer_params(layer: nn.Module, layout: dict[str, Any], sublayer: str) -> tuple[int, int]:
