@@ -3,9 +3,9 @@
 The codes and scales come from bitsandbytes' own quantize functions, called exactly as transformers calls them when
 it quantizes a model at load time, so the file we write holds what a bitsandbytes user's loader would have made:
 
-- NF4 (QLoRA): blocks of 64 consecutive weights of the row-major ``W: [out, in]`` (``blocksize`` must divide
-  nothing: bitsandbytes blocks the flattened tensor), each scaled by its absmax to [-1, 1] and rounded to the
-  nearest of the 16 NormalFloat levels; ``double_quant`` stores the float32 absmaxes themselves as 8-bit codes
+- NF4 (QLoRA): blocks of 64 consecutive weights of the flattened row-major ``W: [out, in]`` (so any width works:
+  a block may span two rows), each scaled by its absmax to [-1, 1] and rounded to the nearest of the 16
+  NormalFloat levels; ``double_quant`` stores the float32 absmaxes themselves as 8-bit codes
   (blocks of 256, minus their mean). ``W_hat = level * absmax`` in float32, cast to the model dtype: the
   bitsandbytes CPU forward dequantizes the same way and multiplies in the compute dtype.
 - LLM.int8(): one scale per output row, ``SCB = max|W_row|`` of the float16 weight (bitsandbytes casts to
