@@ -30,7 +30,11 @@ Part = tuple[int, int, int]
 
 
 class SublayerSearch:
-    """Scores and commits sublayer removals for :func:`~.ops.greedy_removal`."""
+    """Scores, screens and commits sublayer removals for :func:`~.ops.greedy_removal` and
+    :func:`~.ops.screened_removal`.
+
+    ``screen_samples``: how many sequences :meth:`screen` uses (None: no screening, every score is full).
+    """
 
     def __init__(
         self, adapter: ModelAdapter, states: list[list[torch.Tensor]], kwargs: list[list[dict[str, Any]]],
