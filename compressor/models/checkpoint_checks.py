@@ -53,18 +53,40 @@ def check_safetensors(path: Path) -> None:
             raise ModelLoadError(f"{path}: header length {length} does not fit the {size}-byte file "
                                  "(truncated or not a safetensors file)")
         raw = file.read(length)
+    if not raw.startswith(b"{"):  # the safetensors reader's own rule; json.loads would skip leading spaces
+        raise ModelLoadError(f"{path}: the safetensors header does not start with '{{' (corrupt file)")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ModelLoadError(f"{path}: the safetensors header is not valid JSON (corrupt file)") from None
     if not isinstance(header, dict):
         raise ModelLoadError(f"{path}: the safetensors header is not a JSON object (corrupt file)")
+    metadata = header.get("__metadata__")  # null is allowed, as by the reader
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ModelLoadError(f"{path}: the safetensors __metadata__ is not a map of strings (corrupt header)")
     data_bytes = size - 8 - length
     spans = sorted((_tensor_span(path, name, entry, data_bytes), name)
                    for name, entry in header.items() if name != "__metadata__")
-    for ((_, previous_end), previous), ((begin, _), name) in zip(spans, spans[1:], strict=False):
-        if begin < previous_end:
+    _check_covered(path, spans, data_bytes)
+
+
+def _check_covered(path: Path, spans: list[tuple[tuple[int, int], str]], data_bytes: int) -> None:
+    """The tensors, in offset order, tile the data section exactly: no overlap, no hole, nothing after.
+
+    The format forbids holes (no polyglot files) and the safetensors reader refuses them with "file not fully
+    covered", naming nothing; here the bytes and the tensors around them are named.
+    """
+    reached, previous = 0, "the start of the data"
+    for (begin, end), name in spans:
+        if begin < reached:
             raise ModelLoadError(f"{path}: tensors {previous} and {name} overlap in the file (corrupt header)")
+        if begin > reached:
+            raise ModelLoadError(f"{path}: data bytes {reached}..{begin} (between {previous} and tensor {name}) "
+                                 "belong to no tensor (corrupt header)")
+        reached, previous = end, f"tensor {name}"
+    if reached != data_bytes:
+        raise ModelLoadError(f"{path}: data bytes {reached}..{data_bytes} (after {previous}) belong to no tensor "
+                             "(truncated header or appended data)")
 
 
 def _tensor_span(path: Path, name: str, entry: Any, data_bytes: int) -> tuple[int, int]:
@@ -84,7 +106,10 @@ def _tensor_span(path: Path, name: str, entry: Any, data_bytes: int) -> tuple[in
     if end > data_bytes:
         raise ModelLoadError(f"{where} ends at data byte {end}, but the file holds only {data_bytes} "
                              "(truncated file or a header that lies)")
-    expected = (math.prod(shape) * DTYPE_BITS[dtype] + 7) // 8  # integers: exact for any element count
+    bits = math.prod(shape) * DTYPE_BITS[dtype]  # integers: exact for any element count
+    if bits % 8:  # the safetensors reader refuses a sub-byte tensor that ends inside a byte
+        raise ModelLoadError(f"{where}: {dtype} {shape} is {bits} bits, not a whole number of bytes (corrupt header)")
+    expected = bits // 8
     if end - begin != expected:
         raise ModelLoadError(f"{where}: {dtype} {shape} needs {expected} bytes, the header gives it {end - begin} "
                              "(corrupt header)")

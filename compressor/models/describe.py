@@ -102,7 +102,7 @@ def _describe_gguf(path: Path) -> dict[str, Any]:
         params += int(tensor.n_elements)
         groups[_LAYER_INDEX.sub(".*.", tensor.name)][tensor.tensor_type.name] += 1
     arch_field = reader.fields.get("general.architecture")
-    arch = bytes(arch_field.parts[-1]).decode() if arch_field else "unknown"
+    arch = bytes(arch_field.parts[-1]).decode(errors="replace") if arch_field else "unknown"  # untrusted bytes
     return {
         "path": str(path),
         "architecture": arch,
