@@ -76,10 +76,11 @@ def _check_covered(path: Path, spans: list[tuple[tuple[int, int], str]], data_by
     The format forbids holes (no polyglot files) and the safetensors reader refuses them with "file not fully
     covered", naming nothing; here the bytes and the tensors around them are named.
     """
+    for ((_, previous_end), previous_name), ((begin, _), name) in zip(spans, spans[1:], strict=False):
+        if begin < previous_end:  # overlaps first: a moved tensor leaves a hole too, the overlap is the cause
+            raise ModelLoadError(f"{path}: tensors {previous_name} and {name} overlap in the file (corrupt header)")
     reached, previous = 0, "the start of the data"
     for (begin, end), name in spans:
-        if begin < reached:
-            raise ModelLoadError(f"{path}: tensors {previous} and {name} overlap in the file (corrupt header)")
         if begin > reached:
             raise ModelLoadError(f"{path}: data bytes {reached}..{begin} (between {previous} and tensor {name}) "
                                  "belong to no tensor (corrupt header)")
