@@ -141,6 +141,15 @@ def test_recipe_validation_takes_dgq_only() -> None:
         recipe_from_dict(gptq)
 
 
+@pytest.mark.parametrize("prune", [{"method": "slicegpt", "slicing": 0.25}, {"method": "finercut", "ratio": 0.25}])
+def test_a_pruning_stage_that_needs_its_own_modeling_file_is_refused_before_the_run(prune: dict[str, Any]) -> None:
+    """The directory rebuilds the model from config.json alone: refused at validation, not after the run."""
+    data = {"name": "x", "stages": [prune, {"method": "dgq"}], "export": {"format": "compressor-int8"}}
+    with pytest.raises(RecipeError, match=f"stages.0: {prune['method']}'s model needs its own modeling file, "
+                                          "which a compressor-int8 directory cannot use"):
+        recipe_from_dict(data)
+
+
 def test_compress_then_load_gives_the_in_memory_model(model_dir_factory: Any, text_file: Path, tmp_path: Path) -> None:
     """The whole pipeline: smoothing folded into the norms, percentile clip, atomic directory, ``compressor.load``."""
     data = {

@@ -133,8 +133,9 @@ class FinerCut(Method):
 
         if export_format == "gguf":
             return "finercut: GGUF cannot store layers without an attention or MLP sublayer (use dense)"
-        if export_format == "bitstack":  # its directory rebuilds the model from config.json alone
-            return "finercut's model needs its own modeling file, which a BitStack directory cannot use yet; use dense"
+        if export_format in ("bitstack", "compressor-int8"):  # these directories rebuild from config.json alone
+            return (f"finercut's model needs its own modeling file, which a {export_format} directory cannot use; "
+                    "use dense or compressed-tensors")
         for stage in later:
             if get_method(stage.method).kind == "prune":
                 return (f"finercut must be the last pruning stage: {stage.method} after it would change the "

@@ -106,8 +106,9 @@ class SliceGPT(Method):
 
     @classmethod
     def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
-        if export_format == "bitstack":  # its directory rebuilds the model from config.json alone
-            return "slicegpt's model needs its own modeling file, which a BitStack directory cannot use yet; use dense"
+        if export_format in ("bitstack", "compressor-int8"):  # these directories rebuild from config.json alone
+            return (f"slicegpt's model needs its own modeling file, which a {export_format} directory cannot use; "
+                    "use dense or compressed-tensors")
         if export_format == "gguf":
             return ("slicegpt changes the model's structure, which GGUF cannot store; "
                     "use format: dense or compressed-tensors")
