@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny import WORDS, tiny_model
 from transformers import PreTrainedTokenizerFast
 
@@ -28,6 +29,8 @@ from compressor.methods.quant import gptq as gptq_module
 from compressor.methods.quant.gptq import GPTQ, GPTQConfig
 from compressor.methods.quant.gptq_ops import GPTQResult, gptq_quantize
 from compressor.models import get_adapter
+from compressor.pipeline import compress
+from compressor.recipe import recipe_from_dict
 
 
 def _tokens(samples: int, seq_len: int) -> torch.Tensor:
@@ -213,3 +216,23 @@ def test_long_documents_get_no_packing_note(tmp_path: Path, tiny_tokenizer: PreT
     notes: list[str] = []
     calibration_batch(tiny_tokenizer, str(source), samples=2, seq_len=32, seed=0, notes=notes)
     assert notes == []
+
+
+def test_float16_overflow_through_compress_writes_finite_tensors_and_says_so(
+    tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast, text_file: Path
+) -> None:
+    """The whole command path: a float16 checkpoint that overflows in layer 1 compresses, every written tensor is
+    finite and float16, and compression_report.json's rows for layer 1 (only) name the float32 retry."""
+    model_dir = tmp_path / "fp16"
+    _overflowing_model(residual=False).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    recipe = recipe_from_dict({
+        "name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32, "batch_size": 2},
+        "stages": [{"method": "gptq", "bits": 4, "group_size": 32}], "export": {"format": "dense"},
+    })
+    compress(model_dir, recipe, tmp_path / "out", device="cpu", checkpoint=False)
+    rows = json.loads((tmp_path / "out" / "compression_report.json").read_text())["layers"]
+    noted = {row["module"] for row in rows if "float16 overflow" in row["note"]}
+    assert noted == {row["module"] for row in rows if row["module"].startswith("model.layers.1.")} and noted
+    tensors = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert tensors and all(t.dtype == torch.float16 and torch.isfinite(t).all() for t in tensors.values())
