@@ -2,6 +2,7 @@
 
 Each target is a hypothesis strategy plus a check that feeds one drawn input to our code:
 - ``recipe_text``: YAML-ish text or raw bytes through ``load_recipe`` (a file on disk): a Recipe or RecipeError;
+- ``recipe_overrides``: random ``--set KEY=VALUE`` lists on a shipped recipe: a Recipe or RecipeError;
 - ``recipe_dict``: random nested dicts shaped like recipes (real method names and fields, random values) through
   ``recipe_from_dict`` and, dumped as YAML, through ``load_recipe`` (which locates the YAML line of an error);
 - ``safetensors``: random bytes, and headers whose dtypes, shapes and offsets lie, through ``check_safetensors``:
@@ -102,6 +103,20 @@ def check_recipe_dict(data: dict[str, Any]) -> None:
     except (yaml.YAMLError, ValueError):
         return  # not every random value is representable as YAML (nothing of ours is exercised then)
     check_recipe_text(text.encode())
+
+
+_OVERRIDE_KEYS = ["name", "seed", "stages", "stages.0", "stages.0.bits", "stages.0.method", "stages.9.bits",
+                  "calibration.samples", "export.format", "export", "stages.0.targets.0", "a.b.c", "", "stages.x"]
+_OVERRIDE = st.builds(lambda key, sep, value: f"{key}{sep}{value}", st.sampled_from(_OVERRIDE_KEYS) | st.text(
+    max_size=12), st.sampled_from(["=", "", "=="]), st.sampled_from(_YAML_LINES) | st.text(max_size=12))
+
+
+def check_recipe_overrides(overrides: list[str]) -> None:
+    """``--set KEY=VALUE`` overrides on a shipped recipe."""
+    try:
+        load_recipe("w4a16-gptq", overrides)
+    except RecipeError:
+        pass
 
 
 @st.composite
@@ -242,6 +257,7 @@ def check_gguf_bytes(raw: bytes) -> None:
 TARGETS: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], None]]] = {
     "recipe_text": (_RECIPE_TEXT, check_recipe_text),
     "recipe_dict": (_recipe_dict(), check_recipe_dict),
+    "recipe_overrides": (st.lists(_OVERRIDE, max_size=4), check_recipe_overrides),
     "safetensors": (_safetensors_file(), check_safetensors_bytes),
     "gguf": (_gguf_file(), check_gguf_bytes),
 }
