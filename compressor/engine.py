@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from compressor.calibration.precision import fitting_precision
+from compressor.distributed import WeightedSum
 from compressor.errors import NumericalError, UnsupportedModelError
 from compressor.methods.base import LayerRecord, Method
 from compressor.methods.quant.gptq_ops import accumulate_hessian
@@ -261,27 +262,26 @@ class LayerContext:
     ) -> dict[LinearGroup, torch.Tensor]:
         """Hessians of several groups from shared forward passes (one pass when all are requested).
 
+        Each batch's ``2/n X^T X`` is summed in float64, weighted by its tokens, over every process's batches.
+
         ``keep`` (one group only) receives the inputs themselves, one tensor per batch.
         """
         if keep is not None and len(groups) != 1:
             raise ValueError("hessians(keep=...) records the inputs of exactly one group")
-        states: dict[LinearGroup, dict[str, Any]] = {g: {"H": None, "n": 0} for g in groups}
+        sums = {g: WeightedSum() for g in groups}
 
-        def folder(state: dict[str, Any]) -> Callable[[torch.Tensor], None]:
-            def fold(x: torch.Tensor) -> None:
-                state["H"], state["n"] = accumulate_hessian(state["H"], x, state["n"])
-                if keep is not None:
-                    keep.append(x)
+        def fold(total: WeightedSum, x: torch.Tensor) -> None:
+            total.add(*accumulate_hessian(None, x, 0))  # this batch's 2/n X^T X (float32) and its n tokens
+            if keep is not None:
+                keep.append(x)
 
-            return fold
-
-        self.collect_many([(self.module(g.names[0]), folder(states[g])) for g in groups])
+        self.collect_many([(self.module(g.names[0]), partial(fold, sums[g])) for g in groups])
         result = {}
-        for group, state in states.items():
-            H = state["H"]
+        for group, total in sums.items():
+            H = total.mean()  # over every process's batches (distributed.py): float64, then float32
             if H is None or not torch.isfinite(H).all():
                 raise NumericalError(f"non-finite inputs reach {self.path(group.names[0])}: cannot quantize it")
-            result[group] = H
+            result[group] = H.float()
         return result
 
 

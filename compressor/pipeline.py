@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from compressor import distributed
 from compressor.calibration.tokens import calibration_batch, iter_eval_windows
 from compressor.checkpoint import Checkpoints, check_resume, fingerprint, write_error
 from compressor.engine import ModelContext, ProgressFn, run_stages
@@ -211,14 +212,33 @@ def compress(
 
     With ``max_ppl_increase`` (percent) and ``eval_data``, a perplexity increase above the limit raises
     :class:`QualityGateError` after the output and report are written.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the processes split the calibration batches and sum their statistics
+    (:mod:`compressor.distributed`); rank 0 alone evaluates, writes and returns the full report, the others
+    return theirs unwritten once it is done. Checkpoints are off there.
     """
     if max_ppl_increase is not None and eval_data is None:
         raise CalibrationError("--max-ppl-increase needs --eval SOURCE to measure perplexity")
+    with distributed.process_group(device) as device_of_rank:
+        return _compress(model, recipe, out, dtype=dtype, device=device_of_rank, eval_data=eval_data,
+                         eval_max_tokens=eval_max_tokens, eval_seq_len=eval_seq_len, max_ppl_increase=max_ppl_increase,
+                         overwrite=overwrite, progress=progress, allow_pickle=allow_pickle,
+                         trust_remote_code=trust_remote_code, checkpoint=checkpoint, resume=resume)
+
+
+def _compress(
+    model: str | Path | LoadedModel, recipe: Recipe, out: Path, *, dtype: str, device: str, eval_data: str | None,
+    eval_max_tokens: int | None, eval_seq_len: int | None, max_ppl_increase: float | None, overwrite: bool,
+    progress: ProgressFn | None, allow_pickle: bool, trust_remote_code: bool, checkpoint: bool, resume: bool,
+) -> Report:
     check_writable(out)
     check_output_dir(out, overwrite)
     check_resume(out, resume=resume, checkpoint=checkpoint, overwrite=overwrite)
     timings: dict[str, float] = {}
     stages = build_stages(recipe.stages, recipe.export.format)
+    if distributed.is_distributed():
+        distributed.check_recipe(stages, recipe.calibration, resume)
+        checkpoint, eval_data = False, eval_data if distributed.is_writer() else None
     with _phase(timings, "load"):
         loaded = model if isinstance(model, LoadedModel) else load(model, dtype=dtype, allow_pickle=allow_pickle,
                                                                     trust_remote_code=trust_remote_code)
@@ -227,6 +247,8 @@ def compress(
     _check_seq_len(adapter, calib.seq_len)
     _check_targets(stages, adapter)
     _check_format_fits_model(recipe.export, loaded.model)
+    if distributed.is_distributed():
+        distributed.check_model(loaded.model, adapter)
     target = resolve_device(device)
     with _phase(timings, "calibration_data"):
         tokens = calibration_batch(
@@ -242,7 +264,8 @@ def compress(
     marks = fingerprint(recipe.digest(), loaded.model, tokens) if checkpoint else {}
     checkpoints = Checkpoints(out, recipe.to_dict(), marks, resume) if checkpoint else None
     torch.manual_seed(recipe.seed)
-    run = ModelContext(loaded.model, adapter, tokens, target, calib.batch_size)
+    run = ModelContext(loaded.model, adapter, distributed.shard_batches(tokens, calib.batch_size), target,
+                       calib.batch_size)
     with _phase(timings, "compress"):
         records = run_stages(run, stages, progress, checkpoints)
         _round_scales_for_storage(run, recipe.export)
@@ -268,7 +291,9 @@ def compress(
     if eval_data:
         report.eval = _eval_summary(evaluation, eval_data)
         report.quality_gate = _quality_gate(report.eval, max_ppl_increase)
-    _write(report, run, loaded, recipe, out, overwrite, timings, stages)
+    if distributed.is_writer():
+        _write(report, run, loaded, recipe, out, overwrite, timings, stages)
+    distributed.barrier()  # the other processes return once rank 0's output is complete
     if report.quality_gate and not report.quality_gate["passed"]:
         raise QualityGateError(report.quality_gate["message"])
     return report

@@ -77,7 +77,10 @@ def compress(
     debug: DebugOpt = False,
 ) -> None:
     """Compress MODEL with a recipe; writes weights, config, tokenizer, recipe.yaml and a report to --out."""
-    configure_logging(quiet or json_output)
+    from compressor.distributed import is_writer
+
+    writer = is_writer()  # under torchrun only rank 0 logs, shows progress and prints the result
+    configure_logging(quiet or json_output or not writer)
     sets = _recipe_sets(overrides, {"calibration.dataset": calib, "calibration.samples": calib_samples,
                                     "calibration.seq_len": seq_len, "calibration.text_field": text_field, "seed": seed})
 
@@ -88,7 +91,7 @@ def compress(
 
         resolved = load_recipe(recipe, sets)
         limit = parse_percent(max_ppl_increase)
-        with _interrupts(), layer_progress(not (quiet or json_output)) as progress:
+        with _interrupts(), layer_progress(writer and not (quiet or json_output)) as progress:
             try:
                 report = run_compress(model, resolved, out, dtype=dtype, device=device, eval_data=eval_data,
                                       eval_max_tokens=eval_tokens, max_ppl_increase=limit, overwrite=overwrite,
@@ -100,6 +103,8 @@ def compress(
                 if json_output:
                     print_json(written)
                 raise
+        if not writer:
+            return
         log_warnings(report.warnings)
         if json_output:
             print_json(report.to_dict())

@@ -116,6 +116,9 @@ class Method(ABC):
     model_level: ClassVar[bool] = False
     #: True for quantizers that honour a per-group bit plan (``run.plans["group_bits"]``, written by BAQ).
     per_group_bits: ClassVar[bool] = False
+    #: True when every statistic the method reads is summed across torchrun's processes (compressor.distributed),
+    #: so it may run on a share of the calibration data per process; the others are refused when WORLD_SIZE > 1.
+    supports_distributed: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config

@@ -80,6 +80,7 @@ class GPTQConfig(WeightQuantConfig):
 class GPTQ(WeightQuantizer):
     config_class = GPTQConfig
     per_group_bits = True
+    supports_distributed = True  # its Hessians are all-reduced; refinement (refine_iters) is refused in prepare
 
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
         config = self.config

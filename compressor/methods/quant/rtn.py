@@ -37,6 +37,7 @@ class RTNConfig(WeightQuantConfig):
 class RTN(WeightQuantizer):
     config_class = RTNConfig
     per_group_bits = True
+    supports_distributed = True  # its Hessians are all-reduced; refinement (refine_iters) is refused in prepare
 
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
         config = self.config

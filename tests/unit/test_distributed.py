@@ -1,0 +1,144 @@
+"""Data-parallel calibration: 2 CPU processes on gloo give one process's statistics and weights.
+
+Five calibration sequences in batches of two make three batches, split 2 + 1: the shares are uneven, so summing
+per-process means without their token counts, or skipping the all-reduce, gives other Hessians and weights.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+from run_outputs import comparable_files
+from tiny import VOCAB, tiny_model
+
+from compressor import distributed
+from compressor.distributed import WeightedSum, shard
+from compressor.engine import LayerContext, ModelContext, run_stages
+from compressor.errors import RecipeError
+from compressor.methods.quant.gptq import GPTQConfig
+from compressor.methods.quant.gptq_ops import accumulate_hessian
+from compressor.methods.registry import get_method
+from compressor.models import get_adapter
+from compressor.pipeline import compress
+from compressor.recipe import CalibrationConfig, build_stages, load_recipe
+
+SAMPLES, LENGTH, BATCH = 5, 16, 2
+
+
+def test_shards_are_contiguous_and_the_first_take_the_remainder() -> None:
+    items = list(range(5))
+    assert [list(shard(items, part, 2)) for part in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [list(shard(items, part, 3)) for part in range(3)] == [[0, 1], [2, 3], [4]]
+    assert [list(shard([7], part, 2)) for part in range(2)] == [[7], []]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (SAMPLES, LENGTH), generator=torch.Generator().manual_seed(1))
+
+
+def _calibrate() -> dict[str, Any]:
+    """In this process's share: layer 0's q/k/v Hessian (float64 sum) and the weights of a GPTQ W4 g32 run."""
+    torch.set_num_threads(1)
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    run = ModelContext(model, adapter, distributed.shard_batches(_tokens(), BATCH), torch.device("cpu"), BATCH)
+    ctx = LayerContext(0, adapter.layers()[0], run, run.capture_inputs().layer(0))
+    qkv = adapter.linear_groups()[0]
+    total = WeightedSum()
+    ctx.collect_inputs(ctx.module(qkv.names[0]), lambda x: total.add(*accumulate_hessian(None, x, 0)))
+    H = total.mean()
+    run_stages(run, build_stages([GPTQConfig(method="gptq", bits=4, group_size=32)]))
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    refusals = []
+    drop = build_stages([get_method("layer_drop").config_class(method="layer_drop", remove=1)])
+    refine = build_stages([GPTQConfig(method="gptq", refine_iters=2)])
+    for check in (lambda: distributed.check_recipe(drop, CalibrationConfig(), resume=False),
+                  lambda: refine[0].prepare(run)):
+        try:
+            check()
+        except RecipeError as exc:
+            refusals.append(str(exc))
+    return {"H": H, "weights": weights, "codes": {k: q.q for k, q in run.quantized.items()}, "refusals": refusals}
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    with distributed.process_group("cpu"):
+        assert distributed.world_size() == world
+        torch.save(_calibrate(), Path(out) / f"rank{rank}.pt")
+
+
+def _reference_hessian() -> torch.Tensor:
+    """2/N X^T X of q_proj's inputs over all sequences, in float64, from the whole model's own forward."""
+    model = tiny_model("llama")
+    rows: list[torch.Tensor] = []
+    module = get_adapter(model).layers()[0].get_submodule(get_adapter(model).linear_groups()[0].names[0])
+    handle = module.register_forward_pre_hook(lambda _m, args: rows.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=_tokens(), use_cache=False)
+    handle.remove()
+    X = torch.cat(rows).double()
+    return 2 * X.T @ X / X.shape[0]
+
+
+def test_two_processes_give_one_process_hessians_and_weights(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    try:
+        single = _calibrate()  # first: the forked workers then start with everything imported
+    finally:
+        torch.set_num_threads(threads)
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    reference = _reference_hessian()  # float64 products: the sums in float32 batches are ~1e-7 from it
+    assert float((single["H"] - reference).norm() / reference.norm()) < 1e-6
+    for result in ranks:
+        assert result["H"].dtype == torch.float64
+        assert float((result["H"] - single["H"]).norm() / single["H"].norm()) < 1e-10
+        assert result["weights"].keys() == single["weights"].keys()
+        for name, weight in single["weights"].items():
+            assert torch.equal(result["weights"][name], weight), name
+        for path, codes in single["codes"].items():
+            assert torch.equal(result["codes"][path], codes), path
+        assert [r.split(":")[0] for r in result["refusals"]] == ["stages.0 (layer_drop)", "gptq"]
+        assert "data-parallel" in result["refusals"][0] and "refine_iters" in result["refusals"][1]
+    assert single["refusals"] == []  # one process: nothing refused
+
+
+RECIPE = """\
+name: tiny-dist
+calibration: {{dataset: "{calib}", samples: 5, seq_len: 32, batch_size: 2}}
+stages:
+  - method: gptq
+    bits: 4
+    group_size: 32
+export: {{format: compressed-tensors}}
+"""
+
+
+def test_torchrun_writes_the_single_process_bytes(tmp_path: Path, model_dir_factory: Any, text_file: Path) -> None:
+    model = model_dir_factory("llama")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(calib=text_file))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--monitor-interval", "0.2",
+                "--master-port", str(_free_port()), "-m", "compressor", "compress", str(model), "-r", str(recipe)]
+    done = subprocess.run([*torchrun, "-o", str(tmp_path / "two")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("compressed ->") == 1  # rank 0 alone reports
+    torch.set_num_threads(1)
+    compress(model, load_recipe(recipe, []), tmp_path / "one")
+    assert comparable_files(tmp_path / "two") == comparable_files(tmp_path / "one")
