@@ -45,7 +45,8 @@ def calibration_batch(
     failing. Reading stops after `2 * samples * seq_len` tokens, so a huge source costs no more than that.
     Documents shorter than `seq_len` are packed: a window runs across them, EOS between them, never padded (so
     every token is real text and no attention mask is needed). Real corpora are mostly such documents, so this is
-    normal, logged at info level, and said in `notes` (the report's calibration section) when given.
+    normal, logged at info level, and said in `notes` (the report's calibration section) when given; so are
+    overlapping windows.
     """
     _check_positive("samples", samples, 1)
     _check_positive("seq_len", seq_len, 2)
@@ -68,14 +69,11 @@ def calibration_batch(
         windows = stream[: (total // seq_len) * seq_len].view(-1, seq_len)
         chosen = torch.randperm(windows.shape[0], generator=generator)[:samples]
         return windows[chosen]
-    logger.warning(
-        "calibration source %r has %d tokens, fewer than samples*seq_len=%d: the %d windows will overlap; "
-        "use more text or fewer samples for independent windows",
-        source,
-        total,
-        needed,
-        samples,
-    )
+    overlap = (f"{total} tokens, fewer than samples*seq_len={needed}: the {samples} windows overlap; use more text "
+               "or fewer samples for independent windows")
+    logger.warning("calibration source %r has %s", source, overlap)
+    if notes is not None:
+        notes.append(overlap)
     starts = torch.randint(0, total - seq_len + 1, (samples,), generator=generator)
     return stream[starts.unsqueeze(1) + torch.arange(seq_len)]
 

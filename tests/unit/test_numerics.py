@@ -210,6 +210,27 @@ def test_short_documents_are_packed_into_full_windows(
     assert len(rows) == 21
 
 
+def test_too_few_tokens_for_independent_windows_overlap_with_a_note(
+    tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """20 short documents hold fewer than 16 x 32 tokens: the windows overlap (each still a slice of the joined
+    stream), and the notes say both what was packed and that windows overlap."""
+    source = tmp_path / "few.jsonl"
+    source.write_text("".join(json.dumps({"text": f"the model reads text {i}"}) + "\n" for i in range(20)))
+    notes: list[str] = []
+    tokens = calibration_batch(tiny_tokenizer, str(source), samples=16, seq_len=32, seed=0, notes=notes)
+    assert tokens.shape == (16, 32)
+    stream: list[int] = []
+    for i in range(20):
+        ids = tiny_tokenizer(f"the model reads text {i}", add_special_tokens=False)["input_ids"]
+        stream += ([tiny_tokenizer.eos_token_id] if stream else []) + ids
+    joined = torch.tensor(stream)
+    for window in tokens:
+        assert any(torch.equal(joined[s : s + 32], window) for s in range(len(stream) - 31))
+    assert len(notes) == 2 and notes[0].startswith("20 of 20 documents read are shorter than seq_len=32")
+    assert re.fullmatch(r"\d+ tokens, fewer than samples\*seq_len=512: the 16 windows overlap; .*", notes[1])
+
+
 def test_long_documents_get_no_packing_note(tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast) -> None:
     source = tmp_path / "long.txt"
     source.write_text(" ".join(["the model reads text and predicts the next token"] * 40))
