@@ -58,7 +58,7 @@ class FinerCutConfig(MethodConfig):
       measure: kl          # kl | js | cosine
       sublayers: both      # both | attention | mlp
       positions: 64        # scored positions per calibration sequence (null: all)
-      search: screened     # screened | lazy | exact
+      search: lazy         # lazy | screened | exact
       screen_samples: 2    # screened: calibration sequences every candidate is ranked on
       rescore_top: 3       # screened: best-ranked candidates scored on every sequence each step
     ```
@@ -80,7 +80,7 @@ class FinerCutConfig(MethodConfig):
         "(the forward still sees every token); null compares all."
     )
     search: Literal["screened", "lazy", "exact"] = Field(
-        "screened", description="exact: rescore every candidate at every step (the paper); lazy: rescore only "
+        "lazy", description="exact: rescore every candidate at every step (the paper); lazy: rescore only "
         "candidates whose last score says they could be the best (same result when removals only add harm); "
         "screened: rank candidates lazily on screen_samples sequences and score the rescore_top best on all."
     )
