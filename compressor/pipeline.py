@@ -251,9 +251,9 @@ def _compress(
         distributed.check_model(loaded.model, adapter)
     target = resolve_device(device)
     with _phase(timings, "calibration_data"):
-        tokens = calibration_batch(
-            loaded.tokenizer, calib.dataset, calib.samples, calib.seq_len, recipe.seed, text_field=calib.text_field
-        )
+        calibration_notes: list[str] = []
+        tokens = calibration_batch(loaded.tokenizer, calib.dataset, calib.samples, calib.seq_len, recipe.seed,
+                                   text_field=calib.text_field, notes=calibration_notes)
     params_before, bytes_before = model_size(loaded.model)
     eval_len = eval_seq_len or calib.seq_len
     evaluation: dict[str, object] = {}
@@ -284,7 +284,8 @@ def _compress(
         avg_bits_per_weight=bits, avg_bits_incl_metadata=bits_meta,
         compression_ratio=bytes_before / bytes_after if bytes_after else 0.0,
         layers=[r.to_dict() for r in records], timings=timings, peak_rss_bytes=0, versions=versions(),
-        calibration={**calib.model_dump(), "tokens": int(tokens.numel())}, structure=run.structure,
+        calibration={**calib.model_dump(), "tokens": int(tokens.numel()), "notes": calibration_notes},
+        structure=run.structure,
         warnings=[*loaded.warnings, *Report.grouped_warnings(records)],
     )
     report.dtype = dtype_name(loaded.model)

@@ -257,3 +257,20 @@ def test_float16_overflow_through_compress_writes_finite_tensors_and_says_so(
     assert noted == {row["module"] for row in rows if row["module"].startswith("model.layers.1.")} and noted
     tensors = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert tensors and all(t.dtype == torch.float16 and torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_calibration_notes_reach_the_report(tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    """The packing and overlap notes are in compression_report.json's calibration section, not only in the log."""
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    source = tmp_path / "few.jsonl"
+    source.write_text("".join(json.dumps({"text": f"the model reads text {i}"}) + "\n" for i in range(20)))
+    recipe = recipe_from_dict({
+        "name": "t", "calibration": {"dataset": str(source), "samples": 16, "seq_len": 32, "batch_size": 4},
+        "stages": [{"method": "rtn", "bits": 4, "group_size": 32}], "export": {"format": "dense"},
+    })
+    compress(model_dir, recipe, tmp_path / "out", device="cpu", checkpoint=False)
+    notes = json.loads((tmp_path / "out" / "compression_report.json").read_text())["calibration"]["notes"]
+    assert len(notes) == 2 and notes[0].startswith("20 of 20 documents read are shorter than seq_len=32")
+    assert "the 16 windows overlap" in notes[1]
