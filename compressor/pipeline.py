@@ -97,6 +97,7 @@ def export(source: str | Path, export_config: ExportConfig, out: Path, *, overwr
     """Store a finished compressed-tensors run in another format without re-running calibration."""
     from compressor.export.reader import read_compressed_tensors
 
+    check_out_apart(source, out)
     check_writable(out)
     check_output_dir(out, overwrite)
     model, quantized, tokenizer = read_compressed_tensors(Path(source))
@@ -112,6 +113,24 @@ def export(source: str | Path, export_config: ExportConfig, out: Path, *, overwr
             if (Path(source) / name).is_file():
                 (staging / name).write_bytes((Path(source) / name).read_bytes())
     return files
+
+
+def check_out_apart(source: object, out: Path) -> None:
+    """Refuse an ``out`` that is the local source directory, inside it, or holds it.
+
+    Writing the output renames a finished directory onto ``OUT`` (replacing it under ``--overwrite``), so any
+    of the three would replace or mix with the weights being read; a hub id or an in-memory model has no
+    directory to collide with.
+    """
+    if not isinstance(source, str | Path) or not Path(source).is_dir():
+        return
+    model_dir, target = Path(source).resolve(), Path(out).resolve()
+    for where in (target, partial_dir(target)):
+        if where == model_dir or where.is_relative_to(model_dir) or model_dir.is_relative_to(where):
+            relation = ("is the model directory" if where == model_dir else
+                        "is inside the model directory" if where.is_relative_to(model_dir) else
+                        "contains the model directory")
+            raise UsageError(f"--out {out}: {where} {relation} {source}; write the output somewhere else")
 
 
 def check_writable(out: Path) -> None:
@@ -231,6 +250,7 @@ def _compress(
     eval_max_tokens: int | None, eval_seq_len: int | None, max_ppl_increase: float | None, overwrite: bool,
     progress: ProgressFn | None, allow_pickle: bool, trust_remote_code: bool, checkpoint: bool, resume: bool,
 ) -> Report:
+    check_out_apart(model, out)
     check_writable(out)
     check_output_dir(out, overwrite)
     check_resume(out, resume=resume, checkpoint=checkpoint, overwrite=overwrite)

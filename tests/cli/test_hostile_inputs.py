@@ -302,3 +302,22 @@ def test_calibration_files_that_cannot_calibrate(runner: CliRunner, model_copy: 
     calib.write_bytes(content)
     result = _compress(runner, model_copy, recipe_file, tmp_path / "out", "--calib", str(calib))
     _refused(result, tmp_path / "out", str(calib), expected)
+
+
+# --- output location ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("where", "relation"), [(".", "is the model directory"), ("sub/out", "is inside the model"),
+                                                 ("..", "contains the model directory")])
+def test_out_that_is_inside_or_holds_the_model_is_refused(runner: CliRunner, model_copy: Path, recipe_file: Path,
+                                                          where: str, relation: str) -> None:
+    """With --overwrite the finished directory would be renamed onto the source (or its parent): refused before
+    loading, exit 2, and the model directory keeps every byte."""
+    before = {p.name: p.read_bytes() for p in model_copy.iterdir() if p.is_file()}
+    out = model_copy / where
+    result = _compress(runner, model_copy, recipe_file, out, "--overwrite")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and relation in lines[0] and "Traceback" not in result.output, result.output
+    assert {p.name: p.read_bytes() for p in model_copy.iterdir() if p.is_file()} == before
+    assert not (model_copy / "sub").exists()
+    assert not [p for p in model_copy.parent.iterdir() if ".partial" in p.name]
