@@ -170,7 +170,9 @@ def check_recipe(stages: list[Method], calibration: CalibrationConfig, resume: b
 
 
 def check_model(model: torch.nn.Module, adapter: ModelAdapter) -> None:
-    """Refuse models whose per-process statistics are not yet combined across processes."""
+    """Refuse models whose per-process statistics are not yet combined across processes (none in one process)."""
+    if world_size() == 1:
+        return
     if adapter.num_experts:
         raise UnsupportedModelError(f"{type(model).__name__}: mixture-of-experts routing counts are per process; "
                                     f"compress it in one process (WORLD_SIZE={world_size()})")

@@ -267,8 +267,7 @@ def _compress(
     _check_seq_len(adapter, calib.seq_len)
     _check_targets(stages, adapter)
     _check_format_fits_model(recipe.export, loaded.model)
-    if distributed.is_distributed():
-        distributed.check_model(loaded.model, adapter)
+    distributed.check_model(loaded.model, adapter)
     target = resolve_device(device)
     with _phase(timings, "calibration_data"):
         calibration_notes: list[str] = []
