@@ -136,8 +136,10 @@ class WeightedSum:
 
     def add(self, mean: torch.Tensor, count: int) -> None:
         """Fold one batch's ``mean`` over ``count`` items (``count`` 0 only fixes the shape)."""
-        term = mean.to(torch.float64) * count
-        self.total = term if self.total is None else self.total.add_(term)
+        if self.total is None:
+            self.total = mean.to(torch.float64) * count
+        else:
+            self.total.add_(mean, alpha=count)  # in float64: the product of a float32 and an integer is exact
         self.count += count
 
     def mean(self) -> torch.Tensor | None:
