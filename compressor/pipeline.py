@@ -250,10 +250,11 @@ def _compress(
     eval_max_tokens: int | None, eval_seq_len: int | None, max_ppl_increase: float | None, overwrite: bool,
     progress: ProgressFn | None, allow_pickle: bool, trust_remote_code: bool, checkpoint: bool, resume: bool,
 ) -> Report:
-    check_out_apart(model, out)
-    check_writable(out)
-    check_output_dir(out, overwrite)
-    check_resume(out, resume=resume, checkpoint=checkpoint, overwrite=overwrite)
+    if distributed.is_writer():  # the output is rank 0's alone (other ranks may not even see its disk)
+        check_out_apart(model, out)
+        check_writable(out)
+        check_output_dir(out, overwrite)
+        check_resume(out, resume=resume, checkpoint=checkpoint, overwrite=overwrite)
     timings: dict[str, float] = {}
     stages = build_stages(recipe.stages, recipe.export.format)
     if distributed.is_distributed():

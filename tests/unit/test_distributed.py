@@ -152,7 +152,8 @@ def test_torchrun_writes_the_single_process_bytes(tmp_path: Path, model_dir_fact
     recipe.write_text(RECIPE.format(calib=text_file))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--monitor-interval", "0.2",
                 "--master-port", str(_free_port()), "-m", "compressor", "compress", str(model), "-r", str(recipe)]
-    done = subprocess.run([*torchrun, "-o", str(tmp_path / "two")], capture_output=True, text=True, timeout=120,
+    two = tmp_path / "new" / "two"  # a parent only rank 0 may create
+    done = subprocess.run([*torchrun, "-o", str(two)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("compressed ->") == 1  # rank 0 alone reports
@@ -162,4 +163,4 @@ def test_torchrun_writes_the_single_process_bytes(tmp_path: Path, model_dir_fact
         compress(model, load_recipe(recipe, []), tmp_path / "one")
     finally:
         torch.set_num_threads(threads)
-    assert comparable_files(tmp_path / "two") == comparable_files(tmp_path / "one")
+    assert comparable_files(two) == comparable_files(tmp_path / "one")
