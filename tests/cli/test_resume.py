@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sysconfig
 import time
 from pathlib import Path
 
 import pytest
-from run_outputs import comparable_files
+from run_outputs import comparable_files, start_blocked
 from tiny import tiny_model
 from typer.testing import CliRunner
 
@@ -52,28 +50,6 @@ def _recipe(tmp_path: Path, calib: Path, two_passes: bool) -> Path:
     path.write_text(RECIPE.format(calib=calib, stages=DROP if two_passes else "",
                                   format="dense" if two_passes else "compressed-tensors"))
     return path
-
-
-def _start_blocked(model: Path, recipe: Path, out: Path, pass_number: int, after: int) -> subprocess.Popen:
-    """Start the CLI; it blocks writing layer ``after``'s checkpoint, once layer ``after - 1``'s is complete."""
-    partial = out.parent / f"{out.name}.partial"
-    partial.mkdir()
-    os.mkfifo(partial / f"pass{pass_number}-layer{after}.safetensors.tmp")
-    exe = shutil.which("compressor", path=sysconfig.get_path("scripts"))
-    assert exe
-    # SIGINT at its default, as a terminal's foreground process has it: a job a non-interactive shell started with
-    # `&` (a CI runner's, a nohup'd pytest) inherits SIGINT ignored, which Python keeps, so Ctrl-C would be lost.
-    process = subprocess.Popen([exe, "compress", str(model), "-r", str(recipe), "-o", str(out), "--quiet"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    manifest = partial / "manifest.json"
-    deadline = time.monotonic() + 120
-    while not (manifest.is_file() and json.loads(manifest.read_text())["layer"] == after - 1):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the run never reached the layer"
-        time.sleep(0.05)
-    return process
 
 
 def _drain(fifo: Path, process: subprocess.Popen) -> None:
@@ -111,7 +87,7 @@ def reference(six_layers: Path, text_file: Path, tmp_path_factory: pytest.TempPa
 def test_kill_9_then_resume_writes_the_same_bytes(runner: CliRunner, six_layers: Path, text_file: Path,
                                                   tmp_path: Path, reference, two_passes: bool, after: int) -> None:
     recipe, out = _recipe(tmp_path, text_file, two_passes), tmp_path / "out"
-    process = _start_blocked(six_layers, recipe, out, int(two_passes), after)
+    process = start_blocked(six_layers, recipe, out, int(two_passes), after)
     process.kill()
     assert process.wait(timeout=60) == -signal.SIGKILL
     assert not out.exists()
@@ -130,7 +106,7 @@ def test_sigterm_and_sigint_keep_the_checkpoint_and_say_how_to_resume(
     after: int,
 ) -> None:
     recipe, out = _recipe(tmp_path, text_file, False), tmp_path / "out"
-    process = _start_blocked(six_layers, recipe, out, 0, after)
+    process = start_blocked(six_layers, recipe, out, 0, after)
     process.send_signal(signum)
     _drain(tmp_path / "out.partial" / f"pass0-layer{after}.safetensors.tmp", process)
     _, stderr = process.communicate(timeout=60)
