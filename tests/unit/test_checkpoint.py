@@ -273,3 +273,52 @@ def test_slicegpt_basis_is_not_measured_again(six_layers: Path, text_file: Path,
     compress(six_layers, _recipe(tmp_path, SLICE, text_file), out, resume=True)
     assert forwards == [1]
     assert comparable_files(out) == reference["slice"]
+
+
+# FinerCut's search closes the first pass (model-level); GPTQ quantizes what is left in a second pass.
+FINERCUT = """\
+name: tiny-finercut-gptq
+calibration: {{dataset: "{calib}", samples: 4, seq_len: 32, batch_size: 2}}
+stages:
+  - method: finercut
+    remove: 4
+    positions: 8
+  - method: gptq
+    bits: 4
+    group_size: 32
+export: {{format: compressed-tensors}}
+"""
+
+
+def _without_search_time(files: dict[str, bytes]) -> dict[str, bytes]:
+    """The structure's "seconds" is the search's wall time, which differs between any two runs."""
+    report = json.loads(files["compression_report.json"])
+    report["structure"]["finercut"].pop("seconds")
+    return {**files, "compression_report.json": json.dumps(report).encode()}
+
+
+def test_finercut_search_is_not_run_again(six_layers: Path, text_file: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted in GPTQ's pass, the resumed run re-applies the saved removals: no sweep, no search."""
+    from compressor.methods.prune import finercut
+
+    real, searches = finercut.SublayerSearch, []
+
+    def counted(*args, **kwargs):
+        searches.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finercut, "SublayerSearch", counted)
+    compress(six_layers, _recipe(tmp_path, FINERCUT, text_file), tmp_path / "reference", checkpoint=False)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        compress(six_layers, _recipe(tmp_path, FINERCUT, text_file), out, progress=_interrupt_after(2))
+    assert searches == [1, 1]
+    assert json.loads((tmp_path / "out.partial" / "manifest.json").read_text())["finished"] == [0]
+    phases: set[str] = set()
+    compress(six_layers, _recipe(tmp_path, FINERCUT, text_file), out, resume=True,
+             progress=lambda phase, done, total: phases.add(phase))
+    assert searches == [1, 1] and phases == {"gptq"}
+    resumed, reference = comparable_files(out), comparable_files(tmp_path / "reference")
+    assert len(json.loads(resumed["compression_report.json"])["structure"]["finercut"]["removed"]) == 4
+    assert _without_search_time(resumed) == _without_search_time(reference)

@@ -19,24 +19,36 @@ memory and the reloaded one compute the same thing). Where a family keeps its su
 ``layout()``, which the export writes into config.json as ``finercut_layout`` for that file. A layer that
 lost both sublayers is the identity and is removed whole through the adapter; when nothing else was removed
 the export is a standard config.
+
+The search's result (the removals in order, their scores, the counts and times) is the pass's whole output: a
+checkpointed run saves it after the pass (``checkpoint_state``), and a resumed one re-applies the same removals in
+the same order without caching states or searching again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from compressor.errors import RecipeError
+from compressor.errors import RecipeError, UsageError
 from compressor.methods.base import Count, Fraction, LayerRecord, Method, MethodConfig
-from compressor.methods.prune.finercut.ops import SearchResult, greedy_removal, scored_positions, screened_removal
+from compressor.methods.prune.finercut.ops import (
+    SearchResult,
+    Step,
+    greedy_removal,
+    scored_positions,
+    screened_removal,
+)
 from compressor.methods.prune.finercut.search import Key, SublayerSearch, sublayer_params
 from compressor.methods.registry import register_method
 from compressor.models.shipped import auto_class_name
-from compressor.models.shipped.modeling_finercut import PREFIX, SUBLAYERS, is_removed
+from compressor.models.shipped.modeling_finercut import PREFIX, SUBLAYERS, is_removed, remove_sublayer
 
 if TYPE_CHECKING:
     from compressor.engine import LayerContext, ModelContext
@@ -47,6 +59,17 @@ DEFAULT_RATIO = 0.25
 DEFAULT_SCREEN_SAMPLES = 2
 DEFAULT_RESCORE_TOP = 3
 REMOTE_CODE_FILE = "modeling_finercut.py"
+
+
+@dataclass
+class _Searched:
+    """A finished search: all ``finalize`` needs to redo its removals, rows and summary without searching."""
+
+    candidates: list[Key]
+    result: SearchResult[Key]
+    #: Seconds spent scoring each candidate (the rows' times); ``wall``: the whole search's.
+    seconds: dict[Key, float]
+    wall: float
 
 
 class FinerCutConfig(MethodConfig):
@@ -121,6 +144,8 @@ class FinerCut(Method):
         self._states: list[list[torch.Tensor]] = []
         #: ``_kwargs[l][b]``: the keyword arguments layer ``l`` gets for batch ``b`` (its own attention mask).
         self._kwargs: list[list[dict[str, Any]]] = []
+        self._searched: _Searched | None = None  # this run's search, once finalize has run
+        self._restored: _Searched | None = None  # the search of an interrupted run (restore_state)
 
     @property
     def cfg(self) -> FinerCutConfig:
@@ -159,11 +184,23 @@ class FinerCut(Method):
         if self.cfg.remove is not None and self.cfg.remove >= available:
             raise RecipeError(f"finercut: cannot remove {self.cfg.remove} of the model's {available} candidate "
                               "sublayers (remove must leave at least one)")
-        self._states, self._kwargs = [], []
+        self._states, self._kwargs, self._searched = [], [], None
         return []
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The search's result once ``finalize`` has run (nothing before: a search cut short is redone whole)."""
+        return _to_state(self._searched) if self._searched is not None else {}
+
+    def restore_state(self, state: dict[str, torch.Tensor]) -> bool:
+        if "removed" not in state:
+            return False
+        self._restored = _from_state(state)
+        return True
 
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
         """Keep the hidden states and kwargs entering every layer (and the states leaving the last)."""
+        if self._restored is not None:  # the removals are known; another stage of the pass needed the sweep
+            return []
         self._kwargs.append([batch.kwargs for batch in ctx.inputs])
         self._states.append([batch.hidden for batch in ctx.inputs])
         if ctx.index == ctx.adapter.num_layers - 1:
@@ -179,23 +216,18 @@ class FinerCut(Method):
         sizes = {key: sublayer_params(layers[key[0]], layout, key[1]) for key in candidates}
         total = sum(p.numel() for layer in layers for p in layer.parameters())
         count, budget = self._amount(total)
-        _move(run, run.device)
-        try:
-            search = SublayerSearch(adapter, self._states, self._kwargs,
-                                    scored_positions(run.tokens.shape[1], self.cfg.positions), self.cfg.measure,
-                                    screen_samples=self._screen_samples())
-            params = {k: v[0] for k, v in sizes.items()}
-            if self.cfg.search == "screened":
-                result = screened_removal(candidates, params, search.screen, search.evaluate, search.commit,
-                                          count=count, budget=budget, top=self._rescore_top())
-            else:
-                result = greedy_removal(candidates, params, search.evaluate, search.commit, count=count,
-                                        budget=budget, lazy=self.cfg.search == "lazy")
-        finally:
-            _move(run, torch.device("cpu"))
-            self._states, self._kwargs = [], []
-        seconds = time.perf_counter() - start
-        records = self._records(run, candidates, sizes, result, search.seconds)
+        if self._restored is not None:
+            searched = self._restored
+            if searched.candidates != candidates:
+                raise UsageError("--resume: finercut's saved search names other candidate sublayers than the "
+                                 "model has; rerun without --resume")
+            for index, sublayer in (step.key for step in searched.result.steps):  # what search.commit did
+                remove_sublayer(layers[index], layout, sublayer)
+        else:
+            result, scoring = self._search(run, candidates, {k: v[0] for k, v in sizes.items()}, count, budget)
+            searched = _Searched(candidates, result, scoring, time.perf_counter() - start)
+        self._searched, result, seconds = searched, searched.result, searched.wall
+        records = self._records(run, candidates, sizes, result, searched.seconds)
         folded = _store_removals(run)
         removed_params = sum(sizes[s.key][0] for s in result.steps)
         run.structure["finercut"] = {
@@ -210,6 +242,26 @@ class FinerCut(Method):
         log.info("finercut removed %d sublayers (%d params) with %d evaluations (%d screens) in %.1f s",
                  len(result.steps), removed_params, result.evaluations, result.screen_evaluations, seconds)
         return records
+
+    def _search(
+        self, run: ModelContext, candidates: list[Key], params: dict[Key, int], count: int | None, budget: int | None
+    ) -> tuple[SearchResult[Key], dict[Key, float]]:
+        """The greedy search over the cached states, which it frees: (result, seconds scoring each candidate)."""
+        _move(run, run.device)
+        try:
+            search = SublayerSearch(run.adapter, self._states, self._kwargs,
+                                    scored_positions(run.tokens.shape[1], self.cfg.positions), self.cfg.measure,
+                                    screen_samples=self._screen_samples())
+            if self.cfg.search == "screened":
+                result = screened_removal(candidates, params, search.screen, search.evaluate, search.commit,
+                                          count=count, budget=budget, top=self._rescore_top())
+            else:
+                result = greedy_removal(candidates, params, search.evaluate, search.commit, count=count,
+                                        budget=budget, lazy=self.cfg.search == "lazy")
+        finally:
+            _move(run, torch.device("cpu"))
+            self._states, self._kwargs = [], []
+        return result, search.seconds
 
     def _screen_samples(self) -> int | None:
         """Sequences a screen runs (None: no screening, every score uses all of them)."""
@@ -248,6 +300,41 @@ class FinerCut(Method):
                                   "score_when_removed": score},
             ))
         return records
+
+
+def _keys(keys: list[Key]) -> torch.Tensor:
+    """``int64 [N, 2]``: (layer index, index into SUBLAYERS) per key."""
+    return torch.tensor([[index, SUBLAYERS.index(sublayer)] for index, sublayer in keys], dtype=torch.int64).view(-1, 2)
+
+
+def _to_state(searched: _Searched) -> dict[str, torch.Tensor]:
+    """The search as tensors (float64: the exact Python floats; NaN: a candidate without a first-step score)."""
+    result, candidates = searched.result, searched.candidates
+    return {
+        "candidates": _keys(candidates),
+        "removed": _keys([step.key for step in result.steps]),
+        "scores": torch.tensor([step.score for step in result.steps], dtype=torch.float64),
+        "step_evaluations": torch.tensor([step.evaluations for step in result.steps], dtype=torch.int64),
+        "first_scores": torch.tensor([result.first_scores.get(k, math.nan) for k in candidates], dtype=torch.float64),
+        "candidate_seconds": torch.tensor([searched.seconds.get(k, 0.0) for k in candidates], dtype=torch.float64),
+        "evaluations": torch.tensor([result.evaluations, result.screen_evaluations], dtype=torch.int64),
+        "wall": torch.tensor([searched.wall], dtype=torch.float64),
+    }
+
+
+def _from_state(state: dict[str, torch.Tensor]) -> _Searched:
+    """:func:`_to_state`'s inverse."""
+    def keys(name: str) -> list[Key]:
+        return [(index, SUBLAYERS[kind]) for index, kind in state[name].tolist()]
+
+    candidates, removed = keys("candidates"), keys("removed")
+    steps = [Step(key, score, evaluations) for key, score, evaluations
+             in zip(removed, state["scores"].tolist(), state["step_evaluations"].tolist(), strict=True)]
+    first = {k: v for k, v in zip(candidates, state["first_scores"].tolist(), strict=True) if not math.isnan(v)}
+    evaluations, screens = state["evaluations"].tolist()
+    result = SearchResult(steps=steps, first_scores=first, evaluations=evaluations, screen_evaluations=screens)
+    seconds = dict(zip(candidates, state["candidate_seconds"].tolist(), strict=True))
+    return _Searched(candidates, result, seconds, float(state["wall"].item()))
 
 
 def _move(run: ModelContext, device: torch.device) -> None:
