@@ -8,7 +8,8 @@ Variants (``ratio``: fraction of the attention + MLP parameters removed, never e
 
 - ``paper``: structure global, metric fluctuation (WIFV), compensate true (FLAP's choice, recipe flap-20pct);
 - ``no_compensation``: the same without the bias compensation;
-- ``uniform``: every layer loses the same share of KV groups and channels (fluctuation, compensation);
+- ``uniform``: every layer loses floor(ratio x groups) KV groups and the rest of its share in channels, the same
+  counts in every layer (fluctuation, compensation);
 - ``weight_norm``: the global structure scored by weight-column norms only (no activations), with compensation.
 
 A dense row comes first. Every setting starts from the same dense weights (reloaded in a fresh process, so its
