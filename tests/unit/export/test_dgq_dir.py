@@ -212,8 +212,10 @@ def test_cli_export_to_compressor_int8_is_refused_for_weight_only_files(runner: 
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
             quantized[name] = quantize_rtn(module.weight.data, 4, 32, True)
             module.weight.data = quantized[name].dequantize()
-    write_compressed_tensors(model, quantized, tmp_path)
-    tiny_tokenizer.save_pretrained(tmp_path)
-    result = runner.invoke(app, ["export", str(tmp_path), "--format", "compressor-int8", "--out", str(tmp_path / "o")])
+    source = tmp_path / "source"
+    source.mkdir()
+    write_compressed_tensors(model, quantized, source)
+    tiny_tokenizer.save_pretrained(source)
+    result = runner.invoke(app, ["export", str(source), "--format", "compressor-int8", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2, result.output
     assert "compressor-int8 stores dgq's INT8 linears" in result.output and not (tmp_path / "o").exists()
