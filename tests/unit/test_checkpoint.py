@@ -239,6 +239,18 @@ def test_a_manifest_without_its_fields_is_a_one_line_error(six_layers: Path, tex
         compress(six_layers, _recipe(tmp_path, GPTQ, text_file), tmp_path / "out", resume=True)
 
 
+def _count_calls(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
+    """Wrap ``module.name`` so each call appends a 1 to the returned list (how often a pass measured)."""
+    real, calls = getattr(module, name), []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 def test_shortgpt_scores_are_not_measured_again(six_layers: Path, text_file: Path, tmp_path: Path,
                                                 reference: dict) -> None:
     """Interrupted in GPTQ's pass, the resumed run drops the same layers from the saved scores, without a sweep."""
@@ -258,13 +270,7 @@ def test_slicegpt_basis_is_not_measured_again(six_layers: Path, text_file: Path,
     """Interrupted mid-pass, the resumed run rotates with the saved basis: no second forward of the whole model."""
     from compressor.methods.prune import slicegpt
 
-    real, forwards = slicegpt._stream_covariance, []
-
-    def counted(*args, **kwargs):
-        forwards.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(slicegpt, "_stream_covariance", counted)
+    forwards = _count_calls(monkeypatch, slicegpt, "_stream_covariance")
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         compress(six_layers, _recipe(tmp_path, SLICE, text_file), out, progress=_interrupt_after(3, "slicegpt+gptq"))
@@ -302,13 +308,7 @@ def test_finercut_search_is_not_run_again(six_layers: Path, text_file: Path, tmp
     """Interrupted in GPTQ's pass, the resumed run re-applies the saved removals: no sweep, no search."""
     from compressor.methods.prune import finercut
 
-    real, searches = finercut.SublayerSearch, []
-
-    def counted(*args, **kwargs):
-        searches.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(finercut, "SublayerSearch", counted)
+    searches = _count_calls(monkeypatch, finercut, "SublayerSearch")
     compress(six_layers, _recipe(tmp_path, FINERCUT, text_file), tmp_path / "reference", checkpoint=False)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
