@@ -24,7 +24,7 @@ from compressor.export.atomic import atomic_output_dir, check_output_dir, partia
 from compressor.methods.base import Method, TargetedConfig
 from compressor.models import ModelAdapter, get_adapter
 from compressor.models.loading import LoadedModel, dtype_name, load_model, resolve_device
-from compressor.recipe import ExportConfig, Recipe, build_stages
+from compressor.recipe import EXPORT_FORMATS, ExportConfig, Recipe, build_stages
 from compressor.report import (
     Report,
     average_bits,
@@ -93,10 +93,22 @@ def evaluate(
         loaded.model.to("cpu")
 
 
+#: Formats ``compressor export`` cannot produce from stored integer codes, and the methods that write them.
+RESTORE_ONLY_BY_METHOD = {
+    "bitsandbytes": "recipes nf4 and int8",
+    "bitstack": "the bitstack method",
+    "compressor-int8": "dgq, e.g. recipe w4a8-dgq",
+}
+
+
 def export(source: str | Path, export_config: ExportConfig, out: Path, *, overwrite: bool = False) -> list[str]:
     """Store a finished compressed-tensors run in another format without re-running calibration."""
     from compressor.export.reader import read_compressed_tensors
 
+    if export_config.format not in EXPORT_FORMATS:
+        raise UsageError(f"--format {export_config.format}: export re-stores integer codes as "
+                         f"{', '.join(EXPORT_FORMATS)}; {export_config.format} is written by its own methods "
+                         f"({RESTORE_ONLY_BY_METHOD.get(export_config.format, 'a recipe')}) from the original model")
     check_out_apart(source, out)
     check_writable(out)
     check_output_dir(out, overwrite)

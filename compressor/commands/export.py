@@ -16,7 +16,15 @@ def export(
     source: Annotated[Path, typer.Argument(help="A compressed-tensors directory written by `compressor compress`.")],
     out: OutDirOpt,
     *,
-    format_: Annotated[str, typer.Option("--format", "-f", help="dense, compressed-tensors or gguf.")] = "gguf",
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="dense, compressed-tensors or gguf. bitsandbytes, bitstack and compressor-int8 are not re-stored: "
+            "their methods (recipes nf4/int8, bitstack, w4a8-dgq) write them from the original model.",
+        ),
+    ] = "gguf",
     gguf_type: Annotated[
         str | None,
         typer.Option(

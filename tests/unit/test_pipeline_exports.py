@@ -85,6 +85,10 @@ def test_export_command_turns_compressed_tensors_into_gguf(model_dir_factory, te
                               str(tmp_path / "x")])
     assert bad.exit_code == 2 and "--gguf-type" in bad.stderr
     assert not (tmp_path / "x").exists()
+    for fmt in ("bitsandbytes", "bitstack", "compressor-int8"):  # written by their own methods, not re-stored
+        refused = runner.invoke(app, ["export", str(ct), "--format", fmt, "--out", str(tmp_path / "x")])
+        assert refused.exit_code == 2 and f"--format {fmt}: export re-stores" in refused.stderr, refused.output
+        assert not (tmp_path / "x").exists()
     # a wider type holds the 4-bit codes exactly: Q8_0 gives the same weights as Q4_0, not a requantization
     wide = runner.invoke(app, ["export", str(ct), "--format", "gguf", "--gguf-type", "Q8_0", "--out",
                                str(tmp_path / "w")])
