@@ -171,7 +171,7 @@ def peak_rss_bytes() -> int:
 
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
-    for package in ("compressor", "torch", "transformers", "compressed-tensors", "gguf", "safetensors"):
+    for package in ("compressor", "torch", "transformers", "compressed-tensors", "gguf", "safetensors", "bitsandbytes"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -168,3 +168,11 @@ def test_heatmap_png_written(tmp_path: Path) -> None:
     records[3] = LayerRecord(module=records[3].module, method="rtn", bits=8, rel_error=0.001)
     assert write_plots(_report(records), tmp_path) == ["layers.png"]
     assert (tmp_path / "layers.png").stat().st_size > 10_000
+
+
+def test_versions_name_every_library_an_export_depends_on() -> None:
+    from compressor.report import versions
+
+    found = versions()
+    for package in ("torch", "transformers", "compressed-tensors", "gguf", "safetensors", "bitsandbytes"):
+        assert package in found, package
