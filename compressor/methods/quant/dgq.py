@@ -1,10 +1,11 @@
 """DGQ: dual-grained W4A8 (and W8A8) quantization with INT8 activations (ilur98/DGQ; math in ``dgq_ops.py``).
 
 Per decoder layer: optional SmoothQuant smoothing of the inputs of attention and MLP (scales folded into the norm
-before them), then linear group by group in data-flow order: the group's Hessian, the two-phase scale search,
-GPTQ error feedback (or plain rounding), and the linear replaced by an :class:`Int8Linear` at once, so later
-groups and later layers are calibrated on the INT8 arithmetic they will see, and the model's forward afterwards
-(evaluation included) runs INT8 activations.
+before them), then linear group by group in data-flow order: the group's Hessian, the scale search (channel
+scales; the rtn solver's integer group scales too), GPTQ error feedback fitting each group's integer scale on the
+fed-back weights (or plain rounding at the searched scales), and the linear replaced by an :class:`Int8Linear` at
+once, so later groups and later layers are calibrated on the INT8 arithmetic they will see, and the model's
+forward afterwards (evaluation included) runs INT8 activations.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class DGQConfig(TargetedConfig):
       ignore: [lm_head]
       weight_bits: 4        # 8 = W8A8 (per-channel INT8 weights)
       group_size: 128       # INT4 groups; W8A8 is per channel
-      solver: gptq          # or rtn: rounding at the searched scales, no error feedback
+      solver: gptq          # or rtn: rounding at the two-phase searched scales, no error feedback
       act_percentile: 100   # per-token clip at this percentile of |x| (100 = max, no clipping)
       smoothing: 0.5        # SmoothQuant alpha folded into the norms; null = off
     ```
@@ -71,7 +72,9 @@ class DGQConfig(TargetedConfig):
         "divisor below it, reported). W8A8 weights are per channel: leave it unset or -1.",
     )
     solver: Literal["gptq", "rtn"] = Field(
-        "gptq", description="gptq: GPTQ error feedback at the searched scales; rtn: nearest codes at those scales."
+        "gptq",
+        description="gptq: GPTQ error feedback at the searched channel scales, each group's integer scale fitted "
+        "on the fed-back weights; rtn: nearest codes at the two-phase searched scales.",
     )
     act_percentile: float = Field(
         100.0, description="Per-token activation clip: this percentile of |x| over the channels, in (0, 100]."
@@ -178,7 +181,8 @@ class DGQ(Method):
         bits, (size, group_note) = config.weight_bits, config.groups_for(W.shape[1])
         scale_bits, scale_note = self._scale_bits(bits, W.dtype)
         channel, ints = search_channel_scale(W, H, bits, size, scale_bits=scale_bits)
-        ints = search_int_scales(W, H, channel, ints, bits, size)
+        if config.solver == "rtn":  # the gptq solver fits each group's integer scale on its fed-back weights
+            ints = search_int_scales(W, H, channel, ints, bits, size)
         if config.solver == "gptq":
             try:
                 weight = gptq_dual_grained(W, H, channel, ints, bits, size, config.block_size, config.dampening)

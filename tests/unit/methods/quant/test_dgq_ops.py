@@ -143,12 +143,13 @@ def test_int_scale_search_equals_brute_force_when_groups_are_independent() -> No
 
 
 def test_gptq_at_fixed_scales() -> None:
+    """``refit=False`` keeps the given integer scales (the solver before the refit; see test_dgq_gptq_refit)."""
     W, X = _layer()
     channel, ints = initial_scales(W, 4, 16)
     rtn = quantize_dual_grained(W, channel, ints, 4, 16)
-    identity = gptq_dual_grained(W, torch.eye(64), channel, ints, 4, 16, dampening=0.0)
+    identity = gptq_dual_grained(W, torch.eye(64), channel, ints, 4, 16, dampening=0.0, refit=False)
     assert torch.equal(identity.codes, rtn.codes)
-    gptq = gptq_dual_grained(W, X.T @ X, channel, ints, 4, 16)
+    gptq = gptq_dual_grained(W, X.T @ X, channel, ints, 4, 16, refit=False)
     assert torch.equal(gptq.int_scale, rtn.int_scale) and torch.equal(gptq.channel_scale, rtn.channel_scale)
     assert _error(X, W, gptq.dequantize()) < 0.8 * _error(X, W, rtn.dequantize())
 
