@@ -55,6 +55,7 @@ class DGQConfig(TargetedConfig):
       weight_bits: 4        # 8 = W8A8 (per-channel INT8 weights)
       group_size: 128       # INT4 groups; W8A8 is per channel
       solver: gptq          # or rtn: rounding at the two-phase searched scales, no error feedback
+      act_order: true       # gptq solver: columns by descending diag(H), groups stay contiguous
       act_percentile: 100   # per-token clip at this percentile of |x| (100 = max, no clipping)
       smoothing: 0.5        # SmoothQuant alpha folded into the norms; null = off
     ```
@@ -81,6 +82,11 @@ class DGQConfig(TargetedConfig):
     )
     smoothing: float | None = Field(
         0.5, description="SmoothQuant alpha in [0, 1] (activation range moved into the weights); null = off."
+    )
+    act_order: bool = Field(
+        True,
+        description="GPTQ solver: columns by descending diag(H), groups kept contiguous (one decoder layer of the "
+        "demo model alone: KL to dense 0.0064 against 0.0084 in layer 20, 0.0097 against 0.0107 in layer 11).",
     )
     dampening: float = Field(0.01, gt=0, lt=1, description="GPTQ solver: fraction of mean(diag H) added.")
     block_size: int = Field(128, ge=1, description="GPTQ solver: columns per lazy batch update.")
@@ -185,7 +191,8 @@ class DGQ(Method):
             ints = search_int_scales(W, H, channel, ints, bits, size)
         if config.solver == "gptq":
             try:
-                weight = gptq_dual_grained(W, H, channel, ints, bits, size, config.block_size, config.dampening)
+                weight = gptq_dual_grained(W, H, channel, ints, bits, size, config.block_size, config.dampening,
+                                           act_order=config.act_order)
             except ValueError as exc:
                 raise NumericalError(f"{path}: DGQ's GPTQ solver failed: {exc}") from exc
         else:

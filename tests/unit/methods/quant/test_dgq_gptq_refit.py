@@ -43,33 +43,44 @@ def _best_int_scale(w: torch.Tensor, s: torch.Tensor, d: torch.Tensor) -> torch.
     return torch.stack(errors, dim=1).argmin(dim=1).float() + 1  # argmin returns the first minimum
 
 
-def _reference(W: torch.Tensor, H: torch.Tensor, s: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ one column at a time (no lazy blocks), each group's u brute-forced at its first column on the
-    fed-back weights. Returns ``(codes [out, in], u [out, n_groups])``."""
-    W = W.double().clone()
-    Hd = H.double() + 0.01 * torch.diagonal(H).double().mean() * torch.eye(H.shape[0], dtype=torch.float64)
+def _reference(
+    W: torch.Tensor, H: torch.Tensor, s: torch.Tensor, size: int, order: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ one column at a time (no lazy blocks) in ``order``; a group's u is brute-forced when the first of its
+    (contiguous, original) columns comes up, on all its columns as fed back so far. Returns ``(codes [out, in],
+    u [out, n_groups])`` in the original column order."""
+    W, H = W.double()[:, order].clone(), H.double()[order][:, order]
+    Hd = H + 0.01 * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=torch.float64)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
     codes = torch.zeros_like(W)
     ints = torch.zeros(W.shape[0], W.shape[1] // size, dtype=torch.float64)
-    for j in range(W.shape[1]):
-        g = j // size
-        if j % size == 0:
-            ints[:, g] = _best_int_scale(W[:, j : j + size], s.double(), torch.diagonal(H).double()[j : j + size])
+    fitted: set[int] = set()
+    for j, column in enumerate(order):
+        g = column // size
+        if g not in fitted:
+            mine = [k for k, c in enumerate(order) if c // size == g]
+            ints[:, g] = _best_int_scale(W[:, mine], s.double(), torch.diagonal(H)[mine])
+            fitted.add(g)
         step = ints[:, g] * s.double()
         codes[:, j] = torch.clamp(torch.round(W[:, j] / step), -8, 7)
         err = (W[:, j] - codes[:, j] * step) / U[j, j]
         W[:, j:] -= err[:, None] * U[j, j:][None, :]
-    return codes, ints
+    return codes[:, torch.argsort(torch.tensor(order))], ints
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("block_size", [128, 7])
-def test_integer_scales_fitted_on_the_fed_back_weights(block_size: int) -> None:
+def test_integer_scales_fitted_on_the_fed_back_weights(block_size: int, act_order: bool) -> None:
+    """With act-order each column still takes its own original group's integer scale, indexed by that group."""
     W, X = _layer()
+    X = X * torch.linspace(0.2, 3, 48)  # uneven diag(H): act-order really interleaves the groups
     H = 2 / X.shape[0] * X.T @ X
     channel, _ = initial_scales(W, 4, 16)
     wrong = torch.ones(W.shape[0], 3, dtype=torch.int16)  # u = 1 everywhere: the given scales are not kept
-    found = gptq_dual_grained(W, H, channel, wrong, 4, 16, block_size=block_size)
-    codes, ints = _reference(W, H, channel, 16)
+    found = gptq_dual_grained(W, H, channel, wrong, 4, 16, block_size=block_size, act_order=act_order)
+    order = sorted(range(48), key=lambda j: -float(H[j, j])) if act_order else list(range(48))
+    assert not act_order or len({j // 16 for j in order[:16]}) > 1  # the first 16 swept mix groups
+    codes, ints = _reference(W, H, channel, 16, order)
     assert torch.equal(found.int_scale.double(), ints)
     assert float((found.codes.double() != codes).double().mean()) <= 0.005  # float32 sweep vs float64 reference
     assert int((ints == 1).sum()) < ints.numel() // 4  # the refit really moved away from the given u = 1
