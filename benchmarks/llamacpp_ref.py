@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -86,9 +85,6 @@ def main() -> None:
                      "compress_seconds": round(seconds, 1), "bytes": gguf_file.stat().st_size,
                      "layers": int(model.config.num_hidden_layers)}
         (target / "reference.json").write_text(json.dumps(reference, indent=2))
-        for leftover in ("layers.png",):
-            (target / leftover).unlink(missing_ok=True)
-        shutil.rmtree(target / "checkpoint", ignore_errors=True)
         print(json.dumps(reference), flush=True)
 
 

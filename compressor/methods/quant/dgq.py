@@ -187,15 +187,14 @@ class DGQ(Method):
         bits, (size, group_note) = config.weight_bits, config.groups_for(W.shape[1])
         scale_bits, scale_note = self._scale_bits(bits, W.dtype)
         channel, ints = search_channel_scale(W, H, bits, size, scale_bits=scale_bits)
-        if config.solver == "rtn":  # the gptq solver fits each group's integer scale on its fed-back weights
-            ints = search_int_scales(W, H, channel, ints, bits, size)
-        if config.solver == "gptq":
+        if config.solver == "gptq":  # fits each group's integer scale on its fed-back weights, so no phase 2
             try:
                 weight = gptq_dual_grained(W, H, channel, ints, bits, size, config.block_size, config.dampening,
                                            act_order=config.act_order)
             except ValueError as exc:
                 raise NumericalError(f"{path}: DGQ's GPTQ solver failed: {exc}") from exc
         else:
+            ints = search_int_scales(W, H, channel, ints, bits, size)
             weight = quantize_dual_grained(W, channel, ints, bits, size)
         _check_stored_scales(path, weight, W.dtype, self.export_format)
         ctx.layer.set_submodule(name, Int8Linear.from_linear(module, weight, config.act_percentile))
