@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -36,6 +36,33 @@ log = logging.getLogger(__name__)
 
 #: progress(phase, done, total): the CLI renders it; the library never prints.
 ProgressFn = Callable[[str, int, int], None]
+
+
+class LayerStream(Protocol):
+    """Where decoder layers come from and go to when the model does not fit in RAM (``compressor.streaming``).
+
+    Without one, every layer is resident and only moves between the CPU and ``--device``.
+    """
+
+    def load(self, index: int) -> nn.Module:
+        """Materialise decoder layer ``index`` (its weights read from disk) and return it."""
+        ...
+
+    def keep(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Store one boundary of hidden states (in RAM, or in a memory-mapped file above a limit)."""
+        ...
+
+    def sink(self, like: list[torch.Tensor]) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
+        """Where the next boundary's batch outputs are written (None: kept as computed)."""
+        ...
+
+    def finish(self, run: ModelContext, index: int) -> None:
+        """Layer ``index`` is done: write its output tensors and release it."""
+        ...
+
+    def note(self) -> dict[str, Any]:
+        """What the report says about the streaming (a warning group)."""
+        ...
 
 
 class _StopForward(Exception):
@@ -84,6 +111,8 @@ class ModelContext:
     plans: dict[str, Any] = field(default_factory=dict)
     #: Where a finished layer's integer codes and scales go (on a GPU they would add ~1 byte per parameter).
     storage_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: Set when the model streams from disk: layers are loaded, written and released one at a time.
+    stream: LayerStream | None = None
 
     def batches(self) -> Iterator[torch.Tensor]:
         for start in range(0, self.tokens.shape[0], self.batch_size):
@@ -96,7 +125,7 @@ class ModelContext:
     def store_codes(self) -> None:
         """Move every quantized weight not yet there to ``storage_device`` (exports read them from there)."""
         for path, qweight in self.quantized.items():
-            if qweight.q.device != self.storage_device:
+            if qweight.q.device != self.storage_device and not qweight.q.is_meta:  # meta: a streamed layer's, written
                 self.quantized[path] = qweight.to(self.storage_device)
 
 
@@ -140,13 +169,17 @@ class LayerContext:
         return f"{self.prefix}.{name}"
 
     @torch.no_grad()
-    def forward(self) -> list[torch.Tensor]:
-        """Run every calibration batch through the layer as it is now; returns the outputs."""
+    def forward(self, sink: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Run every calibration batch through the layer as it is now; returns the outputs.
+
+        ``sink(batch, output)`` stores each output as it is made (a memory-mapped file) and returns what to keep.
+        """
         outputs = []
         with self._sweep() as batches:
-            for batch in batches:
+            for number, batch in enumerate(batches):
                 out = self.layer(batch.hidden, **batch.kwargs)
-                outputs.append(out[0] if isinstance(out, tuple) else out)
+                out = out[0] if isinstance(out, tuple) else out
+                outputs.append(out if sink is None else sink(number, out))
         return outputs
 
     @contextmanager
@@ -366,18 +399,24 @@ def run_pass(run: ModelContext, stages: list[Method], progress: ProgressFn | Non
     _move_embeddings(run.adapter, torch.device("cpu"))
     layers, label = run.adapter.layers(), "+".join(stage.name for stage in stages)
     hidden = captured.hidden
+    if run.stream:
+        hidden = captured.hidden = run.stream.keep(hidden)
     start, hidden, records = checkpoint.begin(run, stages, hidden, records) if checkpoint else (0, hidden, records)
     for index in range(start, len(layers)):
-        ctx = LayerContext(index, layers[index].to(run.device), run, captured.layer(index, hidden))
+        layer = run.stream.load(index) if run.stream else layers[index]
+        ctx = LayerContext(index, layer.to(run.device), run, captured.layer(index, hidden))
         with fitting_precision(ctx, records):  # float32 for a float16 layer that would overflow
             for stage in stages:
                 ctx.thaw()
                 records += stage.apply(ctx)
-            hidden = ctx.forward()  # replays what the last stage left replayable
+            # replays what the last stage left replayable
+            hidden = ctx.forward(run.stream.sink(hidden) if run.stream else None)
         if not all(torch.isfinite(out).all() for out in hidden):
             raise NumericalError(f"layer {ctx.prefix} produced NaN/inf outputs after {label}")
         layers[index].to("cpu")
         run.store_codes()
+        if run.stream:
+            run.stream.finish(run, index)
         if checkpoint:
             checkpoint.save(run, index, layers[index], records, hidden)
         if progress:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from compressor import distributed
+from compressor import distributed, streaming
 from compressor.calibration.tokens import calibration_batch, iter_eval_windows
 from compressor.checkpoint import Checkpoints, check_resume, fingerprint, write_error
 from compressor.engine import ModelContext, ProgressFn, run_stages
@@ -235,8 +235,13 @@ def compress(
     trust_remote_code: bool = False,
     checkpoint: bool = True,
     resume: bool = False,
+    memory_budget: str | int | None = "auto",
+    activation_memory: str | int | None = None,
 ) -> Report:
     """Run ``recipe`` on ``model`` and write the result to ``out`` (atomically); returns the report.
+
+    A local safetensors checkpoint whose weights exceed ``memory_budget`` (``4GB``; ``auto``: the available memory;
+    ``none``) streams its layers from disk, hidden states above ``activation_memory`` memory-mapped (:mod:`.streaming`).
 
     ``checkpoint`` saves each finished layer in ``OUT.partial``; ``resume`` continues from there
     (see :mod:`compressor.checkpoint`).
@@ -254,13 +259,15 @@ def compress(
         return _compress(model, recipe, out, dtype=dtype, device=device_of_rank, eval_data=eval_data,
                          eval_max_tokens=eval_max_tokens, eval_seq_len=eval_seq_len, max_ppl_increase=max_ppl_increase,
                          overwrite=overwrite, progress=progress, allow_pickle=allow_pickle,
-                         trust_remote_code=trust_remote_code, checkpoint=checkpoint, resume=resume)
+                         trust_remote_code=trust_remote_code, checkpoint=checkpoint, resume=resume,
+                         memory_budget=memory_budget, activation_memory=activation_memory)
 
 
 def _compress(
     model: str | Path | LoadedModel, recipe: Recipe, out: Path, *, dtype: str, device: str, eval_data: str | None,
     eval_max_tokens: int | None, eval_seq_len: int | None, max_ppl_increase: float | None, overwrite: bool,
     progress: ProgressFn | None, allow_pickle: bool, trust_remote_code: bool, checkpoint: bool, resume: bool,
+    memory_budget: str | int | None = "auto", activation_memory: str | int | None = None,
 ) -> Report:
     if distributed.is_writer():  # the output is rank 0's alone (other ranks may not even see its disk)
         check_out_apart(model, out)
@@ -269,12 +276,18 @@ def _compress(
         check_resume(out, resume=resume, checkpoint=checkpoint, overwrite=overwrite)
     timings: dict[str, float] = {}
     stages = build_stages(recipe.stages, recipe.export.format)
+    plan = streaming.plan_for_run(model, memory_budget, dtype, stages, recipe, eval_data=eval_data, resume=resume)
+    activation_limit = streaming.activation_limit(activation_memory)
     if distributed.is_distributed():
         distributed.check_recipe(stages, recipe.calibration, resume)
         checkpoint, eval_data = False, eval_data if distributed.is_writer() else None
+    checkpoint, source = checkpoint and plan is None, None  # a streamed layer is written out as soon as it is done
     with _phase(timings, "load"):
-        loaded = model if isinstance(model, LoadedModel) else load(model, dtype=dtype, allow_pickle=allow_pickle,
-                                                                    trust_remote_code=trust_remote_code)
+        if plan is not None:
+            loaded, source = streaming.load_skeleton(Path(str(model)), dtype)
+        else:
+            loaded = model if isinstance(model, LoadedModel) else load(
+                model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     adapter = get_adapter(loaded.model)
     calib = recipe.calibration
     _check_seq_len(adapter, calib.seq_len)
@@ -298,38 +311,40 @@ def _compress(
     torch.manual_seed(recipe.seed)
     run = ModelContext(loaded.model, adapter, distributed.shard_batches(tokens, calib.batch_size), target,
                        calib.batch_size)
-    with _phase(timings, "compress"):
-        records = run_stages(run, stages, progress, checkpoints)
-        _round_scales_for_storage(run, recipe.export)
-    if eval_data:
-        with _phase(timings, "eval_after"):
-            evaluation["after"] = evaluate(loaded, eval_data, seq_len=eval_len, max_tokens=eval_max_tokens,
-                                           device=device).to_dict()
-    params_after, bytes_after = model_size(loaded.model, run.quantized)
-    quantizers = {stage.name for stage in stages if stage.kind == "quant"}
-    bits, bits_meta = average_bits(run.quantized, [r for r in records if r.method in quantizers])
-    report = Report(
-        model=loaded.source, recipe=recipe.to_dict(), recipe_hash=recipe.digest(), seed=recipe.seed,
-        export_format=recipe.export.format,
-        size_bytes={"before": bytes_before, "after": bytes_after, "packed_estimate": bytes_after},
-        params={"before": params_before, "after": params_after},
-        avg_bits_per_weight=bits, avg_bits_incl_metadata=bits_meta,
-        compression_ratio=bytes_before / bytes_after if bytes_after else 0.0,
-        layers=[r.to_dict() for r in records], timings=timings, peak_rss_bytes=0, versions=versions(),
-        calibration={**calib.model_dump(), "tokens": int(tokens.numel()), "notes": calibration_notes},
-        structure=run.structure,
-        warnings=[*loaded.warnings, *Report.grouped_warnings(records)],
-    )
-    report.dtype = dtype_name(loaded.model)
-    if eval_data:
-        report.eval = _eval_summary(evaluation, eval_data)
-        report.quality_gate = _quality_gate(report.eval, max_ppl_increase)
-    if distributed.is_writer():
-        _write(report, run, loaded, recipe, out, overwrite, timings, stages)
-    distributed.barrier()  # the other processes return once rank 0's output is complete
-    if report.quality_gate and not report.quality_gate["passed"]:
-        raise QualityGateError(report.quality_gate["message"])
-    return report
+    with streaming.attach(run, plan, source, recipe.export, out, activation_limit):  # no-op unless streaming
+        with _phase(timings, "compress"):
+            records = run_stages(run, stages, progress, checkpoints)
+            if run.stream is None:  # a streamed run rounded each layer's scales before writing it
+                _round_scales_for_storage(run, recipe.export)
+        if eval_data:
+            with _phase(timings, "eval_after"):
+                evaluation["after"] = evaluate(loaded, eval_data, seq_len=eval_len, max_tokens=eval_max_tokens,
+                                               device=device).to_dict()
+        params_after, bytes_after = model_size(loaded.model, run.quantized)
+        quantizers = {stage.name for stage in stages if stage.kind == "quant"}
+        bits, bits_meta = average_bits(run.quantized, [r for r in records if r.method in quantizers])
+        report = Report(
+            model=loaded.source, recipe=recipe.to_dict(), recipe_hash=recipe.digest(), seed=recipe.seed,
+            export_format=recipe.export.format,
+            size_bytes={"before": bytes_before, "after": bytes_after, "packed_estimate": bytes_after},
+            params={"before": params_before, "after": params_after},
+            avg_bits_per_weight=bits, avg_bits_incl_metadata=bits_meta,
+            compression_ratio=bytes_before / bytes_after if bytes_after else 0.0,
+            layers=[r.to_dict() for r in records], timings=timings, peak_rss_bytes=0, versions=versions(),
+            calibration={**calib.model_dump(), "tokens": int(tokens.numel()), "notes": calibration_notes},
+            structure=run.structure,
+            warnings=[*loaded.warnings, *streaming.notes(run), *Report.grouped_warnings(records)],
+        )
+        report.dtype = dtype_name(loaded.model)
+        if eval_data:
+            report.eval = _eval_summary(evaluation, eval_data)
+            report.quality_gate = _quality_gate(report.eval, max_ppl_increase)
+        if distributed.is_writer():
+            _write(report, run, loaded, recipe, out, overwrite, timings, stages)
+        distributed.barrier()  # the other processes return once rank 0's output is complete
+        if report.quality_gate and not report.quality_gate["passed"]:
+            raise QualityGateError(report.quality_gate["message"])
+        return report
 
 
 def _round_scales_for_storage(run: ModelContext, export_config: ExportConfig) -> None:

@@ -60,3 +60,14 @@ SeqLenOpt = Annotated[int | None, typer.Option("--seq-len", help="Tokens per seq
 TextFieldOpt = Annotated[
     str | None, typer.Option("--text-field", help="Column holding the text in json/jsonl/csv/parquet/hf data.")
 ]
+MemoryBudgetOpt = Annotated[
+    str,
+    typer.Option("--memory-budget", help="RAM the model's weights may take, e.g. 4GB or 1.5GiB: a local safetensors "
+                 "checkpoint whose weights exceed it streams one decoder layer at a time from disk (rtn/gptq into "
+                 "dense or compressed-tensors; no --eval). auto: the available memory; none: never stream."),
+]
+ActivationMemoryOpt = Annotated[
+    str | None,
+    typer.Option("--activation-memory", help="Under streaming, keep the calibration hidden states in memory-mapped "
+                 "files in OUT.partial when one layer boundary of them exceeds this size (e.g. 2GB) [default: RAM]."),
+]

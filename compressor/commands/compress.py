@@ -14,12 +14,14 @@ import typer
 
 from compressor.commands._handler import configure_logging, run_guarded
 from compressor.commands._options import (
+    ActivationMemoryOpt,
     AllowPickleOpt,
     CheckpointOpt,
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    MemoryBudgetOpt,
     ModelArg,
     OutDirOpt,
     OverwriteOpt,
@@ -70,6 +72,8 @@ def compress(
     overwrite: OverwriteOpt = False,
     checkpoint: CheckpointOpt = True,
     resume: ResumeOpt = False,
+    memory_budget: MemoryBudgetOpt = "auto",
+    activation_memory: ActivationMemoryOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_output: JsonOpt = False,
@@ -96,7 +100,8 @@ def compress(
                 report = run_compress(model, resolved, out, dtype=dtype, device=device, eval_data=eval_data,
                                       eval_max_tokens=eval_tokens, max_ppl_increase=limit, overwrite=overwrite,
                                       progress=progress, allow_pickle=allow_pickle,
-                                      trust_remote_code=trust_remote_code, checkpoint=checkpoint, resume=resume)
+                                      trust_remote_code=trust_remote_code, checkpoint=checkpoint, resume=resume,
+                                      memory_budget=memory_budget, activation_memory=activation_memory)
             except QualityGateError:
                 written = _read_report(out)
                 log_warnings(written["warnings"])

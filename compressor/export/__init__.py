@@ -82,7 +82,11 @@ def write_model(
     stage, not the model).
     """
     max_shard = f"{export.max_shard_mb}MB"
-    if export.format == "dense":
+    if run.stream is not None:  # layers were written as they finished; assemble the shards from those files
+        from compressor.export.streamed import write_streamed_model
+
+        write_streamed_model(export, run, out_dir)
+    elif export.format == "dense":
         _check_dense_loads(run)
         run.model.save_pretrained(out_dir, max_shard_size=max_shard)
     elif export.format == "compressed-tensors":

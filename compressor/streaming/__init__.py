@@ -1,0 +1,228 @@
+"""Layer streaming: compress a local safetensors checkpoint larger than RAM, one decoder layer at a time.
+
+The model is built on the meta device (no memory); the embeddings, final norm, head and rotary modules are
+loaded for real, and each decoder layer is loaded from the shards (``safe_open``, only that layer's tensors)
+when the engine reaches it, transformed by the same engine code as an in-RAM run, written out as soon as it
+is done (``compressor.export.streamed``) and put back on meta. At most one decoder layer is materialised at a
+time (:attr:`LayerStreamer.max_resident` counts it). The calibration hidden states stay in RAM unless one
+boundary of them exceeds ``activation_memory``; then they live in two memory-mapped files in the run's
+temporary directory (``OUT.partial/stream-*``), which the kernel can page out.
+
+This first slice streams the quantizers that need per-layer statistics only (:data:`STREAMING_METHODS`) into
+the formats whose writers can take the output tensor by tensor (:data:`STREAMING_FORMATS`); everything else
+needs the whole model in RAM and is refused before anything loads (:func:`check_streamable`). Evaluation is
+refused too (streamed perplexity is not built yet), as are ``--resume`` and ``torchrun``; checkpoints are off.
+
+When to stream (:func:`plan_streaming`): ``memory_budget="none"`` never does; a size (``4GB``, ``1.5GiB``)
+streams when the checkpoint's weights, at the run's dtype (sum of the safetensors headers' tensors), exceed it;
+``auto`` (the default) uses the memory the kernel says is available (``MemAvailable`` of ``/proc/meminfo``,
+else the machine's total) as that budget. The weights are a lower bound of an in-RAM run's need (integer
+codes, activations and the Python/torch baseline come on top), so ``auto`` streams only models that cannot
+fit at all; give a budget to stream earlier.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from compressor.distributed import is_distributed
+from compressor.errors import RecipeError, UsageError
+from compressor.export import storage_scale_dtype
+from compressor.export.atomic import partial_dir
+from compressor.export.streamed import LayerFiles
+from compressor.models.checkpoint_checks import DTYPE_BITS, check_weight_files, total_memory_bytes
+from compressor.models.loading import DTYPES, LoadedModel
+
+if TYPE_CHECKING:
+    from compressor.engine import ModelContext
+    from compressor.methods.base import Method
+    from compressor.recipe import ExportConfig, Recipe
+
+log = logging.getLogger(__name__)
+
+#: Stages that need one layer and its own statistics only, so they run on a streamed model.
+STREAMING_METHODS = ("rtn", "gptq")
+#: Export formats whose writer takes the model tensor by tensor (``compressor.export.streamed``).
+STREAMING_FORMATS = ("dense", "compressed-tensors")
+_SAFETENSORS_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Whether a run streams, and the numbers behind the choice (for messages and the report)."""
+
+    stream: bool
+    weight_bytes: int  # the checkpoint's weights at the run's dtype; 0 when not a local safetensors directory
+    budget_bytes: int | None
+    reason: str
+
+
+def parse_size(text: str | int, option: str) -> int:
+    """``4GB`` (10^9), ``1.5GiB`` (2^30), ``500MB`` or a byte count -> bytes; anything else is a usage error."""
+    from compressor.methods.quant.bitstack.order import BudgetError, parse_budget
+
+    try:
+        budget = parse_budget(text)
+    except BudgetError:
+        budget = None
+    if budget is None or budget.unit != "bytes":
+        raise UsageError(f"{option} '{text}': expected a size such as 4GB, 1.5GiB or 500MB, or 'none'")
+    return int(budget.value)
+
+
+def available_memory_bytes() -> int:
+    """What the kernel says a new allocation can use now (``MemAvailable``), else the machine's total memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return total_memory_bytes()
+
+
+def checkpoint_weight_bytes(directory: Path, dtype: str) -> int:
+    """Bytes of every tensor in the directory's safetensors files at the run's dtype (``auto``: as stored)."""
+    forced = DTYPES.get(dtype)
+    total = 0
+    for path in sorted(directory.glob("*.safetensors")):
+        with path.open("rb") as file:
+            length = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(length))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for size in entry["shape"]:
+                count *= size
+            bits = DTYPE_BITS[entry["dtype"]]
+            if forced is not None and entry["dtype"] in _SAFETENSORS_TORCH:
+                bits = torch.empty((), dtype=forced).element_size() * 8
+            total += count * bits // 8
+    return total
+
+
+def plan_streaming(model: object, memory_budget: str | int | None, dtype: str) -> StreamPlan:
+    """Decide before loading whether ``model`` streams (see the module doc for the rule)."""
+    budget_text = "auto" if memory_budget is None else memory_budget
+    if isinstance(budget_text, str) and budget_text.strip().lower() == "none":
+        return StreamPlan(False, 0, None, "--memory-budget none")
+    is_dir = isinstance(model, str | Path) and Path(model).is_dir() and any(Path(model).glob("*.safetensors"))
+    auto = isinstance(budget_text, str) and budget_text.strip().lower() == "auto"
+    budget = available_memory_bytes() if auto else parse_size(budget_text, "--memory-budget")
+    if not is_dir:
+        if auto:
+            return StreamPlan(False, 0, budget, "not a local safetensors directory: loaded whole")
+        raise UsageError(f"--memory-budget {budget_text}: streaming reads a local directory of safetensors "
+                         f"shards; {model} is not one (use --memory-budget none to load it whole)")
+    check_weight_files(Path(str(model)))
+    weights = checkpoint_weight_bytes(Path(str(model)), dtype)
+    where = "available memory" if auto else "--memory-budget"
+    if weights <= budget:
+        return StreamPlan(False, weights, budget, f"weights {_gb(weights)} fit the {where} {_gb(budget)}")
+    return StreamPlan(True, weights, budget, f"weights {_gb(weights)} exceed the {where} {_gb(budget)}")
+
+
+def check_streamable(plan: StreamPlan, stages: list[Any], export_format: str, *, eval_data: str | None,
+                     resume: bool, distributed: bool) -> None:
+    """Refuse (exit 2, one line) what this slice cannot stream, before any weight is read."""
+    need = f"it needs the whole model in RAM (at least {_gb(plan.weight_bytes)} of weights): run with " \
+           f"--memory-budget none or a budget above that on a machine that has it"
+    for index, stage in enumerate(stages):
+        if stage.name not in STREAMING_METHODS:
+            raise RecipeError(f"stages.{index} ({stage.name}) does not stream ({plan.reason}); {need}. "
+                              f"Streaming runs {', '.join(STREAMING_METHODS)}")
+    if export_format not in STREAMING_FORMATS:
+        raise RecipeError(f"export.format {export_format} does not stream ({plan.reason}); {need}. "
+                          f"Streaming writes {', '.join(STREAMING_FORMATS)}")
+    if eval_data:
+        raise UsageError(f"--eval under streaming ({plan.reason}): streamed perplexity is not built yet; "
+                         "evaluate the output with `compressor eval` on a machine that holds it, or drop --eval")
+    if resume or distributed:
+        what = "--resume" if resume else "torchrun (data-parallel calibration)"
+        raise UsageError(f"{what} does not combine with layer streaming yet ({plan.reason})")
+
+
+def _gb(size: int | None) -> str:
+    return "unknown" if size is None else f"{size / 1e9:.2f} GB"
+
+
+def plan_for_run(model: str | Path | LoadedModel, memory_budget: str | int | None, dtype: str, stages: list[Method],
+                 recipe: Recipe, *, eval_data: str | None, resume: bool) -> StreamPlan | None:
+    """The streaming plan when this run streams its layers from disk, else None (checked before any load)."""
+    if isinstance(model, LoadedModel):
+        if memory_budget not in (None, "auto", "none"):
+            raise UsageError("--memory-budget: an already loaded model cannot stream; pass its directory instead")
+        return None
+    plan = plan_streaming(model, memory_budget, dtype)
+    log.info("memory: %s -> %s", plan.reason, "streaming layers from disk" if plan.stream else "whole model in RAM")
+    if not plan.stream:
+        return None
+    check_streamable(plan, stages, recipe.export.format, eval_data=eval_data, resume=resume,
+                     distributed=is_distributed())
+    return plan
+
+
+def activation_limit(activation_memory: str | int | None) -> int | None:
+    """``--activation-memory`` in bytes; None (or ``none``) keeps the hidden states in RAM."""
+    if activation_memory is None or (isinstance(activation_memory, str) and activation_memory.lower() == "none"):
+        return None
+    return parse_size(activation_memory, "--activation-memory")
+
+
+@contextmanager
+def attach(run: ModelContext, plan: StreamPlan | None, source: Any, export_config: ExportConfig, out: Path,
+              activation_limit: int | None) -> Iterator[None]:
+    """Attach a layer streamer to ``run`` when the model streams; its temporary files go whatever happens."""
+    if plan is None:
+        yield
+        return
+    from compressor.streaming.layers import LayerStreamer
+
+    partial = partial_dir(out)
+    workdir = stream_workdir(partial)
+    try:
+        run.stream = LayerStreamer(run.model, run.adapter, source, LayerFiles(workdir / "layers"), export_config.format,
+                                   lambda dtype: storage_scale_dtype(export_config, dtype), workdir, plan.reason,
+                                   activation_limit)
+        yield
+    finally:
+        remove_workdir(workdir, partial)
+
+
+def load_skeleton(directory: Path, dtype: str) -> tuple[LoadedModel, Any]:
+    """The streamed model (:func:`compressor.streaming.layers.load_skeleton`) and its checkpoint reader."""
+    from compressor.streaming.layers import load_skeleton as load
+
+    return load(directory, dtype)
+
+
+def notes(run: ModelContext) -> list[dict[str, Any]]:
+    """The report's warning group about the streaming, when the run streamed."""
+    return [run.stream.note()] if run.stream else []
+
+
+def stream_workdir(partial: Path) -> Path:
+    """A fresh directory for the layer files and the memory-mapped activations, inside ``OUT.partial``."""
+    partial.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="stream-", dir=partial))
+
+
+def remove_workdir(workdir: Path, partial: Path) -> None:
+    import shutil
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        os.rmdir(partial)  # only when nothing else (checkpoints, staging) is left in it
+    except OSError:
+        pass

@@ -1,0 +1,231 @@
+"""The streamed model: a meta-device skeleton, its decoder layers read one at a time, each written out when done."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from compressor.errors import ModelLoadError, UnsupportedModelError
+from compressor.export.streamed import LayerFiles
+from compressor.methods.quant.ops import QuantizedWeight
+from compressor.models import get_adapter
+from compressor.models.loading import DTYPES, LoadedModel, read_config, resolve_dtype
+
+_SAFETENSORS_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+class Checkpoint:
+    """Where each tensor of a safetensors directory lives; reads one tensor at a time."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.files: dict[str, Path] = {}
+        for path in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    self.files[name] = path
+
+    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        with safe_open(str(self.files[name]), framework="pt") as handle:
+            tensor = handle.get_tensor(name)
+        return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
+
+
+def _run_dtype(config: dict[str, Any], checkpoint: Checkpoint, dtype: str) -> torch.dtype:
+    """The dtype the in-RAM loader would use: forced, else config.json's, else the first float tensor's."""
+    forced = resolve_dtype(dtype)
+    if isinstance(forced, torch.dtype):
+        return forced
+    named = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(named, str) and named in DTYPES:
+        return DTYPES[named]
+    for name in checkpoint.files:
+        with safe_open(str(checkpoint.files[name]), framework="pt") as handle:
+            found = handle.get_slice(name).get_dtype()
+        if found in _SAFETENSORS_TORCH:
+            return _SAFETENSORS_TORCH[found]
+    return torch.float32
+
+
+def load_skeleton(directory: Path, dtype: str) -> tuple[LoadedModel, Checkpoint]:
+    """The model on meta with its embeddings, final norm, head and rotary modules loaded; decoder layers empty."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    raw = read_config(directory)
+    if "auto_map" in raw:
+        raise UnsupportedModelError(f"{directory}: custom modeling code (auto_map) does not stream yet")
+    checkpoint = Checkpoint(directory)
+    run_dtype = _run_dtype(raw, checkpoint, dtype)
+    config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        model: Any = AutoModelForCausalLM.from_config(config, dtype=run_dtype)
+    model.eval()
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    adapter = get_adapter(model)
+    layers = adapter.layers_path() + "."
+    expected = {name: t for name, t in model.state_dict().items() if not name.startswith(layers)}
+    tied = {name for name in expected if name not in checkpoint.files and _is_tied(model, name)}
+    missing = [name for name in expected if name not in checkpoint.files and name not in tied]
+    missing += [n for n in _layer_keys(model, layers) if n not in checkpoint.files]
+    if missing:
+        raise UnsupportedModelError(f"{directory}: the checkpoint's tensor names do not match the model's "
+                                    f"({missing[0]} is missing), so its layers cannot be streamed")
+    state = {name: checkpoint.read(name, t.dtype) for name, t in expected.items() if name not in tied}
+    model.load_state_dict(state, strict=False, assign=True)
+    model._weight_conversions = []  # as from_pretrained leaves it when the names matched: save order follows it
+    for path in adapter.family.rotary:  # non-persistent buffers (inv_freq) are computed from the config
+        rotary = model.get_submodule(path)
+        model.set_submodule(path, type(rotary)(config=model.config))
+    model.tie_weights()
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_meta and not name.startswith(layers)]
+    if left:
+        raise UnsupportedModelError(f"{directory}: {left[0]} cannot be materialised without loading the whole "
+                                    "model, so this model does not stream yet")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer from {directory}: {exc}") from exc
+    return LoadedModel(model, tokenizer, str(directory), directory), checkpoint
+
+
+def _is_tied(model: Any, name: str) -> bool:
+    keys = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
+    return name in keys
+
+
+def _layer_keys(model: nn.Module, layers: str) -> list[str]:
+    return [name for name in model.state_dict() if name.startswith(layers)]
+
+
+@dataclass
+class LayerStreamer:
+    """Loads decoder layers from the checkpoint and writes each finished one out (the engine's ``LayerStream``).
+
+    ``finish`` runs once the engine is done with a layer: its quantized weights' scales are rounded to what
+    the file stores (as the in-RAM run does after the last layer), its output tensors are saved, its integer
+    codes are replaced by shapes-only copies on meta (the report counts them), and the layer goes back on meta.
+    """
+
+    model: Any
+    adapter: Any
+    checkpoint: Checkpoint
+    files: LayerFiles
+    export_format: str
+    scale_dtype: Callable[[torch.dtype], torch.dtype]
+    workdir: Path
+    reason: str = ""
+    activation_limit: int | None = None
+    resident: int = 0
+    max_resident: int = 0
+    #: quantized module path -> its output tensor names, in the order the in-RAM writer creates them
+    packed: dict[str, list[str]] = field(default_factory=dict)
+    _flip: int = 0
+
+    def load(self, index: int) -> nn.Module:
+        layer = self.adapter.layers()[index]
+        prefix = self.adapter.layer_prefix(index) + "."
+        wanted = layer.state_dict()
+        state = {name: self.checkpoint.read(prefix + name, t.dtype) for name, t in wanted.items()}
+        bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ModelLoadError(f"{self.checkpoint.directory}: weight {prefix + bad[0]} has NaN/inf values; "
+                                 "the checkpoint is corrupt")
+        layer.load_state_dict(state, strict=True, assign=True)
+        self.resident += 1
+        self.max_resident = max(self.max_resident, self.resident)
+        return layer
+
+    def note(self) -> dict[str, Any]:
+        """The report's record of the streaming (a warning group: it changes what the run could do)."""
+        layers = len(self.adapter.layers())
+        where = "RAM" if self.activation_limit is None else f"memory-mapped files above {self.activation_limit} bytes"
+        message = (f"streamed from disk ({self.reason}): {layers} decoder layers loaded one at a time, at most "
+                   f"{self.max_resident} in memory at once; hidden states in {where}; no evaluation, no checkpoints")
+        return {"message": message, "count": layers, "pattern": f"{self.adapter.layers_path()}.*",
+                "modules": [self.adapter.layer_prefix(i) for i in range(layers)]}
+
+    def keep(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One boundary of hidden states: as they are, or copied into a memory-mapped file above the limit."""
+        sink = self.sink(hidden)
+        return hidden if sink is None else [sink(i, t) for i, t in enumerate(hidden)]
+
+    def sink(self, like: list[torch.Tensor]) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
+        """Where the next boundary's batch outputs go: None (RAM), or slices of a fresh memory-mapped file.
+
+        Two files alternate: one holds the layer's inputs while its outputs are written to the other.
+        """
+        size = sum(t.numel() * t.element_size() for t in like)
+        if self.activation_limit is None or size <= self.activation_limit:
+            return None
+        self._flip ^= 1
+        path = self.workdir / f"hidden-{self._flip}.bin"
+        path.unlink(missing_ok=True)
+        dtype = like[0].dtype
+        flat = torch.from_file(str(path), shared=True, size=size // like[0].element_size(), dtype=dtype)
+        views, start = [], 0
+        for tensor in like:
+            views.append(flat[start : start + tensor.numel()].view(tensor.shape))
+            start += tensor.numel()
+
+        def put(batch: int, out: torch.Tensor) -> torch.Tensor:
+            return views[batch].copy_(out)
+
+        return put
+
+    def finish(self, run: Any, index: int) -> None:
+        layer = self.adapter.layers()[index]
+        prefix = self.adapter.layer_prefix(index) + "."
+        paths = [p for p in run.quantized if p.startswith(prefix)]
+        for path in paths:
+            module = layer.get_submodule(path.removeprefix(prefix))
+            storage = self.scale_dtype(module.weight.dtype)
+            if storage != torch.float32:
+                run.quantized[path] = replace(run.quantized[path],
+                                              scale=run.quantized[path].scale.to(storage).float())
+                module.weight.data = run.quantized[path].dequantize(module.weight.dtype)
+        self.files.save(index, self._outputs(run, layer, prefix, paths), shared=self.export_format == "dense")
+        for path in paths:
+            run.quantized[path] = _shape_only(run.quantized[path])
+        layer.to("meta")
+        self.resident -= 1
+
+    def _outputs(self, run: Any, layer: nn.Module, prefix: str, paths: list[str]) -> dict[str, torch.Tensor]:
+        """The layer's tensors as the in-RAM writer of ``export_format`` stores them."""
+        state = {prefix + name: t for name, t in layer.state_dict().items()}
+        if self.export_format == "dense":
+            return state
+        from compressor.export.compressed_tensors import (
+            INT_FORMAT,
+            activation_bits,
+            int_weight,
+            module_format,
+            pack_weight,
+            scheme_of,
+        )
+
+        weights = {f"{path}.weight" for path in paths}
+        tensors = {name: t for name, t in state.items() if name not in weights}
+        dtype = self.model.dtype
+        for path in paths:
+            qweight = run.quantized[path]
+            module = layer.get_submodule(path.removeprefix(prefix))
+            as_int = module_format(scheme_of(qweight), activation_bits(module)) == INT_FORMAT
+            writer = int_weight if as_int else pack_weight
+            packed = {f"{path}.{suffix}": t for suffix, t in writer(qweight, dtype).items()}
+            self.packed[path] = list(packed)
+            tensors.update(packed)
+        return tensors
+
+
+def _shape_only(qweight: QuantizedWeight) -> QuantizedWeight:
+    """The same weight with its codes, scales and zero points on meta: the report's bit counts still work."""
+    return replace(qweight, q=qweight.q.to("meta"), scale=qweight.scale.to("meta"), zero=qweight.zero.to("meta"))
+

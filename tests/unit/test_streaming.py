@@ -1,0 +1,196 @@
+"""Layer streaming (compressor.streaming): the same output bytes as the in-RAM run, one layer resident, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from tiny import tiny_model
+
+from compressor.errors import RecipeError, UsageError
+from compressor.export.streamed import TensorSpec, write_safetensors
+from compressor.pipeline import compress
+from compressor.recipe import recipe_from_dict
+from compressor.streaming import checkpoint_weight_bytes, plan_streaming
+from compressor.streaming.layers import LayerStreamer
+
+#: Files whose bytes legitimately differ between two runs (timings, peak memory, the streaming note).
+REPORTS = {"compression_report.json", "compression_report.md", "layers.png"}
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Any:
+    """A tiny Llama saved as several safetensors shards, per (dtype, tied embeddings)."""
+    made: dict[tuple[str, bool], Path] = {}
+
+    def make(dtype: str = "float32", tied: bool = False) -> Path:
+        if (dtype, tied) not in made:
+            path = tmp_path_factory.mktemp(f"sharded-{dtype}-{tied}")
+            model = tiny_model("llama", tie_word_embeddings=tied, hidden_size=256, intermediate_size=512)
+            model.to(getattr(torch, dtype)).save_pretrained(path, max_shard_size="400KB")
+            tiny_tokenizer.save_pretrained(path)
+            assert len(list(path.glob("*.safetensors"))) > 2
+            made[(dtype, tied)] = path
+        return made[(dtype, tied)]
+
+    return make
+
+
+def _recipe(text_file: Path, method: str = "gptq", export: str = "compressed-tensors", **extra: Any) -> Any:
+    stage: dict[str, Any] = {"method": method, "bits": 4, "group_size": 32}
+    data = {"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32, "batch_size": 2},
+            "stages": [*extra.pop("before", []), stage], "export": {"format": export, "max_shard_mb": 1},
+            **extra}
+    return recipe_from_dict(yaml.safe_load(yaml.safe_dump(data)))
+
+
+def _same_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name not in REPORTS:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(("method", "export", "dtype", "tied"), [
+    ("gptq", "compressed-tensors", "float32", False),
+    ("gptq", "compressed-tensors", "bfloat16", True),
+    ("rtn", "compressed-tensors", "bfloat16", False),
+    ("gptq", "dense", "bfloat16", False),
+    ("rtn", "dense", "float32", True),
+])
+def test_streamed_output_is_the_in_ram_output(sharded_dir: Any, text_file: Path, tmp_path: Path, method: str,
+                                              export: str, dtype: str, tied: bool) -> None:
+    source = sharded_dir(dtype, tied)
+    recipe = _recipe(text_file, method, export)
+    in_ram = compress(str(source), recipe, tmp_path / "ram", device="cpu", memory_budget="none")
+    streamed = compress(str(source), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
+    _same_files(tmp_path / "ram", tmp_path / "stream")
+    if export == "dense":
+        assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()  # sharded output, same split
+    for key in ("size_bytes", "params", "avg_bits_per_weight", "avg_bits_incl_metadata", "compression_ratio"):
+        assert getattr(streamed, key) == getattr(in_ram, key), key
+    strip = ("seconds", "time")
+    rows = [[{k: v for k, v in row.items() if not any(s in k for s in strip)} for row in report.layers]
+            for report in (in_ram, streamed)]
+    assert rows[0] == rows[1]
+    assert "streamed from disk" in streamed.warnings[0]["message"]
+    assert not (tmp_path / "stream.partial").exists()
+
+
+def test_one_decoder_layer_is_materialised_at_a_time(sharded_dir: Any, text_file: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted independently of the streamer's own counter: non-meta layers of the model at every load."""
+    seen: list[int] = []
+    load = LayerStreamer.load
+
+    def counting(self: LayerStreamer, index: int) -> torch.nn.Module:
+        layer = load(self, index)
+        seen.append(sum(not next(lay.parameters()).is_meta for lay in self.adapter.layers()))
+        return layer
+
+    monkeypatch.setattr(LayerStreamer, "load", counting)
+    report = compress(str(sharded_dir()), _recipe(text_file), tmp_path / "o", device="cpu", memory_budget="1KB")
+    assert seen == [1, 1, 1]
+    assert "at most 1 in memory at once" in report.warnings[0]["message"]
+
+
+def test_hidden_states_in_memory_mapped_files_give_the_same_output(sharded_dir: Any, text_file: Path,
+                                                                     tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    mapped: list[str] = []
+    from_file = torch.from_file
+
+    def recording(path: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        mapped.append(Path(path).name)
+        return from_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "from_file", recording)
+    recipe = _recipe(text_file)
+    compress(str(sharded_dir()), recipe, tmp_path / "ram", device="cpu", memory_budget="none")
+    compress(str(sharded_dir()), recipe, tmp_path / "mm", device="cpu", memory_budget="1KB", activation_memory="1KB")
+    assert mapped[:2] == ["hidden-1.bin", "hidden-0.bin"] and len(mapped) == 4  # layer 0's inputs, then 3 outputs
+    _same_files(tmp_path / "ram", tmp_path / "mm")
+    assert not (tmp_path / "mm.partial").exists()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"before": [{"method": "layer_drop", "remove": 1}]}, "stages.0 (layer_drop) does not stream"),
+    ({"export": "gguf"}, "export.format gguf does not stream"),
+])
+def test_whole_model_stages_and_formats_are_refused_before_loading(sharded_dir: Any, text_file: Path,
+                                                                     tmp_path: Path, change: dict[str, Any],
+                                                                     message: str) -> None:
+    recipe = _recipe(text_file, **({"export": change["export"]} if "export" in change else change))
+    with pytest.raises(RecipeError, match="needs the whole model in RAM") as error:
+        compress(str(sharded_dir()), recipe, tmp_path / "o", device="cpu", memory_budget="1KB")
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_eval_and_unreadable_budgets_are_usage_errors(sharded_dir: Any, text_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="streamed perplexity is not built yet"):
+        compress(str(sharded_dir()), _recipe(text_file), tmp_path / "o", device="cpu", memory_budget="1KB",
+                 eval_data=str(text_file))
+    with pytest.raises(UsageError, match="--memory-budget 'lots'"):
+        compress(str(sharded_dir()), _recipe(text_file), tmp_path / "o", device="cpu", memory_budget="lots")
+    with pytest.raises(UsageError, match="streaming reads a local directory"):
+        plan_streaming("some/hub-id", "1KB", "auto")
+
+
+def test_a_failed_streamed_run_leaves_nothing(sharded_dir: Any, text_file: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    finish = LayerStreamer.finish
+
+    def failing(self: LayerStreamer, run: Any, index: int) -> None:
+        if index == 2:
+            raise OSError("disk full")
+        finish(self, run, index)
+
+    monkeypatch.setattr(LayerStreamer, "finish", failing)
+    with pytest.raises(OSError, match="disk full"):
+        compress(str(sharded_dir()), _recipe(text_file), tmp_path / "o", device="cpu", memory_budget="1KB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_default_budget_streams_only_what_does_not_fit(sharded_dir: Any) -> None:
+    source = sharded_dir("bfloat16")
+    weights = checkpoint_weight_bytes(source, "auto")
+    assert weights == sum(p.stat().st_size for p in source.glob("*.safetensors")) - sum(
+        8 + int.from_bytes(p.read_bytes()[:8], "little") for p in source.glob("*.safetensors"))
+    assert checkpoint_weight_bytes(source, "float32") == 2 * weights
+    assert not plan_streaming(str(source), "auto", "auto").stream
+    assert plan_streaming(str(source), str(weights - 1), "auto").stream
+    assert not plan_streaming(str(source), str(weights), "auto").stream
+    assert not plan_streaming(str(source), "none", "auto").stream
+
+
+def test_header_first_writer_matches_save_file(tmp_path: Path) -> None:
+    """Every dtype the exports write, names out of order, a scalar: the same bytes as safetensors' own writer."""
+    tensors = {"z.weight": torch.randn(3, 4), "a.scale": torch.randn(2, 5).bfloat16(), "m.h": torch.randn(3).half(),
+               "packed": torch.randint(-9, 9, (5, 2), dtype=torch.int32), "shape": torch.tensor([3, 4]),
+               "q": torch.randint(-9, 9, (7,), dtype=torch.int8), "u": torch.zeros(2, dtype=torch.uint8),
+               "scalar": torch.tensor(2.0)}
+    save_file(tensors, str(tmp_path / "a.safetensors"), metadata={"format": "pt"})
+    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    write_safetensors(tmp_path / "b.safetensors", specs, tensors.__getitem__, {"format": "pt"})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_cli_refusal_is_one_line_with_exit_2(sharded_dir: Any, text_file: Path, tmp_path: Path, runner: Any) -> None:
+    from compressor.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "t", "calibration": {"dataset": str(text_file), "samples": 2,
+                                                                    "seq_len": 32},
+                                      "stages": [{"method": "slicegpt", "slicing": 0.25}],
+                                      "export": {"format": "dense"}}))
+    result = runner.invoke(app, ["compress", str(sharded_dir()), "--recipe", str(recipe), "--out",
+                                 str(tmp_path / "o"), "--memory-budget", "10KB"])
+    assert result.exit_code == 2, result.output
+    assert "stages.0 (slicegpt) does not stream" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
