@@ -66,8 +66,12 @@ def load_skeleton(directory: Path, dtype: str) -> tuple[LoadedModel, Checkpoint]
     with torch.device("meta"):
         model: Any = AutoModelForCausalLM.from_config(config, dtype=run_dtype)
     model.eval()
-    if (directory / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(directory)
+    if model.can_generate():  # as from_pretrained: the file, else one read from config.json
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+        except OSError:
+            model.generation_config = GenerationConfig.from_pretrained(directory, config_file_name="config.json",
+                                                                       _from_model_config=True)
     adapter = get_adapter(model)
     layers = adapter.layers_path() + "."
     expected = {name: t for name, t in model.state_dict().items() if not name.startswith(layers)}

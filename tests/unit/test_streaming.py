@@ -25,23 +25,26 @@ REPORTS = {"compression_report.json", "compression_report.md", "layers.png"}
 @pytest.fixture(scope="module")
 def sharded_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Any:
     """A tiny Llama saved as several safetensors shards, per (dtype, tied embeddings)."""
-    made: dict[tuple[str, bool], Path] = {}
+    made: dict[tuple[str, bool, bool], Path] = {}
 
-    def make(dtype: str = "float32", tied: bool = False) -> Path:
-        if (dtype, tied) not in made:
+    def make(dtype: str = "float32", tied: bool = False, generation_file: bool = True) -> Path:
+        if (dtype, tied, generation_file) not in made:
             path = tmp_path_factory.mktemp(f"sharded-{dtype}-{tied}")
             model = tiny_model("llama", tie_word_embeddings=tied, hidden_size=256, intermediate_size=512)
             model.to(getattr(torch, dtype)).save_pretrained(path, max_shard_size="400KB")
             tiny_tokenizer.save_pretrained(path)
             assert len(list(path.glob("*.safetensors"))) > 2
-            made[(dtype, tied)] = path
-        return made[(dtype, tied)]
+            if not generation_file:  # transformers then derives one from config.json; the skeleton must too
+                (path / "generation_config.json").unlink()
+            made[(dtype, tied, generation_file)] = path
+        return made[(dtype, tied, generation_file)]
 
     return make
 
 
-def _recipe(text_file: Path, method: str = "gptq", export: str = "compressed-tensors", **extra: Any) -> Any:
-    stage: dict[str, Any] = {"method": method, "bits": 4, "group_size": 32}
+def _recipe(text_file: Path, method: str = "gptq", export: str = "compressed-tensors", stage_keys: Any = None,
+            **extra: Any) -> Any:
+    stage: dict[str, Any] = {"method": method, "bits": 4, "group_size": 32, **(stage_keys or {})}
     data = {"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32, "batch_size": 2},
             "stages": [*extra.pop("before", []), stage], "export": {"format": export, "max_shard_mb": 1},
             **extra}
@@ -56,8 +59,13 @@ def _same_files(a: Path, b: Path) -> None:
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+#: The shipped w4a16-gptq recipe's stage (act_order, dampening, lm_head ignored) beside the plain one.
+W4A16 = {"targets": ["Linear"], "ignore": ["lm_head"], "group_size": 128, "act_order": True, "dampening": 0.01}
+
+
 @pytest.mark.parametrize(("method", "export", "dtype", "tied"), [
     ("gptq", "compressed-tensors", "float32", False),
+    ("w4a16", "compressed-tensors", "float32", False),
     ("gptq", "compressed-tensors", "bfloat16", True),
     ("rtn", "compressed-tensors", "bfloat16", False),
     ("gptq", "dense", "bfloat16", False),
@@ -65,8 +73,8 @@ def _same_files(a: Path, b: Path) -> None:
 ])
 def test_streamed_output_is_the_in_ram_output(sharded_dir: Any, text_file: Path, tmp_path: Path, method: str,
                                               export: str, dtype: str, tied: bool) -> None:
-    source = sharded_dir(dtype, tied)
-    recipe = _recipe(text_file, method, export)
+    source = sharded_dir(dtype, tied, generation_file=method != "w4a16")
+    recipe = _recipe(text_file, "gptq", export, W4A16) if method == "w4a16" else _recipe(text_file, method, export)
     in_ram = compress(str(source), recipe, tmp_path / "ram", device="cpu", memory_budget="none")
     streamed = compress(str(source), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
     _same_files(tmp_path / "ram", tmp_path / "stream")
