@@ -56,6 +56,10 @@ class LayerStream(Protocol):
         """Where the next boundary's batch outputs are written (None: kept as computed)."""
         ...
 
+    def captured(self) -> None:
+        """Layer 0's inputs are captured: what ran before it may be released."""
+        ...
+
     def finish(self, run: ModelContext, index: int) -> None:
         """Layer ``index`` is done: write its output tensors and release it."""
         ...
@@ -400,6 +404,7 @@ def run_pass(run: ModelContext, stages: list[Method], progress: ProgressFn | Non
     layers, label = run.adapter.layers(), "+".join(stage.name for stage in stages)
     hidden = captured.hidden
     if run.stream:
+        run.stream.captured()
         hidden = captured.hidden = run.stream.keep(hidden)
     start, hidden, records = checkpoint.begin(run, stages, hidden, records) if checkpoint else (0, hidden, records)
     for index in range(start, len(layers)):

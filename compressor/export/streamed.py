@@ -122,7 +122,7 @@ def write_shards_streamed(specs: list[TensorSpec], read: Callable[[str], torch.T
 
 def spec_of(name: str, tensor: torch.Tensor, owner: Any = None) -> TensorSpec:
     """The spec of a real tensor; with ``owner``, its storage is recorded (keyed by owner and address)."""
-    if owner is None:
+    if owner is None or tensor.is_meta:  # a tensor left on meta is read from the checkpoint: its own storage
         return TensorSpec(name, tensor.dtype, tuple(tensor.shape))
     storage = tensor.untyped_storage()
     return TensorSpec(name, tensor.dtype, tuple(tensor.shape), (owner, storage.data_ptr()), storage.nbytes())
@@ -161,10 +161,11 @@ class LayerFiles:
 def write_streamed_model(export: Any, run: Any, out_dir: Path) -> None:
     """The dense or compressed-tensors files of a streamed run, equal to what the in-RAM writers produce.
 
-    ``run.stream`` holds the finished layers' files; the embeddings, final norm and head are resident in
-    ``run.model``. Dense follows ``save_pretrained`` (config dtype and architectures, generation config, an index
-    with ``total_parameters``), compressed-tensors follows ``write_compressed_tensors`` (dense tensors in state
-    order, then each quantized linear's packed tensors in the order the run quantized them).
+    ``run.stream`` holds the finished layers' files; the tensors outside the layers (unchanged by the streaming
+    stages) come from ``run.stream.read_unchanged``, one at a time. Dense follows ``save_pretrained`` (config dtype
+    and architectures, generation config, an index with ``total_parameters``), compressed-tensors follows
+    ``write_compressed_tensors`` (dense tensors in state order, then each quantized linear's packed tensors in the
+    order the run quantized them).
     """
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
@@ -182,11 +183,7 @@ def write_streamed_model(export: Any, run: Any, out_dir: Path) -> None:
         specs += [files.specs[name] for path in run.quantized for name in stream.packed[path]]
 
     def read(name: str) -> torch.Tensor:
-        return files.read(name) if name in files.where else resident[name].detach()
-
-    unread = [s.name for s in specs if s.name not in files.where and resident[s.name].is_meta]
-    if unread:
-        raise ExportError(f"streamed export: {unread[0]} was never written (its layer did not finish)")
+        return files.read(name) if name in files.where else stream.read_unchanged(name, resident[name])
     if export.format == "dense":
         specs = _save_pretrained_order(model, specs)
         _write_dense_config(model, out_dir)

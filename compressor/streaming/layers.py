@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from compressor.errors import ModelLoadError, UnsupportedModelError
+from compressor.errors import ExportError, ModelLoadError, UnsupportedModelError
 from compressor.export.streamed import LayerFiles
 from compressor.methods.quant.ops import QuantizedWeight
 from compressor.models import get_adapter
@@ -54,7 +54,7 @@ def _run_dtype(config: dict[str, Any], checkpoint: Checkpoint, dtype: str) -> to
 
 
 def load_skeleton(directory: Path, dtype: str) -> tuple[LoadedModel, Checkpoint]:
-    """The model on meta with its embeddings, final norm, head and rotary modules loaded; decoder layers empty."""
+    """The model on meta with its embeddings and rotary modules loaded (for layer 0's inputs), the rest on meta."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     raw = read_config(directory)
@@ -81,15 +81,19 @@ def load_skeleton(directory: Path, dtype: str) -> tuple[LoadedModel, Checkpoint]
     if missing:
         raise UnsupportedModelError(f"{directory}: the checkpoint's tensor names do not match the model's "
                                     f"({missing[0]} is missing), so its layers cannot be streamed")
-    state = {name: checkpoint.read(name, t.dtype) for name, t in expected.items() if name not in tied}
+    # Only what runs before layer 0 is loaded; the final norm and head (never run) are read again at export.
+    paths = {id(module): path for path, module in model.named_modules()}
+    first = [(paths[id(m)], m) for m in adapter.before_layers()]
+    state = {f"{path}.{name}": checkpoint.read(f"{path}.{name}", t.dtype)
+             for path, module in first for name, t in module.state_dict().items()}
     model.load_state_dict(state, strict=False, assign=True)
     model._weight_conversions = []  # as from_pretrained leaves it when the names matched: save order follows it
     for path in adapter.family.rotary:  # non-persistent buffers (inv_freq) are computed from the config
         rotary = model.get_submodule(path)
         model.set_submodule(path, type(rotary)(config=model.config))
     model.tie_weights()
-    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
-            if t.is_meta and not name.startswith(layers)]
+    left = [f"{path}.{name}" for path, _ in first for name, t in
+            [*model.get_submodule(path).named_parameters(), *model.get_submodule(path).named_buffers()] if t.is_meta]
     if left:
         raise UnsupportedModelError(f"{directory}: {left[0]} cannot be materialised without loading the whole "
                                     "model, so this model does not stream yet")
@@ -146,6 +150,18 @@ class LayerStreamer:
         self.resident += 1
         self.max_resident = max(self.max_resident, self.resident)
         return layer
+
+    def captured(self) -> None:
+        """Layer 0's inputs are captured: the embeddings go back to meta (the export reads them from the file)."""
+        for module in self.adapter.embeddings():
+            module.to("meta")
+        self.model.tie_weights()
+
+    def read_unchanged(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor outside the decoder layers for the export: resident, or read again from the checkpoint."""
+        if name.startswith(self.adapter.layers_path() + "."):
+            raise ExportError(f"streamed export: {name} was never written (its layer did not finish)")
+        return self.checkpoint.read(name, tensor.dtype) if tensor.is_meta else tensor.detach()
 
     def note(self) -> dict[str, Any]:
         """The report's record of the streaming (a warning group: it changes what the run could do)."""

@@ -99,6 +99,8 @@ def test_one_decoder_layer_is_materialised_at_a_time(sharded_dir: Any, text_file
     def counting(self: LayerStreamer, index: int) -> torch.nn.Module:
         layer = load(self, index)
         seen.append(sum(not next(lay.parameters()).is_meta for lay in self.adapter.layers()))
+        assert all(p.is_meta for m in self.adapter.embeddings() for p in m.parameters())  # released after capture
+        assert all(p.is_meta for p in self.adapter.lm_head().parameters())  # never loaded: read again at export
         return layer
 
     monkeypatch.setattr(LayerStreamer, "load", counting)
