@@ -69,5 +69,5 @@ MemoryBudgetOpt = Annotated[
 ActivationMemoryOpt = Annotated[
     str | None,
     typer.Option("--activation-memory", help="Under streaming, keep the calibration hidden states in memory-mapped "
-                 "files in OUT.partial when one layer boundary of them exceeds this size (e.g. 2GB) [default: RAM]."),
+                 "files in OUT.partial when one layer boundary of them exceeds this size, e.g. 2GB (default: in RAM)."),
 ]
