@@ -2,7 +2,7 @@
 
 Per pass: run the embeddings once and capture decoder layer 0's hidden states plus every layer's own
 keyword arguments (its attention mask, which differs between sliding-window and full-attention layers,
-position embeddings...); then for each layer move it to the device, let every stage of the pass
+position embeddings...; ``calibration/capture.py``); then for each layer move it to the device, let every stage of the pass
 transform it, re-run the calibration set through the transformed layer to make the next layer's inputs
 (so later layers see earlier layers' error), move it back, and move the integer codes it produced to
 ``storage_device``. Only one layer and the calibration hidden states are on the device at a time. A
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
+from compressor.calibration.capture import CapturedBatch, CapturedInputs, StopForward, capture_inputs, patched_forwards
 from compressor.calibration.precision import fitting_precision
 from compressor.distributed import WeightedSum
-from compressor.errors import NumericalError, UnsupportedModelError
+from compressor.errors import NumericalError
 from compressor.methods.base import LayerRecord, Method
 from compressor.methods.quant.gptq_ops import accumulate_hessian
 from compressor.methods.quant.ops import QuantizedWeight
@@ -67,36 +68,6 @@ class LayerStream(Protocol):
     def note(self) -> dict[str, Any]:
         """What the report says about the streaming (a warning group)."""
         ...
-
-
-class _StopForward(Exception):
-    """Raised from a hook once everything needed from a forward pass was seen."""
-
-
-@dataclass
-class CapturedBatch:
-    """Inputs of one decoder layer for one calibration batch: ``hidden: [B, L, H]`` plus kwargs."""
-
-    hidden: torch.Tensor
-    kwargs: dict[str, Any]
-
-
-@dataclass
-class CapturedInputs:
-    """What the model's own forward hands its decoder layers, for every calibration batch.
-
-    ``hidden[b]``: layer 0's hidden input (the embeddings' output); ``kwargs[i][b]``: layer ``i``'s keyword
-    arguments. The model builds each mask (and the position embeddings) once per forward and passes the
-    same tensor object to every layer of a type, so per-layer kwargs are references, not copies.
-    """
-
-    hidden: list[torch.Tensor]
-    kwargs: list[list[dict[str, Any]]]
-
-    def layer(self, index: int, hidden: list[torch.Tensor] | None = None) -> list[CapturedBatch]:
-        """Inputs of layer ``index``: ``hidden`` (default: layer 0's) with that layer's own kwargs."""
-        states = self.hidden if hidden is None else hidden
-        return [CapturedBatch(h, kwargs) for h, kwargs in zip(states, self.kwargs[index], strict=True)]
 
 
 @dataclass
@@ -199,7 +170,7 @@ class LayerContext:
                 self._batch = index
                 yield batch
 
-        with _patched_forwards(patches):
+        with patched_forwards(patches):
             yield batches()
 
     def _replayed_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -257,7 +228,7 @@ class LayerContext:
             def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], fold: Callable = fold) -> None:
                 fold(args[0])
                 if mod is last:
-                    raise _StopForward
+                    raise StopForward
 
             handles.append(module.register_forward_pre_hook(hook))
         try:
@@ -265,7 +236,7 @@ class LayerContext:
                 for batch in batches:
                     try:
                         self.layer(batch.hidden, **batch.kwargs)
-                    except _StopForward:
+                    except StopForward:
                         pass
         finally:
             for handle in handles:
@@ -321,60 +292,6 @@ class LayerContext:
             result[group] = H.float()
         return result
 
-
-@contextmanager
-def _patched_forwards(patches: Mapping[nn.Module, Callable[..., Any]]) -> Iterator[None]:
-    """Give modules another ``forward`` (an instance attribute) for the block, then restore what was there.
-
-    An existing instance attribute (accelerate's offload hooks put one there) is put back, not deleted.
-    """
-    saved = {module: vars(module).get("forward") for module in patches}
-    for module, forward in patches.items():
-        module.forward = forward
-    try:
-        yield
-    finally:
-        for module, previous in saved.items():
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
-
-
-def capture_inputs(model: nn.Module, adapter: ModelAdapter, batches: Iterator[torch.Tensor]) -> CapturedInputs:
-    """What the model's own forward gives each decoder layer, for each token batch.
-
-    Every layer's forward is swapped for a recorder that keeps its kwargs and returns the hidden states
-    untouched, so no layer computes (none needs to be on the device) and each gets exactly the mask and
-    position embeddings of its own attention type; the last layer's recorder stops the forward before
-    the final norm and head.
-    """
-    layers = list(adapter.layers())
-    captured = CapturedInputs([], [[] for _ in layers])
-
-    def record(index: int, *args: Any, **kwargs: Any) -> torch.Tensor:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        if index == 0:
-            captured.hidden.append(hidden.detach())
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        captured.kwargs[index].append({**kwargs, "use_cache": False})
-        if index == len(layers) - 1:
-            raise _StopForward
-        return hidden
-
-    with _patched_forwards({layer: partial(record, i) for i, layer in enumerate(layers)}), torch.no_grad():
-        for tokens in batches:
-            try:
-                model(input_ids=tokens, use_cache=False)
-            except _StopForward:
-                pass
-            ran = [len(kwargs) for kwargs in captured.kwargs]
-            if ran != [len(captured.hidden)] * len(layers):
-                raise UnsupportedModelError(
-                    f"{type(model).__name__}'s forward called its {len(layers)} decoder layers {ran} times for "
-                    f"{len(captured.hidden)} batches: cannot capture each layer's inputs"
-                )
-    return captured
 
 
 def split_passes(stages: list[Method]) -> list[list[Method]]:
