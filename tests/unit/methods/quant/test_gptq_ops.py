@@ -217,11 +217,12 @@ def test_accumulate_hessian_matches_one_shot() -> None:
 
 
 def test_wide_inputs_accumulate_blockwise_to_the_same_symmetric_hessian() -> None:
-    """Above 512 columns only the upper blocks are multiplied; the result must still be the full X^T X."""
-    x1 = torch.randn(40, 1100, generator=_gen(9))  # blocks of 512, 512, 76
+    """Above 192 columns only the upper blocks are multiplied; the result must still be the full X^T X."""
+    x1 = torch.randn(40, 1100, generator=_gen(9))  # five blocks of 192 and one of 140
     x2 = torch.randn(24, 1100, generator=_gen(10))
     H, n = accumulate_hessian(None, x1, 0)
     H, n = accumulate_hessian(H, x2, n)
     X = torch.cat([x1, x2]).double()
-    assert torch.equal(H[:512, 512:], H[512:, :512].T)  # mirrored, not recomputed
+    assert torch.equal(H[:192, 192:], H[192:, :192].T)  # mirrored, not recomputed
+    assert torch.equal(H[960:, :960], H[:960, 960:].T)
     torch.testing.assert_close(H.double(), 2 / 64 * X.T @ X, rtol=1e-5, atol=1e-5)
