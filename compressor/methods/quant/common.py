@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -61,6 +61,13 @@ class WeightQuantConfig(TargetedConfig):
     refine_batch: int = Field(
         2, ge=1, description="Calibration sequences per refinement step: a step costs their forward and backward "
         "(auto-round uses 8; 2 keeps a 512-token step of a 135M model near a second on CPU)."
+    )
+    refine_target: Literal["float_input", "quantized_input"] = Field(
+        "float_input", description="What the refined layer (fed the quantized layers' outputs) is trained to "
+        "reproduce: float_input = the float layer's output on the float model's own hidden states, so each "
+        "layer also corrects the error of the layers before it (auto-round's enable_quanted_input; one more "
+        "samples x seq_len x hidden copy in memory), or quantized_input = the float layer's output on the same "
+        "quantized-prefix inputs."
     )
 
     @model_validator(mode="before")
