@@ -2,7 +2,7 @@
 
     python benchmarks/quant.py --samples 128 --seq-len 512 --eval-tokens 16384 [--settings w4g128,w3g128]
         [--methods rtn,gptq] [--grid full] [--scale-search weighted] [--fit-on original] [--no-act-order]
-        [--refine-iters 50 --refine-batch 2]
+        [--refine-iters 50 --refine-batch 2 --refine-target float_input --refine-lr 0.005]
 
 Every setting starts from the same dense weights and is scored on the same demo:wiki windows. The
 "floor" is one plain forward pass of the calibration set through the decoder. RTN needs no calibration: it
@@ -75,6 +75,9 @@ def main() -> None:
                         help="Block-wise refinement steps per layer after rtn/gptq (0: off; rtn then runs through "
                         "the engine).")
     parser.add_argument("--refine-batch", type=int, default=2, help="Sequences per refinement step.")
+    parser.add_argument("--refine-target", default="float_input", choices=["float_input", "quantized_input"],
+                        help="What each refined layer reproduces (see WeightQuantConfig.refine_target).")
+    parser.add_argument("--refine-lr", type=float, default=None, help="Refinement step size (default 1/iters).")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,7 +102,8 @@ def main() -> None:
             loaded.model.load_state_dict(dense)
             start = time.perf_counter()
             scheme = {"bits": bits, "group_size": group, "grid": args.grid, "scale_search": args.scale_search,
-                      "refine_iters": args.refine_iters, "refine_batch": args.refine_batch}
+                      "refine_iters": args.refine_iters, "refine_batch": args.refine_batch,
+                      "refine_target": args.refine_target, "refine_lr": args.refine_lr}
             if method == "gptq" or args.scale_search == "weighted" or args.refine_iters:
                 stage = (GPTQ(GPTQConfig(method="gptq", act_order=not args.no_act_order, fit_on=args.fit_on,
                                          **scheme)) if method == "gptq" else RTN(RTNConfig(method="rtn", **scheme)))
@@ -111,13 +115,15 @@ def main() -> None:
             seconds = round(time.perf_counter() - start, 1)
             bpw, bpw_meta = average_bits(quantized)
             options = f"{args.grid}/{args.scale_search}" + (
-                f"/refine{args.refine_iters}b{args.refine_batch}" if args.refine_iters else "") + (
+                f"/refine{args.refine_iters}b{args.refine_batch}/{args.refine_target}"
+                + (f"/lr{args.refine_lr}" if args.refine_lr else "") if args.refine_iters else "") + (
                 f"/{args.fit_on}/{'no-' if args.no_act_order else ''}act-order" if method == "gptq" else "")
             rows.append({"setting": name, "method": method, "options": options, "ppl": ppl(), "seconds": seconds,
                          "bits_per_weight": bpw, "bits_incl_metadata": bpw_meta})
             print(json.dumps(rows[-1]), flush=True)
     result = {"model": args.model, "options": {k: getattr(args, k) for k in ("grid", "scale_search", "fit_on",
-                                                                           "refine_iters", "refine_batch")}
+                                                                           "refine_iters", "refine_batch",
+                                                                           "refine_target", "refine_lr")}
               | {"act_order": not args.no_act_order}, "calibration": f"demo:lee {args.samples}x{args.seq_len}",
               "eval": f"demo:wiki {args.eval_tokens} tokens, windows of 512", "floor_forward_seconds": floor,
               "threads": torch.get_num_threads(), "peak_rss_mb": round(peak_rss_bytes() / 2**20), "rows": rows}

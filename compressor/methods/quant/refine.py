@@ -1,9 +1,12 @@
 """Block-wise refinement of a quantized decoder layer (SignRound-style), after RTN or GPTQ solved its linears.
 
-The layer's float output on the calibration inputs is computed before quantizing (:func:`float_targets`);
-afterwards :func:`refine_layer` learns rounding offsets and per-group scale factors of every linear the stage
-quantized in this layer (math in ``refine_ops.py``) by signed gradient descent on the MSE between the quantized
-layer's output and that float output, a few sequences per step. The best parameters seen are kept, judged by
+Before quantizing, :func:`float_targets` computes what the layer must reproduce: by default (``refine_target:
+float_input``, SignRound's) the float layer's output on the *float* model's hidden states, carried from layer
+to layer beside the engine's quantized-prefix stream, so each layer also corrects the error of the layers
+before it; or the float layer on the quantized-prefix inputs themselves. Afterwards :func:`refine_layer` feeds
+the quantized layer its quantized-prefix inputs and learns rounding offsets and per-group scale factors of every
+linear the stage quantized in this layer (math in ``refine_ops.py``) by signed gradient descent on the MSE
+between its output and those targets, a few sequences per step. The best parameters seen are kept, judged by
 each step's loss relative to the starting loss of the same sequences (so easy and hard batches compare), and
 are accepted only when they lower the loss on the whole calibration set; otherwise the stage's own codes
 stay. Results replace ``run.quantized[path]`` (codes and scales on the same grid) and the module weights, so
@@ -12,6 +15,7 @@ every export holds exactly what was evaluated.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -36,8 +40,12 @@ if TYPE_CHECKING:
     from compressor.engine import CapturedBatch, LayerContext
     from compressor.methods.quant.common import WeightQuantConfig
 
+log = logging.getLogger(__name__)
+
 #: A step's sequences: (index of the captured batch, rows of it).
 Chunk = list[tuple[int, torch.Tensor]]
+#: Key in ``run.plans`` of the float hidden-state streams (``{id(stage config): _FloatStream}``).
+_STREAMS = "refine.float_streams"
 
 
 @dataclass
@@ -91,9 +99,48 @@ class _Refined:
         self.factor.copy_(state[1])
 
 
+@dataclass
+class _FloatStream:
+    """The float model's hidden states entering layer ``index`` (one tensor per calibration batch)."""
+
+    index: int
+    hidden: list[torch.Tensor]
+
+
 def float_targets(ctx: LayerContext, config: WeightQuantConfig) -> list[torch.Tensor] | None:
-    """The layer's output on every calibration batch before quantizing, or None when refinement is off."""
-    return ctx.forward() if config.refine_iters > 0 else None
+    """What the refined layer must reproduce, one tensor per calibration batch, computed before quantizing;
+    None when refinement is off.
+
+    ``quantized_input``: the float layer on this layer's own (quantized-prefix) inputs. ``float_input``: the
+    float layer on the float model's hidden states, a stream this function carries from layer to layer in
+    ``ctx.run.plans`` (layer 0: the captured inputs; layer i + 1: these targets), so a layer's refinement also
+    corrects the error the quantized layers before it left. A stream that is missing past layer 0 (a run
+    resumed from a checkpoint) starts again from this layer's inputs, with a warning.
+    """
+    if config.refine_iters == 0:
+        return None
+    if config.refine_target == "quantized_input":
+        return ctx.forward()
+    streams = ctx.run.plans.setdefault(_STREAMS, {})
+    stream = streams.pop(id(config), None)
+    if stream is None or stream.index != ctx.index:
+        if ctx.index > 0:
+            log.warning("%s: refinement's float hidden states are missing (resumed run?); they restart from this "
+                        "layer's inputs", ctx.prefix)
+        stream = _FloatStream(ctx.index, [batch.hidden for batch in ctx.inputs])
+    with torch.no_grad():
+        targets = [_first(ctx.layer(hidden, **batch.kwargs))
+                   for hidden, batch in zip(stream.hidden, ctx.inputs, strict=True)]
+    if ctx.index + 1 < len(ctx.adapter.layers()):
+        streams[id(config)] = _FloatStream(ctx.index + 1, targets)
+    elif not streams:
+        del ctx.run.plans[_STREAMS]
+    return targets
+
+
+def _first(out: Any) -> torch.Tensor:
+    """A decoder layer's hidden states (some families return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def refine_layer(

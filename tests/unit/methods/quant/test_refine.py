@@ -157,3 +157,42 @@ def test_exports_reload_with_the_in_memory_logits(export: dict[str, str], grid: 
 def test_bad_refinement_settings_name_the_field(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         GPTQConfig(method="gptq", **{field: value})
+
+
+def _refinement_targets(target: str, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[int, torch.Tensor], list]:
+    """Run RTN with refinement over a fresh tiny llama; the targets each layer's refinement got (batches
+    concatenated) and the float model's own decoder-layer outputs on the same tokens."""
+    model = tiny_model("llama")
+    float_model = copy.deepcopy(model)
+    outputs: list[torch.Tensor] = []
+    for layer in get_adapter(float_model).layers():
+        layer.register_forward_hook(lambda mod, args, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        float_model(TOKENS)
+    seen: dict[int, torch.Tensor] = {}
+
+    def record(ctx: LayerContext, config: object, targets: list[torch.Tensor], *args: object) -> None:
+        seen[ctx.index] = torch.cat(targets)
+
+    monkeypatch.setattr(rtn_module, "refine_layer", record)
+    run = ModelContext(model, get_adapter(model), TOKENS, torch.device("cpu"), batch_size=4)
+    run_stages(run, [_stage("rtn", refine_iters=1, refine_target=target)])
+    assert "refine.float_streams" not in run.plans  # the stream is dropped after the last layer
+    return seen, outputs
+
+
+def test_float_input_targets_are_the_float_models_own_layer_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SignRound's targets: layer i is trained towards the float model's layer-i output (on the float stream),
+    not the float layer applied to the quantized layers' outputs."""
+    seen, outputs = _refinement_targets("float_input", monkeypatch)
+    assert sorted(seen) == list(range(len(outputs)))
+    for index, expected in enumerate(outputs):
+        torch.testing.assert_close(seen[index], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_input_targets_follow_the_quantized_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other setting: layer 0 sees the same inputs either way; later layers' targets drift from the float
+    model's outputs by the quantization error of the layers before them."""
+    seen, outputs = _refinement_targets("quantized_input", monkeypatch)
+    torch.testing.assert_close(seen[0], outputs[0], rtol=1e-5, atol=1e-5)
+    assert all(not torch.allclose(seen[i], outputs[i], rtol=1e-3, atol=1e-3) for i in range(1, len(outputs)))
