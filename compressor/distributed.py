@@ -8,19 +8,25 @@ sequences, keeps every batch exactly as one process would run it, so each batch'
 
 Statistics are sums: each process adds its batches' contributions in float64 (:class:`WeightedSum`, weighted by
 the true token counts, so uneven shares are exact), the sums are all-reduced, and every process divides by the
-total count. Every process then runs the same solver on the same statistics and gets the same weights; only rank
-0 (:func:`is_writer`) writes. Partitioning the solver work across processes is a later step. Without torchrun
-(``WORLD_SIZE`` unset or 1) everything here is the identity: one process is a world of one.
+total count. The per-module solver work that follows (a GPTQ column sweep, a weighted scale search) is split:
+:func:`solve_partitioned` gives each module's :class:`Job` one owner process (:func:`owners`, largest cost first
+onto the least-loaded process), the owners solve in parallel, and each result is broadcast from its owner, so every
+process continues with the same weights (the same bits as one process, as each solve is the same computation on
+the same statistics). Only rank 0 (:func:`is_writer`) writes. Without torchrun (``WORLD_SIZE`` unset or 1)
+everything here is the identity: one process is a world of one.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import pickle
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -151,6 +157,139 @@ class WeightedSum:
             return None
         count = all_reduce_sum_float64(torch.tensor([self.count], device=self.total.device))
         return all_reduce_sum_float64(self.total) / count
+
+
+@dataclass(frozen=True)
+class Job(Generic[T]):
+    """One module's solver work: its relative ``cost`` (rows x cols^2 for GPTQ) and the call that does it.
+
+    ``solve()`` must be a function of what every process holds identically (the all-reduced statistics, the
+    weights), so it gives the same value wherever it runs. The value may hold tensors, dataclasses of tensors
+    (``QuantizedWeight``), tuples, lists, dicts, strings and numbers: that is what the other processes receive.
+    """
+
+    cost: float
+    solve: Callable[[], T]
+
+
+def owners(costs: Sequence[float], parts: int) -> list[int]:
+    """The process that solves each job: largest cost first, each onto the least-loaded process (greedy LPT).
+
+    Deterministic (equal costs keep their order, equal loads go to the lower rank), so every process computes
+    the same owners without talking. With q, k, v of a Llama layer (costs 4, 1, 1) on 2 processes: [0, 1, 1].
+    """
+    load = [0.0] * parts
+    result = [0] * len(costs)
+    for index in sorted(range(len(costs)), key=lambda i: -costs[i]):  # sorted is stable
+        part = min(range(parts), key=load.__getitem__)  # min keeps the first of equal loads
+        result[index] = part
+        load[part] += costs[index]
+    return result
+
+
+def solve_partitioned(jobs: Sequence[Job[T]]) -> list[T]:
+    """Every job's result on every process, each job solved by its owner only (:func:`owners`).
+
+    Each process first solves its own jobs, then every result is broadcast from its owner, in job order. A job
+    that raises has its exception broadcast in place of its result and raised on every process, so none waits
+    for a result that will not come. In one process the jobs simply run in order.
+    """
+    if not is_distributed():
+        return [job.solve() for job in jobs]
+    owner, me = owners([job.cost for job in jobs], world_size()), rank()
+    solved: dict[int, Any] = {}
+    for index, job in enumerate(jobs):
+        if owner[index] == me:
+            try:
+                solved[index] = job.solve()
+            except Exception as exc:  # every process raises it at this job's broadcast
+                solved[index] = _Failed(exc)
+    results = []
+    for index in range(len(jobs)):
+        value = _broadcast(solved.get(index), owner[index])
+        if isinstance(value, _Failed):
+            raise value.error
+        results.append(value)
+    return results
+
+
+@dataclass
+class _Failed:
+    """A job's exception, sent in place of its result."""
+
+    error: Exception
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where tensor number ``index`` of a broadcast value was: tensors travel apart, by ``dist.broadcast``."""
+
+    index: int
+
+
+def _broadcast(value: Any, src: int) -> Any:
+    """``value`` of process ``src`` on every process (``src`` keeps its own object).
+
+    Tensors go by ``dist.broadcast`` onto the process group's device (this process's GPU under NCCL, else the
+    CPU), the structure around them (and any exception) is pickled by ``broadcast_object_list``.
+    """
+    tensors: list[torch.Tensor] = []
+    header: list[Any] = [None]
+    if rank() == src:
+        if isinstance(value, _Failed):
+            value = _Failed(_picklable(value.error))
+        header = [(_strip(value, tensors), [(t.shape, t.dtype) for t in tensors])]
+    dist.broadcast_object_list(header, src=src)
+    skeleton, specs = header[0]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if rank() != src:
+        tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
+    for index, tensor in enumerate(tensors):
+        wire = tensor.detach().contiguous().to(device)
+        dist.broadcast(wire, src=src)
+        tensors[index] = wire
+    return value if rank() == src else _fill(skeleton, tensors)
+
+
+def _picklable(error: Exception) -> Exception:
+    """``error`` when it survives pickling, else a RuntimeError with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _strip(value: Any, tensors: list[torch.Tensor]) -> Any:
+    """``value`` with each tensor appended to ``tensors`` and replaced by its :class:`_Slot`."""
+
+    def slot(tensor: torch.Tensor) -> _Slot:
+        tensors.append(tensor)
+        return _Slot(len(tensors) - 1)
+
+    return _map(value, slot)
+
+
+def _fill(skeleton: Any, tensors: list[torch.Tensor]) -> Any:
+    """The inverse of :func:`_strip`: each slot replaced by its tensor."""
+    return _map(skeleton, lambda slot: tensors[slot.index], leaf=_Slot)
+
+
+def _map(value: Any, change: Callable[[Any], Any], leaf: type = torch.Tensor) -> Any:
+    """``value`` rebuilt with ``change`` applied to every ``leaf`` inside tuples, lists, dicts and dataclasses."""
+    if isinstance(value, leaf):
+        return change(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        rebuilt = copy.copy(value)  # no __init__ / __post_init__: the fields may hold slots for a while
+        for item in dataclasses.fields(value):
+            object.__setattr__(rebuilt, item.name, _map(getattr(value, item.name), change, leaf))
+        return rebuilt
+    if isinstance(value, (list, tuple)):
+        items = [_map(item, change, leaf) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        return {key: _map(item, change, leaf) for key, item in value.items()}
+    return value
 
 
 def check_recipe(stages: list[Method], calibration: CalibrationConfig, resume: bool) -> None:

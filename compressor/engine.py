@@ -2,8 +2,8 @@
 
 Per pass: run the embeddings once and capture decoder layer 0's hidden states plus every layer's own
 keyword arguments (its attention mask, which differs between sliding-window and full-attention layers,
-position embeddings...; ``calibration/capture.py``); then for each layer move it to the device, let every stage of the pass
-transform it, re-run the calibration set through the transformed layer to make the next layer's inputs
+position embeddings...: ``calibration/capture.py``); then for each layer move it to the device, let every
+stage of the pass transform it, re-run the calibration set through the transformed layer to make the next layer's inputs
 (so later layers see earlier layers' error), move it back, and move the integer codes it produced to
 ``storage_device``. Only one layer and the calibration hidden states are on the device at a time. A
 model-level stage (layer removal) ends a pass; the stages after it get a fresh capture of the changed model.
@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 from torch import nn
 
 from compressor.calibration.capture import CapturedBatch, CapturedInputs, StopForward, capture_inputs, patched_forwards
 from compressor.calibration.precision import fitting_precision
-from compressor.distributed import WeightedSum
+from compressor.distributed import Job, WeightedSum, solve_partitioned
 from compressor.errors import NumericalError
 from compressor.methods.base import LayerRecord, Method
 from compressor.methods.quant.gptq_ops import accumulate_hessian
@@ -34,6 +34,7 @@ from compressor.models.base import LinearGroup, ModelAdapter
 if TYPE_CHECKING:  # checkpoint.py imports this module
     from compressor.checkpoint import Checkpoints, PassCheckpoint
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: progress(phase, done, total): the CLI renders it; the library never prints.
 ProgressFn = Callable[[str, int, int], None]
@@ -213,6 +214,15 @@ class LayerContext:
         if len(writers) == 1 and first is writers[0] and mlp is not self.layer:  # a MoE's sum is no one projection
             return mlp, False
         return None
+
+    def solve_each(self, jobs: Sequence[Job[T]]) -> list[T]:
+        """The results of per-module solves (``jobs`` of one group of linears, its statistics already summed).
+
+        A method hands its solves here instead of calling them: under torchrun each job is solved by one process
+        and its result broadcast to the others (``distributed.solve_partitioned``); in one process they run in
+        order. The method then writes every result back itself, the same way on every process.
+        """
+        return solve_partitioned(jobs)
 
     def collect_inputs(self, module: nn.Module, fold: Callable[[torch.Tensor], None]) -> None:
         """Call ``fold(x)`` with the input of ``module`` for every batch, stopping each forward there."""

@@ -2,6 +2,8 @@
 
 Five calibration sequences in batches of two make three batches, split 2 + 1: the shares are uneven, so summing
 per-process means without their token counts, or skipping the all-reduce, gives other Hessians and weights.
+The per-module solves handed to ``ctx.solve_each`` are split between the processes and broadcast: each process
+solves a strict subset, and the weights, codes and per-module results are the single process's bits.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +24,13 @@ from run_outputs import comparable_files
 from tiny import VOCAB, tiny_model
 
 from compressor import distributed
-from compressor.distributed import WeightedSum, shard
+from compressor.distributed import Job, WeightedSum, owners, shard, solve_partitioned
 from compressor.engine import LayerContext, ModelContext, run_stages
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, NumericalError
+from compressor.methods.base import LayerRecord, Method
 from compressor.methods.quant.gptq import GPTQConfig
-from compressor.methods.quant.gptq_ops import accumulate_hessian
+from compressor.methods.quant.gptq_ops import accumulate_hessian, gptq_quantize
+from compressor.methods.quant.ops import QuantizedWeight
 from compressor.methods.registry import get_method
 from compressor.models import get_adapter
 from compressor.pipeline import compress
@@ -37,6 +44,20 @@ def test_shards_are_contiguous_and_the_first_take_the_remainder() -> None:
     assert [list(shard(items, part, 2)) for part in range(2)] == [[0, 1, 2], [3, 4]]
     assert [list(shard(items, part, 3)) for part in range(3)] == [[0, 1], [2, 3], [4]]
     assert [list(shard([7], part, 2)) for part in range(2)] == [[7], []]
+
+
+def test_owners_put_the_largest_job_first_on_the_least_loaded_process() -> None:
+    assert owners([4, 1, 1], 2) == [0, 1, 1]  # q, k, v of a Llama layer with 4x fewer KV heads
+    assert owners([2, 2], 2) == [0, 1]  # equal costs: the earlier job on the lower rank
+    assert owners([3, 3, 2, 2, 2], 2) == [0, 1, 0, 1, 0]
+    assert owners([1, 5, 1, 1], 3) == [1, 0, 2, 1]  # the last 1 goes to the lighter of ranks 1 and 2: rank 1
+    assert owners([7], 2) == [0] and owners([1, 2], 1) == [0, 0] and owners([], 2) == []
+
+
+def test_one_process_runs_every_job_in_order() -> None:
+    ran: list[int] = []
+    jobs = [Job(cost, partial(lambda i: ran.append(i) or i * 10, i)) for i, cost in enumerate([1.0, 9.0, 3.0])]
+    assert solve_partitioned(jobs) == [0, 10, 20] and ran == [0, 1, 2]
 
 
 def _free_port() -> int:
@@ -86,12 +107,76 @@ def _refusals(run: ModelContext) -> list[str]:
     return refusals
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+class _SplitGPTQ(Method):
+    """GPTQ W4 g32 act-order on every linear, sequentially, its solves handed to ``ctx.solve_each``.
+
+    ``solved`` lists the modules this process solved itself. Each job returns the codes with a note and a number,
+    as a method's record would carry them.
+    """
+
+    config_class = GPTQConfig
+    supports_distributed = True
+
+    def __init__(self) -> None:
+        super().__init__(GPTQConfig(method="gptq", bits=4, group_size=32))
+        self.solved: list[str] = []
+
+    def apply(self, ctx: LayerContext) -> list[LayerRecord]:
+        records = []
+        for group in ctx.adapter.linear_groups():
+            H = ctx.hessian(group, replay=True)
+            weights = {ctx.path(name): ctx.module(name).weight.data for name in group.names}
+            jobs = [Job(float(W.shape[0] * W.shape[1] ** 2), partial(self._solve, path, W, H))
+                    for path, W in weights.items()]
+            solved = ctx.solve_each(jobs)
+            for name, (path, W), (qweight, note, error) in zip(group.names, weights.items(), solved, strict=True):
+                ctx.module(name).weight.data = qweight.dequantize(W.dtype)
+                ctx.run.quantized[path] = qweight
+                records.append(LayerRecord(module=path, method=self.name, rel_error=error, note=note))
+            ctx.settle(group)
+        return records
+
+    def _solve(self, path: str, W: torch.Tensor, H: torch.Tensor) -> tuple[QuantizedWeight, str, float]:
+        self.solved.append(path)
+        qweight = gptq_quantize(W, H, 4, 32, True, True).qweight
+        return qweight, f"solved by rank {distributed.rank()}", float((qweight.dequantize() - W).norm() / W.norm())
+
+
+def _split() -> dict[str, Any]:
+    """In this process's share: a pass of :class:`_SplitGPTQ`, and a job that fails on the last process."""
+    torch.set_num_threads(1)
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    run = ModelContext(model, adapter, distributed.shard_batches(_tokens(), BATCH), torch.device("cpu"), BATCH)
+    stage = _SplitGPTQ()
+    records = run_stages(run, [stage])
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    failure = ""
+    try:
+        solve_partitioned([Job(2.0, lambda: 1), Job(1.0, partial(_fail, distributed.world_size() - 1))])
+    except NumericalError as exc:
+        failure = str(exc)
+    return {"weights": weights, "quantized": run.quantized, "solved": stage.solved, "failure": failure,
+            "records": [(r.module, r.note, r.rel_error) for r in records]}
+
+
+def _fail(rank: int) -> None:
+    time.sleep(0.2)  # the other process is already waiting for this job's result
+    raise NumericalError(f"job failed on rank {rank}")
+
+
+def _worker(rank: int, world: int, port: int, out: str, task: Callable[[], dict[str, Any]]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     with distributed.process_group("cpu"):
         assert distributed.world_size() == world
-        torch.save(_calibrate(), Path(out) / f"rank{rank}.pt")
+        torch.save(task(), Path(out) / f"rank{rank}.pt")
+
+
+def _in_two_processes(task: Callable[[], dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """``task()`` run by 2 gloo processes (forked: they start with everything imported); each one's result."""
+    mp.start_processes(_worker, args=(2, _free_port(), str(out), task), nprocs=2, join=True, start_method="fork")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
 def _reference_hessian() -> torch.Tensor:
@@ -113,8 +198,7 @@ def test_two_processes_give_one_process_hessians_and_weights(tmp_path: Path) -> 
         single = _calibrate()  # first: the forked workers then start with everything imported
     finally:
         torch.set_num_threads(threads)
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = _in_two_processes(_calibrate, tmp_path)
     reference = _reference_hessian()  # float64 products: the sums in float32 batches are ~1e-7 from it
     assert float((single["H"] - reference).norm() / reference.norm()) < 1e-6
     for result in ranks:
@@ -133,6 +217,35 @@ def test_two_processes_give_one_process_hessians_and_weights(tmp_path: Path) -> 
         assert moe.startswith("MixtralForCausalLM: mixture-of-experts") and "float16" in half
         assert refine.startswith("gptq: refine_iters does not support data-parallel calibration")
     assert single["refusals"] == []  # one process: nothing refused
+
+
+def test_two_processes_split_the_solves_and_get_one_process_bits(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    try:
+        single = _split()
+    finally:
+        torch.set_num_threads(threads)
+    ranks = _in_two_processes(_split, tmp_path)
+    every = set(single["quantized"])
+    assert len(every) == 3 * 7 and sorted(single["solved"]) == sorted(every)
+    mine = [set(result["solved"]) for result in ranks]
+    assert mine[0] and mine[1] and not mine[0] & mine[1] and mine[0] | mine[1] == every
+    assert len(mine[0]) + len(mine[1]) == len(every)  # nothing solved twice
+    for result in ranks:
+        for name, weight in single["weights"].items():
+            assert torch.equal(result["weights"][name], weight), name
+        assert result["quantized"].keys() == every
+        for path, qweight in single["quantized"].items():
+            got = result["quantized"][path]
+            for field in ("q", "scale", "zero"):
+                assert torch.equal(getattr(got, field), getattr(qweight, field)), (path, field)
+            assert (got.bits, got.group_size, got.symmetric, got.g_idx, got.group_bits) == (4, 32, True, None, None)
+        # each module's note and error come from the process that solved it
+        owner = {path: 0 if path in mine[0] else 1 for path in every}
+        assert [row[1] for row in result["records"]] == [f"solved by rank {owner[row[0]]}" for row in result["records"]]
+        assert [row[2] for row in result["records"]] == [row[2] for row in single["records"]]
+        assert result["failure"] == "job failed on rank 1"
+    assert single["failure"] == "job failed on rank 0"
 
 
 RECIPE = """\
