@@ -8,6 +8,7 @@ group's Hessian comes from inputs produced by already-quantized predecessors.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -88,17 +89,22 @@ class GPTQ(WeightQuantizer):
         targets = float_targets(ctx, config)
         rounded: list[torch.Tensor | None] = []
 
-        def solve(
+        def run(
             W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, bits_per_group: torch.Tensor | None = None
-        ) -> tuple[QuantizedWeight, str]:
+        ) -> GPTQResult:
             try:
-                result = gptq_quantize(
+                return gptq_quantize(
                     W, H, bits, group_size, config.symmetric, config.act_order, config.block_size,
                     config.dampening, bits_per_group=bits_per_group, grid=config.grid,
                     scale_search=config.scale_search, fit_on=config.fit_on,
                 )
             except ValueError as exc:
                 raise NumericalError(f"{ctx.prefix}: GPTQ failed: {exc}") from exc
+
+        def solve(
+            W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, bits_per_group: torch.Tensor | None = None
+        ) -> tuple[QuantizedWeight, str]:
+            result = run(W, H, bits, group_size, bits_per_group)
             notes = _numerics_notes(W, config.dampening, result)
             if result.cholesky_retries:
                 log.warning("%s: %s", ctx.prefix, notes[0])
@@ -111,10 +117,34 @@ class GPTQ(WeightQuantizer):
         ) -> tuple[QuantizedWeight, str]:
             return solve(W, H, int(bits_per_group.max()), group_size, bits_per_group)
 
-        records = quantize_layer_linears(ctx, config, solve, sequential=True, solve_mixed=solve_mixed, plan=self.plan)
+        def solve_joint(
+            weights: list[torch.Tensor], H: torch.Tensor, bits: int, group_size: int
+        ) -> list[tuple[QuantizedWeight, str]]:
+            # Rows are independent given H: one factorisation and one sweep for q/k/v (or gate/up), same bits.
+            result = run(torch.cat(weights), H, bits, group_size)
+            if result.cholesky_retries:
+                log.warning("%s: %s", ctx.prefix, _numerics_notes(weights[0], config.dampening, result)[0])
+            parts, start = [], 0
+            for W in weights:
+                rows = slice(start, start + W.shape[0])
+                start = rows.stop
+                if targets is not None:
+                    assert result.rounded is not None
+                    rounded.append(result.rounded[rows])
+                parts.append((_rows(result.qweight, rows), "; ".join(_numerics_notes(W, config.dampening, result))))
+            return parts
+
+        records = quantize_layer_linears(ctx, config, solve, sequential=True, solve_mixed=solve_mixed, plan=self.plan,
+                                         solve_joint=solve_joint)
         if targets is not None:
             refine_layer(ctx, config, targets, dict(zip([r.module for r in records], rounded, strict=True)), records)
         return records
+
+
+def _rows(qweight: QuantizedWeight, rows: slice) -> QuantizedWeight:
+    """The output rows ``rows`` of a weight solved with others stacked on it (uniform width, contiguous groups)."""
+    return replace(qweight, q=qweight.q[rows].contiguous(), scale=qweight.scale[rows].contiguous(),
+                   zero=qweight.zero[rows].contiguous())
 
 
 def _numerics_notes(W: torch.Tensor, asked: float, result: GPTQResult) -> list[str]:
