@@ -19,6 +19,7 @@ from compressor.checkpoint import Checkpoints, check_resume, fingerprint, write_
 from compressor.engine import ModelContext, ProgressFn, run_stages
 from compressor.errors import CalibrationError, ExportError, QualityGateError, RecipeError, UsageError
 from compressor.evaluate.perplexity import PerplexityResult, perplexity
+from compressor.evaluate.run import RunEvaluation
 from compressor.export import format_problem, storage_scale_dtype, write_model
 from compressor.export.atomic import atomic_output_dir, check_output_dir, partial_dir
 from compressor.methods.base import Method, TargetedConfig
@@ -80,8 +81,16 @@ def evaluate(
     dtype: str = "auto",
     text_field: str | None = None,
     progress: Callable[[int], None] | None = None,
+    memory_budget: str | int | None = None,
 ) -> PerplexityResult:
-    """Perplexity of a model over non-overlapping ``seq_len`` windows of ``data``."""
+    """Perplexity of a model over non-overlapping ``seq_len`` windows of ``data``.
+
+    A local safetensors directory whose weights exceed ``memory_budget`` (as for ``compress``; None: never) is
+    scored streamed, one decoder layer at a time (:mod:`compressor.streaming.perplexity`), to the same numbers.
+    """
+    if streaming.streams_eval(model, memory_budget, dtype):
+        return streaming.evaluate(Path(str(model)), data, seq_len=seq_len, max_tokens=max_tokens, device=device,
+                                  dtype=dtype, text_field=text_field, progress=progress)
     loaded = model if isinstance(model, LoadedModel) else load(model, dtype=dtype)
     _check_seq_len(get_adapter(loaded.model), seq_len)
     target = resolve_device(device)
@@ -281,13 +290,16 @@ def _compress(
     if distributed.is_distributed():
         distributed.check_recipe(stages, recipe.calibration, resume)
         checkpoint, eval_data = False, eval_data if distributed.is_writer() else None
-    checkpoint, source = checkpoint and plan is None, None  # a streamed layer is written out as soon as it is done
+    checkpoint = checkpoint and plan is None  # a streamed layer is written out as soon as it is done
+    evaluation = eval_data and RunEvaluation(eval_data, eval_seq_len or recipe.calibration.seq_len, eval_max_tokens,
+                                             device, max_ppl_increase)
+    if evaluation and plan is not None:  # streamed: the source checkpoint, one layer at a time, before loading
+        with _phase(timings, "eval_before"):
+            evaluation.measure("before", Path(str(model)), dtype)
     with _phase(timings, "load"):
-        if plan is not None:
-            loaded, source = streaming.load_skeleton(Path(str(model)), dtype)
-        else:
-            loaded = model if isinstance(model, LoadedModel) else load(
-                model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        loaded, source = streaming.load_skeleton(Path(str(model)), dtype) if plan else (model if isinstance(
+            model, LoadedModel) else load(model, dtype=dtype, allow_pickle=allow_pickle,
+                                          trust_remote_code=trust_remote_code), None)
     adapter = get_adapter(loaded.model)
     calib = recipe.calibration
     _check_seq_len(adapter, calib.seq_len)
@@ -300,12 +312,9 @@ def _compress(
         tokens = calibration_batch(loaded.tokenizer, calib.dataset, calib.samples, calib.seq_len, recipe.seed,
                                    text_field=calib.text_field, notes=calibration_notes)
     params_before, bytes_before = model_size(loaded.model)
-    eval_len = eval_seq_len or calib.seq_len
-    evaluation: dict[str, object] = {}
-    if eval_data:
+    if evaluation and plan is None:
         with _phase(timings, "eval_before"):
-            evaluation["before"] = evaluate(loaded, eval_data, seq_len=eval_len, max_tokens=eval_max_tokens,
-                                            device=device).to_dict()
+            evaluation.measure("before", loaded)
     marks = fingerprint(recipe.digest(), loaded.model, tokens) if checkpoint else {}
     checkpoints = Checkpoints(out, recipe.to_dict(), marks, resume) if checkpoint else None
     torch.manual_seed(recipe.seed)
@@ -316,10 +325,9 @@ def _compress(
             records = run_stages(run, stages, progress, checkpoints)
             if run.stream is None:  # a streamed run rounded each layer's scales before writing it
                 _round_scales_for_storage(run, recipe.export)
-        if eval_data:
+        if evaluation and plan is None:
             with _phase(timings, "eval_after"):
-                evaluation["after"] = evaluate(loaded, eval_data, seq_len=eval_len, max_tokens=eval_max_tokens,
-                                               device=device).to_dict()
+                evaluation.measure("after", loaded)
         params_after, bytes_after = model_size(loaded.model, run.quantized)
         quantizers = {stage.name for stage in stages if stage.kind == "quant"}
         bits, bits_meta = average_bits(run.quantized, [r for r in records if r.method in quantizers])
@@ -336,11 +344,17 @@ def _compress(
             warnings=[*loaded.warnings, *streaming.notes(run), *Report.grouped_warnings(records)],
         )
         report.dtype = dtype_name(loaded.model)
-        if eval_data:
-            report.eval = _eval_summary(evaluation, eval_data)
-            report.quality_gate = _quality_gate(report.eval, max_ppl_increase)
+        if evaluation and plan is None:
+            evaluation.judge(report)
+
+        def judge(output: Path) -> None:  # a streamed run scores its written output, read back layer by layer
+            assert evaluation
+            with _phase(timings, "eval_after"):
+                evaluation.measure("after", output, report.dtype)
+            evaluation.judge(report)
         if distributed.is_writer():
-            _write(report, run, loaded, recipe, out, overwrite, timings, stages)
+            _write(report, run, loaded, recipe, out, overwrite, timings, stages,
+                   judge if evaluation and plan is not None else None)
         distributed.barrier()  # the other processes return once rank 0's output is complete
         if report.quality_gate and not report.quality_gate["passed"]:
             raise QualityGateError(report.quality_gate["message"])
@@ -364,41 +378,30 @@ def _round_scales_for_storage(run: ModelContext, export_config: ExportConfig) ->
         module.weight.data = rounded.dequantize(module.weight.dtype)
 
 
-def _eval_summary(evaluation: dict[str, object], source: str) -> dict[str, object]:
-    before, after = evaluation["before"], evaluation["after"]
-    assert isinstance(before, dict) and isinstance(after, dict)
-    increase = 100.0 * (after["ppl"] / before["ppl"] - 1.0)
-    return {"source": source, "before": before, "after": after, "increase_pct": round(increase, 4)}
-
-
-def _quality_gate(evaluation: dict[str, object], limit: float | None) -> dict[str, object] | None:
-    if limit is None:
-        return None
-    increase = float(evaluation["increase_pct"])  # type: ignore[arg-type]
-    passed = increase <= limit
-    verdict = "within" if passed else "exceeds"
-    message = f"perplexity increase {increase:+.2f}% {verdict} the limit of {limit:.2f}%"
-    return {"passed": passed, "limit_pct": limit, "increase_pct": increase, "message": message}
-
-
 def _write(
     report: Report, run: ModelContext, loaded: LoadedModel, recipe: Recipe, out: Path, overwrite: bool,
-    timings: dict[str, float], stages: list[Method] | None = None,
+    timings: dict[str, float], stages: list[Method] | None = None, judge: Callable[[Path], None] | None = None,
 ) -> None:
-    """Write the model and its report atomically; a write that fails (disk full, read-only) is one line."""
+    """Write the model and its report atomically; a write that fails (disk full, read-only) is one line.
+
+    ``judge(staging)`` runs once the model files are written and before the report is (a streamed run's
+    evaluation of its own output).
+    """
     try:
-        _write_files(report, run, loaded, recipe, out, overwrite, timings, stages)
+        _write_files(report, run, loaded, recipe, out, overwrite, timings, stages, judge)
     except (OSError, SafetensorError) as exc:
         raise write_error(exc, out, partial_dir(out)) from None
 
 
 def _write_files(
     report: Report, run: ModelContext, loaded: LoadedModel, recipe: Recipe, out: Path, overwrite: bool,
-    timings: dict[str, float], stages: list[Method] | None = None,
+    timings: dict[str, float], stages: list[Method] | None = None, judge: Callable[[Path], None] | None = None,
 ) -> None:
     with atomic_output_dir(out, overwrite) as staging:
         with _phase(timings, "export"):
             report.files = write_model(recipe.export, run, loaded.tokenizer, staging, stages)
+        if judge:
+            judge(staging)
         (staging / "recipe.yaml").write_text(recipe.dump())
         # The honest size is what was written: a dense export of fake-quantized weights saves nothing.
         report.size_bytes["after"] = sum(

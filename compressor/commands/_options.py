@@ -64,10 +64,17 @@ MemoryBudgetOpt = Annotated[
     str,
     typer.Option("--memory-budget", help="RAM the model's weights may take, e.g. 4GB or 1.5GiB: a local safetensors "
                  "checkpoint whose weights exceed it streams one decoder layer at a time from disk (rtn/gptq into "
-                 "dense or compressed-tensors; no --eval). auto: the available memory; none: never stream."),
+                 "dense or compressed-tensors; --eval reads the written output back layer by layer). auto: the "
+                 "available memory; none: never stream."),
 ]
 ActivationMemoryOpt = Annotated[
     str | None,
     typer.Option("--activation-memory", help="Under streaming, keep the calibration hidden states in memory-mapped "
                  "files in OUT.partial when one layer boundary of them exceeds this size, e.g. 2GB (default: in RAM)."),
+]
+EvalMemoryBudgetOpt = Annotated[
+    str,
+    typer.Option("--memory-budget", help="RAM the model's weights may take, e.g. 4GB: a local safetensors directory "
+                 "(dense or compressed-tensors) whose weights exceed it is scored one decoder layer at a time, to the "
+                 "same perplexity. auto: the available memory; none: always load it whole."),
 ]

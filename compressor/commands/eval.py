@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,6 +13,7 @@ from compressor.commands._options import (
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
+    EvalMemoryBudgetOpt,
     JsonOpt,
     ModelArg,
     QuietOpt,
@@ -34,6 +36,7 @@ def eval_(
     device: DeviceOpt = "auto",
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    memory_budget: EvalMemoryBudgetOpt = "auto",
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -42,13 +45,21 @@ def eval_(
     configure_logging(quiet or json_output)
 
     def action() -> None:
+        from compressor import streaming
         from compressor.models.loading import dtype_name
         from compressor.pipeline import evaluate, load
 
-        loaded = load(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-        result = evaluate(loaded, data, seq_len=seq_len, max_tokens=max_tokens, device=device,
-                          text_field=text_field)
-        summary = {"model": model, "data": data, "dtype": dtype_name(loaded.model), **result.to_dict()}
+        streamed = streaming.streams_eval(model, memory_budget, dtype)
+        if streamed:  # one decoder layer in memory at a time, the same numbers
+            result = streaming.evaluate(Path(model), data, seq_len=seq_len, max_tokens=max_tokens, device=device,
+                                        dtype=dtype, text_field=text_field)
+            model_dtype = streaming.checkpoint_dtype(Path(model), dtype)
+        else:
+            loaded = load(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+            result = evaluate(loaded, data, seq_len=seq_len, max_tokens=max_tokens, device=device,
+                              text_field=text_field)
+            model_dtype = dtype_name(loaded.model)
+        summary = {"model": model, "data": data, "dtype": model_dtype, "streamed": streamed, **result.to_dict()}
         if json_output:
             print_json(summary)
         elif not quiet:

@@ -1,17 +1,19 @@
 """Layer streaming: compress a local safetensors checkpoint larger than RAM, one decoder layer at a time.
 
-The model is built on the meta device (no memory); the embeddings, final norm, head and rotary modules are
-loaded for real, and each decoder layer is loaded from the shards (``safe_open``, only that layer's tensors)
-when the engine reaches it, transformed by the same engine code as an in-RAM run, written out as soon as it
-is done (``compressor.export.streamed``) and put back on meta. At most one decoder layer is materialised at a
-time (:attr:`LayerStreamer.max_resident` counts it). The calibration hidden states stay in RAM unless one
+The model is built on the meta device (no memory); the embeddings and rotary modules are loaded for layer 0's
+inputs and released once those are captured (the final norm and head are read again at export), and each decoder
+layer is loaded from the shards (``safe_open``, only that layer's tensors) when the engine reaches it,
+transformed by the same engine code as an in-RAM run, written out as soon as it is done
+(``compressor.export.streamed``) and put back on meta. At most one decoder layer is materialised at a time
+(:attr:`LayerStreamer.max_resident` counts it). The calibration hidden states stay in RAM unless one
 boundary of them exceeds ``activation_memory``; then they live in two memory-mapped files in the run's
 temporary directory (``OUT.partial/stream-*``), which the kernel can page out.
 
 This first slice streams the quantizers that need per-layer statistics only (:data:`STREAMING_METHODS`) into
 the formats whose writers can take the output tensor by tensor (:data:`STREAMING_FORMATS`); everything else
-needs the whole model in RAM and is refused before anything loads (:func:`check_streamable`). Evaluation is
-refused too (streamed perplexity is not built yet), as are ``--resume`` and ``torchrun``; checkpoints are off.
+needs the whole model in RAM and is refused before anything loads (:func:`check_streamable`), as are ``--resume``
+and ``torchrun``; checkpoints are off. ``--eval`` scores the source checkpoint and the written output one layer
+at a time (:mod:`.perplexity`, :func:`evaluate`), as ``compressor eval`` does for a directory above the budget.
 
 When to stream (:func:`plan_streaming`): ``memory_budget="none"`` never does; a size (``4GB``, ``1.5GiB``)
 streams when the checkpoint's weights, at the run's dtype (sum of the safetensors headers' tensors), exceed it;
@@ -27,7 +29,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +39,12 @@ import torch
 
 from compressor.distributed import is_distributed
 from compressor.errors import RecipeError, UsageError
+from compressor.evaluate.perplexity import PerplexityResult
 from compressor.export import storage_scale_dtype
 from compressor.export.atomic import partial_dir
 from compressor.export.streamed import LayerFiles
 from compressor.models.checkpoint_checks import DTYPE_BITS, check_weight_files, total_memory_bytes
-from compressor.models.loading import DTYPES, LoadedModel
+from compressor.models.loading import DTYPES, LoadedModel, read_config
 
 if TYPE_CHECKING:
     from compressor.engine import ModelContext
@@ -52,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: Stages that need one layer and its own statistics only, so they run on a streamed model.
 STREAMING_METHODS = ("rtn", "gptq")
+#: Stages whose model runs INT8 activations, which a file's weights alone do not reproduce (no streamed --eval).
+INT8_ACTIVATION_METHODS = ("dgq",)
 #: Export formats whose writer takes the model tensor by tensor (``compressor.export.streamed``).
 STREAMING_FORMATS = ("dense", "compressed-tensors")
 _SAFETENSORS_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -145,12 +150,39 @@ def check_streamable(plan: StreamPlan, stages: list[Any], export_format: str, *,
     if export_format not in STREAMING_FORMATS:
         raise RecipeError(f"export.format {export_format} does not stream ({plan.reason}); {need}. "
                           f"Streaming writes {', '.join(STREAMING_FORMATS)}")
-    if eval_data:
-        raise UsageError(f"--eval under streaming ({plan.reason}): streamed perplexity is not built yet; "
-                         "evaluate the output with `compressor eval` on a machine that holds it, or drop --eval")
+    if eval_data and any(stage.name in INT8_ACTIVATION_METHODS for stage in stages):
+        raise UsageError(f"--eval under streaming ({plan.reason}): the dgq model runs INT8 activations that its "
+                         "written weights do not (streamed perplexity reads the output's weights); drop --eval or "
+                         "run with --memory-budget none")
     if resume or distributed:
         what = "--resume" if resume else "torchrun (data-parallel calibration)"
         raise UsageError(f"{what} does not combine with layer streaming yet ({plan.reason})")
+
+
+def streams_eval(model: object, memory_budget: str | int | None, dtype: str) -> bool:
+    """Whether ``compressor eval`` scores ``model`` streamed (same rule as compress; None: never)."""
+    if memory_budget is None or isinstance(model, LoadedModel):
+        return False
+    plan = plan_streaming(model, memory_budget, dtype)
+    log.info("memory: %s -> %s", plan.reason, "streamed evaluation" if plan.stream else "whole model in RAM")
+    return plan.stream
+
+
+def evaluate(directory: Path, data: str, *, seq_len: int, max_tokens: int | None, device: str, dtype: str = "auto",
+             text_field: str | None = None, progress: Callable[[int], None] | None = None) -> PerplexityResult:
+    """Perplexity of the model in ``directory``, one decoder layer in memory at a time (:mod:`.perplexity`)."""
+    from compressor.models.loading import resolve_device
+    from compressor.streaming.perplexity import streamed_perplexity
+
+    return streamed_perplexity(directory, data, seq_len=seq_len, max_tokens=max_tokens, device=resolve_device(device),
+                               dtype=dtype, text_field=text_field, progress=progress)
+
+
+def checkpoint_dtype(directory: Path, dtype: str) -> str:
+    """The dtype a streamed run of ``directory`` computes in (``auto``: config.json's, else the first tensor's)."""
+    from compressor.streaming.layers import Checkpoint, run_dtype
+
+    return str(run_dtype(read_config(directory), Checkpoint(directory), dtype)).removeprefix("torch.")
 
 
 def _gb(size: int | None) -> str:

@@ -31,13 +31,17 @@ class Checkpoint:
                 for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                     self.files[name] = path
 
+    def has(self, name: str) -> bool:
+        """Whether ``read(name)`` finds the tensor."""
+        return name in self.files
+
     def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         with safe_open(str(self.files[name]), framework="pt") as handle:
             tensor = handle.get_tensor(name)
         return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
 
 
-def _run_dtype(config: dict[str, Any], checkpoint: Checkpoint, dtype: str) -> torch.dtype:
+def run_dtype(config: dict[str, Any], checkpoint: Checkpoint, dtype: str) -> torch.dtype:
     """The dtype the in-RAM loader would use: forced, else config.json's, else the first float tensor's."""
     forced = resolve_dtype(dtype)
     if isinstance(forced, torch.dtype):
@@ -53,18 +57,25 @@ def _run_dtype(config: dict[str, Any], checkpoint: Checkpoint, dtype: str) -> to
     return torch.float32
 
 
-def load_skeleton(directory: Path, dtype: str) -> tuple[LoadedModel, Checkpoint]:
-    """The model on meta with its embeddings and rotary modules loaded (for layer 0's inputs), the rest on meta."""
+def load_skeleton(directory: Path, dtype: str, checkpoint: Checkpoint | None = None) -> tuple[LoadedModel, Checkpoint]:
+    """The model on meta with its embeddings and rotary modules loaded (for layer 0's inputs), the rest on meta.
+
+    ``checkpoint`` reads the tensors (default: the directory's safetensors as stored; a
+    :class:`~compressor.streaming.packed.PackedCheckpoint` dequantizes a compressed-tensors output, whose config's
+    ``quantization_config`` is then dropped: the skeleton holds dense linears).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     raw = read_config(directory)
     if "auto_map" in raw:
         raise UnsupportedModelError(f"{directory}: custom modeling code (auto_map) does not stream yet")
-    checkpoint = Checkpoint(directory)
-    run_dtype = _run_dtype(raw, checkpoint, dtype)
+    checkpoint = checkpoint or Checkpoint(directory)
+    model_dtype = run_dtype(raw, checkpoint, dtype)
     config = AutoConfig.from_pretrained(directory)
+    if type(checkpoint) is not Checkpoint and hasattr(config, "quantization_config"):
+        del config.quantization_config
     with torch.device("meta"):
-        model: Any = AutoModelForCausalLM.from_config(config, dtype=run_dtype)
+        model: Any = AutoModelForCausalLM.from_config(config, dtype=model_dtype)
     model.eval()
     if model.can_generate():  # as from_pretrained: the file, else one read from config.json
         try:
@@ -75,9 +86,9 @@ def load_skeleton(directory: Path, dtype: str) -> tuple[LoadedModel, Checkpoint]
     adapter = get_adapter(model)
     layers = adapter.layers_path() + "."
     expected = {name: t for name, t in model.state_dict().items() if not name.startswith(layers)}
-    tied = {name for name in expected if name not in checkpoint.files and _is_tied(model, name)}
-    missing = [name for name in expected if name not in checkpoint.files and name not in tied]
-    missing += [n for n in _layer_keys(model, layers) if n not in checkpoint.files]
+    tied = {name for name in expected if not checkpoint.has(name) and _is_tied(model, name)}
+    missing = [name for name in expected if not checkpoint.has(name) and name not in tied]
+    missing += [n for n in _layer_keys(model, layers) if not checkpoint.has(n)]
     if missing:
         raise UnsupportedModelError(f"{directory}: the checkpoint's tensor names do not match the model's "
                                     f"({missing[0]} is missing), so its layers cannot be streamed")
@@ -102,6 +113,19 @@ def load_skeleton(directory: Path, dtype: str) -> tuple[LoadedModel, Checkpoint]
     except Exception as exc:
         raise ModelLoadError(f"cannot load the tokenizer from {directory}: {exc}") from exc
     return LoadedModel(model, tokenizer, str(directory), directory), checkpoint
+
+
+def load_layer(adapter: Any, checkpoint: Checkpoint, index: int) -> nn.Module:
+    """Materialise decoder layer ``index`` of a skeleton from ``checkpoint`` (its tensors only) and return it."""
+    layer: nn.Module = adapter.layers()[index]
+    prefix = adapter.layer_prefix(index) + "."
+    state = {name: checkpoint.read(prefix + name, t.dtype) for name, t in layer.state_dict().items()}
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ModelLoadError(f"{checkpoint.directory}: weight {prefix + bad[0]} has NaN/inf values; "
+                             "the checkpoint is corrupt")
+    layer.load_state_dict(state, strict=True, assign=True)
+    return layer
 
 
 def _is_tied(model: Any, name: str) -> bool:
@@ -138,15 +162,7 @@ class LayerStreamer:
     _flip: int = 0
 
     def load(self, index: int) -> nn.Module:
-        layer = self.adapter.layers()[index]
-        prefix = self.adapter.layer_prefix(index) + "."
-        wanted = layer.state_dict()
-        state = {name: self.checkpoint.read(prefix + name, t.dtype) for name, t in wanted.items()}
-        bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if bad:
-            raise ModelLoadError(f"{self.checkpoint.directory}: weight {prefix + bad[0]} has NaN/inf values; "
-                                 "the checkpoint is corrupt")
-        layer.load_state_dict(state, strict=True, assign=True)
+        layer = load_layer(self.adapter, self.checkpoint, index)
         self.resident += 1
         self.max_resident = max(self.max_resident, self.resident)
         return layer
@@ -168,7 +184,7 @@ class LayerStreamer:
         layers = len(self.adapter.layers())
         where = "RAM" if self.activation_limit is None else f"memory-mapped files above {self.activation_limit} bytes"
         message = (f"streamed from disk ({self.reason}): {layers} decoder layers loaded one at a time, at most "
-                   f"{self.max_resident} in memory at once; hidden states in {where}; no evaluation, no checkpoints")
+                   f"{self.max_resident} in memory at once; hidden states in {where}; no checkpoints")
         return {"message": message, "count": layers, "pattern": f"{self.adapter.layers_path()}.*",
                 "modules": [self.adapter.layer_prefix(i) for i in range(layers)]}
 

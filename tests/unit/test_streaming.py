@@ -142,10 +142,7 @@ def test_whole_model_stages_and_formats_are_refused_before_loading(sharded_dir: 
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
-def test_eval_and_unreadable_budgets_are_usage_errors(sharded_dir: Any, text_file: Path, tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="streamed perplexity is not built yet"):
-        compress(str(sharded_dir()), _recipe(text_file), tmp_path / "o", device="cpu", memory_budget="1KB",
-                 eval_data=str(text_file))
+def test_unreadable_budgets_are_usage_errors(sharded_dir: Any, text_file: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="--memory-budget 'lots'"):
         compress(str(sharded_dir()), _recipe(text_file), tmp_path / "o", device="cpu", memory_budget="lots")
     with pytest.raises(UsageError, match="streaming reads a local directory"):
