@@ -63,7 +63,7 @@ TextFieldOpt = Annotated[
 MemoryBudgetOpt = Annotated[
     str,
     typer.Option("--memory-budget", help="RAM the model's weights may take, e.g. 4GB or 1.5GiB: a local safetensors "
-                 "checkpoint whose weights exceed it streams one decoder layer at a time from disk (rtn/gptq into "
+                 "checkpoint whose weights exceed it streams one decoder layer at a time from disk (rtn/gptq/dgq into "
                  "dense or compressed-tensors; --eval reads the written output back layer by layer). auto: the "
                  "available memory; none: never stream."),
 ]

@@ -53,8 +53,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Stages that need one layer and its own statistics only, so they run on a streamed model.
-STREAMING_METHODS = ("rtn", "gptq")
+#: Stages that need one layer and its own statistics only, so they run on a streamed model. dgq qualifies: its
+#: smoothing folds into the layer's own norms, its scale searches and GPTQ solve read the layer's Hessians, and its
+#: Int8Linear replaces the layer's own linears; compressor-int8 (its own format) does not stream: that writer reads
+#: every Int8Linear of the resident model at the end (a per-layer writer for it is not built).
+STREAMING_METHODS = ("rtn", "gptq", "dgq")
 #: Stages whose model runs INT8 activations, which a file's weights alone do not reproduce (no streamed --eval).
 INT8_ACTIVATION_METHODS = ("dgq",)
 #: Export formats whose writer takes the model tensor by tensor (``compressor.export.streamed``).

@@ -201,3 +201,38 @@ def test_cli_refusal_is_one_line_with_exit_2(sharded_dir: Any, text_file: Path, 
     assert result.exit_code == 2, result.output
     assert "stages.0 (slicegpt) does not stream" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("stage", "export", "dtype"), [
+    ({"weight_bits": 4, "group_size": 32}, "compressed-tensors", "float32"),  # W4A8 pack-quantized, smoothing
+    ({"weight_bits": 4, "group_size": 32, "solver": "rtn", "smoothing": None}, "compressed-tensors", "bfloat16"),
+    ({"weight_bits": 8}, "compressed-tensors", "bfloat16"),  # W8A8 int-quantized
+    ({"weight_bits": 4, "group_size": 32, "act_percentile": 99.0}, "dense", "float32"),
+])
+def test_dgq_streams_to_the_in_ram_bytes(sharded_dir: Any, text_file: Path, tmp_path: Path, stage: dict[str, Any],
+                                         export: str, dtype: str) -> None:
+    """dgq is layer-local (smoothing folds into the layer's own norms, Int8Linear swaps its own linears)."""
+    stage = {"method": "dgq", **stage}
+    recipe = recipe_from_dict({"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32,
+                                                            "batch_size": 2},
+                               "stages": [stage], "export": {"format": export, "max_shard_mb": 1}})
+    source = str(sharded_dir(dtype))
+    in_ram = compress(source, recipe, tmp_path / "ram", device="cpu", memory_budget="none")
+    streamed = compress(source, recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
+    _same_files(tmp_path / "ram", tmp_path / "stream")
+    assert streamed.avg_bits_per_weight == in_ram.avg_bits_per_weight
+    assert "streamed from disk" in streamed.warnings[0]["message"]
+
+
+def test_dgq_refusals_under_streaming(sharded_dir: Any, text_file: Path, tmp_path: Path) -> None:
+    """compressor-int8's writer reads every Int8Linear of the resident model; --eval would score float activations."""
+    stage = {"method": "dgq", "weight_bits": 4, "group_size": 32}
+    data = {"name": "t", "calibration": {"dataset": str(text_file), "samples": 2, "seq_len": 32},
+            "stages": [stage], "export": {"format": "compressor-int8"}}
+    with pytest.raises(RecipeError, match="export.format compressor-int8 does not stream"):
+        compress(str(sharded_dir()), recipe_from_dict(data), tmp_path / "o", device="cpu", memory_budget="1KB")
+    data["export"] = {"format": "compressed-tensors"}
+    with pytest.raises(UsageError, match="--eval under streaming .*INT8 activations"):
+        compress(str(sharded_dir()), recipe_from_dict(data), tmp_path / "o", device="cpu", memory_budget="1KB",
+                 eval_data=str(text_file))
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
