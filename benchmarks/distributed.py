@@ -5,8 +5,12 @@
 Both runs get ``--cores`` CPU threads in total: one process with ``OMP_NUM_THREADS=cores``, ``N`` processes with
 ``cores / N`` each (``torchrun --nproc-per-node N -m compressor compress``), so the speed-up measures splitting
 the calibration batches, not extra cores. Per run: wall time of the whole command (imports, load and export
-included) and the report's ``compress`` phase (the layer-wise pass). Every process solves every module (the
-solver is not partitioned yet), and each holds its own copy of the model: memory grows N times.
+included) and the report's ``compress`` phase (the layer-wise pass). Each process holds its own copy of the model:
+memory grows N times. The per-module solves a method hands to ``ctx.solve_each`` run in one process each and are
+broadcast (``compressor.distributed.solve_partitioned``: largest first onto the least-loaded process); GPTQ and RTN
+hand theirs over once ``quantize_layer_linears`` does (issue 21; until then every process solves every module).
+A module is never split, so the largest linear of a layer (down_proj) still runs in one process: the solve phase
+gains less than the forward.
 ``identical_outputs`` compares the two output directories (the report without times); thread counts change
 the order of float32 sums inside matrix products, so it can be false even when both runs are correct.
 """
