@@ -69,6 +69,11 @@ class WeightQuantConfig(TargetedConfig):
         "samples x seq_len x hidden copy in memory), or quantized_input = the float layer's output on the same "
         "quantized-prefix inputs."
     )
+    refine_loss: Literal["mse", "normalized"] = Field(
+        "mse", description="The refinement's loss: mse (the layer output's squared error, SignRound's) or "
+        "normalized (each token's squared error over its target's mean square, as the next RMSNorm sees it; "
+        "the residual stream's massive activations otherwise dominate the loss)."
+    )
 
     @model_validator(mode="before")
     @classmethod

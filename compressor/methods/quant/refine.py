@@ -30,6 +30,7 @@ from compressor.methods.quant.refine_ops import (
     FACTOR_RANGE,
     OFFSET_LIMIT,
     decayed_lr,
+    output_error,
     refined_codes,
     refined_weight,
     rounding_base,
@@ -163,13 +164,13 @@ def refine_layer(
     prefix = ctx.prefix + "."
     modules = [_Refined.start(path.removeprefix(prefix), ctx.run.quantized[path], value)
                for path, value in rounded.items()]
-    initial = _sequence_losses(ctx, modules, targets)
+    initial = _sequence_losses(ctx, modules, targets, config.refine_loss)
     starting = [module.snapshot() for module in modules]
     best = _signed_descent(ctx, config, modules, targets, initial)
     final = initial
     if best is not None:
         _restore(modules, best)
-        final = _sequence_losses(ctx, modules, targets)
+        final = _sequence_losses(ctx, modules, targets, config.refine_loss)
     if best is None or final.sum() >= initial.sum():  # a running estimate can mislead: never end above the start
         _restore(modules, starting)
         final = initial
@@ -204,8 +205,8 @@ def _signed_descent(
     for step in range(steps):
         chunk = next(chunks)
         with torch.enable_grad():
-            loss = sum((_chunk_error(ctx, modules, targets, index, rows) for index, rows in chunk),
-                       torch.zeros(()))
+            loss = sum((_chunk_error(ctx, modules, targets, index, rows, config.refine_loss)
+                        for index, rows in chunk), torch.zeros(()))
         reference = float(initial[torch.cat([_flat(ctx.inputs, index, rows) for index, rows in chunk])].sum())
         ratio = float(loss.detach()) / reference if reference > 0 else 1.0
         if ratio < best_ratio:
@@ -240,21 +241,22 @@ def _flat(inputs: list[CapturedBatch], index: int, rows: torch.Tensor) -> torch.
 
 
 def _chunk_error(ctx: LayerContext, modules: list[_Refined], targets: list[torch.Tensor], index: int,
-                 rows: torch.Tensor) -> torch.Tensor:
+                 rows: torch.Tensor, loss: str) -> torch.Tensor:
     """Summed squared error of the layer's output on ``rows`` of batch ``index`` (differentiable)."""
     batch = ctx.inputs[index]
     size = batch.hidden.shape[0]
     out = _forward(ctx.layer, modules, batch.hidden[rows], _take_rows(batch.kwargs, rows, size))
-    return (out.float() - targets[index][rows].float()).square().sum()
+    return output_error(out, targets[index][rows], loss).sum()
 
 
 @torch.no_grad()
-def _sequence_losses(ctx: LayerContext, modules: list[_Refined], targets: list[torch.Tensor]) -> torch.Tensor:
+def _sequence_losses(ctx: LayerContext, modules: list[_Refined], targets: list[torch.Tensor],
+                     loss: str) -> torch.Tensor:
     """Each calibration sequence's summed squared error at the current parameters, ``[n_sequences]``."""
     losses = []
     for batch, target in zip(ctx.inputs, targets, strict=True):
         out = _forward(ctx.layer, modules, batch.hidden, batch.kwargs)
-        losses.append((out.float() - target.float()).square().flatten(1).sum(1))
+        losses.append(output_error(out, target, loss))
     return torch.cat(losses)
 
 

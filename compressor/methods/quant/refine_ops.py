@@ -73,6 +73,20 @@ def refined_weight(base: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     return scale * factor * (refined_codes(base, zero, maxq, offset, factor) - zero)
 
 
+def output_error(out: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """Each sequence's summed squared error of a layer output, ``[batch]`` float32 (differentiable in ``out``).
+
+    ``out``, ``target``: ``[batch, seq, hidden]``. ``mse``: plain squared error (SignRound's). ``normalized``:
+    each token's squared error divided by its target's mean square, i.e. the error as the RMSNorm of the next
+    layer (and the final norm) sees it, to first order: the residual stream's massive activations (a few tokens
+    with |x| in the thousands) otherwise outweigh every other token's error.
+    """
+    diff = (out.float() - target.float()).square()
+    if loss == "normalized":
+        diff = diff / target.float().square().mean(-1, keepdim=True).clamp_min(1e-12)
+    return diff.flatten(1).sum(1)
+
+
 def signed_step(param: torch.Tensor, grad: torch.Tensor, lr: float, low: float, high: float) -> torch.Tensor:
     """One signed-gradient step, ``clamp(param - lr * sign(grad), low, high)`` (a new tensor)."""
     return torch.clamp(param - lr * torch.sign(grad), low, high)

@@ -11,6 +11,7 @@ import torch
 
 from compressor.methods.quant.refine_ops import (
     decayed_lr,
+    output_error,
     refined_codes,
     refined_weight,
     rounding_base,
@@ -74,3 +75,14 @@ def test_codes_stay_on_the_grid_for_any_offset_and_factor() -> None:
 
 def test_decayed_lr_is_linear_to_zero() -> None:
     assert [decayed_lr(0.1, step, 4) for step in range(4)] == pytest.approx([0.1, 0.075, 0.05, 0.025])
+
+
+def test_output_error_plain_and_normalized_per_token() -> None:
+    """Two sequences of two tokens, hidden 2. Targets: a massive token [30, 40] (mean square 1250) and a plain one
+    [1, 1] (mean square 1); both off by [1, 0] in sequence 0, by [0, 2] in sequence 1. Plain: 1 + 1 and 4 + 4;
+    normalized: 1/1250 + 1 and 4/1250 + 4."""
+    target = torch.tensor([[[30.0, 40.0], [1.0, 1.0]]]).repeat(2, 1, 1)
+    off = torch.tensor([[[1.0, 0.0]], [[0.0, 2.0]]])
+    out = target + off
+    torch.testing.assert_close(output_error(out, target, "mse"), torch.tensor([2.0, 8.0]))
+    torch.testing.assert_close(output_error(out, target, "normalized"), torch.tensor([1 + 1 / 1250, 4 + 4 / 1250]))
