@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,17 +33,9 @@ from compressor.report import (
     write_plots,
     write_report,
 )
+from compressor.timing import phase
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 3)
 
 
 def load(
@@ -285,21 +275,19 @@ def _compress(
         check_resume(out, resume=resume, checkpoint=checkpoint, overwrite=overwrite)
     timings: dict[str, float] = {}
     stages = build_stages(recipe.stages, recipe.export.format)
-    plan = streaming.plan_for_run(model, memory_budget, dtype, stages, recipe, eval_data=eval_data, resume=resume)
-    activation_limit = streaming.activation_limit(activation_memory)
+    stream = streaming.prepare(model, memory_budget, activation_memory, dtype, stages, recipe, eval_data=eval_data,
+                               resume=resume)
     if distributed.is_distributed():
         distributed.check_recipe(stages, recipe.calibration, resume)
         checkpoint, eval_data = False, eval_data if distributed.is_writer() else None
-    checkpoint = checkpoint and plan is None  # a streamed layer is written out as soon as it is done
+    checkpoint = checkpoint and stream is None  # a streamed layer is written out as soon as it is done
     evaluation = eval_data and RunEvaluation(eval_data, eval_seq_len or recipe.calibration.seq_len, eval_max_tokens,
-                                             device, max_ppl_increase)
-    if evaluation and plan is not None:  # streamed: the source checkpoint, one layer at a time, before loading
-        with _phase(timings, "eval_before"):
-            evaluation.measure("before", Path(str(model)), dtype)
-    with _phase(timings, "load"):
-        loaded, source = streaming.load_skeleton(Path(str(model)), dtype) if plan else (model if isinstance(
-            model, LoadedModel) else load(model, dtype=dtype, allow_pickle=allow_pickle,
-                                          trust_remote_code=trust_remote_code), None)
+                                             device, max_ppl_increase, timings)
+    if evaluation and stream:  # the source checkpoint, one layer at a time, before the skeleton loads
+        evaluation.measure("before", stream.directory, dtype)
+    with phase(timings, "load"):
+        loaded = stream.load() if stream else model if isinstance(model, LoadedModel) else load(
+            model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     adapter = get_adapter(loaded.model)
     calib = recipe.calibration
     _check_seq_len(adapter, calib.seq_len)
@@ -307,27 +295,25 @@ def _compress(
     _check_format_fits_model(recipe.export, loaded.model)
     distributed.check_model(loaded.model, adapter)
     target = resolve_device(device)
-    with _phase(timings, "calibration_data"):
+    with phase(timings, "calibration_data"):
         calibration_notes: list[str] = []
         tokens = calibration_batch(loaded.tokenizer, calib.dataset, calib.samples, calib.seq_len, recipe.seed,
                                    text_field=calib.text_field, notes=calibration_notes)
     params_before, bytes_before = model_size(loaded.model)
-    if evaluation and plan is None:
-        with _phase(timings, "eval_before"):
-            evaluation.measure("before", loaded)
+    if evaluation and not stream:
+        evaluation.measure("before", loaded)
     marks = fingerprint(recipe.digest(), loaded.model, tokens) if checkpoint else {}
     checkpoints = Checkpoints(out, recipe.to_dict(), marks, resume) if checkpoint else None
     torch.manual_seed(recipe.seed)
     run = ModelContext(loaded.model, adapter, distributed.shard_batches(tokens, calib.batch_size), target,
                        calib.batch_size)
-    with streaming.attach(run, plan, source, recipe.export, out, activation_limit):  # no-op unless streaming
-        with _phase(timings, "compress"):
+    with streaming.attach(run, stream, recipe.export, out):  # no-op unless streaming
+        with phase(timings, "compress"):
             records = run_stages(run, stages, progress, checkpoints)
             if run.stream is None:  # a streamed run rounded each layer's scales before writing it
                 _round_scales_for_storage(run, recipe.export)
-        if evaluation and plan is None:
-            with _phase(timings, "eval_after"):
-                evaluation.measure("after", loaded)
+        if evaluation and not stream:
+            evaluation.measure("after", loaded)
         params_after, bytes_after = model_size(loaded.model, run.quantized)
         quantizers = {stage.name for stage in stages if stage.kind == "quant"}
         bits, bits_meta = average_bits(run.quantized, [r for r in records if r.method in quantizers])
@@ -344,17 +330,11 @@ def _compress(
             warnings=[*loaded.warnings, *streaming.notes(run), *Report.grouped_warnings(records)],
         )
         report.dtype = dtype_name(loaded.model)
-        if evaluation and plan is None:
+        if evaluation and not stream:
             evaluation.judge(report)
-
-        def judge(output: Path) -> None:  # a streamed run scores its written output, read back layer by layer
-            assert evaluation
-            with _phase(timings, "eval_after"):
-                evaluation.measure("after", output, report.dtype)
-            evaluation.judge(report)
-        if distributed.is_writer():
+        if distributed.is_writer():  # a streamed run scores its written output, read back layer by layer
             _write(report, run, loaded, recipe, out, overwrite, timings, stages,
-                   judge if evaluation and plan is not None else None)
+                   evaluation.judge_output(report) if evaluation and stream else None)
         distributed.barrier()  # the other processes return once rank 0's output is complete
         if report.quality_gate and not report.quality_gate["passed"]:
             raise QualityGateError(report.quality_gate["message"])
@@ -398,7 +378,7 @@ def _write_files(
     timings: dict[str, float], stages: list[Method] | None = None, judge: Callable[[Path], None] | None = None,
 ) -> None:
     with atomic_output_dir(out, overwrite) as staging:
-        with _phase(timings, "export"):
+        with phase(timings, "export"):
             report.files = write_model(recipe.export, run, loaded.tokenizer, staging, stages)
         if judge:
             judge(staging)

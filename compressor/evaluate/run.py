@@ -8,11 +8,13 @@ needs the whole model in memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from compressor.models.loading import LoadedModel
+from compressor.timing import phase
 
 
 @dataclass
@@ -24,10 +26,15 @@ class RunEvaluation:
     max_tokens: int | None
     device: str
     max_increase: float | None  # percent; None: no quality gate
+    timings: dict[str, float]  # the run's; each measurement adds its wall time as ``eval_<which>``
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def measure(self, which: str, subject: LoadedModel | Path, dtype: str = "auto") -> None:
         """Score ``subject`` as ``which`` (before/after): a loaded model, or a directory streamed in ``dtype``."""
+        with phase(self.timings, f"eval_{which}"):
+            self._measure(which, subject, dtype)
+
+    def _measure(self, which: str, subject: LoadedModel | Path, dtype: str) -> None:
         from compressor import pipeline, streaming
 
         if isinstance(subject, Path):
@@ -58,3 +65,12 @@ class RunEvaluation:
         """Put the summary and the gate into ``report`` (a :class:`compressor.report.Report`)."""
         report.eval = self.summary()
         report.quality_gate = self.gate(report.eval)
+
+    def judge_output(self, report: Any) -> Callable[[Path], None]:
+        """For a streamed run: score the written output directory (before the report is written), then judge."""
+
+        def judge(output: Path) -> None:
+            self.measure("after", output, report.dtype)
+            self.judge(report)
+
+        return judge

@@ -192,6 +192,33 @@ def _gb(size: int | None) -> str:
     return "unknown" if size is None else f"{size / 1e9:.2f} GB"
 
 
+@dataclass
+class StreamedRun:
+    """The streaming side of one compress run: what it streams from, how, and the source's reader once loaded."""
+
+    plan: StreamPlan
+    directory: Path
+    dtype: str
+    activation_limit: int | None
+    source: Any = None  # the checkpoint reader (:class:`compressor.streaming.layers.Checkpoint`), set by load()
+
+    def load(self) -> LoadedModel:
+        """The meta skeleton, what runs before layer 0 loaded (:func:`compressor.streaming.layers.load_skeleton`)."""
+        from compressor.streaming.layers import load_skeleton
+
+        loaded, self.source = load_skeleton(self.directory, self.dtype)
+        return loaded
+
+
+def prepare(model: str | Path | LoadedModel, memory_budget: str | int | None, activation_memory: str | int | None,
+            dtype: str, stages: list[Method], recipe: Recipe, *, eval_data: str | None,
+            resume: bool) -> StreamedRun | None:
+    """How this compress run streams its layers from disk, or None when it loads whole (checked before any load)."""
+    plan = plan_for_run(model, memory_budget, dtype, stages, recipe, eval_data=eval_data, resume=resume)
+    limit = activation_limit(activation_memory)
+    return None if plan is None else StreamedRun(plan, Path(str(model)), dtype, limit)
+
+
 def plan_for_run(model: str | Path | LoadedModel, memory_budget: str | int | None, dtype: str, stages: list[Method],
                  recipe: Recipe, *, eval_data: str | None, resume: bool) -> StreamPlan | None:
     """The streaming plan when this run streams its layers from disk, else None (checked before any load)."""
@@ -216,10 +243,9 @@ def activation_limit(activation_memory: str | int | None) -> int | None:
 
 
 @contextmanager
-def attach(run: ModelContext, plan: StreamPlan | None, source: Any, export_config: ExportConfig, out: Path,
-              activation_limit: int | None) -> Iterator[None]:
+def attach(run: ModelContext, stream: StreamedRun | None, export_config: ExportConfig, out: Path) -> Iterator[None]:
     """Attach a layer streamer to ``run`` when the model streams; its temporary files go whatever happens."""
-    if plan is None:
+    if stream is None:
         yield
         return
     from compressor.streaming.layers import LayerStreamer
@@ -227,19 +253,12 @@ def attach(run: ModelContext, plan: StreamPlan | None, source: Any, export_confi
     partial = partial_dir(out)
     workdir = stream_workdir(partial)
     try:
-        run.stream = LayerStreamer(run.model, run.adapter, source, LayerFiles(workdir / "layers"), export_config.format,
-                                   lambda dtype: storage_scale_dtype(export_config, dtype), workdir, plan.reason,
-                                   activation_limit)
+        run.stream = LayerStreamer(run.model, run.adapter, stream.source, LayerFiles(workdir / "layers"),
+                                   export_config.format, lambda dtype: storage_scale_dtype(export_config, dtype),
+                                   workdir, stream.plan.reason, stream.activation_limit)
         yield
     finally:
         remove_workdir(workdir, partial)
-
-
-def load_skeleton(directory: Path, dtype: str) -> tuple[LoadedModel, Any]:
-    """The streamed model (:func:`compressor.streaming.layers.load_skeleton`) and its checkpoint reader."""
-    from compressor.streaming.layers import load_skeleton as load
-
-    return load(directory, dtype)
 
 
 def notes(run: ModelContext) -> list[dict[str, Any]]:
