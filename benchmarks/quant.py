@@ -2,7 +2,8 @@
 
     python benchmarks/quant.py --samples 128 --seq-len 512 --eval-tokens 16384 [--settings w4g128,w3g128]
         [--methods rtn,gptq] [--grid full] [--scale-search weighted] [--fit-on original] [--no-act-order]
-        [--refine-iters 50 --refine-batch 2 --refine-target float_input --refine-lr 0.005]
+        [--refine-iters 50 --refine-batch 2 --refine-target float_input --refine-loss normalized
+        --refine-lr 0.005]
 
 Every setting starts from the same dense weights and is scored on the same demo:wiki windows. The
 "floor" is one plain forward pass of the calibration set through the decoder. RTN needs no calibration: it
@@ -77,6 +78,8 @@ def main() -> None:
     parser.add_argument("--refine-batch", type=int, default=2, help="Sequences per refinement step.")
     parser.add_argument("--refine-target", default="float_input", choices=["float_input", "quantized_input"],
                         help="What each refined layer reproduces (see WeightQuantConfig.refine_target).")
+    parser.add_argument("--refine-loss", default="mse", choices=["mse", "normalized"],
+                        help="The refinement's loss (see WeightQuantConfig.refine_loss).")
     parser.add_argument("--refine-lr", type=float, default=None, help="Refinement step size (default 1/iters).")
     args = parser.parse_args()
     if args.threads:
@@ -103,7 +106,8 @@ def main() -> None:
             start = time.perf_counter()
             scheme = {"bits": bits, "group_size": group, "grid": args.grid, "scale_search": args.scale_search,
                       "refine_iters": args.refine_iters, "refine_batch": args.refine_batch,
-                      "refine_target": args.refine_target, "refine_lr": args.refine_lr}
+                      "refine_target": args.refine_target, "refine_lr": args.refine_lr,
+                      "refine_loss": args.refine_loss}
             if method == "gptq" or args.scale_search == "weighted" or args.refine_iters:
                 stage = (GPTQ(GPTQConfig(method="gptq", act_order=not args.no_act_order, fit_on=args.fit_on,
                                          **scheme)) if method == "gptq" else RTN(RTNConfig(method="rtn", **scheme)))
@@ -115,7 +119,7 @@ def main() -> None:
             seconds = round(time.perf_counter() - start, 1)
             bpw, bpw_meta = average_bits(quantized)
             options = f"{args.grid}/{args.scale_search}" + (
-                f"/refine{args.refine_iters}b{args.refine_batch}/{args.refine_target}"
+                f"/refine{args.refine_iters}b{args.refine_batch}/{args.refine_target}/{args.refine_loss}"
                 + (f"/lr{args.refine_lr}" if args.refine_lr else "") if args.refine_iters else "") + (
                 f"/{args.fit_on}/{'no-' if args.no_act_order else ''}act-order" if method == "gptq" else "")
             rows.append({"setting": name, "method": method, "options": options, "ppl": ppl(), "seconds": seconds,
@@ -123,7 +127,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     result = {"model": args.model, "options": {k: getattr(args, k) for k in ("grid", "scale_search", "fit_on",
                                                                            "refine_iters", "refine_batch",
-                                                                           "refine_target", "refine_lr")}
+                                                                           "refine_target", "refine_lr",
+                                                                           "refine_loss")}
               | {"act_order": not args.no_act_order}, "calibration": f"demo:lee {args.samples}x{args.seq_len}",
               "eval": f"demo:wiki {args.eval_tokens} tokens, windows of 512", "floor_forward_seconds": floor,
               "threads": torch.get_num_threads(), "peak_rss_mb": round(peak_rss_bytes() / 2**20), "rows": rows}
