@@ -192,7 +192,8 @@ def solve_partitioned(jobs: Sequence[Job[T]]) -> list[T]:
 
     Each process first solves its own jobs, then every result is broadcast from its owner, in job order. A job
     that raises has its exception broadcast in place of its result and raised on every process, so none waits
-    for a result that will not come. In one process the jobs simply run in order.
+    for a result that will not come. Every process must call it at the same point with the same jobs' costs (it
+    is collective); in one process the jobs simply run in order.
     """
     if not is_distributed():
         return [job.solve() for job in jobs]
@@ -236,9 +237,8 @@ def _broadcast(value: Any, src: int) -> Any:
     tensors: list[torch.Tensor] = []
     header: list[Any] = [None]
     if rank() == src:
-        if isinstance(value, _Failed):
-            value = _Failed(_picklable(value.error))
-        header = [(_strip(value, tensors), [(t.shape, t.dtype) for t in tensors])]
+        sent = _Failed(_picklable(value.error)) if isinstance(value, _Failed) else value  # src raises the original
+        header = [(_strip(sent, tensors), [(t.shape, t.dtype) for t in tensors])]
     dist.broadcast_object_list(header, src=src)
     skeleton, specs = header[0]
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

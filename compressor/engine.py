@@ -3,9 +3,9 @@
 Per pass: run the embeddings once and capture decoder layer 0's hidden states plus every layer's own
 keyword arguments (its attention mask, which differs between sliding-window and full-attention layers,
 position embeddings...: ``calibration/capture.py``); then for each layer move it to the device, let every
-stage of the pass transform it, re-run the calibration set through the transformed layer to make the next layer's inputs
-(so later layers see earlier layers' error), move it back, and move the integer codes it produced to
-``storage_device``. Only one layer and the calibration hidden states are on the device at a time. A
+stage of the pass transform it, re-run the calibration set through the transformed layer to make the next
+layer's inputs (so later layers see earlier layers' error), move it back, and move the integer codes it
+produced to ``storage_device``. Only one layer and the calibration hidden states are on the device at a time. A
 model-level stage (layer removal) ends a pass; the stages after it get a fresh capture of the changed model.
 """
 

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -179,13 +180,27 @@ def _split() -> dict[str, Any]:
         solve_partitioned([Job(2.0, lambda: 1), Job(1.0, partial(_fail, distributed.world_size() - 1))])
     except NumericalError as exc:
         failure = str(exc)
+    try:
+        solve_partitioned([Job(2.0, lambda: 1), Job(1.0, _fail_unpicklably)])
+    except Exception as exc:
+        unpicklable = f"{type(exc).__name__}: {exc}"
     return {"weights": weights, "quantized": run.quantized, "solved": stage.solved, "failure": failure,
-            "records": [(r.module, r.note, r.rel_error) for r in records]}
+            "unpicklable": unpicklable, "records": [(r.module, r.note, r.rel_error) for r in records]}
 
 
 def _fail(rank: int) -> None:
     time.sleep(0.2)  # the other process is already waiting for this job's result
     raise NumericalError(f"job failed on rank {rank}")
+
+
+class _Unpicklable(Exception):
+    def __init__(self) -> None:
+        super().__init__("holds a lock")
+        self.lock = threading.Lock()
+
+
+def _fail_unpicklably() -> None:
+    raise _Unpicklable
 
 
 def _worker(rank: int, world: int, port: int, out: str, task: Callable[[], dict[str, Any]]) -> None:
@@ -286,6 +301,10 @@ def test_two_processes_split_the_solves_and_get_one_process_bits(tmp_path: Path)
         assert [row[2] for row in result["records"]] == [row[2] for row in single["records"]]
         assert result["failure"] == "job failed on rank 1"
     assert single["failure"] == "job failed on rank 0"
+    # the process that raised it keeps the original; the other gets its type and message
+    assert [result["unpicklable"] for result in ranks] == ["RuntimeError: _Unpicklable: holds a lock",
+                                                            "_Unpicklable: holds a lock"]
+    assert single["unpicklable"] == "_Unpicklable: holds a lock"
 
 
 RECIPE = """\
