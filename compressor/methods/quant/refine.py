@@ -176,8 +176,8 @@ def refine_layer(
         final = initial
     _write_back(ctx, modules)
     count = sum(t.numel() for t in targets)
-    summary = {"steps": config.refine_iters, "layer_mse_before": float(initial.sum()) / count,
-               "layer_mse_after": float(final.sum()) / count}
+    summary = {"steps": config.refine_iters, "loss": config.refine_loss,
+               "layer_mse_before": float(initial.sum()) / count, "layer_mse_after": float(final.sum()) / count}
     share = (time.perf_counter() - start) / len(rounded)
     for record in records:
         if record.module in rounded:
