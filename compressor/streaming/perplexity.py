@@ -3,9 +3,10 @@
 :func:`compressor.evaluate.perplexity.perplexity` runs each window through the whole resident model. Here the
 model is a meta skeleton (:func:`compressor.streaming.layers.load_skeleton`) and the order is turned around:
 
-1. the embeddings (and rotary modules) are loaded, the engine's :func:`~compressor.engine.capture_inputs` records
-   what the model's own forward hands each decoder layer for every window (hidden input of layer 0, each layer's
-   mask and position embeddings), and the embeddings go back to meta;
+1. the embeddings (and rotary modules) are loaded, the engine's capture
+   (:func:`~compressor.calibration.capture.capture_inputs`) records what the model's own forward hands each decoder
+   layer for every window (hidden input of layer 0, each layer's mask and position embeddings), and the embeddings
+   go back to meta;
 2. each decoder layer is read from the checkpoint, every window's hidden states go through it, and it goes back
    to meta: one layer resident at a time, the windows' hidden states (``windows x seq_len x hidden`` in the model
    dtype) the only thing that lives across layers;
@@ -61,8 +62,8 @@ def streamed_perplexity(
     ``progress(layers_done)`` is called after each decoder layer. ``chunk_rows`` (default: what fits
     :data:`LOGIT_CHUNK_FLOATS`) bounds the positions whose logits exist at once.
     """
+    from compressor.calibration.capture import capture_inputs
     from compressor.calibration.tokens import iter_eval_windows
-    from compressor.engine import capture_inputs
     from compressor.models import get_adapter
 
     start = time.perf_counter()
