@@ -26,7 +26,7 @@ import torch
 from compressor import engine
 from compressor.calibration.tokens import calibration_batch
 from compressor.engine import LayerContext, ModelContext, run_stages
-from compressor.methods.quant import common, gptq_ops
+from compressor.methods.quant import common, gptq_ops, gptq_sweep
 from compressor.methods.registry import get_method
 from compressor.models import get_adapter
 from compressor.pipeline import load
@@ -56,7 +56,7 @@ def _instrument() -> None:
     _timed(engine, "accumulate_hessian", "hessian/accumulate_hessian")
     _timed(gptq_ops, "gptq_quantize", "gptq_solve")
     _timed(gptq_ops, "_plan_groups", "gptq_solve/plan_groups")
-    _timed(gptq_ops, "fit_qparams", "gptq_solve/fit_qparams")
+    _timed(gptq_sweep, "fit_qparams", "gptq_solve/fit_qparams")
     _timed(gptq_ops, "_inverse_cholesky", "gptq_solve/inverse_cholesky")
     _timed(gptq_ops, "_sweep", "gptq_solve/sweep")
     _timed(common, "_record", "record")
@@ -69,8 +69,9 @@ def _instrument() -> None:
 SOLVES: list[dict[str, Any]] = []
 
 
-def _record_solves(layers: set[int], per_layer: int = 7) -> None:
-    """Keep the arguments of ``gptq_quantize`` for the decoder layers ``layers`` (``per_layer`` calls each)."""
+def _record_solves(layers: set[int], per_layer: int = 4) -> None:
+    """Keep the arguments of ``gptq_quantize`` for the decoder layers ``layers`` (``per_layer`` calls each: q/k/v,
+    o, gate/up and down are one solve each)."""
     inner = gptq_ops.gptq_quantize
     calls = [0]
 

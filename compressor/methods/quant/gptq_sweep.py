@@ -63,13 +63,21 @@ def _sweep(
     rounded = W.new_empty(columns, out)
     rows = _GroupRows.of(groups)
     sums: list[torch.Tensor] = []
+    # buffers for every block: fresh large temporaries cost page faults (each block would make five)
+    block = min(block_size, columns)
+    errors, product, errors_t = W.new_empty(block, out), W.new_empty(block, out), W.new_empty(out, block)
+    update = W.new_empty(out * max(columns - block, 0))
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        W1 = W[:, i1:i2].T.contiguous()
-        Err1 = _quantize_block(W, W1, Hinv, i1, groups, rows, codes[i1:i2])
-        rounded[i1:i2] = W1  # row i is never updated after column i was rounded
+        n = i2 - i1
+        W1 = rounded[i1:i2]  # the block, transposed; row i is never updated after column i was rounded
+        W1.copy_(W[:, i1:i2].T)
+        Err1 = errors[:n]
+        _quantize_block(W, W1, Err1, product[:n], Hinv, i1, groups, rows, codes[i1:i2])
         sums.append(Err1.square().sum(1))
-        W[:, i2:] -= Err1.T.contiguous() @ Hinv[i1:i2, i2:]
+        if i2 < columns:  # nothing is right of the last block
+            E = errors_t.copy_(Err1.T) if n == block else Err1.T.contiguous()  # [out, n] as the column form
+            W[:, i2:] -= torch.mm(E, Hinv[i1:i2, i2:], out=update[: out * (columns - i2)].view(out, columns - i2))
     # the column form's running float32 total, column after column
     loss = numpy.add.accumulate(torch.cat(sums).numpy(), dtype=numpy.float32)[-1] if sums else 0.0
     return codes.T.contiguous(), rounded.T.contiguous(), float(loss) / 2
@@ -103,23 +111,23 @@ class _GroupRows:
 def _quantize_block(
     W: torch.Tensor,
     W1: torch.Tensor,
+    Err1: torch.Tensor,
+    product: torch.Tensor,
     Hinv: torch.Tensor,
     i1: int,
     groups: _Groups,
     rows: _GroupRows,
     codes: torch.Tensor,
-) -> torch.Tensor:
+) -> None:
     """Quantize the block ``W1 = W[:, i1:i2]^T`` one column (row of ``W1``) at a time with in-block feedback.
 
     For column ``j``: ``q = clamp(round(w_j / s) + z, 0, 2**b - 1)``, ``err = (w_j - s (q - z)) / Hinv[j, j]`` and
     ``W1[j+1:] -= Hinv[j, j+1:]^T err`` (Eq. 3 with the Cholesky rows of ``H^-1``), each step the same float32
-    operations as the reference's column form. Writes the codes into ``codes: [i2-i1, out]``. Returns
-    ``Err1: [i2-i1, out]``.
+    operations as the reference's column form. Writes the codes into ``codes: [i2-i1, out]`` and the scaled errors
+    into ``Err1: [i2-i1, out]`` (``product``, of that shape too, is scratch).
     """
     n = W1.shape[0]
-    Err1 = torch.zeros_like(W1)
     Hinv1 = Hinv[i1 : i1 + n, i1 : i1 + n]
-    product = torch.empty_like(W1)
     weights, errs, levels = W1.unbind(0), Err1.unbind(0), codes.unbind(0)
     diagonal, h = Hinv1.diagonal().unbind(0), Hinv1.unsqueeze(2).unbind(0)  # h[i]: [n, 1]
     scales, lows, highs = rows.rows
@@ -138,7 +146,6 @@ def _quantize_block(
             rest = product[i + 1 :]
             W1[i + 1 :].sub_(torch.mul(h[i][i + 1 :], err, out=rest))
     codes.add_(rows.zero[groups.of_column[i1 : i1 + n]])
-    return Err1
 
 
 def _current_columns(

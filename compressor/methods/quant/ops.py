@@ -222,11 +222,14 @@ def _search_symmetric(
     aw, a = (a * w).double(), a.double()  # the gains differ from sum a w^2 by the error: float32 cannot tell
     best_gain = torch.full_like(base, -float("inf"), dtype=torch.float64)
     best_scale = base
+    # one set of buffers for every candidate: fresh large temporaries cost page faults, more than the arithmetic
+    level, level64, product = torch.empty_like(w), torch.empty_like(aw), torch.empty_like(aw)
     for ratio in ratios:
         scale = base * ratio
-        level = torch.mul(w, (1 / scale)[..., None]).round_().clamp_(-half, half - 1).double()
-        s1 = torch.linalg.vecdot(aw, level)
-        s2 = torch.linalg.vecdot(a, level.mul_(level))
+        torch.mul(w, (1 / scale)[..., None], out=level).round_().clamp_(-half, half - 1)
+        level64.copy_(level)
+        s1 = torch.mul(aw, level64, out=product).sum(-1)  # what vecdot computes, without its temporaries
+        s2 = torch.mul(a, level64.mul_(level64), out=product).sum(-1)
         positive = s2 > 0
         divisor = torch.where(positive, s2, 1.0)
         fit = (s1 / divisor).float()
