@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,18 +137,20 @@ class LayerFiles:
     where: dict[str, Path] = field(default_factory=dict)
     specs: dict[str, TensorSpec] = field(default_factory=dict)
 
-    def save(self, index: int, tensors: dict[str, torch.Tensor], shared: bool = False) -> None:
+    def save(self, index: int, tensors: dict[str, torch.Tensor], shared: bool | Collection[str] = False) -> None:
         """Write one layer's tensors now (they are freed by the caller once this returns).
 
-        ``shared``: the in-RAM writer would see these very tensors (``save_pretrained``), so record which share
-        a storage; otherwise it writes fresh copies (``compressed_state_dict`` clones) and none is shared.
+        ``shared``: the tensors (True: all; else the names given) the in-RAM writer sees as they are, so record which
+        share a storage: ``save_pretrained`` writes every tensor so, ``compressed_state_dict`` its packed tensors
+        (a stacked solve's scales can be views of one tensor); the others it clones, and a clone shares nothing.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"layer-{index:05d}.safetensors"
         save_file({name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}, str(path))
         for name, tensor in tensors.items():
             self.where[name] = path
-            self.specs[name] = spec_of(name, tensor, ("layer", index) if shared else None)
+            keep = shared is True or (not isinstance(shared, bool) and name in shared)
+            self.specs[name] = spec_of(name, tensor, ("layer", index) if keep else None)
 
     def read(self, name: str) -> torch.Tensor:
         with safe_open(str(self.where[name]), framework="pt") as handle:

@@ -227,7 +227,9 @@ class LayerStreamer:
                 run.quantized[path] = replace(run.quantized[path],
                                               scale=run.quantized[path].scale.to(storage).float())
                 module.weight.data = run.quantized[path].dequantize(module.weight.dtype)
-        self.files.save(index, self._outputs(run, layer, prefix, paths), shared=self.export_format == "dense")
+        outputs = self._outputs(run, layer, prefix, paths)
+        packed = {name for path in paths for name in self.packed.get(path, [])}
+        self.files.save(index, outputs, shared=True if self.export_format == "dense" else packed)
         for path in paths:
             run.quantized[path] = _shape_only(run.quantized[path])
         layer.to("meta")
