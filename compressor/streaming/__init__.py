@@ -100,7 +100,11 @@ def available_memory_bytes() -> int:
 
 
 def checkpoint_weight_bytes(directory: Path, dtype: str) -> int:
-    """Bytes of every tensor in the directory's safetensors files at the run's dtype (``auto``: as stored)."""
+    """Bytes of every tensor in the directory's safetensors files at the run's dtype (``auto``: as stored).
+
+    A compressed-tensors linear counts as the dense weight it is dequantized to (``weight_shape`` elements in its
+    scale's dtype, or the forced one): that is what a loaded or streamed model holds, not the packed codes.
+    """
     forced = DTYPES.get(dtype)
     total = 0
     for path in sorted(directory.glob("*.safetensors")):
@@ -108,16 +112,32 @@ def checkpoint_weight_bytes(directory: Path, dtype: str) -> int:
             length = int.from_bytes(file.read(8), "little")
             header = json.loads(file.read(length))
         for name, entry in header.items():
-            if name == "__metadata__":
+            if name == "__metadata__" or name.endswith(_PACKED_PARTS):
                 continue
+            stored = entry["dtype"]
+            shape = entry["shape"]
+            if name.endswith(".weight_packed"):  # the dense weight, in the dtype of its scales
+                stem = name.removesuffix("_packed")
+                shape, stored = _read_shape(path, f"{stem}_shape"), header[f"{stem}_scale"]["dtype"]
             count = 1
-            for size in entry["shape"]:
+            for size in shape:
                 count *= size
-            bits = DTYPE_BITS[entry["dtype"]]
-            if forced is not None and entry["dtype"] in _SAFETENSORS_TORCH:
+            bits = DTYPE_BITS[stored]
+            if forced is not None and stored in _SAFETENSORS_TORCH:
                 bits = torch.empty((), dtype=forced).element_size() * 8
             total += count * bits // 8
     return total
+
+
+#: The parts of a compressed-tensors linear other than its codes (counted in the dense weight's size).
+_PACKED_PARTS = (".weight_scale", ".weight_shape", ".weight_zero_point", ".weight_g_idx")
+
+
+def _read_shape(path: Path, name: str) -> list[int]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return [int(size) for size in handle.get_tensor(name).tolist()]
 
 
 def plan_streaming(model: object, memory_budget: str | int | None, dtype: str) -> StreamPlan:

@@ -156,3 +156,19 @@ def test_int8_activation_files_are_refused(tmp_path: Path) -> None:
                                                                "input_activations": {"num_bits": 8}}}}
     with pytest.raises(UsageError, match="INT8 .*--memory-budget none"):
         PackedCheckpoint(tmp_path, quant)
+
+
+def test_a_packed_output_is_budgeted_at_its_dequantized_size(saved: Callable[..., Path], text_file: Path,
+                                                             tmp_path: Path) -> None:
+    """``auto`` must stream a 4-bit file that fits on disk but not once dequantized: its size is the dense one."""
+    from compressor.pipeline import compress
+    from compressor.streaming import checkpoint_weight_bytes
+
+    source = saved("bfloat16")
+    compress(str(source), _recipe(text_file, "compressed-tensors"), tmp_path / "ct", device="cpu",
+             memory_budget="none")
+    dense = checkpoint_weight_bytes(source, "auto")
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "ct").glob("*.safetensors"))
+    assert on_disk < 0.6 * dense
+    assert checkpoint_weight_bytes(tmp_path / "ct", "auto") == dense
+    assert checkpoint_weight_bytes(tmp_path / "ct", "float32") == 2 * dense
