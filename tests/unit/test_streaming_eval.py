@@ -172,3 +172,17 @@ def test_a_packed_output_is_budgeted_at_its_dequantized_size(saved: Callable[...
     assert on_disk < 0.6 * dense
     assert checkpoint_weight_bytes(tmp_path / "ct", "auto") == dense
     assert checkpoint_weight_bytes(tmp_path / "ct", "float32") == 2 * dense
+
+
+def test_a_failed_gate_under_streaming_still_writes_the_output(saved: Callable[..., Path], text_file: Path,
+                                                                tmp_path: Path) -> None:
+    """The gate is judged on the written output before the report is written; the run then fails (exit 3)."""
+    from compressor.errors import QualityGateError
+    from compressor.pipeline import compress
+
+    with pytest.raises(QualityGateError, match="exceeds the limit"):
+        compress(str(saved()), _recipe(text_file, "dense", "rtn", bits=2), tmp_path / "o", device="cpu",
+                 memory_budget="1KB", eval_data=str(text_file), eval_max_tokens=128, max_ppl_increase=0.0)
+    written = json.loads((tmp_path / "o" / "compression_report.json").read_text())
+    assert written["quality_gate"]["passed"] is False and written["eval"]["after"]["ppl"] > 0
+    assert not (tmp_path / "o.partial").exists()
