@@ -58,10 +58,7 @@ def test_engine_gives_the_slow_reference_codes(act_order: bool, monkeypatch: pyt
     tokens = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(1))
     run = ModelContext(model, get_adapter(model), tokens, torch.device("cpu"), batch_size=4)
     records = run_stages(run, build_stages([config]))
-    assert len(records) == 21  # 3 layers x 7 linears
-    # linears reading one input are solved stacked (q/k/v, gate/up): 3 layers x 4 inputs
-    assert len(calls) == 12
-    assert sum(W.numel() for W, _, _ in calls) == sum(r.params_before for r in records)
+    assert len(calls) == len(records) == 21  # 3 layers x 7 linears
     reordered = 0
     for W, H, result in calls:
         codes, W_hat = reference_gptq(W, H, 3, 32, symmetric=False, act_order=act_order)

@@ -15,8 +15,8 @@ from tiny import FAMILIES, tiny_model
 
 from compressor.engine import ModelContext, run_stages
 from compressor.methods.base import LayerRecord
-from compressor.methods.quant import common, gptq_ops, ops
 from compressor.methods.quant import gptq as gptq_module
+from compressor.methods.quant import gptq_ops, ops
 from compressor.methods.quant.gptq import GPTQConfig
 from compressor.methods.quant.gptq_ops import gptq_quantize
 from compressor.methods.quant.ops import QuantizedWeight, search_qparams
@@ -166,6 +166,7 @@ def test_stacked_solves_equal_one_linear_at_a_time(family: str, refine: int, mon
     records; refinement still receives each linear's own rounded values."""
 
     def run(joint: bool) -> tuple[dict[str, QuantizedWeight], list[LayerRecord]]:
+        monkeypatch.setattr(gptq_module, "STACK_SHARED_INPUTS", joint)
         model = tiny_model(family)
         tokens = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(1))
         ctx = ModelContext(model, get_adapter(model), tokens, torch.device("cpu"), batch_size=4)
@@ -182,9 +183,6 @@ def test_stacked_solves_equal_one_linear_at_a_time(family: str, refine: int, mon
     monkeypatch.setattr(gptq_module, "gptq_quantize", counting)
     stacked, stacked_records = run(True)
     joint_calls = len(calls)
-    plain = common.quantize_layer_linears
-    monkeypatch.setattr(gptq_module, "quantize_layer_linears",
-                        lambda *args, **kwargs: plain(*args, **{**kwargs, "solve_joint": None}))
     alone, alone_records = run(False)
     assert joint_calls <= len(calls) - joint_calls  # fewer where linears share an input (not phi3: fused already)
     assert stacked.keys() == alone.keys()
