@@ -5,12 +5,13 @@ float_input``, SignRound's) the float layer's output on the *float* model's hidd
 to layer beside the engine's quantized-prefix stream, so each layer also corrects the error of the layers
 before it; or the float layer on the quantized-prefix inputs themselves. Afterwards :func:`refine_layer` feeds
 the quantized layer its quantized-prefix inputs and learns rounding offsets and per-group scale factors of every
-linear the stage quantized in this layer (math in ``refine_ops.py``) by signed gradient descent on the MSE
-between its output and those targets, a few sequences per step. The best parameters seen are kept, judged by
-each step's loss relative to the starting loss of the same sequences (so easy and hard batches compare), and
-are accepted only when they lower the loss on the whole calibration set; otherwise the stage's own codes
-stay. Results replace ``run.quantized[path]`` (codes and scales on the same grid) and the module weights, so
-every export holds exactly what was evaluated.
+linear the stage quantized in this layer (math in ``refine_ops.py``) by signed gradient descent on the error
+between its output and those targets (``refine_loss``: plain squared error, or each token's over its target's
+mean square, which the residual stream's massive activations do not dominate), a few sequences per step.
+The best parameters seen are kept, judged by each step's loss relative to the starting loss of the same
+sequences (so easy and hard batches compare), and are accepted only when they lower the loss on the whole
+calibration set; otherwise the stage's own codes stay. Results replace ``run.quantized[path]`` (codes and
+scales on the same grid) and the module weights, so every export holds exactly what was evaluated.
 """
 
 from __future__ import annotations
