@@ -265,8 +265,6 @@ def test_two_processes_give_one_process_hessians_and_weights(
     assert single["refusals"] == []  # one process: nothing refused
 
 
-@pytest.mark.xfail(strict=True, reason="quantize_layer_linears (methods/quant/common.py) does not hand its solves to "
-                   "ctx.solve_each yet: every process solves every module")
 def test_shipped_gptq_splits_its_solves(calibrated: tuple[dict[str, Any], list[dict[str, Any]]]) -> None:
     single, ranks = calibrated
     assert single["rows"] == 3 * (64 + 32 + 32 + 64 + 128 + 128 + 64)  # every row of the 21 linears, once

@@ -68,7 +68,7 @@ def test_non_positive_definite_hessian_raises_dampening_step_by_step(monkeypatch
     model = tiny_model("llama")
     rows, run = _run(model, _tokens(1, 8), dampening=1e-9, act_order=False)
     _all_finite(model, run)
-    assert len(seen) == len(rows) == 21
+    assert len(rows) == 21 and len(seen) == 12  # 3 layers x 4 inputs: q/k/v and gate/up are solved stacked
     pattern = re.compile(r"Hessian not positive definite: dampening raised 1e-09 -> (\S+) in (\d+) steps")
     for row in rows.values():
         match = pattern.fullmatch(row.note)

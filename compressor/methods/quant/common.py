@@ -12,7 +12,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from compressor.distributed import is_distributed
+from compressor.distributed import Job, is_distributed, world_size
 from compressor.errors import RecipeError
 from compressor.methods.base import GroupSize, LayerRecord, Method, TargetedConfig
 from compressor.methods.quant.ops import Grid, QuantizedWeight, ScaleSearch, effective_group_size, relative_error
@@ -240,12 +240,17 @@ def quantize_layer_linears(
         H = shared[group] if group in shared else ctx.hessian(group, replay=sequential)
         planned = [(config.bits, None) if plan is None else plan.widths(ctx.path(n), config.method) for n in names]
         widths_of = [(config.bits if bits is None else bits, widths) for bits, widths in planned]
-        if solve_joint is not None and len(names) > 1 and len(set(widths_of)) == 1 and widths_of[0][1] is None:
+        # under torchrun the group's linears go to several processes instead of one joint solve
+        if (solve_joint is not None and world_size() == 1 and len(names) > 1 and len(set(widths_of)) == 1
+                and widths_of[0][1] is None):
             records += _quantize_joint(ctx, config, names, H, widths_of[0][0], solve_joint)
         else:
-            for name, (bits, widths) in zip(names, widths_of, strict=True):
-                mixed = _mixed_solver(solve_mixed, widths, config.method, ctx.path(name))
-                records.append(_quantize_module(ctx, config, name, H, bits, mixed or solve))
+            jobs = [_solve_job(ctx, config, name, H, bits, _mixed_solver(solve_mixed, widths, config.method,
+                                                                          ctx.path(name)) or solve)
+                    for name, (bits, widths) in zip(names, widths_of, strict=True)]
+            solved = ctx.solve_each([job for _, job in jobs])
+            for name, (W, _), (qweight, note, seconds) in zip(names, jobs, solved, strict=True):
+                records.append(_write_back(ctx, config, name, W, H, qweight, note, time.perf_counter() - seconds))
         if sequential:
             ctx.settle(group)
     return records
@@ -296,25 +301,29 @@ def _quantize_joint(
     return records
 
 
-def _quantize_module(
-    ctx: LayerContext,
-    config: WeightQuantConfig,
-    name: str,
-    H: torch.Tensor,
-    bits: int,
-    solve: Solve,
-) -> LayerRecord:
-    """Solve one linear, write its fake-quantized weight back, and keep its integer form for export."""
+def _solve_job(
+    ctx: LayerContext, config: WeightQuantConfig, name: str, H: torch.Tensor, bits: int, solve: Solve
+) -> tuple[torch.Tensor, Job[tuple[QuantizedWeight, str, float]]]:
+    """One linear's weight and its solve as a job for ``ctx.solve_each`` (under torchrun one process solves it,
+    the others receive the result).
+
+    The job returns the integer form, the report note and the solve's seconds; :func:`_write_back` then runs on
+    every process.
+    """
     module = ctx.module(name)
     assert isinstance(module, nn.Linear)
     path = ctx.path(name)
     if path in ctx.run.quantized:
         raise RecipeError(f"{path} is quantized by two stages; give the stages disjoint targets")
-    start = time.perf_counter()
     W = module.weight.data
     group_size, group_note = layer_group_size(config, path, W.shape[1])
-    qweight, note = solve(W, H, bits, group_size)
-    return _write_back(ctx, config, name, W, H, qweight, "; ".join(n for n in (group_note, note) if n), start)
+
+    def run() -> tuple[QuantizedWeight, str, float]:
+        start = time.perf_counter()
+        qweight, note = solve(W, H, bits, group_size)
+        return qweight, "; ".join(n for n in (group_note, note) if n), time.perf_counter() - start
+
+    return W, Job(float(W.shape[0] * W.shape[1] ** 2), run)  # GPTQ's sweep: rows x cols^2
 
 
 def _write_back(

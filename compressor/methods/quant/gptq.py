@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 #: Solve the linears that read one input (q/k/v, gate/up) as one stacked weight: the same codes (rows are independent
 #: given H; tests/unit/methods/quant/test_speed_exact.py), one Cholesky factor and one sweep, q/k/v about twice as
-#: fast. Off until tests/unit/test_numerics.py expects one solve per input group rather than one per linear.
-STACK_SHARED_INPUTS = False
+#: fast. Under torchrun each linear is solved alone instead, by the process that owns it
+#: (common.quantize_layer_linears).
+STACK_SHARED_INPUTS = True
 
 
 class GPTQConfig(WeightQuantConfig):
@@ -147,9 +148,14 @@ class GPTQ(WeightQuantizer):
 
 
 def _rows(qweight: QuantizedWeight, rows: slice) -> QuantizedWeight:
-    """The output rows ``rows`` of a weight solved with others stacked on it (uniform width, contiguous groups)."""
-    return replace(qweight, q=qweight.q[rows].contiguous(), scale=qweight.scale[rows].contiguous(),
-                   zero=qweight.zero[rows].contiguous())
+    """The output rows ``rows`` of a weight solved with others stacked on it (uniform width, contiguous groups).
+
+    Copies, not views: tensors that share storage change how writers split shards (and ``save_file`` refuses
+    them), so each module owns its codes, scales and column order like a module solved alone.
+    """
+    g_idx = None if qweight.g_idx is None else qweight.g_idx.clone()
+    return replace(qweight, q=qweight.q[rows].clone(), scale=qweight.scale[rows].clone(),
+                   zero=qweight.zero[rows].clone(), g_idx=g_idx)
 
 
 def _numerics_notes(W: torch.Tensor, asked: float, result: GPTQResult) -> list[str]:
