@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--refine-batch", type=int, default=2, help="Sequences per refinement step.")
     parser.add_argument("--refine-target", default="float_input", choices=["float_input", "quantized_input"],
                         help="What each refined layer reproduces (see WeightQuantConfig.refine_target).")
-    parser.add_argument("--refine-loss", default="mse", choices=["mse", "normalized"],
+    parser.add_argument("--refine-loss", default="normalized", choices=["mse", "normalized"],
                         help="The refinement's loss (see WeightQuantConfig.refine_loss).")
     parser.add_argument("--refine-lr", type=float, default=None, help="Refinement step size (default 1/iters).")
     args = parser.parse_args()
