@@ -17,6 +17,7 @@ it quantizes a model at load time, so the file we write holds what a bitsandbyte
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +48,23 @@ class NF4Weight:
     state: Any
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """``W_hat: [out, in]`` in ``dtype``, as bitsandbytes' forward computes it from the stored tensors."""
-        functional = bitsandbytes().functional
-        return functional.dequantize_4bit(self.packed, self.state).to(dtype)
+        """``W_hat: [out, in]`` in ``dtype`` by the format's definition: each 4-bit code's level (``state.code``)
+        times the absmax of its block of 64 in the flattened weight, in float32, then cast (bitsandbytes'
+        ``dequantize_4bit`` computes the same on CUDA and in its scalar and pure-torch CPU paths).
+
+        Not a call of ``dequantize_4bit`` itself: bitsandbytes 0.50.2's AVX-512 CPU kernel (taken when the row
+        width is a multiple of 16) restarts the blocks at each row, which is right only when ``in % 64 == 0``; on
+        a width such as 96 the in-memory weights, and so every number in the report, would depend on the machine.
+        """
+        state = self.state
+        absmax = state.absmax
+        if state.nested:  # 8-bit codes of the absmaxes (blocks of 256) plus their mean, as dequantize_4bit does
+            absmax = bitsandbytes().functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        packed = self.packed.reshape(-1)
+        codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[: math.prod(state.shape)].long()
+        blocks = torch.arange(codes.numel(), device=codes.device) // state.blocksize
+        levels = state.code.to(device=codes.device, dtype=torch.float32)[codes]
+        return (levels * absmax.float()[blocks]).reshape(state.shape).to(dtype)
 
     def to(self, device: torch.device | str) -> NF4Weight:
         state = copy.deepcopy(self.state)
