@@ -3,8 +3,11 @@
 Each targeted linear is quantized by bitsandbytes' own functions (``bnb_ops.py``) and its weight replaced by the
 dequantized values, so the in-memory model is what ``format: bitsandbytes`` stores:
 
-- nf4: the in-memory forward is the forward of the loaded NF4 model (bitsandbytes' CPU path dequantizes the
-  same codes and absmaxes to the same float weights and multiplies in the model dtype).
+- nf4: the in-memory forward is the forward of the loaded NF4 model on bitsandbytes' dequantizing CPU path (the
+  same codes and absmaxes to the same float weights, multiplied in the model dtype). On a CPU with AVX512-BF16,
+  bitsandbytes 0.50.2's default forward instead runs a fused kernel in bfloat16 (activations, levels, absmaxes and
+  outputs rounded to bfloat16): its logits and perplexity then differ from the in-memory ones by that rounding
+  (tests/unit/export/test_bnb_export.py bounds it).
 - int8: the in-memory model multiplies float activations by ``CB * SCB / 127`` (weight-only int8). The
   bitsandbytes loader also rounds each token's activations to int8 steps (absmax / 127 of the token's float16
   inputs, leaving the columns that hold an entry of magnitude >= ``threshold`` unrounded), so its logits differ

@@ -51,6 +51,26 @@ def test_nf4_blocks_the_flattened_weight_like_the_reference(shape: tuple[int, in
     torch.testing.assert_close(W_hat.double(), _nf4_reference(W), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(8, 64), (48, 576), (16, 96), (5, 32), (4, 100)])
+def test_nf4_dequantize_is_bitsandbytes_own(shape: tuple[int, int], dtype: torch.dtype, double_quant: bool) -> None:
+    """Our dequantization equals ``bitsandbytes.functional.dequantize_4bit`` bit for bit, wherever that is exact:
+    everywhere when ``in % 64 == 0`` (each row starts a block); for straddling widths only off its AVX-512 CPU
+    kernel, which bitsandbytes 0.50.2 takes when the width is a multiple of 16 on such a CPU and which restarts the
+    blocks at each row (its pure-torch and scalar paths, and CUDA, block the flattened weight, as the reference
+    test above does)."""
+    import bitsandbytes
+
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    weight = quantize_nf4(W, double_quant)
+    ours = weight.dequantize(dtype)
+    assert ours.dtype == dtype and ours.shape == W.shape
+    avx512_rows = torch.backends.cpu.get_cpu_capability() == "AVX512" and shape[1] % 16 == 0
+    if shape[1] % 64 == 0 or not avx512_rows:
+        assert torch.equal(ours, bitsandbytes.functional.dequantize_4bit(weight.packed, weight.state))
+
+
 def test_double_quant_rounds_the_absmax_only() -> None:
     """Same codes; each block's scale moves by at most the 8-bit rounding of the absmaxes; fewer bytes stored."""
     W = torch.randn(256, 256, generator=torch.Generator().manual_seed(1))
