@@ -7,9 +7,11 @@ Every row starts from the same dense weights, is quantized by the nf4/int8 stage
 batch only feeds the report's per-module errors) and scored on the same demo:wiki windows of 512 tokens, as
 benchmarks/quant.py scores RTN/GPTQ (compare with its w4g64 / w8pc rows). Each setting is scored twice: the
 in-memory model (what ``compressor compress --eval`` reports) and the ``format: bitsandbytes`` directory loaded
-by plain ``AutoModelForCausalLM.from_pretrained(DIR, device_map="cpu")``. For nf4 the two are the same model; for
-int8 the loader also rounds activations to int8 per token (columns above the threshold unrounded), so its row is
-the number a bitsandbytes user sees.
+by plain ``AutoModelForCausalLM.from_pretrained(DIR, device_map="cpu")``. For nf4 the two are the same model on
+bitsandbytes' dequantizing CPU path; on a CPU with AVX512-BF16 its default forward is a fused bfloat16 kernel that
+moves the loader's number slightly (``--loader-path dequantize`` turns it off; the result records which path ran).
+For int8 the loader also rounds activations to int8 per token (columns above the threshold unrounded), so its row
+is the number a bitsandbytes user sees.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def main() -> None:
     parser.add_argument("--loader-tokens", type=int, default=None,
                         help="Evaluation tokens for the bitsandbytes loader's model (default: --eval-tokens). Its CPU "
                         "kernels are slow: about 10x our in-memory model's time per token here.")
+    parser.add_argument("--loader-path", choices=["default", "dequantize"], default="default",
+                        help="nf4 loader's CPU forward: bitsandbytes' default (fused bfloat16 on AVX512-BF16 CPUs), "
+                        "or its dequantize-then-matmul path, which gives the in-memory model's numbers exactly.")
     parser.add_argument("--methods", default=",".join(STAGES))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     args = parser.parse_args()
@@ -76,6 +81,7 @@ def main() -> None:
             from transformers import AutoModelForCausalLM
 
             reloaded = AutoModelForCausalLM.from_pretrained(tmp, device_map="cpu").eval()
+            row["nf4_cpu_path"] = _nf4_path(reloaded, args.loader_path)
             row["ppl_bitsandbytes_loader"] = ppl(LoadedModel(reloaded, loaded.tokenizer, tmp, Path(tmp)),
                                                  args.loader_tokens)
             if args.loader_tokens:  # the in-memory model on the loader's tokens, to compare like with like
@@ -92,6 +98,20 @@ def main() -> None:
         same = f" ({row['ppl_on_loader_tokens']})" if "ppl_on_loader_tokens" in row else ""
         print(f"| {row['method']} | {row['ppl']} | {row['ppl_bitsandbytes_loader'] or '-'}{same} | "
               f"{row.get('bits_incl_metadata') or 32} | {row['seconds']} |")
+
+
+def _nf4_path(model: torch.nn.Module, choice: str) -> str | None:
+    """Which CPU forward bitsandbytes runs for the model's Linear4bit modules (after ``choice`` is applied): the
+    fused bfloat16 kernel or dequantize-then-matmul in the compute dtype (None: no Linear4bit)."""
+    import bitsandbytes as bnb
+
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for module in linears:
+        if choice == "dequantize":
+            module.support_avx512bf16_for_cpu = False
+    if not linears:
+        return None
+    return "fused bfloat16" if linears[0].support_avx512bf16_for_cpu else "dequantize + compute dtype"
 
 
 if __name__ == "__main__":
