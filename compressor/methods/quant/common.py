@@ -67,7 +67,7 @@ class WeightQuantConfig(TargetedConfig):
         "reproduce: float_input = the float layer's output on the float model's own hidden states, so each "
         "layer also corrects the error of the layers before it (auto-round's enable_quanted_input; one more "
         "samples x seq_len x hidden copy in memory), or quantized_input = the float layer's output on the same "
-        "quantized-prefix inputs."
+        "quantized-prefix inputs (demo model W4 g64, 50 steps, normalized loss: ppl 26.59 against 31.09)."
     )
     refine_loss: Literal["mse", "normalized"] = Field(
         "normalized", description="The refinement's loss: normalized (each token's squared error over its "
