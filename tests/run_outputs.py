@@ -42,7 +42,8 @@ def start_blocked(model: Path, recipe: Path, out: Path, pass_number: int, after:
     manifest = partial / "manifest.json"
     deadline = time.monotonic() + timeout
     while not (manifest.is_file() and json.loads(manifest.read_text())["layer"] == after - 1):
-        assert process.poll() is None, process.communicate()
+        assert process.poll() is None, (f"exited {process.returncode} before layer {after - 1}'s checkpoint",
+                                        *process.communicate())
         assert time.monotonic() < deadline, "the run never reached the layer"
         time.sleep(0.05)
     return process
