@@ -37,8 +37,9 @@ MIN_BITS_PER_WEIGHT = 1
 MIN_LOADED_BYTES = 2
 
 
-def check_safetensors(path: Path) -> None:
-    """Validate one ``.safetensors`` file's header against its size; raise ModelLoadError naming the problem.
+def check_safetensors(path: Path) -> dict[str, Any]:
+    """Validate one ``.safetensors`` file's header against its size and return it; raise ModelLoadError naming
+    the problem. Callers that need the tensor list (sizes for streaming) read it here rather than parse it again.
 
     Layout: 8 bytes little-endian header length N, N bytes of JSON ``{name: {dtype, shape, data_offsets}}``,
     then the data; offsets are relative to the data's start.
@@ -68,6 +69,7 @@ def check_safetensors(path: Path) -> None:
     spans = sorted((_tensor_span(path, name, entry, data_bytes), name)
                    for name, entry in header.items() if name != "__metadata__")
     _check_covered(path, spans, data_bytes)
+    return header
 
 
 def _check_covered(path: Path, spans: list[tuple[tuple[int, int], str]], data_bytes: int) -> None:

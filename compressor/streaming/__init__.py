@@ -25,7 +25,6 @@ fit at all; give a budget to stream earlier.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -43,7 +42,7 @@ from compressor.evaluate.perplexity import PerplexityResult
 from compressor.export import storage_scale_dtype
 from compressor.export.atomic import partial_dir
 from compressor.export.streamed import LayerFiles
-from compressor.models.checkpoint_checks import DTYPE_BITS, check_weight_files, total_memory_bytes
+from compressor.models.checkpoint_checks import DTYPE_BITS, check_safetensors, check_weight_files, total_memory_bytes
 from compressor.models.loading import DTYPES, LoadedModel, read_config
 
 if TYPE_CHECKING:
@@ -108,9 +107,7 @@ def checkpoint_weight_bytes(directory: Path, dtype: str) -> int:
     forced = DTYPES.get(dtype)
     total = 0
     for path in sorted(directory.glob("*.safetensors")):
-        with path.open("rb") as file:
-            length = int.from_bytes(file.read(8), "little")
-            header = json.loads(file.read(length))
+        header = check_safetensors(path)
         for name, entry in header.items():
             if name == "__metadata__" or name.endswith(_PACKED_PARTS):
                 continue
