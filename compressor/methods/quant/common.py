@@ -281,16 +281,10 @@ def _mixed_solver(
 def _quantize_joint(
     ctx: LayerContext, config: WeightQuantConfig, names: list[str], H: torch.Tensor, bits: int, solve: SolveJoint
 ) -> list[LayerRecord]:
-    """``_quantize_module`` for linears sharing ``H``, solved by one call; each record gets the solve's time in
-    proportion to its rows."""
-    paths = [ctx.path(name) for name in names]
-    weights: list[torch.Tensor] = []
-    for name, path in zip(names, paths, strict=True):
-        module = ctx.module(name)
-        assert isinstance(module, nn.Linear)
-        if path in ctx.run.quantized:
-            raise RecipeError(f"{path} is quantized by two stages; give the stages disjoint targets")
-        weights.append(module.weight.data)
+    """:func:`_solve_job`'s work for linears sharing ``H``, solved by one call; each record gets the solve's time
+    in proportion to its rows."""
+    claimed = [_claim(ctx, name) for name in names]
+    paths, weights = [path for path, _ in claimed], [W for _, W in claimed]
     start = time.perf_counter()
     sizes = [layer_group_size(config, path, W.shape[1]) for path, W in zip(paths, weights, strict=True)]
     solved = solve(weights, H, bits, sizes[0][0])
@@ -311,12 +305,7 @@ def _solve_job(
     The job returns the integer form, the report note and the solve's seconds; :func:`_write_back` then runs on
     every process.
     """
-    module = ctx.module(name)
-    assert isinstance(module, nn.Linear)
-    path = ctx.path(name)
-    if path in ctx.run.quantized:
-        raise RecipeError(f"{path} is quantized by two stages; give the stages disjoint targets")
-    W = module.weight.data
+    path, W = _claim(ctx, name)
     group_size, group_note = layer_group_size(config, path, W.shape[1])
 
     def run() -> tuple[QuantizedWeight, str, float]:
@@ -325,6 +314,16 @@ def _solve_job(
         return qweight, "; ".join(n for n in (group_note, note) if n), time.perf_counter() - start
 
     return W, Job(float(W.shape[0] * W.shape[1] ** 2), run)  # GPTQ's sweep: rows x cols^2
+
+
+def _claim(ctx: LayerContext, name: str) -> tuple[str, torch.Tensor]:
+    """The linear's full path and weight, refused when an earlier stage already quantized it."""
+    module = ctx.module(name)
+    assert isinstance(module, nn.Linear)
+    path = ctx.path(name)
+    if path in ctx.run.quantized:
+        raise RecipeError(f"{path} is quantized by two stages; give the stages disjoint targets")
+    return path, module.weight.data
 
 
 def _write_back(

@@ -9,6 +9,7 @@ from reference_gptq import reference_gptq
 from tiny import FAMILIES, tiny_model
 
 from compressor.engine import ModelContext, run_stages
+from compressor.errors import RecipeError
 from compressor.methods.quant import gptq as gptq_module
 from compressor.methods.quant.gptq import GPTQ, GPTQConfig
 from compressor.methods.quant.gptq_ops import GPTQResult, gptq_quantize
@@ -72,3 +73,12 @@ def test_engine_gives_the_slow_reference_codes(act_order: bool, monkeypatch: pyt
 def test_bits_must_be_storable() -> None:
     with pytest.raises(ValueError, match="bits 2, 3, 4 or 8"):
         GPTQConfig(method="gptq", bits=5)
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])  # gptq solves q/k/v stacked, rtn one linear at a time
+def test_a_linear_quantized_by_two_stages_is_refused(method: str) -> None:
+    config = (GPTQConfig if method == "gptq" else RTNConfig)(method=method, bits=4, group_size=32)
+    model = tiny_model("llama")
+    run = ModelContext(model, get_adapter(model), torch.randint(0, 300, (2, 16)), torch.device("cpu"), batch_size=2)
+    with pytest.raises(RecipeError, match=r"model\.layers\.0\.self_attn\.q_proj is quantized by two stages"):
+        run_stages(run, build_stages([config, config]))
