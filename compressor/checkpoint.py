@@ -42,12 +42,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from compressor.engine import ModelContext, ProgressFn, run_pass
 from compressor.errors import ExportError, UsageError
 from compressor.export.atomic import partial_dir
+from compressor.export.streamed import spec_of, write_safetensors
 from compressor.methods.base import LayerRecord, Method
 from compressor.methods.quant.ops import QuantizedWeight
 
@@ -101,8 +102,14 @@ def _write_atomic(path: Path, write: Any) -> None:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    _write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
+    """Written by our own safetensors writer into ``path``'s ``.tmp``, one tensor at a time.
+
+    Not ``save_file``: since safetensors 0.8 it writes a temporary file of its own and renames it over the name it
+    is given (a second temporary beside ours), and it refuses tensors sharing a storage, so every tensor had to be
+    cloned first (a second copy of the layer and of the hidden states in RAM).
+    """
+    specs = [spec_of(name, tensor) for name, tensor in tensors.items()]
+    _write_atomic(path, lambda tmp: write_safetensors(tmp, specs, tensors.__getitem__, metadata))
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
-import safetensors.torch
 from run_outputs import comparable_files
 from tiny import tiny_model
 
+from compressor import checkpoint
 from compressor.errors import UsageError
 from compressor.pipeline import compress
 from compressor.recipe import load_recipe
@@ -132,16 +133,16 @@ def test_resume_skips_the_finished_layers(six_layers: Path, text_file: Path, tmp
 def test_a_write_cut_short_leaves_the_previous_checkpoint(six_layers: Path, text_file: Path, tmp_path: Path,
                                                           reference: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """A kill while layer 3's files are written: the manifest still names layer 2, and resume gets it right."""
-    real_save, calls = safetensors.torch.save_file, []
+    real_write, calls = checkpoint.write_safetensors, []
 
-    def dying_save(tensors: dict, filename: str, metadata: dict | None = None) -> None:
-        calls.append(filename)
-        if "pass0-hidden3" in filename:  # layer 3's weights are written, its outputs half-written
-            Path(filename).write_bytes(b"half a file")
+    def dying_write(path: Path, specs: list, read: Any, metadata: dict | None = None) -> None:
+        calls.append(path.name)
+        if "pass0-hidden3" in path.name:  # layer 3's weights are written, its outputs half-written
+            path.write_bytes(b"half a file")
             raise KeyboardInterrupt
-        real_save(tensors, filename, metadata=metadata)
+        real_write(path, specs, read, metadata)
 
-    monkeypatch.setattr("compressor.checkpoint.save_file", dying_save)
+    monkeypatch.setattr(checkpoint, "write_safetensors", dying_write)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         compress(six_layers, _recipe(tmp_path, GPTQ, text_file), out)
