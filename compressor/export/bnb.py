@@ -20,6 +20,7 @@ forward repacks the weight and a later save writes the scales in the wrong layou
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,8 @@ from compressor.models.moe import ExpertMLP
 if TYPE_CHECKING:
     from compressor.engine import ModelContext
     from compressor.methods.base import Method, MethodConfig
+
+log = logging.getLogger(__name__)
 
 FORMAT = "bitsandbytes"
 #: Pruning stages whose result is a standard transformers config (ShortGPT's layer removal); the others need
@@ -77,6 +80,7 @@ def write_bitsandbytes(run: ModelContext, stages: list[Method], out_dir: Path, m
     if not bnb_stages:
         raise ExportError(f"'{FORMAT}' stores the linears of an nf4 or int8 stage, and the run has none")
     weights = _stored_forms(run, bnb_stages)
+    _warn_avx512_widths(weights)
     tensors = _dense_tensors(model, set(weights))
     for path, weight in weights.items():
         tensors.update(_serialized(path, weight))
@@ -88,6 +92,23 @@ def write_bitsandbytes(run: ModelContext, stages: list[Method], out_dir: Path, m
     config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return quant
+
+
+def _warn_avx512_widths(weights: dict[str, NF4Weight | Int8Weight]) -> None:
+    """Name the NF4 linears that bitsandbytes 0.50's AVX-512 CPU decoder reads wrongly (the file itself is right).
+
+    That decoder (used when ``has_avx512bf16()``) restarts the blocks of 64 at every row, which is the format's
+    blocking only when the width is a multiple of 64; it takes that path for widths that are multiples of 16, so
+    a width such as 96 loads with wrong weights on such CPUs (up to 2.04 off, measured), and right on CUDA, on
+    other CPUs and through ``dequantize_4bit``. Other widths take its generic path, which is right.
+    """
+    widths = {path: int(weight.state.shape[1]) for path, weight in weights.items() if isinstance(weight, NF4Weight)}
+    odd = [path for path, width in widths.items() if width % 16 == 0 and width % 64 != 0]
+    if odd:
+        log.warning("bitsandbytes: %d NF4 linear(s) are %s wide (a multiple of 16, not of 64), e.g. %s: "
+                    "bitsandbytes 0.50's AVX-512 CPU kernel decodes such widths wrongly (CUDA and other CPUs are "
+                    "right); on such a CPU, check the loaded model's outputs", len(odd),
+                    "/".join(sorted({str(widths[p]) for p in odd})), odd[0])
 
 
 def _stored_forms(run: ModelContext, stages: list[_BitsAndBytesQuantizer]) -> dict[str, NF4Weight | Int8Weight]:

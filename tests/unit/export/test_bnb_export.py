@@ -20,6 +20,7 @@ the same products, so the same bounds hold on both kinds of CPU.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_model
 from transformers import AutoModelForCausalLM
 
 from compressor.errors import RecipeError
@@ -413,3 +415,21 @@ def test_report_perplexity_is_the_exported_models(model_dir_factory: Any, text_f
     assert report.eval is not None and report.eval["after"]["ppl"] == ppl
     assert report.size_bytes["after"] == (out / "model.safetensors").stat().st_size < report.size_bytes["before"]
     assert 4.5 < report.avg_bits_per_weight < 5  # 4-bit codes + a float32 absmax per 64 + per-module fixed parts
+
+
+def test_nf4_widths_the_avx512_decoder_misreads_are_named(text_file: Path, tmp_path: Path, tiny_tokenizer: Any,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """An MLP 96 wide (a multiple of 16, not of 64): down_proj is named; a 128-wide model gets no warning."""
+    for width, warned in ((96, True), (128, False)):
+        source = tmp_path / f"mlp{width}"
+        tiny_model("llama", intermediate_size=width).save_pretrained(source)
+        tiny_tokenizer.save_pretrained(source)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="compressor.export.bnb"):
+            compress(load(source), _recipe(text_file, [{"method": "nf4"}]), tmp_path / f"out{width}", device="cpu")
+        messages = [r.getMessage() for r in caplog.records if r.name == "compressor.export.bnb"]
+        if warned:
+            assert len(messages) == 1 and "3 NF4 linear(s) are 96 wide" in messages[0], messages
+            assert "model.layers.0.mlp.down_proj" in messages[0]
+        else:
+            assert messages == []
