@@ -9,9 +9,12 @@ removed parameters would pass ``ratio`` of the decoder layers' parameters.
 What makes it fast: the engine's pass leaves the hidden states entering every layer cached, so a candidate
 in layer ``i`` is scored by running layers ``i..L-1`` only; a committed removal in layer ``i`` recomputes only
 the states after it; the original outputs are computed once, at a configurable subset of positions; the lazy
-search rescores only the candidates that could still be the best (see ``ops.greedy_removal``); and the
-screened search ranks candidates on a few calibration sequences and scores only the best few on all of them
-(``ops.screened_removal``), which cuts the cost of a step roughly by samples / screen_samples.
+search rescores only the candidates that could still be the best, one chunk of calibration sequences at a time,
+dropping a candidate as soon as its partial sum shows it cannot be (``ops.bounded_removal``: the same removals
+as scoring each of them on everything, ``ops.greedy_removal``, when removals only add harm); and the screened
+search ranks candidates on a few calibration sequences and scores only the best few on all of them
+(``ops.screened_removal``), which cuts the cost of a step roughly by samples / screen_samples but can choose
+worse removals.
 
 A removed sublayer is swapped for weightless stand-ins that add exactly zero to the residual stream (the
 classes of ``compressor/models/shipped/modeling_finercut.py``, the file the export ships, so the model in
@@ -28,9 +31,7 @@ the same order without caching states or searching again.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -40,11 +41,12 @@ from compressor.errors import RecipeError, UsageError
 from compressor.methods.base import Count, Fraction, LayerRecord, Method, MethodConfig
 from compressor.methods.prune.finercut.ops import (
     SearchResult,
-    Step,
+    bounded_removal,
     greedy_removal,
     scored_positions,
     screened_removal,
 )
+from compressor.methods.prune.finercut.saved import Searched, from_state, to_state
 from compressor.methods.prune.finercut.search import Key, SublayerSearch, sublayer_params
 from compressor.methods.registry import register_method
 from compressor.models.shipped import auto_class_name
@@ -58,18 +60,11 @@ log = logging.getLogger(__name__)
 DEFAULT_RATIO = 0.25
 DEFAULT_SCREEN_SAMPLES = 2
 DEFAULT_RESCORE_TOP = 3
+#: One sequence per chunk: the finest bound (a candidate whose score is far above the best one's is dropped after
+#: one sequence); each chunk runs its layers on one 1 x seq_len batch, the shape the search's forwards already have
+#: per sequence, so finer chunks cost only per-call overhead.
+DEFAULT_CHUNK_SAMPLES = 1
 REMOTE_CODE_FILE = "modeling_finercut.py"
-
-
-@dataclass
-class _Searched:
-    """A finished search: all ``finalize`` needs to redo its removals, rows and summary without searching."""
-
-    candidates: list[Key]
-    result: SearchResult[Key]
-    #: Seconds spent scoring each candidate (the rows' times); ``wall``: the whole search's.
-    seconds: dict[Key, float]
-    wall: float
 
 
 class FinerCutConfig(MethodConfig):
@@ -84,9 +79,11 @@ class FinerCutConfig(MethodConfig):
       search: lazy         # lazy | screened | exact
       screen_samples: 2    # screened: calibration sequences every candidate is ranked on
       rescore_top: 3       # screened: best-ranked candidates scored on every sequence each step
+      chunk_samples: 1     # lazy: sequences scored at a time before a candidate's partial sum is checked
     ```
     Set at most one of ``remove`` and ``ratio``; with neither, 25% of the layers' parameters are removed.
-    ``screen_samples`` and ``rescore_top`` belong to ``search: screened`` and are refused with the others.
+    ``screen_samples`` and ``rescore_top`` belong to ``search: screened``, ``chunk_samples`` to ``search: lazy``;
+    each is refused with the other searches.
     """
 
     remove: Count = Field(None, description="Number of sublayers to remove (0 keeps the model as it is).")
@@ -104,8 +101,9 @@ class FinerCutConfig(MethodConfig):
     )
     search: Literal["screened", "lazy", "exact"] = Field(
         "lazy", description="exact: rescore every candidate at every step (the paper); lazy: rescore only "
-        "candidates whose last score says they could be the best (same result when removals only add harm); "
-        "screened: rank candidates lazily on screen_samples sequences and score the rescore_top best on all."
+        "candidates whose last score says they could be the best, chunk by chunk, until their partial sum says "
+        "they cannot (same result when removals only add harm); screened: rank candidates lazily on "
+        "screen_samples sequences and score the rescore_top best on all."
     )
     screen_samples: int | None = Field(
         None, ge=1, description="search: screened: calibration sequences every candidate is ranked on (all of "
@@ -114,6 +112,11 @@ class FinerCutConfig(MethodConfig):
     rescore_top: int | None = Field(
         None, ge=1, description="search: screened: candidates with the best screen scores that are scored on "
         f"every sequence each step (at least the number of candidates: the exact search; null: {DEFAULT_RESCORE_TOP})."
+    )
+
+    chunk_samples: int | None = Field(
+        None, ge=1, description="search: lazy: calibration sequences a candidate is scored on at a time (within "
+        f"one calibration batch) before its partial sum is compared with the others' (null: {DEFAULT_CHUNK_SAMPLES})."
     )
 
     @field_validator("positions")
@@ -130,6 +133,8 @@ class FinerCutConfig(MethodConfig):
         screening = [name for name in ("screen_samples", "rescore_top") if getattr(self, name) is not None]
         if screening and self.search != "screened":
             raise ValueError(f"{' and '.join(screening)} apply only to search: screened (search is {self.search})")
+        if self.chunk_samples is not None and self.search != "lazy":
+            raise ValueError(f"chunk_samples applies only to search: lazy (search is {self.search})")
         return self
 
 
@@ -144,8 +149,8 @@ class FinerCut(Method):
         self._states: list[list[torch.Tensor]] = []
         #: ``_kwargs[l][b]``: the keyword arguments layer ``l`` gets for batch ``b`` (its own attention mask).
         self._kwargs: list[list[dict[str, Any]]] = []
-        self._searched: _Searched | None = None  # this run's search, once finalize has run
-        self._restored: _Searched | None = None  # the search of an interrupted run (restore_state)
+        self._searched: Searched | None = None  # this run's search, once finalize has run
+        self._restored: Searched | None = None  # the search of an interrupted run (restore_state)
 
     @property
     def cfg(self) -> FinerCutConfig:
@@ -189,12 +194,12 @@ class FinerCut(Method):
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """The search's result once ``finalize`` has run (nothing before: a search cut short is redone whole)."""
-        return _to_state(self._searched) if self._searched is not None else {}
+        return to_state(self._searched) if self._searched is not None else {}
 
     def restore_state(self, state: dict[str, torch.Tensor]) -> bool:
         if "removed" not in state:
             return False
-        self._restored = _from_state(state)
+        self._restored = from_state(state)
         return True
 
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
@@ -224,9 +229,8 @@ class FinerCut(Method):
             for index, sublayer in (step.key for step in searched.result.steps):  # what search.commit did
                 remove_sublayer(layers[index], layout, sublayer)
         else:
-            result, scoring = self._search(run, candidates, {k: v[0] for k, v in sizes.items()}, count, budget)
-            searched = _Searched(candidates, result, scoring, time.perf_counter() - start)
-        self._searched, result, seconds = searched, searched.result, searched.wall
+            searched = self._search(run, candidates, {k: v[0] for k, v in sizes.items()}, count, budget, start)
+        self._searched, result = searched, searched.result
         records = self._records(run, candidates, sizes, result, searched.seconds)
         folded = _store_removals(run)
         removed_params = sum(sizes[s.key][0] for s in result.steps)
@@ -234,34 +238,53 @@ class FinerCut(Method):
             "measure": self.cfg.measure, "search": self.cfg.search, "positions": self.cfg.positions,
             "removed": [[s.key[0], s.key[1], round(s.score, 6)] for s in result.steps], "folded_layers": folded,
             "params_removed": removed_params, "params_budget": budget, "decoder_params": total,
-            "evaluations": result.evaluations, "candidates": len(candidates), "seconds": round(seconds, 3),
+            "evaluations": result.evaluations, "candidates": len(candidates), "seconds": round(searched.wall, 3),
+            "layer_forwards": searched.forwards, **self._work(result),
         }
-        if self.cfg.search == "screened":
-            run.structure["finercut"].update(screen_samples=self._screen_samples(), rescore_top=self._rescore_top(),
-                                             screen_evaluations=result.screen_evaluations)
-        log.info("finercut removed %d sublayers (%d params) with %d evaluations (%d screens) in %.1f s",
-                 len(result.steps), removed_params, result.evaluations, result.screen_evaluations, seconds)
+        log.info("finercut removed %d sublayers (%d params) with %d sequence-layer forwards in %.1f s",
+                 len(result.steps), removed_params, searched.forwards, searched.wall)
         return records
 
+    def _work(self, result: SearchResult[Key]) -> dict[str, Any]:
+        """The search-specific counts of the structure's summary (screens; chunks in full-score equivalents)."""
+        if self.cfg.search == "screened":
+            return {"screen_samples": self._screen_samples(), "rescore_top": self._rescore_top(),
+                    "screen_evaluations": result.screen_evaluations}
+        if self.cfg.search == "lazy":
+            return {"chunk_samples": self._chunk_samples(), "chunks": result.chunks,
+                    "chunk_evaluations": result.chunk_evaluations, "touched": result.touched,
+                    "evaluation_equivalents": round(result.chunk_evaluations / max(result.chunks, 1), 2)}
+        return {}
+
     def _search(
-        self, run: ModelContext, candidates: list[Key], params: dict[Key, int], count: int | None, budget: int | None
-    ) -> tuple[SearchResult[Key], dict[Key, float]]:
-        """The greedy search over the cached states, which it frees: (result, seconds scoring each candidate)."""
+        self, run: ModelContext, candidates: list[Key], params: dict[Key, int], count: int | None,
+        budget: int | None, start: float,
+    ) -> Searched:
+        """The greedy search over the cached states, which it frees (``start``: when finalize began)."""
         _move(run, run.device)
         try:
             search = SublayerSearch(run.adapter, self._states, self._kwargs,
                                     scored_positions(run.tokens.shape[1], self.cfg.positions), self.cfg.measure,
-                                    screen_samples=self._screen_samples())
+                                    screen_samples=self._screen_samples(), chunk_rows=self._chunk_samples())
             if self.cfg.search == "screened":
                 result = screened_removal(candidates, params, search.screen, search.evaluate, search.commit,
                                           count=count, budget=budget, top=self._rescore_top())
+            elif self.cfg.search == "lazy":
+                result = bounded_removal(candidates, params, search.score_chunk, len(search.chunks), search.tokens,
+                                         search.commit, count=count, budget=budget)
             else:
                 result = greedy_removal(candidates, params, search.evaluate, search.commit, count=count,
-                                        budget=budget, lazy=self.cfg.search == "lazy")
+                                        budget=budget, lazy=False)
         finally:
             _move(run, torch.device("cpu"))
             self._states, self._kwargs = [], []
-        return result, search.seconds
+        return Searched(candidates, result, search.seconds, time.perf_counter() - start, search.forwards)
+
+    def _chunk_samples(self) -> int | None:
+        """Sequences per chunk of the lazy search's scores (None: whole batches, for the other searches)."""
+        if self.cfg.search != "lazy":
+            return None
+        return self.cfg.chunk_samples or DEFAULT_CHUNK_SAMPLES
 
     def _screen_samples(self) -> int | None:
         """Sequences a screen runs (None: no screening, every score uses all of them)."""
@@ -282,7 +305,11 @@ class FinerCut(Method):
         self, run: ModelContext, candidates: list[Key], sizes: dict[Key, tuple[int, int]],
         result: SearchResult[Key], seconds: dict[Key, float],
     ) -> list[LayerRecord]:
-        """One row per candidate, in layer order: first-step score, removal order and score, parameters."""
+        """One row per candidate, in layer order: first-step score, removal order and score, parameters.
+
+        The lazy search completes a first-step score only where it had to: for the others ``score`` is None and
+        ``score_at_least`` holds the lower bound that ruled them out.
+        """
         order = {step.key: (n + 1, step.score) for n, step in enumerate(result.steps)}
         records = []
         for key in candidates:
@@ -297,44 +324,9 @@ class FinerCut(Method):
                 bytes_before=size, bytes_after=0 if gone else size, seconds=round(seconds.get(key, 0.0), 4),
                 note=note, extra={"layer": index, "sublayer": sublayer, "score": result.first_scores.get(key),
                                   "measure": self.cfg.measure, "removed": gone, "order": step,
-                                  "score_when_removed": score},
+                                  "score_when_removed": score, "score_at_least": result.first_bounds.get(key)},
             ))
         return records
-
-
-def _keys(keys: list[Key]) -> torch.Tensor:
-    """``int64 [N, 2]``: (layer index, index into SUBLAYERS) per key."""
-    return torch.tensor([[index, SUBLAYERS.index(sublayer)] for index, sublayer in keys], dtype=torch.int64).view(-1, 2)
-
-
-def _to_state(searched: _Searched) -> dict[str, torch.Tensor]:
-    """The search as tensors (float64: the exact Python floats; NaN: a candidate without a first-step score)."""
-    result, candidates = searched.result, searched.candidates
-    return {
-        "candidates": _keys(candidates),
-        "removed": _keys([step.key for step in result.steps]),
-        "scores": torch.tensor([step.score for step in result.steps], dtype=torch.float64),
-        "step_evaluations": torch.tensor([step.evaluations for step in result.steps], dtype=torch.int64),
-        "first_scores": torch.tensor([result.first_scores.get(k, math.nan) for k in candidates], dtype=torch.float64),
-        "candidate_seconds": torch.tensor([searched.seconds.get(k, 0.0) for k in candidates], dtype=torch.float64),
-        "evaluations": torch.tensor([result.evaluations, result.screen_evaluations], dtype=torch.int64),
-        "wall": torch.tensor([searched.wall], dtype=torch.float64),
-    }
-
-
-def _from_state(state: dict[str, torch.Tensor]) -> _Searched:
-    """:func:`_to_state`'s inverse."""
-    def keys(name: str) -> list[Key]:
-        return [(index, SUBLAYERS[kind]) for index, kind in state[name].tolist()]
-
-    candidates, removed = keys("candidates"), keys("removed")
-    steps = [Step(key, score, evaluations) for key, score, evaluations
-             in zip(removed, state["scores"].tolist(), state["step_evaluations"].tolist(), strict=True)]
-    first = {k: v for k, v in zip(candidates, state["first_scores"].tolist(), strict=True) if not math.isnan(v)}
-    evaluations, screens = state["evaluations"].tolist()
-    result = SearchResult(steps=steps, first_scores=first, evaluations=evaluations, screen_evaluations=screens)
-    seconds = dict(zip(candidates, state["candidate_seconds"].tolist(), strict=True))
-    return _Searched(candidates, result, seconds, float(state["wall"].item()))
 
 
 def _move(run: ModelContext, device: torch.device) -> None:

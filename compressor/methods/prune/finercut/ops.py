@@ -49,23 +49,39 @@ def divergence(ref: torch.Tensor, output: torch.Tensor, measure: Measure) -> tup
 
 @dataclass
 class Step(Generic[K]):
-    """One greedy removal: the candidate, its score when chosen, and how many candidates were scored."""
+    """One greedy removal: the candidate, its score when chosen, and how many candidates were scored.
+
+    ``evaluations``: candidates scored on every calibration sample; in a bounded search also ``chunks`` (chunk
+    scores spent) and ``touched`` (candidates scored on at least one chunk).
+    """
 
     key: K
     score: float
     evaluations: int
+    chunks: int = 0
+    touched: int = 0
 
 
 @dataclass
 class SearchResult(Generic[K]):
     steps: list[Step[K]]
     #: Every candidate's score in the first step (the unpruned model minus that candidate alone); in a screened
-    #: search the full score for the shortlisted candidates and the screen score for the others.
+    #: search the full score for the shortlisted candidates and the screen score for the others; in a bounded
+    #: search only the candidates it scored completely (the others are in ``first_bounds``).
     first_scores: dict[K, float] = field(default_factory=dict)
+    #: A bounded search's first-step lower bounds of the scores it did not complete (partial sum / all tokens).
+    first_bounds: dict[K, float] = field(default_factory=dict)
     #: Full evaluations (every calibration sample), summed over steps.
     evaluations: int = 0
     #: Screen evaluations (a few samples) of a screened search, summed over steps.
     screen_evaluations: int = 0
+    #: A bounded search's chunk scores summed over steps, and chunks in one full evaluation (0: not chunked):
+    #: ``chunk_evaluations / chunks`` is the work in full-evaluation equivalents.
+    chunk_evaluations: int = 0
+    chunks: int = 0
+    #: A bounded search's candidates scored on at least one chunk, summed over steps: the full evaluations the
+    #: lazy search of :func:`greedy_removal` spends when removals only add harm (see :func:`bounded_removal`).
+    touched: int = 0
 
 
 def _eligible(
@@ -116,6 +132,69 @@ def greedy_removal(
             result.first_scores = {k: bound[k] for k in eligible}
         result.steps.append(Step(best, bound.pop(best), evaluations))
         result.evaluations += evaluations
+        spent += cost[best]
+        commit(best)
+    return result
+
+
+def bounded_removal(
+    candidates: list[K],
+    cost: dict[K, int],
+    score_chunk: Callable[[K, int], float],
+    chunks: int,
+    tokens: int,
+    commit: Callable[[K], None],
+    count: int | None = None,
+    budget: int | None = None,
+) -> SearchResult[K]:
+    """The lazy greedy search, best-first on partial sums: most candidates are dropped after a few chunks.
+
+    A candidate's score is ``(t_0 + t_1 + ... + t_{chunks-1}) / tokens``, summed left to right: ``t_j =
+    score_chunk(key, j)`` is the divergence summed over chunk ``j`` of the calibration tokens (>= 0: KL, JS and
+    1 - cos are non-negative per token) and ``tokens`` counts all of them, the same for every candidate. So
+    the sum of the first ``n`` chunks over ``tokens`` is a lower bound of the full score (partial <= fresh),
+    and the full score, once every chunk is in, is bit for bit the sum ``evaluate`` makes in that order.
+
+    Each step keeps a bound per candidate: what the candidate had at the end of the last step (its full score
+    or its partial sum then; -inf at first) until it is touched, then its partial sum over all ``tokens``, then
+    its full score. Loop: take the lowest bound (ties: candidate order); if that candidate is complete, remove
+    it; otherwise score its next chunk. The winner's full score is at most every other bound. Under lazy
+    greedy's assumption (removing more never makes another removal less harmful) a bound from an earlier
+    step is at most the score now, as is a partial sum; so the winner has the lowest full score of all: the
+    exact search's choice, and the lazy search's (which under the same assumption returns it too). The
+    candidates touched are those whose bound is at most the winner's score, the ones the lazy search
+    evaluates in full; each is scored only until its partial sum passes the lowest other bound.
+
+    ``cost``, ``count``, ``budget`` and ``commit`` as in :func:`greedy_removal`.
+    """
+    if chunks < 1 or tokens < 1:
+        raise ValueError(f"bounded_removal needs at least one chunk and one token, got {chunks} and {tokens}")
+    order = {key: n for n, key in enumerate(candidates)}
+    bound: dict[K, float] = {key: -math.inf for key in candidates}
+    result: SearchResult[K] = SearchResult(steps=[], chunks=chunks)
+    spent = 0
+    while count is None or len(result.steps) < count:
+        eligible = _eligible(candidates, bound, cost, spent, budget)
+        if not eligible:
+            break
+        done: dict[K, tuple[float, int]] = {}  # this step's (divergence sum, chunks scored) per touched candidate
+        while True:
+            best = min(eligible, key=lambda k: (bound[k], order[k]))
+            total, scored = done.get(best, (0.0, 0))
+            if scored == chunks:
+                break
+            total += score_chunk(best, scored)
+            done[best] = (total, scored + 1)
+            bound[best] = total / tokens
+        complete = [key for key, (_, scored) in done.items() if scored == chunks]
+        if not result.steps:
+            result.first_scores = {k: bound[k] for k in eligible if k in complete}
+            result.first_bounds = {k: bound[k] for k in eligible if k not in complete}
+        used = sum(scored for _, scored in done.values())
+        result.steps.append(Step(best, bound.pop(best), len(complete), chunks=used, touched=len(done)))
+        result.evaluations += len(complete)
+        result.chunk_evaluations += used
+        result.touched += len(done)
         spent += cost[best]
         commit(best)
     return result

@@ -10,6 +10,10 @@ model's outputs are kept once, at the scored positions, as the reference every c
 A screen scores a candidate on the first ``screen_samples`` calibration sequences only (rows of the cached
 batches; the layers' batch-shaped kwargs are cut to the same rows). Its divergence sum is kept until the next
 commit, so a full evaluation of a screened candidate runs only the remaining sequences.
+
+The bounded search (``ops.bounded_removal``) scores a candidate one chunk at a time: ``chunk_rows`` sequences
+of one batch (:meth:`score_chunk`). :meth:`evaluate` then sums the same chunks in the same order, so a complete
+chunked score is bit for bit the full one. Work is counted in layer forwards of one sequence (``forwards``).
 """
 
 from __future__ import annotations
@@ -34,11 +38,12 @@ class SublayerSearch:
     :func:`~.ops.screened_removal`.
 
     ``screen_samples``: how many sequences :meth:`screen` uses (None: no screening, every score is full).
+    ``chunk_rows``: sequences per chunk of :meth:`score_chunk` and :meth:`evaluate` (None: whole batches).
     """
 
     def __init__(
         self, adapter: ModelAdapter, states: list[list[torch.Tensor]], kwargs: list[list[dict[str, Any]]],
-        positions: torch.Tensor, measure: Measure, screen_samples: int | None = None,
+        positions: torch.Tensor, measure: Measure, screen_samples: int | None = None, chunk_rows: int | None = None,
     ) -> None:
         self.adapter = adapter
         self.layers = list(adapter.layers())
@@ -52,7 +57,13 @@ class SublayerSearch:
         self.seconds: dict[Key, float] = {}
         rows = [h.shape[0] for h in states[0]]
         self._screen, self._rest = _split_rows(rows, sum(rows) if screen_samples is None else screen_samples)
-        self._whole: list[Part] = [(batch, 0, size) for batch, size in enumerate(rows)]
+        #: The row ranges a full score sums over, in order: whole batches, or chunks of ``chunk_rows`` sequences.
+        self.chunks: list[Part] = [(batch, first, min(first + (chunk_rows or size), size))
+                                   for batch, size in enumerate(rows) for first in range(0, size, chunk_rows or size)]
+        #: Scored tokens of a full score (every candidate's score divides its divergence sum by this).
+        self.tokens = max(sum(ref.numel() // ref.shape[-1] for ref in self.references), 1)
+        #: Layer forwards of one sequence spent scoring (commits not included).
+        self.forwards = 0
         #: A screen's (divergence sum, tokens) per candidate, valid until the next commit.
         self._screened: dict[Key, tuple[float, int]] = {}
 
@@ -77,8 +88,12 @@ class SublayerSearch:
             total, tokens = self._screened[key]
             part, count = self._score(key, self._rest)
             return (total + part) / max(tokens + count, 1)
-        total, tokens = self._score(key, self._whole)
+        total, tokens = self._score(key, self.chunks)
         return total / max(tokens, 1)
+
+    def score_chunk(self, key: Key, chunk: int) -> float:
+        """Divergence summed over chunk ``chunk`` (of :attr:`chunks`) with sublayer ``key`` removed (>= 0)."""
+        return self._score(key, [self.chunks[chunk]])[0]
 
     def screen(self, key: Key) -> float:
         """:meth:`evaluate` on the screened sequences alone."""
@@ -98,6 +113,7 @@ class SublayerSearch:
                 hidden = self._run(index, self.states[index][batch][first:stop], batch, (first, stop))
                 part, count = divergence(self.references[batch][first:stop], self._output(hidden), self.measure)
                 total, tokens = total + part, tokens + count
+                self.forwards += (stop - first) * (len(self.layers) - index)
         finally:
             for path, module in replaced.items():
                 layer.set_submodule(path, module)

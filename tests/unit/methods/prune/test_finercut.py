@@ -123,7 +123,9 @@ def test_a_silent_sublayer_goes_first_and_removal_is_exact(family: str) -> None:
     torch.testing.assert_close(logits(model), logits(reference_model), rtol=0, atol=1e-5)
     gone = sorted((r for r in records if r.extra["removed"]), key=lambda r: r.extra["order"])
     assert [(r.extra["layer"], r.extra["sublayer"]) for r in gone] == [tuple(first[:2]), tuple(second[:2])]
-    assert all(r.extra["score"] is not None for r in records) and gone[0].note.startswith("removed #1")
+    assert gone[0].note.startswith("removed #1") and gone[0].extra["score"] == pytest.approx(0.0, abs=1e-6)
+    # the lazy search completes a first-step score only where it must; the others carry the bound that ruled them out
+    assert all((r.extra["score"] is None) != (r.extra["score_at_least"] is None) for r in records)
 
 
 _LOAD_WITHOUT_COMPRESSOR = """
@@ -249,6 +251,8 @@ def test_cached_states_follow_each_layers_own_attention_mask(monkeypatch: pytest
         ({"search": "lazy", "screen_samples": 4}, r"screen_samples apply only to search: screened \(search is lazy\)"),
         ({"search": "exact", "rescore_top": 4, "screen_samples": 1},
          r"screen_samples and rescore_top apply only to search: screened"),
+        ({"chunk_samples": 0}, r"stages\.0\.chunk_samples"),
+        ({"search": "exact", "chunk_samples": 2}, r"chunk_samples applies only to search: lazy \(search is exact\)"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_field(fields: dict[str, Any], message: str) -> None:

@@ -1,0 +1,163 @@
+"""FinerCut's lazy search on partial sums (ops.bounded_removal): the same removals as scoring every touched
+candidate on everything, for a fraction of the chunk scores."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from test_finercut import run_cut, silence_sublayer
+from test_layer_drop import deep_model
+
+from compressor.methods.prune.finercut.ops import SearchResult, bounded_removal, greedy_removal
+from compressor.methods.prune.finercut.search import Key, SublayerSearch
+
+# ---- the search on synthetic per-chunk divergences -----------------------------------------------------
+
+
+class Chunks:
+    """Per-chunk divergence sums that grow with every removal (lazy greedy's assumption) and log what ran.
+
+    ``chunk(key, j)`` is ``terms[key][j] * (1 + growth * removed)``; ``evaluate`` sums the chunks in order over
+    ``tokens``, the arithmetic of ``SublayerSearch.evaluate``.
+    """
+
+    def __init__(self, terms: dict[str, list[float]], tokens: int, growth: float = 0.25) -> None:
+        self.terms, self.tokens, self.growth = terms, tokens, growth
+        self.removed: list[str] = []
+        self.calls: list[tuple[str, int]] = []
+
+    def chunk(self, key: str, index: int) -> float:
+        self.calls.append((key, index))
+        return self.terms[key][index] * (1 + self.growth * len(self.removed))
+
+    def evaluate(self, key: str) -> float:
+        total = 0.0
+        for index in range(len(self.terms[key])):
+            total += self.chunk(key, index)
+        return total / self.tokens
+
+    @property
+    def chunks(self) -> int:
+        return len(next(iter(self.terms.values())))
+
+
+def _three_ways(terms: dict[str, list[float]], tokens: int, **stop: Any) -> tuple[SearchResult[str], ...]:
+    """(bounded, lazy, exact) searches on fresh copies of the same synthetic divergences; ``stop``: count/budget."""
+    cost = stop.pop("cost", dict.fromkeys(terms, 1))
+    bounded = Chunks(terms, tokens)
+    new = bounded_removal(list(terms), cost, bounded.chunk, bounded.chunks, tokens, bounded.removed.append, **stop)
+    lazy, exact = Chunks(terms, tokens), Chunks(terms, tokens)
+    old = greedy_removal(list(terms), cost, lazy.evaluate, lazy.removed.append, lazy=True, **stop)
+    paper = greedy_removal(list(terms), cost, exact.evaluate, exact.removed.append, lazy=False, **stop)
+    assert new.chunk_evaluations == len(bounded.calls)
+    return new, old, paper
+
+
+TERMS = {  # four chunks each; tokens 40
+    "a": [0.5, 0.4, 0.6, 0.5],
+    "b": [9.0, 8.0, 7.0, 9.0],  # far above the best after one chunk: dropped there
+    "c": [0.1, 0.2, 0.1, 0.2],
+    "d": [0.0, 0.0, 0.0, 3.0],  # looks free on three chunks: a partial sum over the chunks so far would pick it
+    "e": [1.0, 1.1, 0.9, 1.2],
+    "f": [0.3, 0.1, 0.2, 0.3],
+}
+
+
+def test_same_removals_and_scores_as_the_lazy_and_exact_searches_for_fewer_chunks() -> None:
+    new, old, paper = _three_ways(TERMS, 40, count=4)
+    assert [s.key for s in new.steps] == [s.key for s in old.steps] == [s.key for s in paper.steps]
+    assert [s.key for s in new.steps] == ["c", "f", "a", "d"]
+    assert [s.score for s in new.steps] == [s.score for s in old.steps] == [s.score for s in paper.steps]
+    assert new.chunk_evaluations < old.evaluations * 4 < paper.evaluations * 4
+    assert new.chunks == 4 and new.chunk_evaluations == sum(s.chunks for s in new.steps)
+    assert new.evaluations == sum(s.evaluations for s in new.steps) < old.evaluations
+
+
+def test_a_candidate_far_above_the_best_is_dropped_after_one_chunk() -> None:
+    bounded = Chunks(TERMS, 40)
+    result = bounded_removal(list(TERMS), dict.fromkeys(TERMS, 1), bounded.chunk, 4, 40, bounded.removed.append,
+                             count=1)
+    assert [index for key, index in bounded.calls if key == "b"] == [0]
+    # scored whole: the winner, and d, whose divergence is all in its last chunk
+    assert result.first_scores == {"c": pytest.approx(0.6 / 40), "d": pytest.approx(3.0 / 40)}
+    assert result.first_bounds["b"] == 9.0 / 40  # one chunk over every token
+    for key, bound in result.first_bounds.items():  # lower bounds of the first-step scores
+        assert bound <= sum(TERMS[key]) / 40
+    (step,) = result.steps
+    assert (step.key, step.evaluations, step.touched, step.chunks) == ("c", 2, 6, len(bounded.calls)) == ("c", 2, 6, 15)
+
+
+def test_the_bound_divides_by_every_token_not_the_tokens_scored_so_far() -> None:
+    """c's divergence is all in its first chunk, d's in its last. Over every token, c's first chunk bounds its
+    score by 0.6/40, below d's full 2/40; a mean over the tokens scored so far (0.6/10) would pass d's and
+    remove d, whose score is higher."""
+    terms = {"c": [0.6, 0.0, 0.0, 0.0], "d": [0.0, 0.0, 0.0, 2.0], "g": [2.0, 0.0, 0.0, 0.0]}
+    new, old, _ = _three_ways(terms, 40, count=1)
+    assert new.steps[0].key == old.steps[0].key == "c"
+    assert new.steps[0].score == old.steps[0].score == 0.6 / 40
+
+
+def test_random_monotone_searches_agree_with_lazy_and_exact() -> None:
+    rng = random.Random(7)
+    saved = 0
+    for _ in range(40):
+        terms = {f"k{n}": [rng.random() * rng.choice([0.05, 1.0, 20.0]) for _ in range(6)] for n in range(10)}
+        cost = {key: rng.choice([1, 2, 3]) for key in terms}
+        new, old, paper = _three_ways(terms, 60, budget=12, cost=cost)
+        assert [(s.key, s.score) for s in new.steps] == [(s.key, s.score) for s in old.steps]
+        assert [s.key for s in new.steps] == [s.key for s in paper.steps]
+        assert sum(cost[s.key] for s in new.steps) <= 12
+        saved += old.evaluations * 6 - new.chunk_evaluations
+    assert saved > 0
+
+
+def test_no_chunks_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one chunk and one token"):
+        bounded_removal(["a"], {"a": 1}, lambda key, index: 0.0, 0, 10, lambda key: None)
+
+
+# ---- on models: the previous lazy search, bit for bit -----------------------------------------------------
+
+
+def _previous_lazy(
+    candidates: list[Key], cost: dict[Key, int], score_chunk: Callable[[Key, int], float], chunks: int,
+    tokens: int, commit: Callable[[Key], None], count: int | None = None, budget: int | None = None,
+) -> SearchResult[Key]:
+    """``bounded_removal``'s stand-in: the lazy search before partial sums, every touched candidate scored whole."""
+    search = score_chunk.__self__  # type: ignore[attr-defined]
+    assert isinstance(search, SublayerSearch) and (len(search.chunks), search.tokens) == (chunks, tokens)
+    return greedy_removal(candidates, cost, search.evaluate, commit, count=count, budget=budget, lazy=True)
+
+
+@pytest.mark.parametrize(("family", "settings"), [
+    ("llama", {"remove": 5}),
+    ("qwen2", {"ratio": 0.3, "measure": "js", "positions": 8}),
+    ("opt", {"remove": 4, "measure": "cosine", "positions": None}),
+])
+def test_same_removals_as_the_previous_lazy_search_with_fewer_forwards(
+    family: str, settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    new, _ = run_cut(deep_model(family, 6), **settings)
+    with monkeypatch.context() as patch:
+        patch.setattr("compressor.methods.prune.finercut.bounded_removal", _previous_lazy)
+        old, _ = run_cut(deep_model(family, 6), **settings)
+    new_cut, old_cut = new.structure["finercut"], old.structure["finercut"]
+    assert new_cut["removed"] == old_cut["removed"]  # keys, order and (rounded) scores
+    assert new.model.config.finercut_removed == old.model.config.finercut_removed
+    assert new_cut["layer_forwards"] < old_cut["layer_forwards"]
+    assert new_cut["chunk_evaluations"] < old_cut["evaluations"] * new_cut["chunks"]
+    assert new_cut["evaluation_equivalents"] == round(new_cut["chunk_evaluations"] / new_cut["chunks"], 2)
+
+
+def test_a_silent_sublayer_is_found_with_chunks_of_two_sequences() -> None:
+    model = deep_model("llama")
+    silence_sublayer(model, 1, "attention")
+    run, records = run_cut(model, remove=1, chunk_samples=2)
+    cut = run.structure["finercut"]
+    assert cut["removed"][0][:2] == [1, "attention"] and cut["chunks"] == 3  # batches of 3 and 1: 2+1, 1
+    silent = next(r for r in records if (r.extra["layer"], r.extra["sublayer"]) == (1, "attention"))
+    assert silent.extra["score"] == pytest.approx(0.0, abs=1e-6) and silent.extra["score_at_least"] is None
+    assert all((r.extra["score"] is None) != (r.extra["score_at_least"] is None) for r in records)
