@@ -14,8 +14,9 @@ The decompositions stay on the stage (``decomposed``) for the BitStack directory
 reconstruction at the stage's budget. The in-memory model, and so the report and ``--eval``, is the
 reconstruction at the stage's budget (every block without one) in both cases.
 
-Cost: one full SVD of every ``[out, in]`` weight per iteration, and one ``[out, in] x [in, in]`` product per
-block for the errors, ``O(iterations * out * in * min(out, in))``.
+Cost per linear and block: the top-``rank`` factors of ``|R|`` by subspace iteration (``svd: lowrank``, the
+default; ``O(out * in * (rank + 8) * 14)``; ``svd: full`` is one full SVD, ``O(out * in * min(out, in))``), and one
+``[out, in] x [in, in]`` product for the errors.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ from torch import nn
 
 from compressor.errors import RecipeError
 from compressor.methods.base import LayerRecord, Method, MethodConfig, TargetedConfig
-from compressor.methods.quant.bitstack.ops import Decomposition, channel_scale, decompose, output_errors
+from compressor.methods.quant.bitstack.ops import (
+    Decomposition,
+    SVDMode,
+    channel_scale,
+    decompose,
+    output_errors,
+)
 from compressor.methods.quant.bitstack.order import (
     BudgetError,
     Chain,
@@ -53,6 +60,7 @@ class BitStackConfig(TargetedConfig):
       rank: 16            # rank of each block's magnitude approximation
       budget: 300MB       # or 1.5GiB, 123456 (bytes), 2.5bpw; omitted: every block
       order: relative     # or absolute
+      svd: lowrank        # or full (exact SVD per block, ~8x slower)
     ```
     """
 
@@ -67,6 +75,11 @@ class BitStackConfig(TargetedConfig):
         "relative", description="What a block is worth: its drop of the calibration output error tr(dW H dW^T) "
         "divided by the linear's output energy tr(W H W^T) (relative), or raw (absolute, favours linears with "
         "large activations: BAQ measured that on SmolLM2), per stored byte."
+    )
+
+    svd: SVDMode = Field(
+        "lowrank", description="How each block's top-rank factors of |R| are found: subspace iteration from a "
+        "fixed seed, warm-started from the previous block (lowrank), or a full SVD (full; exact, ~8x slower)."
     )
 
     @field_validator("budget")
@@ -141,7 +154,7 @@ class BitStack(Method):
                 module = ctx.module(name)
                 assert isinstance(module, nn.Linear)
                 W = module.weight.data
-                decomposition = decompose(W, config.iterations, config.rank, channel_scale(H))
+                decomposition = decompose(W, config.iterations, config.rank, channel_scale(H), svd=config.svd)
                 errors = output_errors(W, decomposition, H)
                 self.decomposed[path] = _Decomposed(_to_cpu(decomposition), errors, time.perf_counter() - start)
         return []

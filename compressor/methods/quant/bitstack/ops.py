@@ -3,9 +3,9 @@
 One block of ``W: [out, in]`` stores ``sign(R)`` at 1 bit per parameter and a rank-``r`` approximation
 ``u @ v`` (``u: [out, r]``, ``v: [r, in]``) of ``|R|``, the magnitudes of the current residual ``R``; the
 block's contribution is ``sign(R) * (u @ v)`` and the next block starts from what is left. The residual's
-Frobenius norm never rises: ``|sign(R) * (|R| - B)| = ||R| - B|`` elementwise, and the truncated SVD ``B``
-of ``|R|`` is no farther from ``|R|`` than 0 is. ``sign(0)`` is stored as +1 so that this holds with one
-bit per entry.
+Frobenius norm never rises: ``|sign(R) * (|R| - B)| = ||R| - B|`` elementwise, and ``B`` is an orthogonal
+projection of ``|R|`` (the truncated SVD, or its subspace-iteration estimate :func:`top_factors`), so it is no
+farther from ``|R|`` than 0 is. ``sign(0)`` is stored as +1 so that this holds with one bit per entry.
 
 Everything is decomposed in a scaled space, ``W * s`` with one ``s`` per input channel (see
 :func:`channel_scale`), and divided by ``s`` again on reconstruction.
@@ -14,6 +14,7 @@ Everything is decomposed in a scaled space, ``W * s`` with one ``s`` per input c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -23,6 +24,9 @@ from compressor.models.shipped.modeling_bitstack import scaled_sum, unpack_signs
 
 #: The dtype factors and scales are stored in (the reference stores fp16 too).
 FACTOR_DTYPE = torch.float16
+
+#: How each block's top-``rank`` factors of ``|R|`` are found: subspace iteration (:func:`top_factors`) or a full SVD.
+SVDMode = Literal["lowrank", "full"]
 
 
 def channel_scale(H: torch.Tensor, floor: float = 1e-2) -> torch.Tensor:
@@ -99,27 +103,65 @@ class Decomposition:
         return self.scaled_sum(len(self.blocks) if k is None else k) / self.scale.float()[None, :]
 
 
+def top_factors(
+    A: torch.Tensor, rank: int, generator: torch.Generator, start: torch.Tensor | None = None,
+    oversample: int = 8, power_iterations: int = 6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` singular triplets of ``A: [m, n]`` by subspace iteration: ``U [m, r]``, ``S [r]``, ``Vh [r, n]``.
+
+    Why not ``torch.linalg.svd``: a block needs ``rank`` (4-16) of ``min(m, n)`` (576) triplets, and the full SVD
+    was ~90% of the decomposition's time. A basis of ``k = rank + oversample`` columns, started from ``start``
+    (``[n, j]``, e.g. the previous block's right factors: the residuals' magnitudes keep much of their row
+    structure) completed by Gaussian columns from ``generator``, goes through ``power_iterations`` rounds of
+    ``Q <- orth(A orth(A^T Q))``; then the exact SVD of the small ``Q^T A`` (Rayleigh-Ritz). The result is always
+    an orthogonal projection of ``A`` (``B = P A``, ``P = Q U_b U_b^T Q^T``), so ``|A - B| <= |A|`` holds as for
+    the exact SVD, and a rank-``<= k`` ``A`` is recovered exactly. Cost ``O(m n k (2 power_iterations + 2))``.
+    On the demo model's layers 0/15/29 (16 blocks, 6 rounds, warm start) the output error after 16 blocks is
+    within +3.2% / -2.6% of the full SVD's at rank 16 (mean +0.6%), and +0.4% / -1.8% at rank 4.
+    """
+    m, n = A.shape
+    k = min(rank + oversample, m, n)
+    columns = 0 if start is None else min(start.shape[1], k)
+    fresh = torch.randn(n, k - columns, generator=generator, device=generator.device).to(A.device, A.dtype)
+    omega = fresh if start is None or columns == 0 else torch.cat([start[:, :columns].to(A.dtype), fresh], dim=1)
+    Q = torch.linalg.qr(A @ omega).Q
+    for _ in range(power_iterations):
+        Q = torch.linalg.qr(A @ torch.linalg.qr(A.T @ Q).Q).Q
+    Ub, S, Vh = torch.linalg.svd(Q.T @ A, full_matrices=False)
+    return (Q @ Ub[:, :rank]), S[:rank], Vh[:rank]
+
+
 def decompose(
-    W: torch.Tensor, iterations: int, rank: int, scale: torch.Tensor | None = None, dtype: torch.dtype = FACTOR_DTYPE
+    W: torch.Tensor, iterations: int, rank: int, scale: torch.Tensor | None = None, dtype: torch.dtype = FACTOR_DTYPE,
+    svd: SVDMode = "lowrank", seed: int = 0,
 ) -> Decomposition:
     """BitStack's iterative decomposition of ``W: [out, in]`` scaled by ``scale: [in]`` (default ones).
 
-    Each step stores ``sign(R)`` and the top-``rank`` SVD of ``|R|`` split evenly (``u = U sqrt(S)``,
+    Each step stores ``sign(R)`` and the top-``rank`` factors of ``|R|`` split evenly (``u = U sqrt(S)``,
     ``v = sqrt(S) V^T``, so both factors have the same range in ``dtype``), then continues on
     ``R - sign(R) * (u @ v)`` computed from the stored (rounded) factors, so the residual is the
-    reconstruction's true error. ``rank`` is capped at ``min(out, in)``.
+    reconstruction's true error. ``rank`` is capped at ``min(out, in)``. ``svd="lowrank"`` finds the factors by
+    :func:`top_factors` (Gaussian start from ``seed``, then warm-started from the previous block's right
+    factors; same ``W`` and seed give the same bytes on the same hardware), ``"full"`` by ``torch.linalg.svd``.
     """
     out, columns = W.shape
     rank = min(rank, out, columns)
     s = (torch.ones(columns, device=W.device) if scale is None else scale).to(dtype)
     R = W.float() * s.float()[None, :]
     decomposition = Decomposition((out, columns), s)
+    generator = torch.Generator().manual_seed(seed)
+    start: torch.Tensor | None = None
     for _ in range(iterations):
         signs = pack_signs(R)
-        U, S, Vh = torch.linalg.svd(R.abs(), full_matrices=False)
-        root = S[:rank].sqrt()
-        u = (U[:, :rank] * root[None, :]).to(dtype)
-        v = (root[:, None] * Vh[:rank]).to(dtype)
+        if svd == "full":
+            U, S, Vh = torch.linalg.svd(R.abs(), full_matrices=False)
+            U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
+        else:
+            U, S, Vh = top_factors(R.abs(), rank, generator, start)
+            start = Vh.T
+        root = S.sqrt()
+        u = (U * root[None, :]).to(dtype)
+        v = (root[:, None] * Vh).to(dtype)
         R = R - unpack_signs(signs, (out, columns)) * (u.float() @ v.float())
         decomposition.blocks.append(Block(signs, u, v))
     return decomposition
