@@ -64,6 +64,11 @@ DEFAULT_RESCORE_TOP = 3
 #: one sequence); each chunk runs its layers on one 1 x seq_len batch, the shape the search's forwards already have
 #: per sequence, so finer chunks cost only per-call overhead.
 DEFAULT_CHUNK_SAMPLES = 1
+#: The lazy search scores a candidate until its partial bound is twice the best other bound (ops.bounded_removal's
+#: ``margin``): at most twice the chunks of stopping as soon as it is not the best, and it is then left alone in
+#: later steps until the best score has doubled. Simulated greedy runs (60 candidates, 16 chunks, scores growing
+#: with each removal) needed 10-25% fewer layer forwards with 2 than with 1, and about as many as with 3 or 4.
+BOUND_MARGIN = 2.0
 REMOTE_CODE_FILE = "modeling_finercut.py"
 
 
@@ -271,7 +276,7 @@ class FinerCut(Method):
                                           count=count, budget=budget, top=self._rescore_top())
             elif self.cfg.search == "lazy":
                 result = bounded_removal(candidates, params, search.score_chunk, len(search.chunks), search.tokens,
-                                         search.commit, count=count, budget=budget)
+                                         search.commit, count=count, budget=budget, margin=BOUND_MARGIN)
             else:
                 result = greedy_removal(candidates, params, search.evaluate, search.commit, count=count,
                                         budget=budget, lazy=False)

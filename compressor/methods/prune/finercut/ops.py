@@ -146,58 +146,93 @@ def bounded_removal(
     commit: Callable[[K], None],
     count: int | None = None,
     budget: int | None = None,
+    margin: float = 1.0,
 ) -> SearchResult[K]:
     """The lazy greedy search, best-first on partial sums: most candidates are dropped after a few chunks.
 
     A candidate's score is ``(t_0 + t_1 + ... + t_{chunks-1}) / tokens``, summed left to right: ``t_j =
     score_chunk(key, j)`` is the divergence summed over chunk ``j`` of the calibration tokens (>= 0: KL, JS and
-    1 - cos are non-negative per token) and ``tokens`` counts all of them, the same for every candidate. So
-    the sum of the first ``n`` chunks over ``tokens`` is a lower bound of the full score (partial <= fresh),
-    and the full score, once every chunk is in, is bit for bit the sum ``evaluate`` makes in that order.
+    1 - cos are non-negative per token) and ``tokens`` counts all of them, the same for every candidate. So the
+    sum of any chunks over ``tokens`` is a lower bound of the full score (partial <= fresh), and the full score,
+    once every chunk is in, is summed in chunk order: bit for bit the sum ``evaluate`` makes.
 
-    Each step keeps a bound per candidate: what the candidate had at the end of the last step (its full score
-    or its partial sum then; -inf at first) until it is touched, then its partial sum over all ``tokens``, then
-    its full score. Loop: take the lowest bound (ties: candidate order); if that candidate is complete, remove
-    it; otherwise score its next chunk. The winner's full score is at most every other bound. Under lazy
-    greedy's assumption (removing more never makes another removal less harmful) a bound from an earlier
-    step is at most the score now, as is a partial sum; so the winner has the lowest full score of all: the
-    exact search's choice, and the lazy search's (which under the same assumption returns it too). The
-    candidates touched are those whose bound is at most the winner's score, the ones the lazy search
-    evaluates in full; each is scored only until its partial sum passes the lowest other bound.
+    Each step keeps a bound per candidate: what it had at the end of the last step (its full score or its partial
+    sum then; -inf at first) until it is touched, then its partial sum over all ``tokens``, then its full score.
+    Loop: take the lowest bound (ties: candidate order); if that candidate is complete, remove it; otherwise
+    score its next chunks while its bound stays at most ``margin`` times the lowest other bound. The winner's
+    full score is at most every other bound. Under lazy greedy's assumption (removing more never makes another
+    removal less harmful) a bound from an earlier step is at most the score now, as is a partial sum; so the
+    winner has the lowest full score of all: the exact search's choice, and the lazy search's (which under the
+    same assumption returns it too). Scoring more chunks than needed changes no choice, only the bounds.
 
-    ``cost``, ``count``, ``budget`` and ``commit`` as in :func:`greedy_removal`.
+    ``margin`` 1 scores a candidate only until it is no longer the best bound; above 1 its bound is banked at
+    ``margin`` times the best one, so it is not touched again in the next steps while the best score grows by
+    less than that. A candidate scores first the chunks where it diverged most when last scored (the partial
+    sum rises fastest). ``cost``, ``count``, ``budget`` and ``commit`` as in :func:`greedy_removal`.
     """
-    if chunks < 1 or tokens < 1:
-        raise ValueError(f"bounded_removal needs at least one chunk and one token, got {chunks} and {tokens}")
-    order = {key: n for n, key in enumerate(candidates)}
+    if chunks < 1 or tokens < 1 or margin < 1:
+        raise ValueError(f"bounded_removal needs at least one chunk and one token and a margin of at least 1, got "
+                         f"{chunks}, {tokens} and {margin}")
     bound: dict[K, float] = {key: -math.inf for key in candidates}
+    last: dict[K, dict[int, float]] = {}  # each candidate's chunk terms when it was last scored
     result: SearchResult[K] = SearchResult(steps=[], chunks=chunks)
     spent = 0
     while count is None or len(result.steps) < count:
         eligible = _eligible(candidates, bound, cost, spent, budget)
         if not eligible:
             break
-        done: dict[K, tuple[float, int]] = {}  # this step's (divergence sum, chunks scored) per touched candidate
-        while True:
-            best = min(eligible, key=lambda k: (bound[k], order[k]))
-            total, scored = done.get(best, (0.0, 0))
-            if scored == chunks:
-                break
-            total += score_chunk(best, scored)
-            done[best] = (total, scored + 1)
-            bound[best] = total / tokens
-        complete = [key for key, (_, scored) in done.items() if scored == chunks]
+        best, terms = _bounded_step(eligible, bound, last, score_chunk, chunks, tokens, margin)
+        last.update(terms)
+        complete = {key for key, done in terms.items() if len(done) == chunks}
         if not result.steps:
             result.first_scores = {k: bound[k] for k in eligible if k in complete}
             result.first_bounds = {k: bound[k] for k in eligible if k not in complete}
-        used = sum(scored for _, scored in done.values())
-        result.steps.append(Step(best, bound.pop(best), len(complete), chunks=used, touched=len(done)))
+        used = sum(len(done) for done in terms.values())
+        result.steps.append(Step(best, bound.pop(best), len(complete), chunks=used, touched=len(terms)))
         result.evaluations += len(complete)
         result.chunk_evaluations += used
-        result.touched += len(done)
+        result.touched += len(terms)
         spent += cost[best]
         commit(best)
     return result
+
+
+def _bounded_step(
+    eligible: list[K], bound: dict[K, float], last: dict[K, dict[int, float]],
+    score_chunk: Callable[[K, int], float], chunks: int, tokens: int, margin: float,
+) -> tuple[K, dict[K, dict[int, float]]]:
+    """One step of :func:`bounded_removal`: (the winner, the chunk terms scored per touched candidate).
+
+    ``eligible`` is in candidate order (ties go to the earlier one); ``bound`` is updated in place.
+    """
+    order = {key: n for n, key in enumerate(eligible)}
+    terms: dict[K, dict[int, float]] = {}
+    while True:
+        best = min(eligible, key=lambda k: (bound[k], order[k]))
+        done = terms.setdefault(best, {})
+        if len(done) == chunks:
+            return best, terms
+        lowest = min((bound[k] for k in eligible if k != best), default=math.inf)
+        for chunk in _chunk_order(last.get(best, {}), chunks)[len(done):]:
+            done[chunk] = score_chunk(best, chunk)
+            bound[best] = _bound(done, chunks, tokens)
+            if bound[best] > margin * lowest:
+                break
+
+
+def _chunk_order(previous: dict[int, float], chunks: int) -> list[int]:
+    """Chunks by falling ``previous`` term (the candidate's when last scored), then the unscored ones in order."""
+    return sorted(range(chunks), key=lambda j: (-previous[j], j) if j in previous else (math.inf, j))
+
+
+def _bound(done: dict[int, float], chunks: int, tokens: int) -> float:
+    """Partial sum over all ``tokens``; once every chunk is in, the full score summed in chunk order."""
+    if len(done) < chunks:
+        return sum(done.values()) / tokens
+    total = 0.0
+    for chunk in range(chunks):
+        total += done[chunk]
+    return total / tokens
 
 
 def screened_removal(

@@ -45,10 +45,15 @@ class Chunks:
 
 
 def _three_ways(terms: dict[str, list[float]], tokens: int, **stop: Any) -> tuple[SearchResult[str], ...]:
-    """(bounded, lazy, exact) searches on fresh copies of the same synthetic divergences; ``stop``: count/budget."""
+    """(bounded, lazy, exact) searches on fresh copies of the same synthetic divergences.
+
+    ``stop``: count / budget, and optionally ``cost`` and the bounded search's ``margin``.
+    """
     cost = stop.pop("cost", dict.fromkeys(terms, 1))
+    margin = stop.pop("margin", 1.0)
     bounded = Chunks(terms, tokens)
-    new = bounded_removal(list(terms), cost, bounded.chunk, bounded.chunks, tokens, bounded.removed.append, **stop)
+    new = bounded_removal(list(terms), cost, bounded.chunk, bounded.chunks, tokens, bounded.removed.append,
+                          margin=margin, **stop)
     lazy, exact = Chunks(terms, tokens), Chunks(terms, tokens)
     old = greedy_removal(list(terms), cost, lazy.evaluate, lazy.removed.append, lazy=True, **stop)
     paper = greedy_removal(list(terms), cost, exact.evaluate, exact.removed.append, lazy=False, **stop)
@@ -100,13 +105,36 @@ def test_the_bound_divides_by_every_token_not_the_tokens_scored_so_far() -> None
     assert new.steps[0].score == old.steps[0].score == 0.6 / 40
 
 
-def test_random_monotone_searches_agree_with_lazy_and_exact() -> None:
+def test_a_margin_banks_a_bound_above_the_best_and_changes_no_choice() -> None:
+    """x wins (2.4/40 against a's 4/40). With margin 1, a is scored until its bound passes x's (3 chunks); with
+    margin 2 until it passes twice x's, which only its full score does."""
+    terms = {"a": [1.0, 1.0, 1.0, 1.0], "x": [0.6, 0.6, 0.6, 0.6]}
+    for margin, a_chunks in ((1.0, 3), (2.0, 4)):
+        log = Chunks(terms, 40)
+        result = bounded_removal(list(terms), dict.fromkeys(terms, 1), log.chunk, 4, 40, log.removed.append,
+                                 count=1, margin=margin)
+        assert result.steps[0].key == "x" and result.steps[0].score == 2.4 / 40
+        assert len([key for key, _ in log.calls if key == "a"]) == a_chunks
+        assert ("a" in result.first_scores) == (a_chunks == 4)
+
+
+def test_a_candidate_scores_first_the_chunk_where_it_diverged_most() -> None:
+    new, _, _ = _three_ways(TERMS, 40, count=4)
+    log = Chunks(TERMS, 40)
+    bounded_removal(list(TERMS), dict.fromkeys(TERMS, 1), log.chunk, 4, 40, log.removed.append, count=4)
+    d_calls = [index for key, index in log.calls if key == "d"]
+    assert d_calls[:4] == [0, 1, 2, 3] and d_calls[4] == 3  # its last chunk held all of its divergence
+    assert new.steps[-1].key == "d" and new.steps[-1].score == 3.0 * 1.75 / 40  # summed in chunk order
+
+
+@pytest.mark.parametrize("margin", [1.0, 2.0, 3.0])
+def test_random_monotone_searches_agree_with_lazy_and_exact(margin: float) -> None:
     rng = random.Random(7)
     saved = 0
     for _ in range(40):
         terms = {f"k{n}": [rng.random() * rng.choice([0.05, 1.0, 20.0]) for _ in range(6)] for n in range(10)}
         cost = {key: rng.choice([1, 2, 3]) for key in terms}
-        new, old, paper = _three_ways(terms, 60, budget=12, cost=cost)
+        new, old, paper = _three_ways(terms, 60, budget=12, cost=cost, margin=margin)
         assert [(s.key, s.score) for s in new.steps] == [(s.key, s.score) for s in old.steps]
         assert [s.key for s in new.steps] == [s.key for s in paper.steps]
         assert sum(cost[s.key] for s in new.steps) <= 12
@@ -115,8 +143,10 @@ def test_random_monotone_searches_agree_with_lazy_and_exact() -> None:
 
 
 def test_no_chunks_is_refused() -> None:
-    with pytest.raises(ValueError, match="at least one chunk and one token"):
+    with pytest.raises(ValueError, match="at least one chunk and one token and a margin of at least 1"):
         bounded_removal(["a"], {"a": 1}, lambda key, index: 0.0, 0, 10, lambda key: None)
+    with pytest.raises(ValueError, match="margin of at least 1, got 4, 10 and 0.5"):
+        bounded_removal(["a"], {"a": 1}, lambda key, index: 0.0, 4, 10, lambda key: None, margin=0.5)
 
 
 # ---- on models: the previous lazy search, bit for bit -----------------------------------------------------
@@ -125,6 +155,7 @@ def test_no_chunks_is_refused() -> None:
 def _previous_lazy(
     candidates: list[Key], cost: dict[Key, int], score_chunk: Callable[[Key, int], float], chunks: int,
     tokens: int, commit: Callable[[Key], None], count: int | None = None, budget: int | None = None,
+    margin: float = 1.0,
 ) -> SearchResult[Key]:
     """``bounded_removal``'s stand-in: the lazy search before partial sums, every touched candidate scored whole."""
     search = score_chunk.__self__  # type: ignore[attr-defined]
