@@ -8,10 +8,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 from test_finercut import run_cut, silence_sublayer
 from test_layer_drop import deep_model
 
-from compressor.methods.prune.finercut.ops import SearchResult, bounded_removal, greedy_removal
+from compressor.methods.prune.finercut.ops import SearchResult, Step, bounded_removal, greedy_removal
+from compressor.methods.prune.finercut.saved import Searched, from_state, to_state
 from compressor.methods.prune.finercut.search import Key, SublayerSearch
 
 # ---- the search on synthetic per-chunk divergences -----------------------------------------------------
@@ -192,3 +194,24 @@ def test_a_silent_sublayer_is_found_with_chunks_of_two_sequences() -> None:
     silent = next(r for r in records if (r.extra["layer"], r.extra["sublayer"]) == (1, "attention"))
     assert silent.extra["score"] == pytest.approx(0.0, abs=1e-6) and silent.extra["score_at_least"] is None
     assert all((r.extra["score"] is None) != (r.extra["score_at_least"] is None) for r in records)
+
+
+# ---- the saved search ----------------------------------------------------------------------------------
+
+
+def test_the_saved_search_round_trips_and_an_older_state_still_reads() -> None:
+    result: SearchResult[Key] = SearchResult(
+        steps=[Step((1, "mlp"), 0.1 / 3, 2, chunks=9, touched=4), Step((0, "attention"), 0.25, 1, chunks=5, touched=3)],
+        first_scores={(1, "mlp"): 0.1 / 3}, first_bounds={(0, "attention"): 0.01, (0, "mlp"): 2.0},
+        evaluations=3, chunk_evaluations=14, chunks=4, touched=7)
+    candidates: list[Key] = [(0, "attention"), (0, "mlp"), (1, "attention"), (1, "mlp")]
+    searched = Searched(candidates, result, {(1, "mlp"): 0.5}, 12.5, forwards=321)
+    back = from_state(to_state(searched))
+    assert back.result == result and back.candidates == candidates and back.forwards == 321
+    assert back.seconds == {**dict.fromkeys(candidates, 0.0), (1, "mlp"): 0.5} and back.wall == 12.5
+    older = {name: value for name, value in to_state(searched).items() if name not in ("first_bounds", "forwards")}
+    older["step_evaluations"] = torch.tensor([2, 1])  # one count per step, two totals
+    older["evaluations"] = torch.tensor([3, 0])
+    old = from_state(older).result
+    assert [(s.evaluations, s.chunks, s.touched) for s in old.steps] == [(2, 0, 0), (1, 0, 0)]
+    assert (old.evaluations, old.chunk_evaluations, old.first_bounds) == (3, 0, {})
