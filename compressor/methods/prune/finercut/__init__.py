@@ -61,8 +61,8 @@ DEFAULT_RATIO = 0.25
 DEFAULT_SCREEN_SAMPLES = 2
 DEFAULT_RESCORE_TOP = 3
 #: One sequence per chunk: the finest bound (a candidate whose score is far above the best one's is dropped after
-#: one sequence); each chunk runs its layers on one 1 x seq_len batch, the shape the search's forwards already have
-#: per sequence, so finer chunks cost only per-call overhead.
+#: one sequence). Each chunk runs its layers on a 1 x seq_len batch instead of a calibration batch; what the smaller
+#: matrix products cost per token is not measured yet (chunk_samples trades it against the bound's granularity).
 DEFAULT_CHUNK_SAMPLES = 1
 #: ops.bounded_removal's ``margin``: a candidate is scored only until it is no longer the best bound (1), not banked
 #: higher. In simulated greedy runs (60 candidates, 16 chunks) banking at 2x saved 10-25% of the layer forwards when
@@ -118,7 +118,6 @@ class FinerCutConfig(MethodConfig):
         None, ge=1, description="search: screened: candidates with the best screen scores that are scored on "
         f"every sequence each step (at least the number of candidates: the exact search; null: {DEFAULT_RESCORE_TOP})."
     )
-
     chunk_samples: int | None = Field(
         None, ge=1, description="search: lazy: calibration sequences a candidate is scored on at a time (within "
         f"one calibration batch) before its partial sum is compared with the others' (null: {DEFAULT_CHUNK_SAMPLES})."

@@ -1,4 +1,13 @@
-"""FinerCut's math: output divergences and the greedy search over removal candidates (pure functions)."""
+"""FinerCut's math: output divergences and the greedy search over removal candidates (pure functions).
+
+The searches differ in what they score. :func:`greedy_removal` scores candidates in full: all of them each step
+(exact) or only those whose last score is below the best fresh one (lazy). :func:`bounded_removal` is the lazy
+search on partial sums. Its work: each touched candidate is scored until its partial sum passes the lowest other
+bound. The winner and near ties need every chunk, as in the lazy search; a candidate far above the best is
+dropped after one, where the lazy search scores it in full; a candidate whose carried partial sum fell below the
+best score is touched again (a chunk or so), where the lazy search's carried full score might have kept it out.
+:func:`screened_removal` ranks on a cheap screen and scores only a shortlist in full (not exact).
+"""
 
 from __future__ import annotations
 
@@ -79,8 +88,8 @@ class SearchResult(Generic[K]):
     #: ``chunk_evaluations / chunks`` is the work in full-evaluation equivalents.
     chunk_evaluations: int = 0
     chunks: int = 0
-    #: A bounded search's candidates scored on at least one chunk, summed over steps: the full evaluations the
-    #: lazy search of :func:`greedy_removal` spends when removals only add harm (see :func:`bounded_removal`).
+    #: A bounded search's candidates scored on at least one chunk, summed over steps (at least the candidates the
+    #: lazy search of :func:`greedy_removal` scores in full: its carried bounds are partial sums, not full scores).
     touched: int = 0
 
 
@@ -163,7 +172,10 @@ def bounded_removal(
     full score is at most every other bound. Under lazy greedy's assumption (removing more never makes another
     removal less harmful) a bound from an earlier step is at most the score now, as is a partial sum; so the
     winner has the lowest full score of all: the exact search's choice, and the lazy search's (which under the
-    same assumption returns it too). Scoring more chunks than needed changes no choice, only the bounds.
+    same assumption returns it too). Scoring more chunks than needed changes no choice, only the bounds. Where
+    the assumption fails, the two lazy searches may choose differently (this one carries partial sums where the
+    other carries full scores, so it may rescore candidates the other leaves alone). In floating point a term of
+    an unchanged output can be a rounding-level negative; that matters only between scores tied to rounding.
 
     ``margin`` 1 scores a candidate only until it is no longer the best bound; above 1 its bound is banked at
     ``margin`` times the best one, so it is not touched again in the next steps while the best score grows by
