@@ -61,8 +61,9 @@ DEFAULT_RATIO = 0.25
 DEFAULT_SCREEN_SAMPLES = 2
 DEFAULT_RESCORE_TOP = 3
 #: One sequence per chunk: the finest bound (a candidate whose score is far above the best one's is dropped after
-#: one sequence). Each chunk runs its layers on a 1 x seq_len batch instead of a calibration batch; what the smaller
-#: matrix products cost per token is not measured yet (chunk_samples trades it against the bound's granularity).
+#: one sequence). Smaller batches cost no more per sequence here: one Llama decoder layer at SmolLM2's widths
+#: (576 / 1536, 9 / 3 heads), 256 tokens, 1 thread at load ~4.5, ran 66, 62 and 64 ms per sequence in batches of
+#: 1, 2 and 8 sequences.
 DEFAULT_CHUNK_SAMPLES = 1
 #: ops.bounded_removal's ``margin``: a candidate is scored only until it is no longer the best bound (1), not banked
 #: higher. In simulated greedy runs (60 candidates, 16 chunks) banking at 2x saved 10-25% of the layer forwards when
