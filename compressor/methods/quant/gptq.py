@@ -102,7 +102,7 @@ class GPTQ(WeightQuantizer):
                 return gptq_quantize(
                     W, H, bits, group_size, config.symmetric, config.act_order, config.block_size,
                     config.dampening, bits_per_group=bits_per_group, grid=config.grid,
-                    scale_search=config.scale_search, fit_on=config.fit_on,
+                    scale_search=config.scale_search, fit_on=config.fit_on, keep_rounded=targets is not None,
                 )
             except ValueError as exc:
                 raise NumericalError(f"{ctx.prefix}: GPTQ failed: {exc}") from exc

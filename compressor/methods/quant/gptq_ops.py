@@ -13,7 +13,9 @@ solve spends most of its time, is in ``gptq_sweep.py``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -120,6 +122,7 @@ def gptq_quantize(
     grid: Grid = "restricted",
     scale_search: ScaleSearch = "none",
     fit_on: FitOn = "auto",
+    keep_rounded: bool = True,
 ) -> GPTQResult:
     """Quantize ``W: [out, in]`` against the Hessian ``H: [in, in]`` of its inputs (GPTQ, Algorithm 1).
 
@@ -137,28 +140,41 @@ def gptq_quantize(
     updated by every earlier column's error (with act-order the group's columns are gathered from wherever the
     order put them), ``auto`` the reference's choice (``original`` with act-order, ``sweep`` without).
     The caller's tensors are not modified; the sweep runs in float32 (the inverse in float64 when ``H``
-    is float64), on the device ``W`` and ``H`` share.
+    is float64), on the device ``W`` and ``H`` share. ``keep_rounded`` False leaves ``GPTQResult.rounded`` None
+    (only refinement reads it); the solve then holds one weight-sized float32 tensor less.
+    Memory: besides the caller's ``W`` and ``H``, at most two ``[in, in]`` matrices at once (the factorisation
+    works on a fresh permuted copy per attempt instead of keeping one to clone), and no copy of ``W`` when
+    act-order permutes it anyway: a 5632-wide down projection's solve needs 3 Hessian-sized matrices, not 6.
     Raises ``ValueError`` on bad arguments, non-finite ``W`` or ``H``, or a Hessian that stays singular.
     """
     out, columns = _check_shapes(W, H, block_size, dampening)
     size = columns if group_size == -1 else group_size
     group_bits = _group_bits(bits, group_size, columns, bits_per_group)
-    W = W.detach().float().clone()
-    H = H.detach().to(torch.float64 if H.dtype == torch.float64 else torch.float32).clone()
+    W = W.detach().float()
+    H = H.detach().to(torch.float64 if H.dtype == torch.float64 else torch.float32)
     dead = torch.nonzero(torch.diagonal(H) == 0).squeeze(1)
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    if dead.numel():  # private copies: the caller's tensors are not modified
+        W, H = W.clone(), H.clone()
+        H[dead, dead] = 1
+        W[:, dead] = 0
     static = act_order if fit_on == "auto" else fit_on == "original"
     groups, perm = _plan_groups(W, H, size, group_bits, symmetric, act_order, static, grid, scale_search)
     if act_order:
-        W, H = W.index_select(1, perm), _permute_symmetric(H, perm)
-    Hinv, used, retries = _inverse_cholesky(H, dampening)
-    codes, rounded, loss = _sweep(W, Hinv, groups, block_size)
+        W = W.index_select(1, perm)
+    elif not dead.numel():
+        W = W.clone()  # the sweep updates it in place
+    fresh = partial(_permute_symmetric, H, perm) if act_order else H.clone
+    Hinv, used, retries = _damped_inverse_factor(fresh, dampening)
+    # the sweep's own arguments when rounded is kept (tests swap in a reference sweep that takes no more)
+    codes, rounded, loss = _sweep(W, Hinv, groups, block_size, **({} if keep_rounded else {"keep_rounded": False}))
+    del W, Hinv
+    codes = codes.to(torch.uint8)  # the codes are integers 0..255 in float32: exact
     if act_order:
         inverse = torch.argsort(perm)
-        codes, rounded = codes.index_select(1, inverse), rounded.index_select(1, inverse)
+        codes = codes.index_select(1, inverse)
+        rounded = None if rounded is None else rounded.index_select(1, inverse)
     qweight = QuantizedWeight(
-        q=codes.to(torch.uint8),
+        q=codes,
         scale=groups.scale,
         zero=groups.zero.to(torch.int32),
         bits=max(group_bits),
@@ -266,14 +282,28 @@ def _inverse_cholesky(H: torch.Tensor, dampening: float) -> tuple[torch.Tensor, 
     Retries with tenfold dampening while a factorisation fails or turns non-finite. Returns the factor,
     the dampening fraction used and the number of retries; raises ``ValueError`` after the last retry.
     """
-    mean_diag = torch.diagonal(H).mean()
+    return _damped_inverse_factor(H.clone, dampening)
+
+
+def _damped_inverse_factor(fresh: Callable[[], torch.Tensor], dampening: float) -> tuple[torch.Tensor, float, int]:
+    """:func:`_inverse_cholesky` of the ``H`` that ``fresh()`` makes anew (a copy the caller keeps nothing of).
+
+    Each attempt dampens a new copy in place, and every intermediate (the dampened copy, its factor, the inverse) is
+    dropped as soon as the next is made: two ``[in, in]`` matrices at most, where keeping ``H`` to clone and every
+    intermediate alive held five. The values are those of the clone-per-attempt form (same operations).
+    """
     fraction = dampening
     for retries in range(_MAX_RETRIES + 1):
-        Hd = H.clone()
+        Hd = fresh()
+        mean_diag = torch.diagonal(Hd).mean()
         Hd.diagonal().add_(fraction * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if int(info) == 0:
-            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            Hinv, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and _finite(Hinv):
                 return Hinv.float(), fraction, retries
         if retries < _MAX_RETRIES:

@@ -49,18 +49,23 @@ class _Groups:
 
 
 def _sweep(
-    W: torch.Tensor, Hinv: torch.Tensor, groups: _Groups, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+    W: torch.Tensor, Hinv: torch.Tensor, groups: _Groups, block_size: int, *, keep_rounded: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """Quantize all columns of ``W: [out, in]`` (sweep order) in blocks; codes, rounded values ``[out, in]``, loss.
 
     Each block is quantized column by column, then its accumulated error is applied to the columns right
     of it at once: ``W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]`` (the lazy batch update, Sec. 3.2). ``W`` is
     updated in place. The block works on transposed copies (a column of ``W`` is a contiguous row there), so
     the per-column steps, which dominate the solve's time, touch contiguous memory.
+
+    ``keep_rounded`` False returns no rounded values and the codes as uint8 (they are integers 0..255, so the
+    conversion is exact): the blocks then share one block-sized buffer instead of a weight-sized one, and the
+    transposed result is a quarter of the float32 one.
     """
     out, columns = W.shape
     codes = W.new_empty(columns, out)  # transposed: row j holds column j's codes
-    rounded = W.new_empty(columns, out)
+    # rows already rounded are only read back as the result: without it, one block's rows suffice
+    rounded = W.new_empty(columns if keep_rounded else min(block_size, columns), out)
     rows = _GroupRows.of(groups)
     sums: list[torch.Tensor] = []
     # buffers for every block: fresh large temporaries cost page faults (each block would make five)
@@ -70,7 +75,8 @@ def _sweep(
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         n = i2 - i1
-        W1 = rounded[i1:i2]  # the block, transposed; row i is never updated after column i was rounded
+        # the block, transposed; row i is never updated after column i was rounded
+        W1 = rounded[i1:i2] if keep_rounded else rounded[:n]
         W1.copy_(W[:, i1:i2].T)
         Err1 = errors[:n]
         _quantize_block(W, W1, Err1, product[:n], Hinv, i1, groups, rows, codes[i1:i2])
@@ -80,6 +86,9 @@ def _sweep(
             W[:, i2:] -= torch.mm(E, Hinv[i1:i2, i2:], out=update[: out * (columns - i2)].view(out, columns - i2))
     # the column form's running float32 total, column after column
     loss = numpy.add.accumulate(torch.cat(sums).numpy(), dtype=numpy.float32)[-1] if sums else 0.0
+    del update, rows, errors, product, errors_t
+    if not keep_rounded:
+        return codes.to(torch.uint8).T.contiguous(), None, float(loss) / 2
     return codes.T.contiguous(), rounded.T.contiguous(), float(loss) / 2
 
 
