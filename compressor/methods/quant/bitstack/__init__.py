@@ -1,13 +1,13 @@
 """BitStack: each weight as a stack of ~1-bit residual blocks, all blocks of the model in one global order.
 
-The pass decomposes every targeted linear (``ops.decompose``: per-input-channel scales from the
-calibration ``diag(H)``, then ``iterations`` blocks of packed ``sign(R)`` times a rank-``rank`` SVD of
-``|R|``) and measures the calibration output error of every prefix of its stack (``ops.output_errors``)
-without changing the weight, so every layer's statistics come from the dense model, as in the reference,
-which decomposes each linear on its own. ``finalize`` orders all blocks of all linears by error drop per
-byte (``order.global_order``), picks the longest prefix that fits ``budget`` (all blocks without one)
-and writes each linear's reconstruction from its chosen blocks into the model. Being model-level, the
-stages after it get a fresh pass over the reconstructed model.
+The pass decomposes every targeted linear (``ops.decompose``: per-input-channel scales from the calibration
+``diag(H)``, then ``iterations`` blocks of packed signs times a rank-``rank`` fit of ``|R|``; the signs by error
+feedback in the ``H`` metric with the row factor refitted (``feedback.py``) or ``sign(R)``) and measures the
+calibration output error of every prefix of its stack (``ops.output_errors``) without changing the weight, so every
+layer's statistics come from the dense model, as in the reference, which decomposes each linear on its own.
+``finalize`` orders all blocks of all linears by error drop per byte (``order.global_order``), picks the longest
+prefix that fits ``budget`` (all blocks without one) and writes each linear's reconstruction from its chosen blocks
+into the model. Being model-level, the stages after it get a fresh pass over the reconstructed model.
 
 The decompositions stay on the stage (``decomposed``) for the BitStack directory writer: export format
 ``bitstack`` writes every block once (``store.py``; load it at any budget later), format ``dense`` the
@@ -16,7 +16,10 @@ reconstruction at the stage's budget (every block without one) in both cases.
 
 Cost per linear and block: the top-``rank`` factors of ``|R|`` by subspace iteration (``svd: lowrank``, the
 default; ``O(out * in * (rank + 8) * 14)``; ``svd: full`` is one full SVD, ``O(out * in * min(out, in))``), and one
-``[out, in] x [in, in]`` product for the errors.
+``[out, in] x [in, in]`` product for the errors; ``signs: feedback`` adds a column sweep (``in`` Python steps),
+``O(out * in * in * (rank + 2))`` for the refit and candidates, and one ``[in, in]`` inverse per linear. Demo
+model layer 15, rank 4, 16 blocks, 1 thread on a loaded machine: 2.4 s (residual), 31 s (feedback), 15 s with
+the full SVD and residual signs.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from compressor.errors import RecipeError
 from compressor.methods.base import LayerRecord, Method, MethodConfig, TargetedConfig
 from compressor.methods.quant.bitstack.ops import (
     Decomposition,
+    SignMode,
     SVDMode,
     channel_scale,
     decompose,
@@ -61,6 +65,7 @@ class BitStackConfig(TargetedConfig):
       budget: 300MB       # or 1.5GiB, 123456 (bytes), 2.5bpw; omitted: every block
       order: relative     # or absolute
       svd: lowrank        # or full (exact SVD per block, ~8x slower)
+      signs: feedback     # or residual (sign(R), the reference's)
     ```
     """
 
@@ -80,6 +85,13 @@ class BitStackConfig(TargetedConfig):
     svd: SVDMode = Field(
         "lowrank", description="How each block's top-rank factors of |R| are found: subspace iteration from a "
         "fixed seed, warm-started from the previous block (lowrank), or a full SVD (full; exact, ~8x slower)."
+    )
+
+    signs: SignMode = Field(
+        "feedback", description="Each block's signs: GPTQ-style error feedback in the calibration metric "
+        "tr(dW H dW^T), row factor refitted, never worse than sign(R) on the same magnitudes (feedback; demo "
+        "model linears: ~2.4x less output error at 1.5-3.25 bits per weight, ~10x the decomposition time of "
+        "residual), or sign(R) as the reference (residual). Same stored format either way."
     )
 
     @field_validator("budget")
@@ -154,7 +166,8 @@ class BitStack(Method):
                 module = ctx.module(name)
                 assert isinstance(module, nn.Linear)
                 W = module.weight.data
-                decomposition = decompose(W, config.iterations, config.rank, channel_scale(H), svd=config.svd)
+                decomposition = decompose(W, config.iterations, config.rank, channel_scale(H), svd=config.svd,
+                                          signs=config.signs, H=H)
                 errors = output_errors(W, decomposition, H)
                 self.decomposed[path] = _Decomposed(_to_cpu(decomposition), errors, time.perf_counter() - start)
         return []

@@ -20,6 +20,7 @@ import torch
 
 # The unpacking and the sum of blocks are the shipped modeling file's, so the stage, compressor.load and
 # transformers alone (trust_remote_code) compute the same weights from the same blocks.
+from compressor.methods.quant.bitstack.feedback import best_block, inverse_cholesky
 from compressor.models.shipped.modeling_bitstack import scaled_sum, unpack_signs
 
 #: The dtype factors and scales are stored in (the reference stores fp16 too).
@@ -27,6 +28,10 @@ FACTOR_DTYPE = torch.float16
 
 #: How each block's top-``rank`` factors of ``|R|`` are found: subspace iteration (:func:`top_factors`) or a full SVD.
 SVDMode = Literal["lowrank", "full"]
+
+#: How each block's signs are chosen: ``sign(R)`` (residual) or GPTQ-style error feedback in the calibration
+#: metric with the row factor refitted (feedback, ``feedback.best_block``).
+SignMode = Literal["residual", "feedback"]
 
 
 def channel_scale(H: torch.Tensor, floor: float = 1e-2) -> torch.Tensor:
@@ -133,7 +138,7 @@ def top_factors(
 
 def decompose(
     W: torch.Tensor, iterations: int, rank: int, scale: torch.Tensor | None = None, dtype: torch.dtype = FACTOR_DTYPE,
-    svd: SVDMode = "lowrank", seed: int = 0,
+    svd: SVDMode = "lowrank", seed: int = 0, signs: SignMode = "residual", H: torch.Tensor | None = None,
 ) -> Decomposition:
     """BitStack's iterative decomposition of ``W: [out, in]`` scaled by ``scale: [in]`` (default ones).
 
@@ -143,6 +148,9 @@ def decompose(
     reconstruction's true error. ``rank`` is capped at ``min(out, in)``. ``svd="lowrank"`` finds the factors by
     :func:`top_factors` (Gaussian start from ``seed``, then warm-started from the previous block's right
     factors; same ``W`` and seed give the same bytes on the same hardware), ``"full"`` by ``torch.linalg.svd``.
+    ``signs="feedback"`` (needs the calibration ``H: [in, in]``) picks each block's signs and row factor by
+    ``feedback.best_block`` in the metric ``tr(dW H dW^T)``: its output error then never rises from block to
+    block and is never above plain signs' on the same magnitudes; the Frobenius bound above is plain signs' own.
     """
     out, columns = W.shape
     rank = min(rank, out, columns)
@@ -151,8 +159,14 @@ def decompose(
     decomposition = Decomposition((out, columns), s)
     generator = torch.Generator().manual_seed(seed)
     start: torch.Tensor | None = None
+    metric = inverse = None
+    if signs == "feedback":
+        if H is None:
+            raise ValueError("signs='feedback' needs the calibration Hessian H")
+        inverse_scale = 1 / s.float()
+        metric = H.float().to(W.device) * inverse_scale[:, None] * inverse_scale[None, :]  # tr(E H E^T) = tr(R Hs R^T)
+        inverse = inverse_cholesky(metric)
     for _ in range(iterations):
-        signs = pack_signs(R)
         if svd == "full":
             U, S, Vh = torch.linalg.svd(R.abs(), full_matrices=False)
             U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
@@ -162,8 +176,12 @@ def decompose(
         root = S.sqrt()
         u = (U * root[None, :]).to(dtype)
         v = (root[:, None] * Vh).to(dtype)
-        R = R - unpack_signs(signs, (out, columns)) * (u.float() @ v.float())
-        decomposition.blocks.append(Block(signs, u, v))
+        if metric is None or inverse is None:
+            sign = torch.where(R >= 0, 1.0, -1.0)
+        else:
+            sign, u, v = best_block(R, u, v, metric, inverse, dtype)
+        R = R - sign * (u.float() @ v.float())
+        decomposition.blocks.append(Block(pack_signs(sign), u, v))
     return decomposition
 
 
