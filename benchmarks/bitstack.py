@@ -1,7 +1,8 @@
 """BitStack's size-vs-perplexity curve on the demo model: decompose once, load at every budget, one PNG.
 
     python benchmarks/bitstack.py [--samples 64 --seq-len 512 --eval-tokens 16384] [--iterations 16 --rank 16]
-        [--bpw 1.5,1.75,2,2.25,2.5,2.75,3,3.5,4,4.5] [--reference "GPTQ W3 g128=40.66@3.125" ...]
+        [--signs feedback|residual --svd lowrank|full] [--bpw 1.5,1.75,2,2.25,2.5,2.75,3,3.5,4,4.5]
+        [--reference "GPTQ W3 g128=40.66@3.125" ...]
         [--keep DIR] [--out bench-bitstack]
 
 The bitstack stage decomposes every decoder linear once (calibration demo:lee, ``samples`` x ``seq_len``,
@@ -63,9 +64,10 @@ def parse_reference(text: str) -> tuple[str, float, float]:
 
 
 def decompose(loaded: LoadedModel, tokens: torch.Tensor, iterations: int, rank: int, directory: Path,
-              ) -> dict[str, Any]:
+              signs: str = "feedback", svd: str = "lowrank") -> dict[str, Any]:
     """Run the stage once (every block) and write its directory; seconds and RSS of both steps."""
-    stage = BitStack(BitStackConfig.model_validate({"method": "bitstack", "iterations": iterations, "rank": rank}))
+    stage = BitStack(BitStackConfig.model_validate({"method": "bitstack", "iterations": iterations, "rank": rank,
+                                                    "signs": signs, "svd": svd}))
     run = ModelContext(loaded.model, get_adapter(loaded.model), tokens, torch.device("cpu"), 8)
     start = time.perf_counter()
     run_stages(run, [stage])
@@ -112,7 +114,9 @@ def time_materialize(directory: Path, budget: str) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"BitStack on {result['model']}: {result['iterations']} iterations, calibration {result['calibration']}, "
+    signs, svd = result.get("signs", "residual"), result.get("svd", "full")  # results from before these options
+    lines = [f"BitStack on {result['model']}: {result['iterations']} iterations, signs {signs}, svd {svd}, "
+             f"calibration {result['calibration']}, "
              f"eval {result['eval']}, dense ppl {result['dense_ppl']}, {result['threads']} threads, peak RSS "
              f"{result.get('peak_rss_mb')} MB.", "",
              "| rank | budget | bits/weight loaded | ppl | BitStack MB | load s |", "|---|---|---|---|---|---|"]
@@ -175,6 +179,10 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=16, help="Blocks per linear.")
     parser.add_argument("--rank", default="16", help="Rank of each block's magnitude approximation; several "
                         "(16,8,4) decompose once per rank, one curve each.")
+    parser.add_argument("--signs", choices=["feedback", "residual"], default="feedback",
+                        help="The stage's signs: error feedback in the calibration metric, or sign(R).")
+    parser.add_argument("--svd", choices=["lowrank", "full"], default="lowrank",
+                        help="The stage's magnitude factors: subspace iteration, or a full SVD per block.")
     parser.add_argument("--bpw", default=DEFAULT_BPW, help="Budgets in bits per decomposed weight, comma-separated.")
     parser.add_argument("--materialize-at", default=None,
                         help="The budget whose materialize is timed (default: the largest --bpw that loads).")
@@ -191,7 +199,7 @@ def run_rank(stack: dict[str, Any], loaded: LoadedModel, tokens: torch.Tensor, a
     rank = stack["rank"]
     with tempfile.TemporaryDirectory() as scratch:
         directory = args.keep / f"rank{rank}" if args.keep else Path(scratch) / "bitstack"
-        stack |= decompose(loaded, tokens, args.iterations, rank, directory)
+        stack |= decompose(loaded, tokens, args.iterations, rank, directory, args.signs, args.svd)
         print(json.dumps({k: v for k, v in stack.items() if k != "rows"}), flush=True)
         for bits in args.bpw.split(","):
             stack["rows"].append(measure_budget(directory, f"{bits.strip()}bpw", score))
@@ -217,7 +225,7 @@ def main() -> None:
                               device="cpu").ppl, 4)
 
     result: dict[str, Any] = {
-        "model": args.model, "iterations": args.iterations, "order": "relative",
+        "model": args.model, "iterations": args.iterations, "order": "relative", "signs": args.signs, "svd": args.svd,
         "calibration": f"{args.calibration} {args.samples}x{args.seq_len}",
         "eval": f"{args.eval_data} {args.eval_tokens} tokens, windows of {args.eval_seq_len}",
         "threads": torch.get_num_threads(), "references": references, "stacks": [],
