@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compressor.report import scored_rows, split_layer_path
+from compressor.report import score_or_bound, scored_rows, split_layer_path
 
 if TYPE_CHECKING:
     from compressor.report import Report
@@ -197,10 +197,16 @@ def plot_scores(report: Report, out_dir: Path) -> list[str]:
         mine = [r for r in rows if r["method"] == method]
         for series in dict.fromkeys(r["extra"].get("sublayer", "layer") for r in mine):
             part = [r for r in mine if r["extra"].get("sublayer", "layer") == series]
-            ax.plot([r["extra"]["layer"] for r in part], [r["extra"]["score"] for r in part], marker=".", label=series)
-            gone = [r for r in part if r["extra"].get("removed")]
+            exact = [r for r in part if r["extra"].get("score") is not None]
+            ax.plot([r["extra"]["layer"] for r in exact], [r["extra"]["score"] for r in exact], marker=".",
+                    label=series)
+            bounds = [r for r in part if r["extra"].get("score") is None]  # ruled out on a lower bound
+            if bounds:
+                ax.plot([r["extra"]["layer"] for r in bounds], [r["extra"]["score_at_least"] for r in bounds], "^",
+                        color="gray", markersize=5, label=f"{series} (at least)")
+            gone = [r for r in exact if r["extra"].get("removed")]
             ax.plot([r["extra"]["layer"] for r in gone], [r["extra"]["score"] for r in gone], "rx", markersize=9)
-        scores = [r["extra"]["score"] for r in mine]
+        scores = [value for r in mine for value, _ in [score_or_bound(r["extra"]) or (0.0, True)]]
         if min(scores) > 0 and max(scores) / min(scores) > 100:
             ax.set_yscale("log")
         metric = mine[0]["extra"].get("metric") or mine[0]["extra"].get("measure") or "score"

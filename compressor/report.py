@@ -348,8 +348,18 @@ def write_plots(report: Report, out_dir: Path) -> list[str]:
 
 
 def scored_rows(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of layer-removal methods: ``extra`` carries a per-layer ``score`` (layer_drop, finercut)."""
-    return [r for r in layers if r["extra"].get("score") is not None and "layer" in r["extra"]]
+    """Rows of layer-removal methods: ``extra`` carries a per-layer ``score`` (layer_drop, finercut), or only
+    ``score_at_least`` where FinerCut's search ruled a candidate out on a lower bound without scoring it in full."""
+    return [r for r in layers if "layer" in r["extra"] and score_or_bound(r["extra"]) is not None]
+
+
+def score_or_bound(extra: dict[str, Any]) -> tuple[float, bool] | None:
+    """(the row's score, True) or (its lower bound ``score_at_least``, False), or None when it has neither."""
+    if extra.get("score") is not None:
+        return float(extra["score"]), True
+    if extra.get("score_at_least") is not None:
+        return float(extra["score_at_least"]), False
+    return None
 
 
 def scores_markdown(layers: list[dict[str, Any]]) -> list[str]:
@@ -361,7 +371,8 @@ def scores_markdown(layers: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         extra = row["extra"]
         order = extra.get("order") or extra.get("rank") or ""
-        lines.append(f"| {row['module']} | {row['method']} | {extra['score']:.6g} | "
+        value, exact = score_or_bound(extra) or (0.0, True)
+        lines.append(f"| {row['module']} | {row['method']} | {'' if exact else '>= '}{value:.6g} | "
                      f"{'yes' if extra.get('removed') else ''} | {order} |")
     return lines
 

@@ -176,3 +176,19 @@ def test_versions_name_every_library_an_export_depends_on() -> None:
     found = versions()
     for package in ("torch", "transformers", "compressed-tensors", "gguf", "safetensors", "bitsandbytes"):
         assert package in found, package
+
+
+def test_finercut_rows_ruled_out_on_a_bound_show_at_least(tmp_path: Path) -> None:
+    """A candidate the search never scored in full has ``score_at_least`` only: shown as ">= x", plotted apart."""
+    def row(layer: int, sublayer: str, **extra: Any) -> LayerRecord:
+        return LayerRecord(module=f"model.layers.{layer}.{sublayer}", method="finercut",
+                           extra={"layer": layer, "sublayer": sublayer, "measure": "kl", **extra})
+
+    records = [row(0, "attention", score=0.5, removed=True, order=1), row(1, "attention", score=None,
+               score_at_least=2.25), row(1, "mlp", score=None, score_at_least=None)]
+    markdown = to_markdown(_report(records))
+    assert "| model.layers.0.attention | finercut | 0.5 | yes | 1 |" in markdown
+    assert "| model.layers.1.attention | finercut | >= 2.25 |  |  |" in markdown
+    assert "model.layers.1.mlp" not in markdown.split("## Removal scores")[1]
+    pytest.importorskip("matplotlib")
+    assert "scores.png" in write_plots(_report(records), tmp_path)
