@@ -74,7 +74,9 @@ def run_setting(
             summary = run.structure["finercut"]
             removed = [f"{index}.{'attn' if kind == 'attention' else 'mlp'}" for index, kind, _ in summary["removed"]]
             extra = {"evaluations": summary["evaluations"], "screen_evaluations": summary.get("screen_evaluations", 0),
-                     "search_seconds": summary["seconds"], "params_removed": summary["params_removed"]}
+                     "search_seconds": summary["seconds"], "params_removed": summary["params_removed"],
+                     **{key: summary[key] for key in ("layer_forwards", "evaluation_equivalents", "chunk_evaluations")
+                        if key in summary}}
         else:
             removed = run.structure["layer_drop"]["removed"]
     return {"strategy": strategy, "count": count, "removed": removed, "seconds": round(time.perf_counter() - start, 1),
