@@ -121,6 +121,22 @@ class SublayerSearch:
         return total, tokens
 
     @torch.no_grad()
+    def recompute(self) -> None:
+        """Every layer's cached states again from layer 0's, and the references from them.
+
+        For a search in another precision (bfloat16 autocast): the cached states were computed in float32, so a
+        candidate's run (cached prefix + its suffix in bfloat16) would differ from a float32 reference, and from a
+        bfloat16 one, by rounding that depends on where the candidate sits. Recomputed under the same autocast, every
+        candidate differs from the reference by its removal alone.
+        """
+        for b in range(len(self.references)):
+            hidden = self.states[0][b]
+            for j in range(len(self.layers)):
+                hidden = self._run_one(j, hidden, b)
+                self.states[j + 1][b] = hidden
+        self.references = [reference(self._output(h), self.measure) for h in self.states[-1]]
+
+    @torch.no_grad()
     def commit(self, key: Key) -> None:
         """Remove sublayer ``key`` for good and recompute the hidden states after its layer."""
         index, sublayer = key

@@ -310,3 +310,51 @@ def test_finercut_then_rtn_through_compress(
     assert len(rtn_modules) == 3 * 7 - 2 * 4
     reloaded = load(out).model
     torch.testing.assert_close(logits(reloaded), logits(loaded.model), rtol=0, atol=1e-5)
+
+
+def test_bfloat16_search_runs_under_autocast_and_leaves_float32_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """search_dtype: bfloat16: every scoring forward computes in bfloat16, the silent sublayer still goes first,
+    and the model keeps its float32 weights (only the search's arithmetic changes)."""
+    model = deep_model("llama")
+    silence_sublayer(model, 3, "mlp")
+    dtypes: set[torch.dtype] = set()
+    probe = get_adapter(model).layers()[-1].mlp.down_proj
+    probe.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+    recomputed: list[int] = []
+    real = SublayerSearch.recompute
+    monkeypatch.setattr(SublayerSearch, "recompute", lambda self: (recomputed.append(1), real(self))[1])
+    run, _ = run_cut(model, remove=2, search_dtype="bfloat16")
+    assert run.structure["finercut"]["removed"][0][:2] == [3, "mlp"]
+    assert run.structure["finercut"]["search_dtype"] == "bfloat16" and recomputed == [1]
+    assert torch.bfloat16 in dtypes and all(p.dtype == torch.float32 for p in model.parameters())
+    dtypes.clear()
+    plain = deep_model("llama")
+    get_adapter(plain).layers()[-1].mlp.down_proj.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+    run_cut(plain, remove=1)
+    assert dtypes == {torch.float32}  # the default searches in float32 and recomputes nothing
+    assert recomputed == [1]
+
+
+def test_recompute_in_float32_gives_the_cached_states_back() -> None:
+    """recompute() runs the layers again from layer 0's states: in float32 it reproduces what the capture cached."""
+    model = deep_model("llama")
+    stage = FinerCut(FinerCutConfig(method="finercut", remove=1))
+    captured: dict[str, Any] = {}
+    real = SublayerSearch.__init__
+
+    def keep(self: SublayerSearch, *args: Any, **kwargs: Any) -> None:
+        real(self, *args, **kwargs)
+        captured["states"] = [[h.clone() for h in layer] for layer in self.states]
+        captured["references"] = [r.clone() for r in self.references]
+        self.recompute()
+        captured["after"] = [[h.clone() for h in layer] for layer in self.states]
+        captured["references_after"] = [r.clone() for r in self.references]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SublayerSearch, "__init__", keep)
+        run_stages(ModelContext(model, get_adapter(model), TOKENS, torch.device("cpu"), batch_size=3), [stage])
+    for before, after in zip(captured["states"], captured["after"], strict=True):
+        for a, b in zip(before, after, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(captured["references"], captured["references_after"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
