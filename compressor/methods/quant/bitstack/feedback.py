@@ -8,8 +8,11 @@ in order, each column's error is spread over the columns not yet chosen through 
 the row factor ``u`` is refitted by least squares in the same metric, given the signs and ``v``. The stored
 block is the same (packed signs, fp16 ``u``, ``v``), so every loader reads it unchanged.
 
-Measured on the demo model (layers 0/15/29: q_proj, o_proj, gate_proj, down_proj; 8 x 256 demo:lee tokens),
-the output error at two blocks was 1.3-3x below plain signs' at every rank 1-16 (1.1-2.5 bits per weight).
+Measured on the demo model (layers 0/15/29: q_proj, o_proj, gate_proj, down_proj; fitted on 32 x 512 demo:lee
+tokens, error on 8 x 256 held-out demo:wiki tokens, rank 4, dampening 0.3): geometric-mean relative output error
+0.069 / 0.0236 / 0.0099 after 1 / 2 / 3 blocks (1.2 / 2.4 / 3.6 bits per weight) against plain signs' 0.119 /
+0.0384 / 0.0155 (GPTQ W2 g64 0.0227 at 2.25, W3 0.0057 at 3.25). On the calibration tokens themselves the gain
+looks larger (2.4x): the damping of ``ops.decompose`` keeps the signs from fitting their noise.
 
 All functions work in the scaled space of ``ops.decompose``: ``R = E * s`` and ``Hs = H / (s s^T)``, so that
 ``tr(E H E^T) = tr(R Hs R^T)``.

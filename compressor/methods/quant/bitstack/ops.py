@@ -139,6 +139,7 @@ def top_factors(
 def decompose(
     W: torch.Tensor, iterations: int, rank: int, scale: torch.Tensor | None = None, dtype: torch.dtype = FACTOR_DTYPE,
     svd: SVDMode = "lowrank", seed: int = 0, signs: SignMode = "residual", H: torch.Tensor | None = None,
+    dampening: float = 0.3,
 ) -> Decomposition:
     """BitStack's iterative decomposition of ``W: [out, in]`` scaled by ``scale: [in]`` (default ones).
 
@@ -149,8 +150,11 @@ def decompose(
     :func:`top_factors` (Gaussian start from ``seed``, then warm-started from the previous block's right
     factors; same ``W`` and seed give the same bytes on the same hardware), ``"full"`` by ``torch.linalg.svd``.
     ``signs="feedback"`` (needs the calibration ``H: [in, in]``) picks each block's signs and row factor by
-    ``feedback.best_block`` in the metric ``tr(dW H dW^T)``: its output error then never rises from block to
-    block and is never above plain signs' on the same magnitudes; the Frobenius bound above is plain signs' own.
+    ``feedback.best_block`` in the damped metric ``Hs + dampening * mean(diag Hs) * I`` of the scaled space
+    (``Hs = H / (s s^T)``, whose diagonal is nearly constant, so this is ``H + dampening * diag(H)`` up to
+    a factor: a shrinkage of the input correlations that keeps the signs from fitting the calibration tokens'
+    noise); in that metric the error never rises from block to block and is never above plain signs' on the same
+    magnitudes. The Frobenius bound above is plain signs' own.
     """
     out, columns = W.shape
     rank = min(rank, out, columns)
@@ -165,7 +169,8 @@ def decompose(
             raise ValueError("signs='feedback' needs the calibration Hessian H")
         inverse_scale = 1 / s.float()
         metric = H.float().to(W.device) * inverse_scale[:, None] * inverse_scale[None, :]  # tr(E H E^T) = tr(R Hs R^T)
-        inverse = inverse_cholesky(metric)
+        metric.diagonal().add_(dampening * float(metric.diagonal().mean().clamp(min=0)))
+        inverse = inverse_cholesky(metric, 0.0)
     for _ in range(iterations):
         if svd == "full":
             U, S, Vh = torch.linalg.svd(R.abs(), full_matrices=False)
