@@ -3,6 +3,7 @@
     python benchmarks/layer_drop.py --samples 16 --seq-len 512 --eval-tokens 16384 [--counts 2,4,8] \
         [--strategies block_influence,angular,evenly_spaced,last,finercut] [--out result.json] \
         [--finercut-search screened,lazy,exact] [--finercut-ratio 0.25] [--screen-samples 2] [--rescore-top 3]
+        [--search-dtype float32|bfloat16]
 
 For each count n of whole layers: ShortGPT's block influence (the n lowest-scoring layers), the angular
 variant (the best contiguous block of n), n evenly spaced layers, the last n layers (the ShortGPT paper's
@@ -106,6 +107,8 @@ def main() -> None:
     parser.add_argument("--finercut-ratio", type=float, default=None, help="FinerCut's ratio (default: n / layers).")
     parser.add_argument("--screen-samples", type=int, default=None, help="FinerCut screened: screen sequences.")
     parser.add_argument("--rescore-top", type=int, default=None, help="FinerCut screened: candidates rescored.")
+    parser.add_argument("--search-dtype", default=None, choices=("float32", "bfloat16"),
+                        help="FinerCut's search_dtype (default: the stage's, float32).")
     args = parser.parse_args()
     strategies = args.strategies.split(",")
     unknown = set(strategies) - set(STRATEGIES)
@@ -118,7 +121,8 @@ def main() -> None:
         at = strategies.index("finercut")
         strategies[at : at + 1] = [f"finercut-{search}" for search in searches]
     given = {k: v for k, v in {"ratio": args.finercut_ratio, "screen_samples": args.screen_samples,
-                                "rescore_top": args.rescore_top}.items() if v is not None}
+                                "rescore_top": args.rescore_top, "search_dtype": args.search_dtype}.items()
+             if v is not None}
 
     def ppl(loaded: LoadedModel) -> float:
         return round(evaluate(loaded, "demo:wiki", seq_len=512, max_tokens=args.eval_tokens, device="cpu").ppl, 3)
