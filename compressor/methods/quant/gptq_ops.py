@@ -74,12 +74,13 @@ def accumulate_hessian(
     rows = x.reshape(-1, x.shape[-1])
     columns = rows.shape[1]
     if H is None:
-        H = torch.zeros(columns, columns, dtype=dtype, device=x.device)
+        # a new sum has beta 0, so addmm never reads it: a broadcast zero holds no [in, in] memory
+        H = torch.zeros((), dtype=dtype, device=x.device).expand(columns, columns)
     if H.shape != (columns, columns):
         raise ValueError(f"Hessian of shape {tuple(H.shape)} does not match inputs of width {columns}")
     n_new = n_seen + rows.shape[0]
     if rows.shape[0] == 0:
-        return H, n_seen
+        return H.contiguous(), n_seen
     rows = rows.to(H.dtype)
     return _symmetric_update(H, rows, beta=n_seen / n_new, alpha=2 / n_new), n_new
 

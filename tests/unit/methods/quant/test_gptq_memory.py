@@ -94,3 +94,15 @@ def test_the_factorisation_holds_two_hessians_at_most(monkeypatch: pytest.Monkey
     monkeypatch.setattr(torch, "cholesky_inverse", lambda L, **k: track(real_inv(L, **k)))
     Hinv, _, _ = gptq_ops._damped_inverse_factor(lambda: track(H.clone()), 0.01)
     assert peak <= 2 and Hinv.shape == H.shape
+
+
+@pytest.mark.parametrize(("columns", "tokens"), [(64, 300), (576, 512), (1000, 2048)])
+def test_a_new_hessian_sum_equals_one_started_from_zeros(columns: int, tokens: int) -> None:
+    """``accumulate_hessian(None, ...)`` starts from a broadcast zero, not [in, in] zeros: same bits, real strides."""
+    x = torch.randn(tokens, columns, generator=torch.Generator().manual_seed(columns)) * 3
+    new, n = gptq_ops.accumulate_hessian(None, x, 0)
+    old, _ = gptq_ops.accumulate_hessian(torch.zeros(columns, columns), x, 0)
+    assert torch.equal(new, old) and n == tokens and new.is_contiguous()
+    empty, _ = gptq_ops.accumulate_hessian(None, x[:0], 0)
+    assert empty.is_contiguous() and not empty.any()
+    empty.add_(1)  # a real tensor that can be written
