@@ -265,6 +265,7 @@ def attach(run: ModelContext, stream: StreamedRun | None, export_config: ExportC
     if stream is None:
         yield
         return
+    from compressor.streaming.heap import released_heap
     from compressor.streaming.layers import LayerStreamer
 
     partial = partial_dir(out)
@@ -273,7 +274,8 @@ def attach(run: ModelContext, stream: StreamedRun | None, export_config: ExportC
         run.stream = LayerStreamer(run.model, run.adapter, stream.source, LayerFiles(workdir / "layers"),
                                    export_config.format, lambda dtype: storage_scale_dtype(export_config, dtype),
                                    workdir, stream.plan.reason, stream.activation_limit)
-        yield
+        with released_heap():  # freed tensors go back to the kernel (compressor.streaming.heap)
+            yield
     finally:
         remove_workdir(workdir, partial)
 

@@ -16,6 +16,7 @@ from compressor.export.streamed import LayerFiles
 from compressor.methods.quant.ops import QuantizedWeight
 from compressor.models import get_adapter
 from compressor.models.loading import DTYPES, LoadedModel, read_config, resolve_dtype
+from compressor.streaming.heap import trim
 
 _SAFETENSORS_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
@@ -234,6 +235,7 @@ class LayerStreamer:
             run.quantized[path] = _shape_only(run.quantized[path])
         layer.to("meta")
         self.resident -= 1
+        trim()  # what the layer's solve freed leaves the process before the next layer loads
 
     def _outputs(self, run: Any, layer: nn.Module, prefix: str, paths: list[str]) -> dict[str, torch.Tensor]:
         """The layer's tensors as the in-RAM writer of ``export_format`` stores them."""

@@ -1,0 +1,70 @@
+"""A streamed run gives freed memory back to the kernel (compressor.streaming.heap), so its peak RSS follows live
+tensors instead of growing with the heap's holes from layer to layer."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_streaming import _recipe, sharded_dir  # noqa: F401 - the fixture is used by name
+
+from compressor.pipeline import compress
+from compressor.streaming import heap
+
+
+def _anon_mib() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"RssAnon:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def _holes_left(threshold: int | None) -> float:
+    """MiB still resident after freeing eight 8 MiB tensors pinned apart by small live ones (no trim)."""
+    libc = heap._glibc()
+    libc.mallopt(heap._M_MMAP_THRESHOLD, heap.STEADY_THRESHOLD)  # where a run leaves it: 8 MiB come from the heap
+    libc.malloc_trim(0)
+    context = heap.released_heap(threshold) if threshold else heap.released_heap(heap.STEADY_THRESHOLD)
+    with context:
+        big, pins = [], []
+        for _ in range(8):
+            big.append(torch.ones(2 << 20))  # 8 MiB, touched
+            pins.append(torch.ones(64 << 10))  # 256 KiB kept between them
+        before = _anon_mib()
+        del big
+        left = _anon_mib() - (before - 64)
+        del pins
+    return left
+
+
+@pytest.mark.skipif(heap._glibc() is None or not Path("/proc/self/status").exists(), reason="glibc on Linux only")
+def test_freed_tensors_leave_the_process_inside_released_heap() -> None:
+    assert _holes_left(heap.MMAP_THRESHOLD) < 8  # each 8 MiB tensor was its own mapping, unmapped when freed
+    assert _holes_left(None) > 48  # with the steady threshold they stay resident as heap holes
+
+
+class _FakeLibc:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def mallopt(self, option: int, value: int) -> int:
+        self.calls.append(("mallopt", option, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("trim",))
+        return 1
+
+
+def test_a_streamed_run_maps_large_tensors_trims_each_layer_and_restores(sharded_dir: Any,  # noqa: F811
+                                                                         text_file: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeLibc()
+    monkeypatch.setattr(heap, "_glibc", lambda: fake)
+    compress(str(sharded_dir()), _recipe(text_file), tmp_path / "ram", device="cpu", memory_budget="none")
+    assert fake.calls == []  # the in-RAM run leaves malloc alone
+    compress(str(sharded_dir()), _recipe(text_file), tmp_path / "o", device="cpu", memory_budget="1KB")
+    assert fake.calls[0] == ("mallopt", heap._M_MMAP_THRESHOLD, heap.MMAP_THRESHOLD)
+    assert fake.calls[-2:] == [("mallopt", heap._M_MMAP_THRESHOLD, heap.STEADY_THRESHOLD), ("trim",)]
+    assert fake.calls.count(("trim",)) == 3 + 1  # one per finished layer (3) and one at the end
