@@ -1,7 +1,7 @@
 """BitStack's size-vs-perplexity curve on the demo model: decompose once, load at every budget, one PNG.
 
     python benchmarks/bitstack.py [--samples 64 --seq-len 512 --eval-tokens 16384] [--iterations 16 --rank 16]
-        [--signs feedback|residual --svd lowrank|full] [--bpw 1.5,1.75,2,2.25,2.5,2.75,3,3.5,4,4.5]
+        [--signs feedback|residual --dampening 0.3 --svd lowrank|full] [--bpw 1.5,1.75,2,2.25,2.5,2.75,3,3.5,4,4.5]
         [--reference "GPTQ W3 g128=40.66@3.125" ...]
         [--keep DIR] [--out bench-bitstack]
 
@@ -64,10 +64,10 @@ def parse_reference(text: str) -> tuple[str, float, float]:
 
 
 def decompose(loaded: LoadedModel, tokens: torch.Tensor, iterations: int, rank: int, directory: Path,
-              signs: str = "feedback", svd: str = "lowrank") -> dict[str, Any]:
+              signs: str = "feedback", svd: str = "lowrank", dampening: float = 0.3) -> dict[str, Any]:
     """Run the stage once (every block) and write its directory; seconds and RSS of both steps."""
     stage = BitStack(BitStackConfig.model_validate({"method": "bitstack", "iterations": iterations, "rank": rank,
-                                                    "signs": signs, "svd": svd}))
+                                                    "signs": signs, "svd": svd, "dampening": dampening}))
     run = ModelContext(loaded.model, get_adapter(loaded.model), tokens, torch.device("cpu"), 8)
     start = time.perf_counter()
     run_stages(run, [stage])
@@ -181,6 +181,7 @@ def _arguments() -> argparse.Namespace:
                         "(16,8,4) decompose once per rank, one curve each.")
     parser.add_argument("--signs", choices=["feedback", "residual"], default="feedback",
                         help="The stage's signs: error feedback in the calibration metric, or sign(R).")
+    parser.add_argument("--dampening", type=float, default=0.3, help="The stage's feedback dampening.")
     parser.add_argument("--svd", choices=["lowrank", "full"], default="lowrank",
                         help="The stage's magnitude factors: subspace iteration, or a full SVD per block.")
     parser.add_argument("--bpw", default=DEFAULT_BPW, help="Budgets in bits per decomposed weight, comma-separated.")
@@ -199,7 +200,8 @@ def run_rank(stack: dict[str, Any], loaded: LoadedModel, tokens: torch.Tensor, a
     rank = stack["rank"]
     with tempfile.TemporaryDirectory() as scratch:
         directory = args.keep / f"rank{rank}" if args.keep else Path(scratch) / "bitstack"
-        stack |= decompose(loaded, tokens, args.iterations, rank, directory, args.signs, args.svd)
+        stack |= decompose(loaded, tokens, args.iterations, rank, directory, args.signs, args.svd,
+                           args.dampening)
         print(json.dumps({k: v for k, v in stack.items() if k != "rows"}), flush=True)
         for bits in args.bpw.split(","):
             stack["rows"].append(measure_budget(directory, f"{bits.strip()}bpw", score))
@@ -226,6 +228,7 @@ def main() -> None:
 
     result: dict[str, Any] = {
         "model": args.model, "iterations": args.iterations, "order": "relative", "signs": args.signs, "svd": args.svd,
+        "dampening": args.dampening,
         "calibration": f"{args.calibration} {args.samples}x{args.seq_len}",
         "eval": f"{args.eval_data} {args.eval_tokens} tokens, windows of {args.eval_seq_len}",
         "threads": torch.get_num_threads(), "references": references, "stacks": [],
