@@ -143,7 +143,8 @@ class WeightedSum:
     def add(self, mean: torch.Tensor, count: int) -> None:
         """Fold one batch's ``mean`` over ``count`` items (``count`` 0 only fixes the shape)."""
         if self.total is None:
-            self.total = mean.to(torch.float64) * count
+            self.total = mean.to(torch.float64, copy=True)
+            self.total.mul_(count)  # in place: one float64 [in, in] alive, not two (a streamed run's peak)
         else:
             self.total.add_(mean, alpha=count)  # in float64: the product of a float32 and an integer is exact
         self.count += count
@@ -151,12 +152,17 @@ class WeightedSum:
     def mean(self) -> torch.Tensor | None:
         """The mean over every process's items (float64); None when nothing was added here.
 
-        Every process must call it in the same order (it all-reduces); NaN when no process saw any item.
+        Every process must call it in the same order (it all-reduces); NaN when no process saw any item. It uses
+        the sum up (reduced and divided in place, so a down projection's float64 Hessian exists once, not three
+        times), so it is called once; adding after it starts a new sum.
         """
         if self.total is None:
             return None
         count = all_reduce_sum_float64(torch.tensor([self.count], device=self.total.device))
-        return all_reduce_sum_float64(self.total) / count
+        total, self.total, self.count = self.total, None, 0
+        if is_distributed():
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total.div_(count)
 
 
 @dataclass(frozen=True)

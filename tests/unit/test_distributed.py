@@ -334,3 +334,20 @@ def test_torchrun_writes_the_single_process_bytes(tmp_path: Path, model_dir_fact
     finally:
         torch.set_num_threads(threads)
     assert comparable_files(two) == comparable_files(tmp_path / "one")
+
+
+def test_weighted_sum_is_the_float64_weighted_mean_and_leaves_its_inputs_alone() -> None:
+    """Known answer: sum_b n_b m_b / sum_b n_b in float64; a float64 batch mean is not scaled in place."""
+    generator = torch.Generator().manual_seed(0)
+    means = [torch.randn(5, 5, generator=generator, dtype=torch.float64) for _ in range(3)]
+    counts = [7, 1, 12]
+    originals = [m.clone() for m in means]
+    total = WeightedSum()
+    for mean, count in zip(means, counts, strict=True):
+        total.add(mean, count)
+    expected = sum(m * c for m, c in zip(originals, counts, strict=True)) / sum(counts)
+    result = total.mean()
+    assert result is not None and result.dtype == torch.float64
+    torch.testing.assert_close(result, expected, rtol=1e-15, atol=1e-15)
+    assert all(torch.equal(m, o) for m, o in zip(means, originals, strict=True))
+    assert total.mean() is None  # the sum was used up
