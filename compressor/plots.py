@@ -206,7 +206,7 @@ def plot_scores(report: Report, out_dir: Path) -> list[str]:
                         color="gray", markersize=5, label=f"{series} (at least)")
             gone = [r for r in exact if r["extra"].get("removed")]
             ax.plot([r["extra"]["layer"] for r in gone], [r["extra"]["score"] for r in gone], "rx", markersize=9)
-        scores = [value for r in mine for value, _ in [score_or_bound(r["extra"]) or (0.0, True)]]
+        scores = [found[0] for r in mine if (found := score_or_bound(r["extra"])) is not None]
         if min(scores) > 0 and max(scores) / min(scores) > 100:
             ax.set_yscale("log")
         metric = mine[0]["extra"].get("metric") or mine[0]["extra"].get("measure") or "score"

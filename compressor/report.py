@@ -371,7 +371,9 @@ def scores_markdown(layers: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         extra = row["extra"]
         order = extra.get("order") or extra.get("rank") or ""
-        value, exact = score_or_bound(extra) or (0.0, True)
+        found = score_or_bound(extra)
+        assert found is not None  # scored_rows keeps only rows with a score or a bound
+        value, exact = found
         lines.append(f"| {row['module']} | {row['method']} | {'' if exact else '>= '}{value:.6g} | "
                      f"{'yes' if extra.get('removed') else ''} | {order} |")
     return lines

@@ -129,11 +129,7 @@ class SublayerSearch:
         bfloat16 one, by rounding that depends on where the candidate sits. Recomputed under the same autocast, every
         candidate differs from the reference by its removal alone.
         """
-        for b in range(len(self.references)):
-            hidden = self.states[0][b]
-            for j in range(len(self.layers)):
-                hidden = self._run_one(j, hidden, b)
-                self.states[j + 1][b] = hidden
+        self._states_after(0)
         self.references = [reference(self._output(h), self.measure) for h in self.states[-1]]
 
     @torch.no_grad()
@@ -142,6 +138,10 @@ class SublayerSearch:
         index, sublayer = key
         remove_sublayer(self.layers[index], self.layout, sublayer)
         self._screened.clear()
+        self._states_after(index)
+
+    def _states_after(self, index: int) -> None:
+        """``states[index + 1 ..]`` again, from ``states[index]`` through the layers as they are now."""
         for b in range(len(self.references)):
             hidden = self.states[index][b]
             for j in range(index, len(self.layers)):
