@@ -166,8 +166,7 @@ def gptq_quantize(
         W = W.clone()  # the sweep updates it in place
     fresh = partial(_permute_symmetric, H, perm) if act_order else H.clone
     Hinv, used, retries = _damped_inverse_factor(fresh, dampening)
-    # the sweep's own arguments when rounded is kept (tests swap in a reference sweep that takes no more)
-    codes, rounded, loss = _sweep(W, Hinv, groups, block_size, **({} if keep_rounded else {"keep_rounded": False}))
+    codes, rounded, loss = _sweep(W, Hinv, groups, block_size, keep_rounded=keep_rounded)
     del W, Hinv
     codes = codes.to(torch.uint8)  # the codes are integers 0..255 in float32: exact
     if act_order:

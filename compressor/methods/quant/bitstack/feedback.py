@@ -119,6 +119,5 @@ def best_block(
     u_fb = refit_rows(R, signs, v, H).to(dtype) if refit else u
     candidates = [(plain, u, v), (signs, u_fb, v), (plain, torch.zeros_like(u), torch.zeros_like(v))]
     errors = [output_error(R - S * (a.float() @ b.float()), H) for S, a, b in candidates]
-    if not all(e == e for e in errors[:2]):  # a NaN from a degenerate refit: the other candidates stay valid
-        errors = [e if e == e else float("inf") for e in errors]
+    errors = [e if e == e else float("inf") for e in errors]  # a NaN from a degenerate refit: the others stay valid
     return candidates[min(range(3), key=errors.__getitem__)]

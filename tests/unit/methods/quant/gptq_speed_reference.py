@@ -57,13 +57,16 @@ def symmetric_update(H: torch.Tensor, rows: torch.Tensor, beta: float, alpha: fl
 
 
 def sweep(
-    W: torch.Tensor, Hinv: torch.Tensor, groups: _Groups, block_size: int
+    W: torch.Tensor, Hinv: torch.Tensor, groups: _Groups, block_size: int, *, keep_rounded: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Quantize all columns of ``W: [out, in]`` (sweep order) in blocks; codes, rounded values ``[out, in]``, loss.
+
+    Only the form that keeps the rounded values is reproduced (``keep_rounded`` is the new sweep's argument).
 
     Each block is quantized column by column, then its accumulated error is applied to the columns right
     of it at once: ``W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]`` (the lazy batch update, Sec. 3.2).
     """
+    assert keep_rounded, "the reference sweep keeps the rounded values"
     columns = W.shape[1]
     codes = torch.zeros_like(W)
     rounded = torch.zeros_like(W)
