@@ -7,7 +7,9 @@ below its mmap threshold from the heap, and raises that threshold (up to 32 MiB)
 chunk; torch's 4-32 MB temporaries (q/k/v Hessians, hidden states, attention scores) then land in the heap and
 leave holes a later, larger request cannot reuse. :func:`released_heap` fixes the threshold at
 :data:`MMAP_THRESHOLD` for the run, so such tensors are mapped and unmapped whole, and :func:`trim` returns what
-is left free (called after each finished layer). Outside glibc both do nothing.
+is left free (called after each finished layer). Outside glibc both do nothing. glibc consults the threshold
+only when no free heap chunk fits, so holes made before the block (an earlier run in the same process) are
+reused first; they are already resident and do not raise the peak.
 
 Cost: a mapped allocation is page-faulted in on first touch; the GPTQ sweep reuses its buffers, so the rest is
 the per-batch forward temporaries (measured: +10% CPU time on the 2-layer run, peak RSS 1.70 -> 1.55 GB).
