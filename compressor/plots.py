@@ -1,4 +1,5 @@
-"""PNG plots of a compression report: the layer x module-type heatmap, the bit allocation, removal scores.
+"""PNG plots of a compression report: the layer x module-type heatmap, the bit allocation, removal scores, and
+BitStack's size-vs-error curve.
 
 matplotlib is the optional 'plots' extra: it is imported only inside the drawing functions, and without it
 no plot is written (the report says the same in JSON and Markdown). The grid that a heatmap draws is built
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compressor.report import score_or_bound, scored_rows, split_layer_path
+from compressor.report import split_layer_path
+from compressor.report_sections import score_or_bound, scored_rows
 
 if TYPE_CHECKING:
     from compressor.report import Report
@@ -81,11 +83,13 @@ def _pyplot() -> Any:
 
 
 def write_plots(report: Report, out_dir: Path) -> list[str]:
-    """The heatmap, the bit allocation and removal scores when there are any; nothing without matplotlib."""
+    """The heatmap, the bit allocation, removal scores and BitStack's curve when there are any; nothing without
+    matplotlib."""
     if _pyplot() is None:
         log.info("matplotlib not installed: no plots (pip install 'compressor[plots]')")
         return []
-    return plot_layer_heatmap(report, out_dir) + plot_bit_allocation(report, out_dir) + plot_scores(report, out_dir)
+    return (plot_layer_heatmap(report, out_dir) + plot_bit_allocation(report, out_dir)
+            + plot_scores(report, out_dir) + plot_bitstack(report, out_dir))
 
 
 def plot_layer_heatmap(report: Report, out_dir: Path) -> list[str]:
@@ -218,3 +222,42 @@ def plot_scores(report: Report, out_dir: Path) -> list[str]:
     fig.savefig(out_dir / "scores.png", dpi=90)
     plt.close(fig)
     return ["scores.png"]
+
+
+def plot_bitstack(report: Report, out_dir: Path) -> list[str]:
+    """``bitstack.png``: relative calibration output error against bits per weight along BitStack's block order
+    (``structure.bitstack``, see the stage's ``_curve_section``), log y, the run's budget marked.
+
+    The y axis is the order's own estimate (summed ``tr(dW H dW^T)`` of the decomposed linears), not
+    perplexity: it shows where the size steps are cheap or dear, which a user choosing a budget later wants.
+    """
+    section: dict[str, Any] = report.structure.get("bitstack") or {}
+    plt = _pyplot() if section.get("curve") else None
+    if plt is None:
+        return []
+    points = [p for p in section["curve"] if p["rel_error"] > 0]  # a log axis has no place for an exact 0
+    loaded = section["loaded"]
+    params, fixed = section["params"], section["fixed_bytes"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot([p["bits"] for p in points], [p["rel_error"] for p in points], "-", marker=".", markersize=3,
+            label=f"prefixes of the order ({section['blocks']} blocks, {section['linears']} linears)")
+    if loaded["rel_error"] > 0:
+        budget = "every block" if section["budget"] is None else f"budget {section['budget']}"
+        ax.plot([loaded["bits"]], [loaded["rel_error"]], "ro", markersize=8,
+                label=f"{budget}: {loaded['bits']:.3f} bpw, {loaded['bytes'] / 1e6:.3f} MB, "
+                      f"rel. error {loaded['rel_error']:.4g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per decomposed weight (signs, factors and scales counted)")
+    ax.set_ylabel("calibration output error / error with no block")
+    if params:  # the same prefixes as whole-model weight bytes, what a byte budget counts
+        top = ax.secondary_xaxis("top", functions=(lambda bits: (bits * params / 8 + fixed) / 1e6,
+                                                   lambda mb: (mb * 1e6 - fixed) * 8 / params))
+        top.set_xlabel("model weights (MB)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{report.recipe.get('name')}: BitStack's calibration-error estimate of its order (not perplexity)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_dir / "bitstack.png", dpi=90)
+    plt.close(fig)
+    return ["bitstack.png"]

@@ -1,5 +1,8 @@
 """The compression report: JSON for CI, Markdown for people, PNG plots where a picture says it faster.
 
+The method-specific Markdown sections (bit allocation, removal scores, experts, BitStack) live in
+``report_sections.py``.
+
 Everything here is a rendering of the engine's per-module records plus run-level totals; nothing is
 measured here.
 """
@@ -21,6 +24,7 @@ from torch import nn
 
 from compressor.methods.base import LayerRecord
 from compressor.methods.quant.ops import QuantizedWeight
+from compressor.report_sections import allocation_markdown, bitstack_markdown, experts_markdown, scores_markdown
 
 log = logging.getLogger(__name__)
 
@@ -310,30 +314,9 @@ def to_markdown(report: Report) -> str:
     lines += allocation_markdown(report.layers)
     lines += scores_markdown(report.layers)
     lines += experts_markdown(report.layers)
+    lines += bitstack_markdown(report.structure, report.files)
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report.versions.items()), ""]
     return "\n".join(lines)
-
-
-def allocation_markdown(layers: list[dict[str, Any]]) -> list[str]:
-    """The bit allocation (rows whose ``extra`` has ``planned_bits``): planned bits, predicted vs measured.
-
-    "Measured" is the relative output error of the quantizer's row for the same module; "predicted" is
-    the planner's model of it. Empty when no stage planned bits.
-    """
-    planned = [r for r in layers if r["extra"].get("planned_bits") is not None]
-    if not planned:
-        return []
-    measured = {r["module"]: r["rel_error"] for r in layers if r["rel_error"] is not None}
-    params = sum(r["params_before"] for r in planned)
-    average = sum(r["extra"]["planned_bits"] * r["params_before"] for r in planned) / max(params, 1)
-    lines = ["", "## Bit allocation", "",
-             f"Planned average: {average:.4f} bits per weight over {len(planned)} modules ({params} weights).", "",
-             "| module | planned bits | predicted rel. error | measured rel. error |", "|---|---|---|---|"]
-    for row in planned:
-        predicted, real = row["extra"].get("predicted_rel_error"), measured.get(row["module"])
-        lines.append(f"| {row['module']} | {row['extra']['planned_bits']:.3f} | "
-                     f"{'' if predicted is None else f'{predicted:.4f}'} | {'' if real is None else f'{real:.4f}'} |")
-    return lines
 
 
 def _fmt(value: Any) -> str:
@@ -345,57 +328,6 @@ def write_plots(report: Report, out_dir: Path) -> list[str]:
     from compressor.plots import write_plots as draw
 
     return draw(report, out_dir)
-
-
-def scored_rows(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of layer-removal methods: ``extra`` carries a per-layer ``score`` (layer_drop, finercut), or only
-    ``score_at_least`` where FinerCut's search ruled a candidate out on a lower bound without scoring it in full."""
-    return [r for r in layers if "layer" in r["extra"] and score_or_bound(r["extra"]) is not None]
-
-
-def score_or_bound(extra: dict[str, Any]) -> tuple[float, bool] | None:
-    """(the row's score, True) or (its lower bound ``score_at_least``, False), or None when it has neither."""
-    if extra.get("score") is not None:
-        return float(extra["score"]), True
-    if extra.get("score_at_least") is not None:
-        return float(extra["score_at_least"]), False
-    return None
-
-
-def scores_markdown(layers: list[dict[str, Any]]) -> list[str]:
-    """Removal scores per layer (or sublayer) and what was removed, in order; empty when nothing was scored."""
-    rows = scored_rows(layers)
-    if not rows:
-        return []
-    lines = ["", "## Removal scores", "", "| module | method | score | removed | order |", "|---|---|---|---|---|"]
-    for row in rows:
-        extra = row["extra"]
-        order = extra.get("order") or extra.get("rank") or ""
-        found = score_or_bound(extra)
-        assert found is not None  # scored_rows keeps only rows with a score or a bound
-        value, exact = found
-        lines.append(f"| {row['module']} | {row['method']} | {'' if exact else '>= '}{value:.6g} | "
-                     f"{'yes' if extra.get('removed') else ''} | {order} |")
-    return lines
-
-
-def experts_markdown(layers: list[dict[str, Any]]) -> list[str]:
-    """Tokens the router sent each expert (in the pass that gathered its statistics; every expert was calibrated
-    on every token), per mixture-of-experts module and method; empty for dense models."""
-    counts: dict[tuple[str, str], dict[int, int]] = {}
-    for row in layers:
-        if "routed_tokens" in row["extra"]:  # <experts>.<index>.<projection>: one count per expert
-            experts = row["module"].rsplit(".", 2)[0]
-            counts.setdefault((experts, row["method"]), {}).setdefault(row["extra"]["expert"],
-                                                                        row["extra"]["routed_tokens"])
-    if not counts:
-        return []
-    lines = ["", "## Experts", "", "| experts | method | routed tokens per expert | never routed |",
-             "|---|---|---|---|"]
-    for (experts, method), routed in counts.items():
-        never = ", ".join(str(e) for e in sorted(routed) if routed[e] == 0) or "-"
-        lines.append(f"| {experts} | {method} | {' '.join(str(routed[e]) for e in sorted(routed))} | {never} |")
-    return lines
 
 
 def write_report(report: Report, out_dir: Path) -> None:

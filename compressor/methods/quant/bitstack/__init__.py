@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 from torch import nn
@@ -44,9 +44,12 @@ from compressor.methods.quant.bitstack.ops import (
 from compressor.methods.quant.bitstack.order import (
     BudgetError,
     Chain,
+    CurvePoint,
     blocks_for_budget,
+    error_curve,
     global_order,
     parse_budget,
+    thin_curve,
 )
 from compressor.methods.quant.common import targeted_groups
 from compressor.methods.registry import register_method
@@ -185,11 +188,16 @@ class BitStack(Method):
         config = self.config
         assert isinstance(config, BitStackConfig)
         chains = [item.chain(path, config.order == "relative") for path, item in self.decomposed.items()]
+        order = global_order(chains)
+        fixed = _fixed_bytes(run.model, list(self.decomposed))
         if config.budget is None:
             self.blocks = {chain.path: len(chain.sizes) for chain in chains}
         else:
-            fixed = _fixed_bytes(run.model, list(self.decomposed))
-            self.blocks = blocks_for_budget(chains, global_order(chains), parse_budget(config.budget), fixed)
+            self.blocks = blocks_for_budget(chains, order, parse_budget(config.budget), fixed)
+        if chains:
+            errors = {path: item.errors for path, item in self.decomposed.items()}
+            run.structure[self.name] = _curve_section(chains, errors, order, sum(self.blocks.values()), fixed,
+                                                      config)
         return [self._write(run.model, path, self.blocks[path]) for path in self.decomposed]
 
     def _write(self, model: nn.Module, path: str, k: int) -> LayerRecord:
@@ -209,6 +217,35 @@ class BitStack(Method):
             note=f"{k} of {len(errors) - 1} blocks, rank {item.decomposition.rank}",
             extra={"blocks": k, "iterations": len(errors) - 1, "rank": item.decomposition.rank},
         )
+
+
+#: Points of the size-vs-error curve kept in the report (evenly along the order, plus the loaded one).
+CURVE_POINTS = 200
+
+
+def _curve_section(chains: list[Chain], errors: dict[str, list[float]], order: list[tuple[str, int]],
+                   loaded: int, fixed: int, config: BitStackConfig) -> dict[str, Any]:
+    """The report's ``structure.bitstack``: what each size of this run's order costs, for choosing a budget later.
+
+    Read from what the pass measured (no forward): every loadable prefix's bits per decomposed weight and the
+    summed calibration output error of the decomposed linears over that with no block, thinned to about
+    :data:`CURVE_POINTS` (the first, the last and the loaded prefix always kept). ``bytes`` is the whole
+    model's weights at that prefix (the decomposed linears plus ``fixed_bytes``), what a byte budget counts.
+    """
+    curve = error_curve(chains, errors, order)
+
+    def point(p: CurvePoint) -> dict[str, Any]:
+        return {"blocks": p.blocks, "bytes": fixed + p.linear_bytes, "bits": float(f"{p.bits:.6g}"),
+                "rel_error": float(f"{p.rel_error:.6g}")}
+
+    chosen = next(p for p in curve if p.blocks == loaded)
+    return {
+        "measure": "calibration output error tr(dW H dW^T) summed over the decomposed linears, relative to the "
+                   "error with no block; an estimate of the order, not perplexity",
+        "order": config.order, "budget": config.budget, "linears": len(chains), "blocks": len(order),
+        "params": sum(chain.params for chain in chains), "fixed_bytes": fixed, "loaded": point(chosen),
+        "curve": [point(p) for p in thin_curve(curve, CURVE_POINTS, keep=(loaded,))],
+    }
 
 
 def _to_cpu(decomposition: Decomposition) -> Decomposition:

@@ -111,3 +111,48 @@ def blocks_for_budget(
         return select_blocks(sizes, params, order, (budget.value, budget.unit), fixed_bytes)
     except BitStackBudgetError as exc:
         raise BudgetError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One loadable prefix of the order: its length, the decomposed linears' bytes and bits per their weights,
+    and their summed calibration output error relative to the summed error with no block loaded."""
+
+    blocks: int
+    linear_bytes: int
+    bits: float
+    rel_error: float
+
+
+def error_curve(
+    chains: list[Chain], errors: dict[str, list[float]], order: list[tuple[str, int]]
+) -> list[CurvePoint]:
+    """Every loadable prefix of ``order`` (one block per linear up to all of them) as a :class:`CurvePoint`.
+
+    ``errors[path][k]``: the linear's calibration output error with its first ``k`` blocks (the stage's
+    ``output_errors``; absolute, whatever the order's ``relative`` was, so that linears add up). Bits count
+    every stored byte over the decomposed weights, as ``blocks_for_budget`` does for a ``bpw`` budget.
+    Shorter prefixes leave a linear without a block (a zero weight) and are not points.
+    """
+    sizes = {chain.path: chain.sizes for chain in chains}
+    params = sum(chain.params for chain in chains) or 1
+    base = sum(errors[path][0] for path in sizes)
+    norm = base if base > 0 else 1.0
+    total, used, points = base, 0, []
+    for n, (path, index) in enumerate(order, start=1):
+        used += sizes[path][index]
+        total += errors[path][index + 1] - errors[path][index]
+        if n >= len(sizes):
+            points.append(CurvePoint(n, used, used * 8 / params, total / norm))
+    return points
+
+
+def thin_curve(points: list[CurvePoint], limit: int, keep: tuple[int, ...] = ()) -> list[CurvePoint]:
+    """At most ``limit`` points evenly spaced along ``points``, plus the first, the last and those whose
+    ``blocks`` is in ``keep`` (the stage's budget), in order."""
+    if len(points) <= limit:
+        return list(points)
+    last = len(points) - 1
+    chosen = {round(i * last / (limit - 1)) for i in range(limit)}
+    chosen |= {i for i, point in enumerate(points) if point.blocks in keep}
+    return [points[i] for i in sorted(chosen)]
