@@ -58,6 +58,14 @@ class LayerStream(Protocol):
         """Where the next boundary's batch outputs are written (None: kept as computed)."""
         ...
 
+    def begin(self, stages: Sequence[Method]) -> None:
+        """A pass of ``stages`` starts: load what runs before layer 0 again if a previous pass released it.
+
+        A pass that ends in a model-level stage writes no layer: that stage changes the model after the last
+        layer, so the layers are written by a later pass or, unchanged, by the export.
+        """
+        ...
+
     def captured(self) -> None:
         """Layer 0's inputs are captured: what ran before it may be released."""
         ...
@@ -325,6 +333,8 @@ def run_pass(run: ModelContext, stages: list[Method], progress: ProgressFn | Non
     records: list[LayerRecord] = []
     for stage in stages:
         records += stage.prepare(run)
+    if run.stream:
+        run.stream.begin(stages)
     _move_embeddings(run.adapter, run.device)
     captured = run.capture_inputs()
     _move_embeddings(run.adapter, torch.device("cpu"))

@@ -9,11 +9,16 @@ transformed by the same engine code as an in-RAM run, written out as soon as it 
 boundary of them exceeds ``activation_memory``; then they live in two memory-mapped files in the run's
 temporary directory (``OUT.partial/stream-*``), which the kernel can page out.
 
-This first slice streams the quantizers that need per-layer statistics only (:data:`STREAMING_METHODS`) into
-the formats whose writers can take the output tensor by tensor (:data:`STREAMING_FORMATS`); everything else
-needs the whole model in RAM and is refused before anything loads (:func:`check_streamable`), as are ``--resume``
-and ``torchrun``; checkpoints are off. ``--eval`` scores the source checkpoint and the written output one layer
-at a time (:mod:`.perplexity`, :func:`evaluate`), as ``compressor eval`` does for a directory above the budget.
+This slice streams the quantizers that need per-layer statistics only and ShortGPT's layer removal
+(:data:`STREAMING_METHODS`) into the formats whose writers can take the output tensor by tensor
+(:data:`STREAMING_FORMATS`); everything else needs the whole model in RAM and is refused before anything loads
+(:func:`check_streamable`), as are ``--resume`` and ``torchrun``; checkpoints are off. Layer removal is the
+in-RAM engine's model-level pass, streamed: its pass loads, runs, scores and drops every layer and writes
+nothing; the removal then shrinks the skeleton (layer list, config), and the survivors are streamed again by
+their index in the checkpoint through the later stages, written under their new numbers, or, when no stage
+follows, copied from the checkpoint by the export (:class:`~compressor.streaming.layers.LayerStreamer`).
+``--eval`` scores the source checkpoint and the written output one layer at a time (:mod:`.perplexity`,
+:func:`evaluate`), as ``compressor eval`` does for a directory above the budget.
 
 When to stream (:func:`plan_streaming`): ``memory_budget="none"`` never does; a size (``4GB``, ``1.5GiB``)
 streams when the checkpoint's weights, at the run's dtype (sum of the safetensors headers' tensors), exceed it;
@@ -56,7 +61,9 @@ log = logging.getLogger(__name__)
 #: smoothing folds into the layer's own norms, its scale searches and GPTQ solve read the layer's Hessians, and its
 #: Int8Linear replaces the layer's own linears; compressor-int8 (its own format) does not stream: that writer reads
 #: every Int8Linear of the resident model at the end (a per-layer writer for it is not built).
-STREAMING_METHODS = ("rtn", "gptq", "dgq")
+#: layer_drop (ShortGPT) qualifies: its scores compare each layer's input and output states, and the removal after
+#: the last layer touches only the skeleton's layer list and config.
+STREAMING_METHODS = ("rtn", "gptq", "dgq", "layer_drop")
 #: Stages whose model runs INT8 activations, which a file's weights alone do not reproduce (no streamed --eval).
 INT8_ACTIVATION_METHODS = ("dgq",)
 #: Export formats whose writer takes the model tensor by tensor (``compressor.export.streamed``).
@@ -167,6 +174,11 @@ def check_streamable(plan: StreamPlan, stages: list[Any], export_format: str, *,
         if stage.name not in STREAMING_METHODS:
             raise RecipeError(f"stages.{index} ({stage.name}) does not stream ({plan.reason}); {need}. "
                               f"Streaming runs {', '.join(STREAMING_METHODS)}")
+        if stage.model_level and not all(s.model_level for s in stages[:index]):
+            # the layers are written by the pass of the stages after the last model-level one; earlier layer-wise
+            # changes would be read again from the checkpoint and lost (the recipe rules refuse this order too)
+            raise RecipeError(f"stages.{index} ({stage.name}) after a layer-wise stage does not stream "
+                              f"({plan.reason}); put it first")
     if export_format not in STREAMING_FORMATS:
         raise RecipeError(f"export.format {export_format} does not stream ({plan.reason}); {need}. "
                           f"Streaming writes {', '.join(STREAMING_FORMATS)}")

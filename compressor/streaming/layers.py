@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -94,17 +94,15 @@ def load_skeleton(directory: Path, dtype: str, checkpoint: Checkpoint | None = N
         raise UnsupportedModelError(f"{directory}: the checkpoint's tensor names do not match the model's "
                                     f"({missing[0]} is missing), so its layers cannot be streamed")
     # Only what runs before layer 0 is loaded; the final norm and head (never run) are read again at export.
-    paths = {id(module): path for path, module in model.named_modules()}
-    first = [(paths[id(m)], m) for m in adapter.before_layers()]
-    state = {f"{path}.{name}": checkpoint.read(f"{path}.{name}", t.dtype)
-             for path, module in first for name, t in module.state_dict().items()}
-    model.load_state_dict(state, strict=False, assign=True)
+    load_modules(model, adapter.before_layers(), checkpoint)
     model._weight_conversions = []  # as from_pretrained leaves it when the names matched: save order follows it
     for path in adapter.family.rotary:  # non-persistent buffers (inv_freq) are computed from the config
         rotary = model.get_submodule(path)
         model.set_submodule(path, type(rotary)(config=model.config))
     model.tie_weights()
-    left = [f"{path}.{name}" for path, _ in first for name, t in
+    paths = {id(module): path for path, module in model.named_modules()}
+    first = [paths[id(m)] for m in adapter.before_layers()]
+    left = [f"{path}.{name}" for path in first for name, t in
             [*model.get_submodule(path).named_parameters(), *model.get_submodule(path).named_buffers()] if t.is_meta]
     if left:
         raise UnsupportedModelError(f"{directory}: {left[0]} cannot be materialised without loading the whole "
@@ -116,10 +114,23 @@ def load_skeleton(directory: Path, dtype: str, checkpoint: Checkpoint | None = N
     return LoadedModel(model, tokenizer, str(directory), directory), checkpoint
 
 
-def load_layer(adapter: Any, checkpoint: Checkpoint, index: int) -> nn.Module:
-    """Materialise decoder layer ``index`` of a skeleton from ``checkpoint`` (its tensors only) and return it."""
+def load_modules(model: Any, modules: list[nn.Module], checkpoint: Checkpoint) -> None:
+    """Read the state (parameters, persistent buffers) of these submodules of ``model`` from ``checkpoint``."""
+    paths = {id(module): path for path, module in model.named_modules()}
+    first = [(paths[id(m)], m) for m in modules]
+    state = {f"{path}.{name}": checkpoint.read(f"{path}.{name}", t.dtype)
+             for path, module in first for name, t in module.state_dict().items()}
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+def load_layer(adapter: Any, checkpoint: Checkpoint, index: int, source: int | None = None) -> nn.Module:
+    """Materialise decoder layer ``index`` of a skeleton from ``checkpoint`` (its tensors only) and return it.
+
+    ``source``: the layer's index in the checkpoint when layers before it were removed from the skeleton
+    (default ``index``).
+    """
     layer: nn.Module = adapter.layers()[index]
-    prefix = adapter.layer_prefix(index) + "."
+    prefix = adapter.layer_prefix(index if source is None else source) + "."
     state = {name: checkpoint.read(prefix + name, t.dtype) for name, t in layer.state_dict().items()}
     bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
@@ -145,6 +156,13 @@ class LayerStreamer:
     ``finish`` runs once the engine is done with a layer: its quantized weights' scales are rounded to what
     the file stores (as the in-RAM run does after the last layer), its output tensors are saved, its integer
     codes are replaced by shapes-only copies on meta (the report counts them), and the layer goes back on meta.
+
+    A pass that ends in a model-level stage (layer removal) is a scoring pass: its layers are loaded, run and
+    dropped, nothing is written, since the stage changes the model only after the last layer. Removal then
+    shrinks the skeleton's layer list; each surviving layer module keeps its index in the checkpoint
+    (:attr:`sources`, keyed by the module itself, so any number of removals compose), so the next pass loads it
+    by that index and writes it under its new one. When no pass after the removal writes the layers, the
+    export copies them from the checkpoint under their new names (:meth:`read_unchanged`).
     """
 
     model: Any
@@ -160,11 +178,34 @@ class LayerStreamer:
     max_resident: int = 0
     #: quantized module path -> its output tensor names, in the order the in-RAM writer creates them
     packed: dict[str, list[str]] = field(default_factory=dict)
+    #: skeleton decoder layer (the module object) -> its index in the checkpoint
+    sources: dict[nn.Module, int] = field(default_factory=dict)
+    #: whether the current pass writes its finished layers (False: a scoring pass), and whether one did
+    writes: bool = True
+    wrote: bool = False
+    passes: int = 0
+    loads: int = 0
     _flip: int = 0
 
+    def __post_init__(self) -> None:
+        self.sources = {layer: index for index, layer in enumerate(self.adapter.layers())}
+
+    def begin(self, stages: Sequence[Any]) -> None:
+        """A pass starts: reload the embeddings a previous pass released; a model-level last stage writes nothing."""
+        if self.wrote:  # its layers would load from the checkpoint without the written pass's changes
+            raise RuntimeError("layer streaming: a pass after the one that wrote the layers (check_streamable "
+                               "should have refused this recipe)")
+        self.passes += 1
+        self.writes = self.wrote = not stages[-1].model_level
+        released = [m for m in self.adapter.embeddings() if any(t.is_meta for t in m.state_dict().values())]
+        if released:
+            load_modules(self.model, released, self.checkpoint)
+            self.model.tie_weights()
+
     def load(self, index: int) -> nn.Module:
-        layer = load_layer(self.adapter, self.checkpoint, index)
+        layer = load_layer(self.adapter, self.checkpoint, index, self.sources[self.adapter.layers()[index]])
         self.resident += 1
+        self.loads += 1
         self.max_resident = max(self.max_resident, self.resident)
         return layer
 
@@ -175,17 +216,26 @@ class LayerStreamer:
         self.model.tie_weights()
 
     def read_unchanged(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """A tensor outside the decoder layers for the export: resident, or read again from the checkpoint."""
-        if name.startswith(self.adapter.layers_path() + "."):
-            raise ExportError(f"streamed export: {name} was never written (its layer did not finish)")
+        """A tensor no layer file holds, for the export: resident, or read again from the checkpoint.
+
+        A decoder layer's tensor is read from the checkpoint when no pass wrote layers (the last one scored
+        them for a removal): under the layer's index there, which the removal may have changed.
+        """
+        layers = self.adapter.layers_path() + "."
+        if name.startswith(layers):
+            if self.wrote:
+                raise ExportError(f"streamed export: {name} was never written (its layer did not finish)")
+            index, _, rest = name.removeprefix(layers).partition(".")
+            name = f"{self.adapter.layer_prefix(self.sources[self.adapter.layers()[int(index)]])}.{rest}"
         return self.checkpoint.read(name, tensor.dtype) if tensor.is_meta else tensor.detach()
 
     def note(self) -> dict[str, Any]:
         """The report's record of the streaming (a warning group: it changes what the run could do)."""
         layers = len(self.adapter.layers())
         where = "RAM" if self.activation_limit is None else f"memory-mapped files above {self.activation_limit} bytes"
-        message = (f"streamed from disk ({self.reason}): {layers} decoder layers loaded one at a time, at most "
-                   f"{self.max_resident} in memory at once; hidden states in {where}; no checkpoints")
+        passes = "" if self.passes <= 1 else f" ({self.loads} layer loads over {self.passes} passes)"
+        message = (f"streamed from disk ({self.reason}): {layers} decoder layers loaded one at a time{passes}, at "
+                   f"most {self.max_resident} in memory at once; hidden states in {where}; no checkpoints")
         return {"message": message, "count": layers, "pattern": f"{self.adapter.layers_path()}.*",
                 "modules": [self.adapter.layer_prefix(i) for i in range(layers)]}
 
@@ -219,6 +269,9 @@ class LayerStreamer:
 
     def finish(self, run: Any, index: int) -> None:
         layer = self.adapter.layers()[index]
+        if not self.writes:  # a scoring pass: the layer was only run
+            self._release(layer)
+            return
         prefix = self.adapter.layer_prefix(index) + "."
         paths = [p for p in run.quantized if p.startswith(prefix)]
         for path in paths:
@@ -233,6 +286,9 @@ class LayerStreamer:
         self.files.save(index, outputs, shared=True if self.export_format == "dense" else packed)
         for path in paths:
             run.quantized[path] = _shape_only(run.quantized[path])
+        self._release(layer)
+
+    def _release(self, layer: nn.Module) -> None:
         layer.to("meta")
         self.resident -= 1
         trim()  # what the layer's solve freed leaves the process before the next layer loads

@@ -90,6 +90,80 @@ def test_streamed_output_is_the_in_ram_output(sharded_dir: Any, text_file: Path,
     assert not (tmp_path / "stream.partial").exists()
 
 
+def _layer_drop_recipe(text_file: Path, drop: dict[str, Any], then: str | None, export: str) -> Any:
+    """``layer_drop`` alone, or followed by a ``then`` stage (gptq, rtn), on the tiny checkpoint's 3 layers."""
+    stages: list[dict[str, Any]] = [{"method": "layer_drop", **drop}]
+    if then:
+        stages.append({"method": then, "bits": 4, "group_size": 32})
+    data = {"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32, "batch_size": 2},
+            "stages": stages, "export": {"format": export, "max_shard_mb": 1}}
+    return recipe_from_dict(data)
+
+
+@pytest.mark.parametrize(("drop", "then", "export", "dtype", "tied"), [
+    ({"remove": 1}, None, "dense", "float32", False),  # ShortGPT alone: the survivors are copied from the source
+    ({"layers": [0]}, None, "dense", "bfloat16", True),  # every survivor renumbered (scores pick the last layer here)
+    ({"remove": 1}, "gptq", "compressed-tensors", "float32", False),  # survivors streamed again through GPTQ
+    ({"metric": "angular", "layers": [0, 1]}, "gptq", "compressed-tensors", "bfloat16", True),
+    ({"layers": [1]}, "rtn", "dense", "float32", False),
+])
+def test_layer_removal_streams_to_the_in_ram_bytes(sharded_dir: Any, text_file: Path, tmp_path: Path,
+                                                   drop: dict[str, Any], then: str | None, export: str, dtype: str,
+                                                   tied: bool) -> None:
+    """A scoring pass (nothing written), the removal on the skeleton, the survivors by source index renumbered."""
+    recipe = _layer_drop_recipe(text_file, drop, then, export)
+    source = str(sharded_dir(dtype, tied))
+    in_ram = compress(source, recipe, tmp_path / "ram", device="cpu", memory_budget="none")
+    streamed = compress(source, recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
+    _same_files(tmp_path / "ram", tmp_path / "stream")
+    removed = in_ram.structure["layer_drop"]["removed"]
+    assert streamed.structure == in_ram.structure and removed == drop.get("layers", removed) and removed
+    for key in ("size_bytes", "params", "avg_bits_per_weight", "avg_bits_incl_metadata", "compression_ratio"):
+        assert getattr(streamed, key) == getattr(in_ram, key), key
+    rows = [[{k: v for k, v in row.items() if "seconds" not in k and "time" not in k} for row in report.layers]
+            for report in (in_ram, streamed)]
+    assert rows[0] == rows[1]
+    assert f"{3 - len(removed)} decoder layers loaded one at a time" in streamed.warnings[0]["message"]
+    assert not (tmp_path / "stream.partial").exists()
+
+
+@pytest.mark.parametrize("drop", [{"remove": 3}, {"ratio": 0.9}, {"layers": [3]}, {"metric": "angular", "remove": 3}])
+def test_a_removal_refused_in_ram_is_refused_streamed_before_writing(sharded_dir: Any, text_file: Path,
+                                                                    tmp_path: Path, drop: dict[str, Any]) -> None:
+    recipe = _layer_drop_recipe(text_file, drop, "gptq", "compressed-tensors")
+    messages = []
+    for budget, out in (("none", tmp_path / "ram"), ("1KB", tmp_path / "stream")):
+        with pytest.raises(RecipeError, match="^layer_drop: ") as error:
+            compress(str(sharded_dir()), recipe, out, device="cpu", memory_budget=budget)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1] and "\n" not in messages[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_one_decoder_layer_is_materialised_at_a_time_in_both_passes_of_a_removal(
+        sharded_dir: Any, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scoring pass loads the 3 source layers, GPTQ's pass the 2 survivors; each alone, as the streamer counts."""
+    seen: list[tuple[int, int]] = []
+    load = LayerStreamer.load
+
+    def counting(self: LayerStreamer, index: int) -> torch.nn.Module:
+        layer = load(self, index)
+        seen.append((index, sum(not next(lay.parameters()).is_meta for lay in self.adapter.layers())))
+        assert all(p.is_meta for m in self.adapter.embeddings() for p in m.parameters())
+        return layer
+
+    monkeypatch.setattr(LayerStreamer, "load", counting)
+    streamers: list[LayerStreamer] = []
+    note = LayerStreamer.note
+    monkeypatch.setattr(LayerStreamer, "note", lambda self: streamers.append(self) or note(self))
+    recipe = _layer_drop_recipe(text_file, {"layers": [0]}, "gptq", "compressed-tensors")
+    report = compress(str(sharded_dir()), recipe, tmp_path / "o", device="cpu", memory_budget="1KB")
+    assert seen == [(0, 1), (1, 1), (2, 1), (0, 1), (1, 1)]
+    assert streamers[0].max_resident == 1 and streamers[0].loads == 5 and streamers[0].passes == 2
+    assert "2 decoder layers loaded one at a time (5 layer loads over 2 passes), at most 1 in memory at once" \
+        in report.warnings[0]["message"]
+
+
 def test_one_decoder_layer_is_materialised_at_a_time(sharded_dir: Any, text_file: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Counted independently of the streamer's own counter: non-meta layers of the model at every load."""
@@ -129,7 +203,7 @@ def test_hidden_states_in_memory_mapped_files_give_the_same_output(sharded_dir: 
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"before": [{"method": "layer_drop", "remove": 1}]}, "stages.0 (layer_drop) does not stream"),
+    ({"before": [{"method": "finercut", "remove": 1}]}, "stages.0 (finercut) does not stream"),
     ({"export": "gguf"}, "export.format gguf does not stream"),
 ])
 def test_whole_model_stages_and_formats_are_refused_before_loading(sharded_dir: Any, text_file: Path,
