@@ -7,7 +7,9 @@ calibration output error of every prefix of its stack (``ops.output_errors``) wi
 layer's statistics come from the dense model, as in the reference, which decomposes each linear on its own.
 ``finalize`` orders all blocks of all linears by error drop per byte (``order.global_order``), picks the longest
 prefix that fits ``budget`` (all blocks without one) and writes each linear's reconstruction from its chosen blocks
-into the model. Being model-level, the stages after it get a fresh pass over the reconstructed model.
+into the model. Being model-level, the stages after it get a fresh pass over the reconstructed model. It also
+records the size-vs-error curve of the order in the report (``structure.bitstack``, drawn as ``bitstack.png``):
+for a user choosing a budget later, what each size costs in the calibration error the order itself estimates.
 
 The decompositions stay on the stage (``decomposed``) for the BitStack directory writer: export format
 ``bitstack`` writes every block once (``store.py``; load it at any budget later), format ``dense`` the
