@@ -73,9 +73,12 @@ class PackedCheckpoint(Checkpoint):
         scheme = next((s for pattern, s in self.schemes if pattern.fullmatch(path) or pattern.search(path)), None)
         if scheme is None:
             raise ModelLoadError(f"{self.directory}: {path} is packed but matches no config group")
-        with safe_open(str(self.files[f"{path}.weight_packed"]), framework="pt") as handle:
-            tensors = {suffix: handle.get_tensor(f"{path}.{suffix}") for suffix in PACKED_SUFFIXES
-                       if f"{path}.{suffix}" in handle.keys()}  # noqa: SIM118 - safe_open is not a mapping
+        tensors = {}
+        for suffix in PACKED_SUFFIXES:  # each from its own file: the shard split may separate a linear's parts
+            name = f"{path}.{suffix}"
+            if name in self.files:
+                with safe_open(str(self.files[name]), framework="pt") as handle:
+                    tensors[suffix] = handle.get_tensor(name)
         bits = int(scheme["num_bits"])
         offset = 1 << (bits - 1)
         shape = torch.Size(tensors["weight_shape"].tolist())

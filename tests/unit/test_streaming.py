@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +92,10 @@ def test_streamed_output_is_the_in_ram_output(sharded_dir: Any, text_file: Path,
 
 
 def _layer_drop_recipe(text_file: Path, drop: dict[str, Any], then: str | None, export: str) -> Any:
-    """``layer_drop`` alone, or followed by a ``then`` stage (gptq, rtn), on the tiny checkpoint's 3 layers."""
+    """``layer_drop`` alone, or followed by a ``then`` stage (gptq, rtn, dgq), on the tiny checkpoint's 3 layers."""
     stages: list[dict[str, Any]] = [{"method": "layer_drop", **drop}]
     if then:
-        stages.append({"method": then, "bits": 4, "group_size": 32})
+        stages.append({"method": then, "weight_bits" if then == "dgq" else "bits": 4, "group_size": 32})
     data = {"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32, "batch_size": 2},
             "stages": stages, "export": {"format": export, "max_shard_mb": 1}}
     return recipe_from_dict(data)
@@ -106,6 +107,7 @@ def _layer_drop_recipe(text_file: Path, drop: dict[str, Any], then: str | None, 
     ({"remove": 1}, "gptq", "compressed-tensors", "float32", False),  # survivors streamed again through GPTQ
     ({"metric": "angular", "layers": [0, 1]}, "gptq", "compressed-tensors", "bfloat16", True),
     ({"layers": [1]}, "rtn", "dense", "float32", False),
+    ({"layers": [0]}, "dgq", "compressed-tensors", "float32", False),  # W4A8: smoothing folds into renumbered norms
 ])
 def test_layer_removal_streams_to_the_in_ram_bytes(sharded_dir: Any, text_file: Path, tmp_path: Path,
                                                    drop: dict[str, Any], then: str | None, export: str, dtype: str,
@@ -125,6 +127,53 @@ def test_layer_removal_streams_to_the_in_ram_bytes(sharded_dir: Any, text_file: 
     assert rows[0] == rows[1]
     assert f"{3 - len(removed)} decoder layers loaded one at a time" in streamed.warnings[0]["message"]
     assert not (tmp_path / "stream.partial").exists()
+
+
+def test_streamed_eval_reads_a_linear_whose_packed_parts_span_shards(sharded_dir: Any, text_file: Path,
+                                                                     tmp_path: Path) -> None:
+    """With 1 MB shards the writer puts a linear's weight_shape or scale in the next file than its codes."""
+    from compressor.streaming.packed import PackedCheckpoint, quantization_config
+
+    out = tmp_path / "s"
+    report = compress(str(sharded_dir()), _recipe(text_file), out, device="cpu", memory_budget="1KB",
+                      eval_data=str(text_file), eval_max_tokens=1024)
+    reader = PackedCheckpoint(out, quantization_config(out) or {})
+    split = [p for p in reader.packed if len({reader.files[n] for n in reader.files if n.startswith(p + ".")}) > 1]
+    assert split and report.eval["after"]["ppl"] > 0
+
+
+def test_eval_of_a_streamed_removal_scores_the_written_model(sharded_dir: Any, text_file: Path,
+                                                            tmp_path: Path) -> None:
+    """--eval reads the output back layer by layer: 2 layers, renumbered, GPTQ's codes; the in-RAM numbers."""
+    recipe = _layer_drop_recipe(text_file, {"layers": [0]}, "gptq", "compressed-tensors")
+    runs = [compress(str(sharded_dir()), recipe, tmp_path / out, device="cpu", memory_budget=budget,
+                     eval_data=str(text_file), eval_max_tokens=1024) for out, budget in (("ram", "none"), ("s", "1KB"))]
+    assert runs[0].eval["after"]["ppl"] == runs[1].eval["after"]["ppl"] != runs[1].eval["before"]["ppl"]
+    assert runs[0].eval["before"]["ppl"] == runs[1].eval["before"]["ppl"]
+
+
+#: Qwen2 with a sliding window from layer 1 on: the layers' masks differ by their type.
+SLIDING = ["full_attention", "sliding_attention", "sliding_attention"]
+
+
+@pytest.mark.parametrize(("drop", "then"), [({"layers": [1]}, None), ({"layers": [0]}, "gptq")])
+def test_layer_removal_streams_a_family_with_per_layer_attention_types(tmp_path: Path, text_file: Path,
+                                                                     tiny_tokenizer: Any, drop: dict[str, Any],
+                                                                     then: str | None) -> None:
+    """The skeleton's layer_types shrink with the removal and the second pass's capture gives each survivor the
+    mask of its own type, as in RAM; hidden states memory-mapped as well (the scores keep earlier boundaries)."""
+    source = tmp_path / "qwen2"
+    model = tiny_model("qwen2", hidden_size=128, intermediate_size=256, use_sliding_window=True, sliding_window=8,
+                       max_window_layers=1, layer_types=SLIDING)
+    model.save_pretrained(source, max_shard_size="200KB")
+    tiny_tokenizer.save_pretrained(source)
+    assert len(list(source.glob("*.safetensors"))) > 2
+    recipe = _layer_drop_recipe(text_file, drop, then, "compressed-tensors" if then else "dense")
+    compress(str(source), recipe, tmp_path / "ram", device="cpu", memory_budget="none")
+    compress(str(source), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB", activation_memory="1KB")
+    _same_files(tmp_path / "ram", tmp_path / "stream")
+    kept = [kind for index, kind in enumerate(SLIDING) if index not in drop["layers"]]
+    assert json.loads((tmp_path / "stream" / "config.json").read_text())["layer_types"] == kept
 
 
 @pytest.mark.parametrize("drop", [{"remove": 3}, {"ratio": 0.9}, {"layers": [3]}, {"metric": "angular", "remove": 3}])
