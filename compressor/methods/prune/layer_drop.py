@@ -7,6 +7,11 @@ the engine's pass (each layer's inputs are the previous layer's outputs, so only
 twice); the removal happens in ``finalize`` through the adapter, which leaves a standard model of the same
 family with fewer layers (renumbered weights and cache indices, trimmed per-layer config). The scores are the
 pass's whole result: a resumed run that has them saved removes the same layers without the sweep.
+
+Nothing here needs more than the layer being run, so the stage streams (``compressor.streaming``): the scores
+read hidden states only, and ``finalize`` changes only the layer list and the config, which a meta skeleton
+holds. The window of hidden states it keeps (``n + 1`` boundaries for ``angular``, 2 for block influence) lives
+where the engine puts the boundaries, memory-mapped above ``--activation-memory``.
 """
 
 from __future__ import annotations
