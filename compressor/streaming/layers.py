@@ -233,7 +233,9 @@ class LayerStreamer:
         """The report's record of the streaming (a warning group: it changes what the run could do)."""
         layers = len(self.adapter.layers())
         where = "RAM" if self.activation_limit is None else f"memory-mapped files above {self.activation_limit} bytes"
-        passes = "" if self.passes <= 1 else f" ({self.loads} layer loads over {self.passes} passes)"
+        passes = "" if self.loads == layers else \
+            f" ({self.loads} layer loads over {self.passes} pass{'es' if self.passes > 1 else ''}" + \
+            ("" if self.wrote else "; the layers left were copied from the checkpoint at export") + ")"
         message = (f"streamed from disk ({self.reason}): {layers} decoder layers loaded one at a time{passes}, at "
                    f"most {self.max_resident} in memory at once; hidden states in {where}; no checkpoints")
         return {"message": message, "count": layers, "pattern": f"{self.adapter.layers_path()}.*",

@@ -132,6 +132,7 @@ def test_layer_removal_streams_to_the_in_ram_bytes(sharded_dir: Any, text_file: 
             for report in (in_ram, streamed)]
     assert rows[0] == rows[1]
     assert f"{left} decoder layers loaded one at a time" in streamed.warnings[0]["message"]
+    assert ("copied from the checkpoint at export" in streamed.warnings[0]["message"]) == (then is None)
     assert not (tmp_path / "stream.partial").exists()
 
 
