@@ -70,6 +70,11 @@ class LayerStream(Protocol):
         """Layer 0's inputs are captured: what ran before it may be released."""
         ...
 
+    def reshape(self, layer: nn.Module, rewrite: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+        """A model-level stage changed this (meta) layer's shapes: ``rewrite`` turns its checkpoint tensors
+        (names relative to the layer) into its own whenever they are read, by a later pass or the export (FLAP)."""
+        ...
+
     def finish(self, run: ModelContext, index: int) -> None:
         """Layer ``index`` is done: write its output tensors and release it."""
         ...

@@ -9,7 +9,7 @@ transformed by the same engine code as an in-RAM run, written out as soon as it 
 boundary of them exceeds ``activation_memory``; then they live in two memory-mapped files in the run's
 temporary directory (``OUT.partial/stream-*``), which the kernel can page out.
 
-This slice streams the quantizers that need per-layer statistics only and ShortGPT's layer removal
+This slice streams the quantizers that need per-layer statistics only, ShortGPT's layer removal and FLAP
 (:data:`STREAMING_METHODS`) into the formats whose writers can take the output tensor by tensor
 (:data:`STREAMING_FORMATS`); everything else needs the whole model in RAM and is refused before anything loads
 (:func:`check_streamable`), as are ``--resume`` and ``torchrun``; checkpoints are off. Layer removal is the
@@ -17,6 +17,10 @@ in-RAM engine's model-level pass, streamed: its pass loads, runs, scores and dro
 nothing; the removal then shrinks the skeleton (layer list, config), and the survivors are streamed again by
 their index in the checkpoint through the later stages, written under their new numbers, or, when no stage
 follows, copied from the checkpoint by the export (:class:`~compressor.streaming.layers.LayerStreamer`).
+FLAP's pass is a scoring pass too: its finalize turns the per-layer statistics into a small plan per layer (kept
+head groups and channels, the input means its compensation biases need), narrows the meta skeleton and its config,
+and hands each plan to the streamer, which applies it (the same pure function as in RAM) to the layer's checkpoint
+tensors whenever they are read again: loaded by the next pass, or copied by the export.
 ``--eval`` scores the source checkpoint and the written output one layer at a time (:mod:`.perplexity`,
 :func:`evaluate`), as ``compressor eval`` does for a directory above the budget.
 
@@ -62,8 +66,11 @@ log = logging.getLogger(__name__)
 #: Int8Linear replaces the layer's own linears; compressor-int8 (its own format) does not stream: that writer reads
 #: every Int8Linear of the resident model at the end (a per-layer writer for it is not built).
 #: layer_drop (ShortGPT) qualifies: its scores compare each layer's input and output states, and the removal after
-#: the last layer touches only the skeleton's layer list and config.
-STREAMING_METHODS = ("rtn", "gptq", "dgq", "layer_drop")
+#: the last layer touches only the skeleton's layer list and config. flap qualifies: its statistics are per layer,
+#: its finalize turns them into a small plan per layer (kept heads and channels, input means), narrows the meta
+#: skeleton and leaves the plan with the streamer, which applies it to the layer's checkpoint tensors whenever
+#: they are read again (the next pass, or the export's copy; :meth:`LayerStreamer.reshape`).
+STREAMING_METHODS = ("rtn", "gptq", "dgq", "layer_drop", "flap")
 #: Stages whose model runs INT8 activations, which a file's weights alone do not reproduce (no streamed --eval).
 INT8_ACTIVATION_METHODS = ("dgq",)
 #: Export formats whose writer takes the model tensor by tensor (``compressor.export.streamed``).
@@ -186,9 +193,18 @@ def check_streamable(plan: StreamPlan, stages: list[Any], export_format: str, *,
         raise UsageError(f"--eval under streaming ({plan.reason}): the dgq model runs INT8 activations that its "
                          "written weights do not (streamed perplexity reads the output's weights); drop --eval or "
                          "run with --memory-budget none")
+    if eval_data and any(stage.name == "flap" and _ships_modeling_file(stage.config) for stage in stages):
+        raise UsageError(f"--eval under streaming ({plan.reason}): a flap stage with structure global or per_layer, "
+                         "or compensate, writes per-layer shapes with modeling_flap.py, which streamed perplexity "
+                         "does not read yet; drop --eval or use structure: uniform and compensate: false")
     if resume or distributed:
         what = "--resume" if resume else "torchrun (data-parallel calibration)"
         raise UsageError(f"{what} does not combine with layer streaming yet ({plan.reason})")
+
+
+def _ships_modeling_file(config: Any) -> bool:
+    """Whether a flap stage may leave per-layer shapes or biases (only uniform without compensation never does)."""
+    return bool(config.structure != "uniform" or config.compensate)
 
 
 def streams_eval(model: object, memory_budget: str | int | None, dtype: str) -> bool:

@@ -123,20 +123,34 @@ def load_modules(model: Any, modules: list[nn.Module], checkpoint: Checkpoint) -
     model.load_state_dict(state, strict=False, assign=True)
 
 
-def load_layer(adapter: Any, checkpoint: Checkpoint, index: int, source: int | None = None) -> nn.Module:
-    """Materialise decoder layer ``index`` of a skeleton from ``checkpoint`` (its tensors only) and return it.
+#: How a shape-changing model-level stage turns a layer's checkpoint tensors into its own (names relative to it).
+Rewrite = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def read_layer(adapter: Any, checkpoint: Checkpoint, index: int, source: int | None = None,
+               rewrite: Rewrite | None = None) -> dict[str, torch.Tensor]:
+    """Decoder layer ``index``'s state (names relative to the layer) as the skeleton holds it, read from ``checkpoint``.
 
     ``source``: the layer's index in the checkpoint when layers before it were removed from the skeleton
-    (default ``index``).
+    (default ``index``). ``rewrite``: a stage changed the layer's shapes (FLAP): the checkpoint's tensors of the
+    skeleton's names (a new compensation bias is in the skeleton only) go through it.
     """
     layer: nn.Module = adapter.layers()[index]
     prefix = adapter.layer_prefix(index if source is None else source) + "."
-    state = {name: checkpoint.read(prefix + name, t.dtype) for name, t in layer.state_dict().items()}
+    state = {name: checkpoint.read(prefix + name, t.dtype) for name, t in layer.state_dict().items()
+             if rewrite is None or checkpoint.has(prefix + name)}
     bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise ModelLoadError(f"{checkpoint.directory}: weight {prefix + bad[0]} has NaN/inf values; "
                              "the checkpoint is corrupt")
-    layer.load_state_dict(state, strict=True, assign=True)
+    return state if rewrite is None else rewrite(state)
+
+
+def load_layer(adapter: Any, checkpoint: Checkpoint, index: int, source: int | None = None,
+               rewrite: Rewrite | None = None) -> nn.Module:
+    """Materialise decoder layer ``index`` of a skeleton from ``checkpoint`` (its tensors only) and return it."""
+    layer: nn.Module = adapter.layers()[index]
+    layer.load_state_dict(read_layer(adapter, checkpoint, index, source, rewrite), strict=True, assign=True)
     return layer
 
 
@@ -163,6 +177,10 @@ class LayerStreamer:
     (:attr:`sources`, keyed by the module itself, so any number of removals compose), so the next pass loads it
     by that index and writes it under its new one. When no pass after the removal writes the layers, the
     export copies them from the checkpoint under their new names (:meth:`read_unchanged`).
+
+    A stage that changes the layers' shapes (FLAP) narrows the meta skeleton at its finalize and leaves a
+    rewrite per layer (:meth:`reshape`, :attr:`reshapes`: the stage's plan applied to the checkpoint's tensors),
+    which runs whenever the layer is read again: loaded by the next pass, or copied by the export.
     """
 
     model: Any
@@ -180,12 +198,16 @@ class LayerStreamer:
     packed: dict[str, list[str]] = field(default_factory=dict)
     #: skeleton decoder layer (the module object) -> its index in the checkpoint
     sources: dict[nn.Module, int] = field(default_factory=dict)
+    #: skeleton decoder layer -> how its checkpoint tensors become its own (a shape-changing stage's plan)
+    reshapes: dict[nn.Module, Rewrite] = field(default_factory=dict)
     #: whether the current pass writes its finished layers (False: a scoring pass), and whether one did
     writes: bool = True
     wrote: bool = False
     passes: int = 0
     loads: int = 0
     _flip: int = 0
+    #: the export's last layer read through a rewrite: (layer index, its state)
+    _copied: tuple[int, dict[str, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
         self.sources = {layer: index for index, layer in enumerate(self.adapter.layers())}
@@ -202,8 +224,17 @@ class LayerStreamer:
             load_modules(self.model, released, self.checkpoint)
             self.model.tie_weights()
 
+    def reshape(self, layer: nn.Module, rewrite: Rewrite) -> None:
+        """``layer`` (on meta, already at its new shapes) reads its checkpoint tensors through ``rewrite`` from now on.
+
+        A second rewrite of the same layer runs after the first.
+        """
+        first = self.reshapes.get(layer)
+        self.reshapes[layer] = rewrite if first is None else _then(first, rewrite)
+
     def load(self, index: int) -> nn.Module:
-        layer = load_layer(self.adapter, self.checkpoint, index, self.sources[self.adapter.layers()[index]])
+        module = self.adapter.layers()[index]
+        layer = load_layer(self.adapter, self.checkpoint, index, self.sources[module], self.reshapes.get(module))
         self.resident += 1
         self.loads += 1
         self.max_resident = max(self.max_resident, self.resident)
@@ -225,17 +256,27 @@ class LayerStreamer:
         if name.startswith(layers):
             if self.wrote:
                 raise ExportError(f"streamed export: {name} was never written (its layer did not finish)")
-            index, _, rest = name.removeprefix(layers).partition(".")
-            name = f"{self.adapter.layer_prefix(self.sources[self.adapter.layers()[int(index)]])}.{rest}"
+            number, _, rest = name.removeprefix(layers).partition(".")
+            index = int(number)
+            layer = self.adapter.layers()[index]
+            if layer in self.reshapes:  # the whole layer goes through the stage's plan; kept while its tensors go
+                if self._copied is None or self._copied[0] != index:
+                    self._copied = None
+                    self._copied = (index, read_layer(self.adapter, self.checkpoint, index, self.sources[layer],
+                                                      self.reshapes[layer]))
+                return self._copied[1][rest]
+            name = f"{self.adapter.layer_prefix(self.sources[layer])}.{rest}"
         return self.checkpoint.read(name, tensor.dtype) if tensor.is_meta else tensor.detach()
 
     def note(self) -> dict[str, Any]:
         """The report's record of the streaming (a warning group: it changes what the run could do)."""
         layers = len(self.adapter.layers())
         where = "RAM" if self.activation_limit is None else f"memory-mapped files above {self.activation_limit} bytes"
-        passes = "" if self.loads == layers else \
+        copied = "the layers were read from the checkpoint and reshaped by the last stage's plan" if self.reshapes \
+            else "the layers left were copied from the checkpoint"
+        passes = "" if self.loads == layers and self.wrote else \
             f" ({self.loads} layer loads over {self.passes} pass{'es' if self.passes > 1 else ''}" + \
-            ("" if self.wrote else "; the layers left were copied from the checkpoint at export") + ")"
+            ("" if self.wrote else f"; {copied} at export") + ")"
         message = (f"streamed from disk ({self.reason}): {layers} decoder layers loaded one at a time{passes}, at "
                    f"most {self.max_resident} in memory at once; hidden states in {where}; no checkpoints")
         return {"message": message, "count": layers, "pattern": f"{self.adapter.layers_path()}.*",
@@ -321,6 +362,12 @@ class LayerStreamer:
             self.packed[path] = list(packed)
             tensors.update(packed)
         return tensors
+
+
+def _then(first: Rewrite, second: Rewrite) -> Rewrite:
+    def both(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return second(first(state))
+    return both
 
 
 def _shape_only(qweight: QuantizedWeight) -> QuantizedWeight:

@@ -7,6 +7,13 @@ per layer, or uniform), narrows the linears in memory, and with ``compensate`` a
 contribution as a bias of the output projections. The stage is model-level: the global choice needs every
 layer's scores, and the stages after it (GPTQ...) get a fresh pass over the narrower model.
 
+Plan and application are split so that a streamed model (``compressor.streaming``) runs the same code: the plan
+of a layer (:class:`LayerPlan`: removed and kept groups and channels, the input means) comes from its statistics
+alone, and :func:`apply_plan` is a pure function on the layer's tensors. In RAM it runs on the resident layer at
+finalize; streamed, on the meta skeleton at finalize (shapes, config) and on the layer's checkpoint tensors
+whenever the streamer reads them again (the next pass, or the export's copy), where the compensation bias is
+computed from the output projection's full weight as in RAM.
+
 Heads go as whole KV groups (a key/value head and the query heads that read it). Removing query heads evenly
 inside each group would keep the KV cache, but every layer's ``num_key_value_groups`` would then differ from
 what the config says; removing whole groups keeps the family's attention code unchanged (its head count comes
@@ -25,6 +32,7 @@ the weights load (the same function sets the in-memory attention modules' head c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -214,16 +222,22 @@ class FLAP(Method):
         return units
 
     def finalize(self, run: ModelContext) -> list[LayerRecord]:
+        """Choose every layer's plan from the statistics and apply it: to the resident layers in RAM, or, streamed,
+        to the meta skeleton (its shapes and config) and to each layer's checkpoint tensors when next read."""
         assert self._layout is not None
         units = self._units(run)
         chosen = ops.round_kept_channels(units, ops.select_units(units, self.cfg.ratio, self.cfg.structure),
                                          self.cfg.round_to)
+        roles = _Roles.of(run.adapter)
         records: list[LayerRecord] = []
         shapes: list[dict[str, Any]] = []
         for index, layer in enumerate(run.adapter.layers()):
             groups = sorted(u.index for u in chosen if u.layer == index and u.kind == "attention")
             channels = sorted(u.index for u in chosen if u.layer == index and u.kind == "mlp")
-            layer_records, shape = self._prune_layer(run.adapter, index, layer, groups, channels)
+            plan = plan_layer(self._layout, self._stats[index], groups, channels, self.cfg.compensate)
+            layer_records, shape = self._prune_layer(run.adapter, index, layer, plan, roles)
+            if run.stream is not None:  # the skeleton is on meta: the real tensors get the plan when read
+                run.stream.reshape(layer, partial(apply_plan, plan=plan, roles=roles))
             records += layer_records
             shapes.append(shape)
         self._stats = []
@@ -238,38 +252,32 @@ class FLAP(Method):
         return records
 
     def _prune_layer(
-        self, adapter: ModelAdapter, index: int, layer: nn.Module, groups: list[int], channels: list[int]
+        self, adapter: ModelAdapter, index: int, layer: nn.Module, plan: LayerPlan, roles: _Roles
     ) -> tuple[list[LayerRecord], dict[str, Any]]:
-        """Narrow one layer's attention and MLP; one record per sublayer and the layer's new shape."""
+        """Apply ``plan`` to one layer's modules; one record per sublayer and the layer's new shape."""
         assert self._layout is not None
-        stats, layout = self._stats[index], self._layout
+        layout = self._layout
         attention_linears = [*adapter.attention_inputs(layer), adapter.attention_output(layer)]
         mlp_linears = [*adapter.mlp_inputs(layer), adapter.mlp_output(layer)]
         before = [_numel(attention_linears), _numel(mlp_linears)]
-        q, k, v = adapter.attention_inputs(layer)
-        kept_groups = [g for g in range(layout.kv_heads) if g not in groups]
-        query_rows = ops.group_channels(torch.tensor(kept_groups), layout.per_group * layout.head_dim)
-        kv_rows = ops.group_channels(torch.tensor(kept_groups), layout.head_dim)
-        removed_query = ops.group_channels(torch.tensor(groups, dtype=torch.long), layout.per_group * layout.head_dim)
-        attention_bias = self._narrow(q, k, v, adapter.attention_output(layer), query_rows, kv_rows, removed_query,
-                                      stats.attention_mean)
-        width = stats.mlp_scores.numel()
-        kept_channels = torch.tensor([c for c in range(width) if c not in set(channels)])
-        gate, up = adapter.mlp_inputs(layer)
-        mlp_bias = self._narrow(gate, up, None, adapter.mlp_output(layer), kept_channels, kept_channels,
-                                torch.tensor(channels, dtype=torch.long), stats.mlp_mean)
+        with torch.no_grad():  # the layer's own parameters go in, so unchanged ones are kept as they are
+            _assign(layer, apply_plan(dict(layer.state_dict(keep_vars=True)), plan, roles), roles)
+        attention_linears = [*adapter.attention_inputs(layer), adapter.attention_output(layer)]
+        mlp_linears = [*adapter.mlp_inputs(layer), adapter.mlp_output(layer)]
         after = [_numel(attention_linears), _numel(mlp_linears)]
         prefix = adapter.layer_prefix(index)
-        shape = {"kv_heads": len(kept_groups), "heads": len(kept_groups) * layout.per_group,
-                 "intermediate_size": int(kept_channels.numel()), "attention_bias": attention_bias,
-                 "mlp_bias": mlp_bias, "attention_output_bias": adapter.attention_output(layer).bias is not None,
+        shape = {"kv_heads": len(plan.kept_groups), "heads": len(plan.kept_groups) * layout.per_group,
+                 "intermediate_size": plan.width - len(plan.removed_channels),
+                 "attention_bias": plan.attention_bias, "mlp_bias": plan.mlp_bias,
+                 "attention_output_bias": adapter.attention_output(layer).bias is not None,
                  "mlp_output_bias": adapter.mlp_output(layer).bias is not None}
         set_head_counts(adapter.attention(layer), shape["heads"], shape["kv_heads"])
+        groups = list(plan.removed_groups)
         facts: list[dict[str, Any]] = [
             {"heads_before": layout.heads, "heads_after": shape["heads"], "kv_heads_after": shape["kv_heads"],
-             "removed_kv_groups": groups, "bias_added": attention_bias},
-            {"width_before": width, "width_after": shape["intermediate_size"], "removed_channels": len(channels),
-             "bias_added": mlp_bias},
+             "removed_kv_groups": groups, "bias_added": plan.attention_bias},
+            {"width_before": plan.width, "width_after": shape["intermediate_size"],
+             "removed_channels": len(plan.removed_channels), "bias_added": plan.mlp_bias},
         ]
         records = []
         for sub, b, a, extra in zip((adapter.family.attention, adapter.family.mlp), before, after, facts, strict=True):
@@ -280,51 +288,132 @@ class FLAP(Method):
             ))
         return records, shape
 
-    def _narrow(
-        self, first: nn.Linear, second: nn.Linear, third: nn.Linear | None, writer: nn.Linear,
-        rows: torch.Tensor, other_rows: torch.Tensor, removed: torch.Tensor, mean: torch.Tensor,
-    ) -> bool:
-        """Keep ``rows`` of ``first`` and of the writer's columns, ``other_rows`` of the rest; True if a bias went in.
 
-        Attention: ``first`` = q (query rows), ``second``/``third`` = k/v (KV rows). MLP: gate and up share
-        the channel rows (``third`` None). The bias is computed from the writer's full weight before it narrows.
-        """
-        if removed.numel() == 0:
-            return False
-        device = writer.weight.device
-        bias = ops.compensation_bias(writer.weight.data, mean.to(device), removed.to(device))
-        _keep_rows(first, rows)
-        for linear in (second, third):
-            if linear is not None:
-                _keep_rows(linear, other_rows)
-        _keep_columns(writer, rows)
-        if not self.cfg.compensate:
-            return False
-        if writer.bias is None:
-            writer.bias = nn.Parameter(bias)
-        else:
-            writer.bias.data += bias
-        return True
+@dataclass(frozen=True)
+class _Roles:
+    """The linears FLAP narrows, as paths relative to a decoder layer (the family's description)."""
+
+    query: str
+    key: str
+    value: str
+    attention_output: str
+    gate: str
+    up: str
+    mlp_output: str
+
+    @classmethod
+    def of(cls, adapter: ModelAdapter) -> _Roles:
+        attention, mlp = adapter.family.attention, adapter.family.mlp
+        query, key, value = attention.inputs  # _blocker: separate q/k/v and a gate/up/down MLP
+        gate, up = mlp.inputs
+        return cls(query, key, value, attention.output, gate, up, mlp.output)
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return (self.query, self.key, self.value, self.attention_output, self.gate, self.up, self.mlp_output)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What FLAP does to one decoder layer, decided at finalize from that layer's statistics alone.
+
+    Small (indices and the two output projections' input means), so a streamed run keeps every layer's plan
+    while the weights are on disk. :func:`apply_plan` turns the layer's tensors into the pruned ones: in RAM
+    at finalize, under layer streaming whenever the layer is next read from the checkpoint (the next pass, or
+    the export's copy); the compensation bias needs the output projection's full weight, so it is computed there.
+    """
+
+    removed_groups: tuple[int, ...]
+    kept_groups: tuple[int, ...]
+    group_width: int  # o_proj input channels per KV group (its query heads x head_dim)
+    head_dim: int
+    attention_mean: torch.Tensor  # [heads * head_dim] float64: o_proj's input means
+    width: int  # MLP channels before
+    removed_channels: tuple[int, ...]
+    mlp_mean: torch.Tensor  # [intermediate] float64: down_proj's input means
+    compensate: bool
+
+    @property
+    def attention_bias(self) -> bool:
+        """Whether o_proj gets a compensation bias (only for removed channels)."""
+        return self.compensate and bool(self.removed_groups)
+
+    @property
+    def mlp_bias(self) -> bool:
+        return self.compensate and bool(self.removed_channels)
+
+
+def plan_layer(layout: _Heads, stats: _LayerStats, groups: list[int], channels: list[int],
+               compensate: bool) -> LayerPlan:
+    """The plan of one layer that loses KV ``groups`` and MLP ``channels`` (pure)."""
+    return LayerPlan(
+        removed_groups=tuple(groups), kept_groups=tuple(g for g in range(layout.kv_heads) if g not in groups),
+        group_width=layout.per_group * layout.head_dim, head_dim=layout.head_dim,
+        attention_mean=stats.attention_mean, width=stats.mlp_scores.numel(), removed_channels=tuple(channels),
+        mlp_mean=stats.mlp_mean, compensate=compensate,
+    )
+
+
+def apply_plan(state: dict[str, torch.Tensor], plan: LayerPlan, roles: _Roles) -> dict[str, torch.Tensor]:
+    """One decoder layer's tensors (names relative to the layer) as FLAP leaves them; the input is not changed.
+
+    q keeps the kept groups' query rows and k/v their KV rows, o_proj the matching columns; gate/up keep the kept
+    channels' rows and down_proj those columns. With ``compensate`` each output projection gets (or adds to its
+    bias) ``W[:, removed] @ mean[removed]`` computed from its full weight (:func:`flap_ops.compensation_bias`).
+    Works on meta tensors too (a streamed skeleton's shapes).
+    """
+    out = dict(state)
+    kept = torch.tensor(plan.kept_groups)
+    _narrow(out, (roles.query, roles.key, roles.value), roles.attention_output,
+            (ops.group_channels(kept, plan.group_width), ops.group_channels(kept, plan.head_dim)),
+            ops.group_channels(torch.tensor(plan.removed_groups, dtype=torch.long), plan.group_width),
+            plan.attention_mean, plan.compensate)
+    removed = set(plan.removed_channels)
+    channels = torch.tensor([c for c in range(plan.width) if c not in removed])
+    _narrow(out, (roles.gate, roles.up), roles.mlp_output, (channels, channels),
+            torch.tensor(plan.removed_channels, dtype=torch.long), plan.mlp_mean, plan.compensate)
+    return out
+
+
+def _narrow(state: dict[str, torch.Tensor], inputs: tuple[str, ...], writer: str,
+            rows: tuple[torch.Tensor, torch.Tensor], removed: torch.Tensor, mean: torch.Tensor,
+            compensate: bool) -> None:
+    """Keep ``rows[0]`` of the first input linear and of the writer's columns, ``rows[1]`` of the other inputs.
+
+    The bias is computed from the writer's full weight before it narrows.
+    """
+    if removed.numel() == 0:
+        return
+    W = state[f"{writer}.weight"]
+    device = W.device
+    bias = ops.compensation_bias(W, mean.to(device), removed.to(device))
+    for number, name in enumerate(inputs):
+        keep = rows[0 if number == 0 else 1].to(device)
+        state[f"{name}.weight"] = state[f"{name}.weight"].index_select(0, keep)
+        if f"{name}.bias" in state:
+            state[f"{name}.bias"] = state[f"{name}.bias"].index_select(0, keep)
+    state[f"{writer}.weight"] = W.index_select(1, rows[0].to(device))
+    if compensate:
+        key = f"{writer}.bias"
+        state[key] = state[key] + bias if key in state else bias
+
+
+def _assign(layer: nn.Module, state: dict[str, torch.Tensor], roles: _Roles) -> None:
+    """Give the layer's linears the tensors of ``state`` (from :func:`apply_plan`) and their new sizes."""
+    for name in roles.linears:
+        linear = layer.get_submodule(name)
+        assert isinstance(linear, nn.Linear)
+        weight = state[f"{name}.weight"]
+        if weight is not linear.weight:
+            linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+            linear.out_features, linear.in_features = weight.shape
+        bias = state.get(f"{name}.bias")
+        if bias is not None and bias is not linear.bias:
+            linear.bias = nn.Parameter(bias, requires_grad=True if linear.bias is None else linear.bias.requires_grad)
 
 
 def _numel(linears: list[nn.Linear]) -> int:
     return sum(p.numel() for linear in linears for p in linear.parameters())
-
-
-def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
-    """Keep output features ``rows`` of ``linear`` (weight rows and bias entries)."""
-    rows = rows.to(linear.weight.device)
-    linear.weight = nn.Parameter(linear.weight.data.index_select(0, rows), requires_grad=linear.weight.requires_grad)
-    if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias.data.index_select(0, rows), requires_grad=linear.bias.requires_grad)
-    linear.out_features = int(rows.numel())
-
-
-def _keep_columns(linear: nn.Linear, columns: torch.Tensor) -> None:
-    """Keep input features ``columns`` of ``linear``."""
-    columns = columns.to(linear.weight.device)
-    linear.weight = nn.Parameter(linear.weight.data.index_select(1, columns), requires_grad=linear.weight.requires_grad)
-    linear.in_features = int(columns.numel())
 
 
 def _ship_modeling_file(run: ModelContext, layout: _Heads, shapes: list[dict[str, Any]]) -> None:

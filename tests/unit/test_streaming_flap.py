@@ -1,0 +1,201 @@
+"""FLAP under layer streaming: its scoring pass plans every layer, the plan is applied to each layer when it is read
+again (the next pass, or the export's copy), and the output is byte for byte the in-RAM run's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from isolation import run_without_compressor
+from tiny import tiny_model
+
+from compressor.errors import RecipeError, UsageError
+from compressor.pipeline import compress, load
+from compressor.recipe import recipe_from_dict
+from compressor.streaming.layers import LayerStreamer
+
+#: Files whose bytes legitimately differ between two runs (timings, peak memory, the streaming note).
+REPORTS = {"compression_report.json", "compression_report.md", "layers.png"}
+#: The paper's settings: per-layer shapes and compensation biases, so modeling_flap.py ships.
+PAPER = {"structure": "global", "ratio": 0.6, "compensate": True}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Any:
+    """A tiny Llama (4 heads in 2 KV groups of 64, MLP 512) in several shards, per (dtype, tied embeddings).
+
+    Layer 1's first KV group has its value rows scaled by 1e-2 (its heads' outputs barely fluctuate), so the
+    global structure removes a head group in some layers and not in others.
+    """
+    made: dict[tuple[str, bool], Path] = {}
+
+    def make(dtype: str = "float32", tied: bool = False) -> Path:
+        if (dtype, tied) not in made:
+            path = tmp_path_factory.mktemp(f"flap-{dtype}-{tied}")
+            model = tiny_model("llama", tie_word_embeddings=tied, hidden_size=256, intermediate_size=512)
+            with torch.no_grad():
+                model.model.layers[1].self_attn.v_proj.weight[:64].mul_(1e-2)
+            model.to(getattr(torch, dtype)).save_pretrained(path, max_shard_size="400KB")
+            tiny_tokenizer.save_pretrained(path)
+            assert len(list(path.glob("*.safetensors"))) > 2
+            made[(dtype, tied)] = path
+        return made[(dtype, tied)]
+
+    return make
+
+
+def _recipe(text_file: Path, flap: dict[str, Any], then: str | None = None, export: str = "dense") -> Any:
+    stages: list[dict[str, Any]] = [{"method": "flap", **flap}]
+    if then:
+        stages.append({"method": then, "bits": 4, "group_size": 32})
+    return recipe_from_dict({"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32,
+                                                          "batch_size": 2},
+                             "stages": stages, "export": {"format": export, "max_shard_mb": 1}})
+
+
+def _same_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name not in REPORTS:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(("flap", "then", "export", "dtype", "tied"), [
+    ({"ratio": 0.5}, None, "dense", "float32", False),  # uniform: a standard config, layers pruned at export
+    (PAPER, None, "dense", "float32", False),  # per-layer shapes and biases: modeling_flap.py + config
+    ({**PAPER, "round_to": 32}, "gptq", "compressed-tensors", "float32", False),  # the plan applied at GPTQ's loads
+    ({"structure": "per_layer", "ratio": 0.6, "compensate": True}, "rtn", "dense", "bfloat16", True),
+    ({"ratio": 0.5}, "gptq", "compressed-tensors", "bfloat16", False),
+])
+def test_flap_streams_to_the_in_ram_bytes(checkpoint: Any, text_file: Path, tmp_path: Path, flap: dict[str, Any],
+                                          then: str | None, export: str, dtype: str, tied: bool) -> None:
+    recipe = _recipe(text_file, flap, then, export)
+    source = str(checkpoint(dtype, tied))
+    in_ram = compress(source, recipe, tmp_path / "ram", device="cpu", memory_budget="none")
+    streamed = compress(source, recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
+    _same_files(tmp_path / "ram", tmp_path / "stream")
+    assert streamed.structure == in_ram.structure
+    shapes = in_ram.structure["flap"]["layers"]
+    assert any(s["kv_heads"] < 2 for s in shapes) and all(s["intermediate_size"] < 512 for s in shapes)
+    compensated = flap.get("compensate", False)
+    assert any(s["attention_bias"] for s in shapes) == compensated and in_ram.structure["flap"]["standard"] == (
+        flap.get("structure", "uniform") == "uniform" and not compensated)
+    config = json.loads((tmp_path / "stream" / "config.json").read_text())
+    assert ("auto_map" in config) == (not in_ram.structure["flap"]["standard"])
+    for key in ("size_bytes", "params", "avg_bits_per_weight", "avg_bits_incl_metadata", "compression_ratio"):
+        assert getattr(streamed, key) == getattr(in_ram, key), key
+    rows = [[{k: v for k, v in row.items() if "seconds" not in k and "time" not in k} for row in report.layers]
+            for report in (in_ram, streamed)]
+    assert rows[0] == rows[1]
+    message = streamed.warnings[0]["message"]
+    assert ("reshaped by the last stage's plan" in message) == (then is None), message
+    assert not (tmp_path / "stream.partial").exists()
+
+
+#: A user's Python: transformers alone, trusting the shipped file; prints the class and the largest logit difference.
+_RELOAD = """
+import sys
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+tokens, expected = torch.load(sys.argv[2]), torch.load(sys.argv[3])
+with torch.no_grad():
+    print("RESULT", type(model).__name__, float((model(tokens).logits - expected).abs().max()))
+"""
+
+
+def test_streamed_modeling_file_output_loads_with_transformers_and_gives_the_in_ram_logits(
+        checkpoint: Any, text_file: Path, tmp_path: Path) -> None:
+    """The in-RAM run's pruned model (compressed in memory) against the streamed directory reloaded without us."""
+    recipe = _recipe(text_file, PAPER)
+    loaded = load(checkpoint())
+    compress(loaded, recipe, tmp_path / "ram", device="cpu")
+    compress(str(checkpoint()), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
+    _same_files(tmp_path / "ram", tmp_path / "stream")
+    tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.save(loaded.model(tokens).logits, tmp_path / "logits.pt")
+    torch.save(tokens, tmp_path / "tokens.pt")
+    child = run_without_compressor(_RELOAD, str(tmp_path / "stream"), str(tmp_path / "tokens.pt"),
+                                   str(tmp_path / "logits.pt"), cwd=tmp_path)
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = [line.split() for line in child.stdout.splitlines() if line.startswith("RESULT")][0]
+    assert result[1] == "FLAPLlamaForCausalLM" and float(result[2]) <= 1e-5
+
+
+def test_one_decoder_layer_is_materialised_at_a_time_in_both_passes(
+        checkpoint: Any, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLAP's scoring pass loads the 3 source layers at full width, GPTQ's pass the same 3 narrowed by the plan."""
+    seen: list[tuple[int, int, int]] = []
+    load_layer = LayerStreamer.load
+
+    def counting(self: LayerStreamer, index: int) -> torch.nn.Module:
+        layer = load_layer(self, index)
+        resident = sum(not next(lay.parameters()).is_meta for lay in self.adapter.layers())
+        seen.append((index, resident, self.adapter.mlp_output(layer).in_features))
+        assert all(p.is_meta for m in self.adapter.embeddings() for p in m.parameters())
+        return layer
+
+    monkeypatch.setattr(LayerStreamer, "load", counting)
+    streamers: list[LayerStreamer] = []
+    note = LayerStreamer.note
+    monkeypatch.setattr(LayerStreamer, "note", lambda self: streamers.append(self) or note(self))
+    recipe = _recipe(text_file, {"ratio": 0.5}, "gptq", "compressed-tensors")
+    report = compress(str(checkpoint()), recipe, tmp_path / "o", device="cpu", memory_budget="1KB")
+    width = report.structure["flap"]["layers"][0]["intermediate_size"]
+    assert seen == [(0, 1, 512), (1, 1, 512), (2, 1, 512), (0, 1, width), (1, 1, width), (2, 1, width)]
+    assert streamers[0].max_resident == 1 and streamers[0].loads == 6 and streamers[0].passes == 2
+
+
+def test_the_export_reads_one_layer_at_a_time_through_the_plan(checkpoint: Any, text_file: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLAP alone: no pass writes the layers; the export reads each layer once, through its plan, in turn."""
+    from compressor.streaming import layers
+
+    reads: list[int] = []
+    read_layer = layers.read_layer
+
+    def counting(adapter: Any, checkpoint: Any, index: int, *args: Any) -> dict[str, torch.Tensor]:
+        reads.append(index)
+        return read_layer(adapter, checkpoint, index, *args)
+
+    monkeypatch.setattr(layers, "read_layer", counting)
+    compress(str(checkpoint()), _recipe(text_file, PAPER), tmp_path / "o", device="cpu", memory_budget="1KB")
+    assert reads == [0, 1, 2, 0, 1, 2]  # the scoring pass's loads, then the export's copies
+
+
+@pytest.mark.parametrize(("family", "match"), [
+    ("opt", "^flap cannot prune this model: opt's MLP is not a gate/up/down triple"),
+    ("phi3", "^flap cannot prune this model: phi3 fuses q/k/v into"),
+])
+def test_refusals_are_the_in_ram_ones_before_anything_is_written(text_file: Path, tmp_path: Path, tiny_tokenizer: Any,
+                                                                 family: str, match: str) -> None:
+    source = tmp_path / family
+    tiny_model(family).save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    recipe = _recipe(text_file, PAPER)
+    messages = []
+    for budget, out in (("none", tmp_path / "ram"), ("1KB", tmp_path / "stream")):
+        with pytest.raises(RecipeError, match=match) as raised:
+            compress(str(source), recipe, out, device="cpu", memory_budget=budget)
+        messages.append(str(raised.value))
+    assert messages[0] == messages[1] and "\n" not in messages[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [family]
+
+
+def test_streamed_eval_of_a_modeling_file_output_is_refused_before_loading(checkpoint: Any, text_file: Path,
+                                                                           tmp_path: Path) -> None:
+    """Streamed perplexity reads stock configs only; a uniform uncompensated FLAP result is one and is scored."""
+    with pytest.raises(UsageError, match="^--eval under streaming .*modeling_flap.py"):
+        compress(str(checkpoint()), _recipe(text_file, PAPER), tmp_path / "o", device="cpu", memory_budget="1KB",
+                 eval_data=str(text_file))
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    report = compress(str(checkpoint()), _recipe(text_file, {"ratio": 0.5}), tmp_path / "u", device="cpu",
+                      memory_budget="1KB", eval_data=str(text_file), eval_max_tokens=1024)
+    ram = compress(str(checkpoint()), _recipe(text_file, {"ratio": 0.5}), tmp_path / "r", device="cpu",
+                   memory_budget="none", eval_data=str(text_file), eval_max_tokens=1024)
+    assert report.eval["after"]["ppl"] == ram.eval["after"]["ppl"] != report.eval["before"]["ppl"]
