@@ -48,9 +48,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) ->
 
 
 def _recipe(text_file: Path, flap: dict[str, Any], then: str | None = None, export: str = "dense") -> Any:
-    stages: list[dict[str, Any]] = [{"method": "flap", **flap}]
+    """``flap`` (its key ``drop``: a layer_drop stage before it), then a quantizer (``then``) or nothing."""
+    drop = [{"method": "layer_drop", **flap["drop"]}] if "drop" in flap else []
+    stages: list[dict[str, Any]] = [*drop, {"method": "flap", **{k: v for k, v in flap.items() if k != "drop"}}]
     if then:
-        stages.append({"method": then, "bits": 4, "group_size": 32})
+        stages.append({"method": then, "weight_bits" if then == "dgq" else "bits": 4, "group_size": 32})
     return recipe_from_dict({"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32,
                                                           "batch_size": 2},
                              "stages": stages, "export": {"format": export, "max_shard_mb": 1}})
@@ -70,6 +72,9 @@ def _same_files(a: Path, b: Path) -> None:
     ({**PAPER, "round_to": 32}, "gptq", "compressed-tensors", "float32", False),  # the plan applied at GPTQ's loads
     ({"structure": "per_layer", "ratio": 0.6, "compensate": True}, "rtn", "dense", "bfloat16", True),
     ({"ratio": 0.5}, "gptq", "compressed-tensors", "bfloat16", False),
+    ({**PAPER, "round_to": 32}, "dgq", "compressed-tensors", "float32", False),  # W4A8 smoothing of narrowed layers
+    ({**PAPER, "drop": {"layers": [0]}}, None, "dense", "float32", False),  # survivors renumbered, then planned
+    ({**PAPER, "drop": {"layers": [2]}, "round_to": 32}, "gptq", "compressed-tensors", "bfloat16", True),
 ])
 def test_flap_streams_to_the_in_ram_bytes(checkpoint: Any, text_file: Path, tmp_path: Path, flap: dict[str, Any],
                                           then: str | None, export: str, dtype: str, tied: bool) -> None:
