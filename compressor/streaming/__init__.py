@@ -193,18 +193,9 @@ def check_streamable(plan: StreamPlan, stages: list[Any], export_format: str, *,
         raise UsageError(f"--eval under streaming ({plan.reason}): the dgq model runs INT8 activations that its "
                          "written weights do not (streamed perplexity reads the output's weights); drop --eval or "
                          "run with --memory-budget none")
-    if eval_data and any(stage.name == "flap" and _ships_modeling_file(stage.config) for stage in stages):
-        raise UsageError(f"--eval under streaming ({plan.reason}): a flap stage with structure global or per_layer, "
-                         "or compensate, writes per-layer shapes with modeling_flap.py, which streamed perplexity "
-                         "does not read yet; drop --eval or use structure: uniform and compensate: false")
     if resume or distributed:
         what = "--resume" if resume else "torchrun (data-parallel calibration)"
         raise UsageError(f"{what} does not combine with layer streaming yet ({plan.reason})")
-
-
-def _ships_modeling_file(config: Any) -> bool:
-    """Whether a flap stage may leave per-layer shapes or biases (only uniform without compensation never does)."""
-    return bool(config.structure != "uniform" or config.compensate)
 
 
 def streams_eval(model: object, memory_budget: str | int | None, dtype: str) -> bool:

@@ -68,7 +68,8 @@ def load_skeleton(directory: Path, dtype: str, checkpoint: Checkpoint | None = N
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     raw = read_config(directory)
-    if "auto_map" in raw:
+    flap = _flap_class(directory, raw)
+    if "auto_map" in raw and flap is None:
         raise UnsupportedModelError(f"{directory}: custom modeling code (auto_map) does not stream yet")
     checkpoint = checkpoint or Checkpoint(directory)
     model_dtype = run_dtype(raw, checkpoint, dtype)
@@ -76,7 +77,8 @@ def load_skeleton(directory: Path, dtype: str, checkpoint: Checkpoint | None = N
     if type(checkpoint) is not Checkpoint and hasattr(config, "quantization_config"):
         del config.quantization_config
     with torch.device("meta"):
-        model: Any = AutoModelForCausalLM.from_config(config, dtype=model_dtype)
+        model: Any = AutoModelForCausalLM.from_config(config, dtype=model_dtype) if flap is None else \
+            flap._from_config(config, dtype=model_dtype)
     model.eval()
     if model.can_generate():  # as from_pretrained: the file, else one read from config.json
         try:
@@ -112,6 +114,22 @@ def load_skeleton(directory: Path, dtype: str, checkpoint: Checkpoint | None = N
     except Exception as exc:
         raise ModelLoadError(f"cannot load the tokenizer from {directory}: {exc}") from exc
     return LoadedModel(model, tokenizer, str(directory), directory), checkpoint
+
+
+def _flap_class(directory: Path, raw: dict[str, Any]) -> Any:
+    """The class of a FLAP output whose ``auto_map`` names compressor's own modeling_flap.py, else None.
+
+    It is the stock family class that narrows each layer to config.json ``flap.layers`` as it is built (on meta
+    here), so the skeleton has the file's per-layer shapes and biases; the same class the in-RAM loader runs.
+    """
+    from compressor.models.loading import is_own_remote_code
+    from compressor.models.shipped import modeling_flap
+
+    names = {str(ref) for ref in (raw.get("auto_map") or {}).values()}
+    if len(names) != 1 or not is_own_remote_code(directory, raw) or "flap" not in raw:
+        return None
+    module, _, name = names.pop().partition(".")
+    return getattr(modeling_flap, name, None) if module == "modeling_flap" else None
 
 
 def load_modules(model: Any, modules: list[nn.Module], checkpoint: Checkpoint) -> None:

@@ -12,7 +12,7 @@ import torch
 from isolation import run_without_compressor
 from tiny import tiny_model
 
-from compressor.errors import RecipeError, UsageError
+from compressor.errors import RecipeError
 from compressor.pipeline import compress, load
 from compressor.recipe import recipe_from_dict
 from compressor.streaming.layers import LayerStreamer
@@ -192,15 +192,37 @@ def test_refusals_are_the_in_ram_ones_before_anything_is_written(text_file: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == [family]
 
 
-def test_streamed_eval_of_a_modeling_file_output_is_refused_before_loading(checkpoint: Any, text_file: Path,
-                                                                           tmp_path: Path) -> None:
-    """Streamed perplexity reads stock configs only; a uniform uncompensated FLAP result is one and is scored."""
-    with pytest.raises(UsageError, match="^--eval under streaming .*modeling_flap.py"):
-        compress(str(checkpoint()), _recipe(text_file, PAPER), tmp_path / "o", device="cpu", memory_budget="1KB",
-                 eval_data=str(text_file))
-    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
-    report = compress(str(checkpoint()), _recipe(text_file, {"ratio": 0.5}), tmp_path / "u", device="cpu",
-                      memory_budget="1KB", eval_data=str(text_file), eval_max_tokens=1024)
-    ram = compress(str(checkpoint()), _recipe(text_file, {"ratio": 0.5}), tmp_path / "r", device="cpu",
-                   memory_budget="none", eval_data=str(text_file), eval_max_tokens=1024)
-    assert report.eval["after"]["ppl"] == ram.eval["after"]["ppl"] != report.eval["before"]["ppl"]
+@pytest.mark.parametrize(("flap", "then", "export"), [
+    (PAPER, None, "dense"), ({"ratio": 0.5}, None, "dense"), ({**PAPER, "round_to": 32}, "gptq", "compressed-tensors"),
+])
+def test_streamed_eval_scores_the_written_flap_model_as_in_ram(checkpoint: Any, text_file: Path, tmp_path: Path,
+                                                               flap: dict[str, Any], then: str | None,
+                                                               export: str) -> None:
+    """--eval reads the output back layer by layer; a modeling_flap.py output is built with its per-layer shapes."""
+    recipe = _recipe(text_file, flap, then, export)
+    runs = [compress(str(checkpoint()), recipe, tmp_path / out, device="cpu", memory_budget=budget,
+                     eval_data=str(text_file), eval_max_tokens=1024) for out, budget in (("ram", "none"), ("s", "1KB"))]
+    assert runs[0].eval["after"]["ppl"] == runs[1].eval["after"]["ppl"] != runs[1].eval["before"]["ppl"]
+    assert runs[0].eval["before"]["ppl"] == runs[1].eval["before"]["ppl"]
+
+
+def test_a_flap_output_streams_through_rtn_to_the_in_ram_bytes(checkpoint: Any, text_file: Path,
+                                                                tmp_path: Path) -> None:
+    """A second run quantizes a modeling_flap.py output: the skeleton is its class, narrowed per layer on meta."""
+    compress(str(checkpoint()), _recipe(text_file, PAPER), tmp_path / "flap", device="cpu", memory_budget="none")
+    recipe = recipe_from_dict({"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32,
+                                                            "batch_size": 2},
+                               "stages": [{"method": "rtn", "bits": 4, "group_size": 32}],
+                               "export": {"format": "compressed-tensors", "max_shard_mb": 1}})
+    compress(str(tmp_path / "flap"), recipe, tmp_path / "ram", device="cpu", memory_budget="none")
+    streamed = compress(str(tmp_path / "flap"), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
+    _same_files(tmp_path / "ram", tmp_path / "stream")
+    assert (tmp_path / "stream" / "modeling_flap.py").is_file() and "streamed from disk" in \
+        streamed.warnings[0]["message"]
+    messages = []
+    for budget in ("none", "1KB"):  # pruning it again is refused alike
+        with pytest.raises(RecipeError, match="^flap cannot prune a model") as raised:
+            compress(str(tmp_path / "flap"), _recipe(text_file, PAPER), tmp_path / "again", device="cpu",
+                     memory_budget=budget)
+        messages.append(str(raised.value))
+    assert messages[0] == messages[1] and not (tmp_path / "again").exists()
