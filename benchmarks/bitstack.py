@@ -2,6 +2,7 @@
 
     python benchmarks/bitstack.py [--samples 64 --seq-len 512 --eval-tokens 16384] [--iterations 16 --rank 16]
         [--signs feedback|residual --dampening 0.3 --svd lowrank|full] [--bpw 1.5,1.75,2,2.25,2.5,2.75,3,3.5,4,4.5]
+        [--orders relative,absolute,fisher]
         [--reference "GPTQ W3 g128=40.66@3.125" ...]
         [--keep DIR] [--out bench-bitstack]
 
@@ -12,6 +13,9 @@ directory); then for each budget the model is loaded from that directory (``load
 benchmarks. A budget in bits per weight counts every stored byte of the decomposed linears (packed signs, fp16
 SVD factors, per-channel scales) over their weights; each row states the bits actually loaded (at most the
 budget: whole blocks only). A budget below one block per linear has no model: its row says the smallest.
+Several ``--orders`` share one decomposition (with ``fisher`` among them the stage measures the loss gradients
+too): the directory is written once and each other order is a copy of its manifest with that order's block
+sequence, beside links to the same shards, so every order loads the same blocks and differs only in which.
 Timed: the decomposition (the stage's pass), writing the directory, each load at a budget, and one
 ``compressor bitstack materialize`` (load + write a dense directory) at ``--materialize-at`` (default: the
 largest budget that loads).
@@ -40,6 +44,7 @@ from compressor.errors import UsageError
 from compressor.export.bitstack_materialize import budget_report, materialize
 from compressor.export.bitstack_store import load_bitstack, read_manifest, write_bitstack
 from compressor.methods.quant.bitstack import BitStack, BitStackConfig
+from compressor.methods.quant.bitstack.order import global_order
 from compressor.models import get_adapter
 from compressor.pipeline import LoadedModel, evaluate, load
 from compressor.plots import _pyplot
@@ -64,17 +69,22 @@ def parse_reference(text: str) -> tuple[str, float, float]:
 
 
 def decompose(loaded: LoadedModel, tokens: torch.Tensor, iterations: int, rank: int, directory: Path,
-              signs: str = "feedback", svd: str = "lowrank", dampening: float = 0.3) -> dict[str, Any]:
-    """Run the stage once (every block) and write its directory; seconds and RSS of both steps."""
+              signs: str = "feedback", svd: str = "lowrank", dampening: float = 0.3,
+              orders: tuple[str, ...] = ("relative",)) -> dict[str, Any]:
+    """Run the stage once (every block) and write its directory, in ``orders[0]``, and one manifest copy per other
+    order (:func:`reordered`); seconds and RSS of both steps and ``directories`` by order."""
     stage = BitStack(BitStackConfig.model_validate({"method": "bitstack", "iterations": iterations, "rank": rank,
-                                                    "signs": signs, "svd": svd, "dampening": dampening}))
+                                                    "signs": signs, "svd": svd, "dampening": dampening,
+                                                    "order": "fisher" if "fisher" in orders else orders[0]}))
     run = ModelContext(loaded.model, get_adapter(loaded.model), tokens, torch.device("cpu"), 8)
     start = time.perf_counter()
     run_stages(run, [stage])
     seconds = time.perf_counter() - start
     rss = peak_rss_bytes()
     start = time.perf_counter()
+    stage.config = stage.config.model_copy(update={"order": orders[0]})
     write_bitstack(directory, loaded.model, stage, loaded.tokenizer)
+    directories = {orders[0]: directory} | {order: reordered(directory, stage, order) for order in orders[1:]}
     manifest = read_manifest(directory)
     everything = budget_report(manifest, {path: len(item["block_bytes"]) for path, item in manifest["linears"].items()},
                                None)
@@ -83,7 +93,21 @@ def decompose(loaded: LoadedModel, tokens: torch.Tensor, iterations: int, rank: 
             "write_seconds": round(time.perf_counter() - start, 1),
             "directory_mb": round(sum(p.stat().st_size for p in directory.glob("*.safetensors")) / 1e6, 1),
             "linears": len(manifest["linears"]), "smallest_bpw": smallest["avg_bits_per_weight"],
-            "largest_bpw": everything["avg_bits_per_weight"]}
+            "largest_bpw": everything["avg_bits_per_weight"], "directories": directories}
+
+
+def reordered(directory: Path, stage: BitStack, order: str) -> Path:
+    """``directory`` loading its blocks in ``order``: links to its files and a manifest with that block sequence."""
+    target = directory.with_name(f"{directory.name}-{order}")
+    target.mkdir(parents=True, exist_ok=True)
+    for path in directory.iterdir():
+        if path.name != "bitstack.json" and not (target / path.name).exists():
+            (target / path.name).symlink_to(path.resolve())
+    manifest = json.loads((directory / "bitstack.json").read_text())
+    chains = [item.chain(path, order) for path, item in stage.decomposed.items()]  # type: ignore[arg-type]
+    manifest |= {"order_by": order, "order": [[path, index] for path, index in global_order(chains)]}
+    (target / "bitstack.json").write_text(json.dumps(manifest, indent=1))
+    return target
 
 
 def measure_budget(directory: Path, budget: str, score: Any) -> dict[str, Any]:
@@ -113,26 +137,30 @@ def time_materialize(directory: Path, budget: str) -> dict[str, Any]:
                 "materialized_file_mb": round(report["file_bytes"] / 1e6, 1)}
 
 
+def _label(stack: dict[str, Any]) -> str:
+    return f"{stack['rank']} {stack.get('order', 'relative')}"  # results from before --orders were relative
+
+
 def markdown(result: dict[str, Any]) -> str:
     signs, svd = result.get("signs", "residual"), result.get("svd", "full")  # results from before these options
     lines = [f"BitStack on {result['model']}: {result['iterations']} iterations, signs {signs}, svd {svd}, "
              f"calibration {result['calibration']}, "
              f"eval {result['eval']}, dense ppl {result['dense_ppl']}, {result['threads']} threads, peak RSS "
              f"{result.get('peak_rss_mb')} MB.", "",
-             "| rank | budget | bits/weight loaded | ppl | BitStack MB | load s |", "|---|---|---|---|---|---|"]
+             "| rank, order | budget | bits/weight loaded | ppl | BitStack MB | load s |", "|---|---|---|---|---|---|"]
     for stack in result["stacks"]:
         for row in stack["rows"]:
             if row.get("ppl") is None:
-                lines.append(f"| {stack['rank']} | {row['budget']} | - | below the smallest loadable model | - | - |")
+                lines.append(f"| {_label(stack)} | {row['budget']} | - | below the smallest loadable model | - | - |")
             else:
-                lines.append(f"| {stack['rank']} | {row['budget']} | {row['bits_per_weight']} | {row['ppl']} | "
+                lines.append(f"| {_label(stack)} | {row['budget']} | {row['bits_per_weight']} | {row['ppl']} | "
                              f"{row['bitstack_mb']} | {row['load_seconds']} |")
     for label, bits, ppl in result["references"]:
         lines.append(f"| {label} (reference) | | {bits} | {ppl} | | |")
-    lines += ["", "| rank | loadable bits/weight | decomposition s | peak RSS after it (MB) | directory MB | "
+    lines += ["", "| rank, order | loadable bits/weight | decomposition s | peak RSS after it (MB) | directory MB | "
               "materialize s (budget) |", "|---|---|---|---|---|---|"]
     for stack in result["stacks"]:
-        lines.append(f"| {stack['rank']} | {stack['smallest_bpw']} to {stack['largest_bpw']} | "
+        lines.append(f"| {_label(stack)} | {stack['smallest_bpw']} to {stack['largest_bpw']} | "
                      f"{stack['decompose_seconds']} | {stack['peak_rss_mb_after_decompose']} | "
                      f"{stack['directory_mb']} | "
                      f"{stack.get('materialize_seconds', '-')} ({stack.get('materialize_budget', '-')}) |")
@@ -149,7 +177,7 @@ def plot_curve(result: dict[str, Any], path: Path) -> bool:
     for stack in result["stacks"]:
         rows = [row for row in stack["rows"] if row.get("ppl") is not None]
         ax.plot([r["bits_per_weight"] for r in rows], [r["ppl"] for r in rows], "o-",
-                label=f"BitStack rank {stack['rank']} ({result['iterations']} blocks)")
+                label=f"BitStack rank {_label(stack)} ({result['iterations']} blocks)")
     if result.get("dense_ppl"):
         ax.axhline(result["dense_ppl"], color="gray", linestyle="--", label=f"dense ({result['dense_ppl']:.2f})")
     for label, bits, ppl in result["references"]:
@@ -189,32 +217,47 @@ def _arguments() -> argparse.Namespace:
                         help="The budget whose materialize is timed (default: the largest --bpw that loads).")
     parser.add_argument("--reference", action="append", default=[], help="LABEL=PPL@BITS, repeatable.")
     parser.add_argument("--skip-dense", action="store_true", help="Do not evaluate the dense model.")
+    parser.add_argument("--orders", default="relative", help="Block orders to load in, comma-separated (relative, "
+                        "absolute, fisher); one decomposition serves them all, one curve each.")
+    parser.add_argument("--replot", type=Path, default=None, metavar="JSON", help="Redraw this bitstack.json into "
+                        "--out with its references plus --reference ones; decomposes nothing.")
     parser.add_argument("--keep", type=Path, default=None, help="Write the BitStack directory here and keep it.")
     parser.add_argument("--out", type=Path, default=Path("bench-bitstack"), help="Directory for JSON, MD, PNG.")
     return parser.parse_args()
 
 
-def run_rank(stack: dict[str, Any], loaded: LoadedModel, tokens: torch.Tensor, args: argparse.Namespace,
-             score: Any, save: Any) -> None:
-    """Decompose at ``stack["rank"]``, then load and score every budget into ``stack``; ``save()`` after each row."""
-    rank = stack["rank"]
+def run_rank(rank: int, loaded: LoadedModel, tokens: torch.Tensor, args: argparse.Namespace, score: Any,
+             save: Any, stacks: list[dict[str, Any]]) -> None:
+    """Decompose at ``rank``, then load and score every budget in every order, one stack each appended to
+    ``stacks``; ``save()`` after each row."""
+    orders = tuple(order.strip() for order in args.orders.split(","))
     with tempfile.TemporaryDirectory() as scratch:
         directory = args.keep / f"rank{rank}" if args.keep else Path(scratch) / "bitstack"
-        stack |= decompose(loaded, tokens, args.iterations, rank, directory, args.signs, args.svd,
-                           args.dampening)
-        print(json.dumps({k: v for k, v in stack.items() if k != "rows"}), flush=True)
-        for bits in args.bpw.split(","):
-            stack["rows"].append(measure_budget(directory, f"{bits.strip()}bpw", score))
-            print(json.dumps(stack["rows"][-1]), flush=True)
-            save()
-        loadable = [row["budget"] for row in stack["rows"] if row.get("ppl") is not None]
-        if args.materialize_at or loadable:
-            stack |= time_materialize(directory, args.materialize_at or loadable[-1])
+        shared = decompose(loaded, tokens, args.iterations, rank, directory, args.signs, args.svd, args.dampening,
+                           orders)
+        directories = shared.pop("directories")
+        print(json.dumps(shared), flush=True)
+        for order in orders:
+            stacks.append({"rank": rank, "order": order, "rows": [], **shared})
+            stack = stacks[-1]
+            for bits in args.bpw.split(","):
+                stack["rows"].append(measure_budget(directories[order], f"{bits.strip()}bpw", score))
+                print(json.dumps({"order": order} | stack["rows"][-1]), flush=True)
+                save()
+            loadable = [row["budget"] for row in stack["rows"] if row.get("ppl") is not None]
+            if args.materialize_at or loadable:
+                stack |= time_materialize(directories[order], args.materialize_at or loadable[-1])
 
 
 def main() -> None:
     args = _arguments()
     references = [parse_reference(text) for text in args.reference]  # bad text fails before any work
+    if args.replot:
+        replot(args.replot, references, args.out)
+        return
+    unknown = set(args.orders.split(",")) - {"relative", "absolute", "fisher"}
+    if unknown:
+        raise SystemExit(f"--orders: unknown order {sorted(unknown)[0]!r} (relative, absolute, fisher)")
     ranks = [int(rank) for rank in args.rank.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     loaded = load(args.model)
@@ -227,7 +270,7 @@ def main() -> None:
                               device="cpu").ppl, 4)
 
     result: dict[str, Any] = {
-        "model": args.model, "iterations": args.iterations, "order": "relative", "signs": args.signs, "svd": args.svd,
+        "model": args.model, "iterations": args.iterations, "signs": args.signs, "svd": args.svd,
         "dampening": args.dampening,
         "calibration": f"{args.calibration} {args.samples}x{args.seq_len}",
         "eval": f"{args.eval_data} {args.eval_tokens} tokens, windows of {args.eval_seq_len}",
@@ -240,15 +283,27 @@ def main() -> None:
 
     for rank in ranks:
         loaded.model.load_state_dict(dense)  # the stage wrote its reconstruction into the model
-        result["stacks"].append({"rank": rank, "rows": []})
-        run_rank(result["stacks"][-1], loaded, tokens, args, score, save)
+        run_rank(rank, loaded, tokens, args, score, save, result["stacks"])
     result["peak_rss_mb"] = round(peak_rss_bytes() / 2**20)
     save()
-    (args.out / "bitstack.md").write_text(markdown(result))
-    plotted = plot_curve(result, args.out / "bitstack.png")
+    write_outputs(result, args.out)
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> None:
+    (out / "bitstack.md").write_text(markdown(result))
+    plotted = plot_curve(result, out / "bitstack.png")
     print(markdown(result))
     png = ", bitstack.png" if plotted else " (no matplotlib: no PNG)"
-    print(f"wrote {args.out}/bitstack.json, bitstack.md{png}")
+    print(f"wrote {out}/bitstack.json, bitstack.md{png}")
+
+
+def replot(source: Path, references: list[tuple[str, float, float]], out: Path) -> None:
+    """Redraw a finished run's table and curve with more ``--reference`` points (measured later), no new work."""
+    result = json.loads(source.read_text())
+    result["references"] = [tuple(ref) for ref in result.get("references", [])] + references
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bitstack.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_outputs(result, out)
 
 
 if __name__ == "__main__":

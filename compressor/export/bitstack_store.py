@@ -64,7 +64,7 @@ def write_bitstack(out_dir: Path, model: Any, stage: BitStack, tokenizer: Any = 
                 tensors[f"{path}.scale"] = item.decomposition.scale
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / block_file(index)),
                   metadata={"format": "pt"})
-    chains = [item.chain(path, config.order == "relative") for path, item in stage.decomposed.items()]
+    chains = [item.chain(path, config.order) for path, item in stage.decomposed.items()]
     manifest = {
         "format": "bitstack", "version": FORMAT_VERSION, "iterations": config.iterations, "rank": config.rank,
         "order_by": config.order, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

@@ -21,7 +21,7 @@ weighed by its relative output error, as the reference implementation does by sc
 with that trace per module. Both are layer-local: across modules neither says how much the final loss
 cares (at 3 bits with one width per linear, relative scored ppl 206 against 94 for uniform GPTQ).
 The default, ``fisher``, weighs every output channel's error by its mean squared loss gradient
-(``fisher.py``), a second-order estimate of the loss rise, at the price of one forward and backward pass
+(``calibration/fisher.py``), a second-order estimate of the loss rise, at the price of one forward and backward pass
 of the whole model (ppl 57.9 at the same 3 bits; README has the table).
 
 Granularity and the stored forms:
@@ -48,9 +48,9 @@ import torch
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from torch import nn
 
+from compressor.calibration.fisher import output_fisher
 from compressor.errors import RecipeError
 from compressor.methods.base import LayerRecord, Method, MethodConfig, TargetedConfig
-from compressor.methods.quant.baq.fisher import output_fisher
 from compressor.methods.quant.baq.ops import (
     allocate_bits,
     column_weight,

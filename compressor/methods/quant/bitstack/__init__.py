@@ -26,13 +26,16 @@ the full SVD and residual signs.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from compressor.calibration.fisher import output_fisher
 from compressor.errors import RecipeError
 from compressor.methods.base import LayerRecord, Method, MethodConfig, TargetedConfig
 from compressor.methods.quant.bitstack.ops import (
@@ -53,11 +56,13 @@ from compressor.methods.quant.bitstack.order import (
     parse_budget,
     thin_curve,
 )
-from compressor.methods.quant.common import targeted_groups
+from compressor.methods.quant.common import targeted_groups, targeted_linears
 from compressor.methods.registry import register_method
 
 if TYPE_CHECKING:
     from compressor.engine import LayerContext, ModelContext
+
+log = logging.getLogger(__name__)
 
 
 class BitStackConfig(TargetedConfig):
@@ -68,7 +73,7 @@ class BitStackConfig(TargetedConfig):
       iterations: 16      # blocks per linear (each ~1 bit per weight plus its factors)
       rank: 16            # rank of each block's magnitude approximation
       budget: 300MB       # or 1.5GiB, 123456 (bytes), 2.5bpw; omitted: every block
-      order: relative     # or absolute
+      order: relative     # or absolute, fisher
       svd: lowrank        # or full (exact SVD per block, ~8x slower)
       signs: feedback     # or residual (sign(R), the reference's)
       dampening: 0.3      # feedback's shrinkage of the input correlations
@@ -82,10 +87,12 @@ class BitStackConfig(TargetedConfig):
         None, description="Memory the model's weights may take: bytes (123456), kB/MB/GB, KiB/MiB/GiB, or bits "
         "per targeted weight (2.5bpw, signs, factors and scales counted). Omitted: every block is kept."
     )
-    order: Literal["relative", "absolute"] = Field(
-        "relative", description="What a block is worth: its drop of the calibration output error tr(dW H dW^T) "
-        "divided by the linear's output energy tr(W H W^T) (relative), or raw (absolute, favours linears with "
-        "large activations: BAQ measured that on SmolLM2), per stored byte."
+    order: OrderBy = Field(
+        "relative", description="What a block is worth, per stored byte: its drop of the calibration output error "
+        "tr(dW H dW^T) divided by the linear's output energy tr(W H W^T) (relative), raw (absolute, favours linears "
+        "with large activations: BAQ measured that on SmolLM2), or with each output channel's error weighted by its "
+        "mean squared loss gradient (fisher: the second-order estimate of the loss rise, so linears compare by "
+        "what the loss minds; one extra forward and backward pass over the calibration tokens, as BAQ's fisher)."
     )
 
     svd: SVDMode = Field(
@@ -118,17 +125,30 @@ class BitStackConfig(TargetedConfig):
         return value
 
 
+OrderBy = Literal["relative", "absolute", "fisher"]
+
+
 @dataclass
 class _Decomposed:
-    """One linear's stack, the output error of each prefix, and what it cost to compute."""
+    """One linear's stack, the output error of each prefix (and its loss-weighted form), what it cost."""
 
     decomposition: Decomposition
     errors: list[float]
     seconds: float
+    #: ``errors`` with each output channel weighted by its mean squared loss gradient (order ``fisher`` only).
+    fisher_errors: list[float] | None = None
 
-    def chain(self, path: str, relative: bool) -> Chain:
-        errors = self.errors
-        norm = errors[0] if relative and errors[0] > 0 else 1.0
+    def order_errors(self, order: OrderBy) -> list[float]:
+        """The errors ``order`` compares linears by: loss-weighted for fisher, plain otherwise."""
+        if order == "fisher":
+            if self.fisher_errors is None:
+                raise ValueError("order fisher: this stack was measured without loss gradients")
+            return self.fisher_errors
+        return self.errors
+
+    def chain(self, path: str, order: OrderBy) -> Chain:
+        errors = self.order_errors(order)
+        norm = errors[0] if order == "relative" and errors[0] > 0 else 1.0
         drops = tuple((errors[k] - errors[k + 1]) / norm for k in range(len(errors) - 1))
         out, columns = self.decomposition.shape
         return Chain(path, drops, tuple(self.decomposition.block_bytes()), out * columns)
@@ -146,6 +166,8 @@ class BitStack(Method):
         self.decomposed: dict[str, _Decomposed] = {}
         #: Blocks per linear chosen by ``finalize``.
         self.blocks: dict[str, int] = {}
+        #: Mean squared loss gradient of every targeted linear's outputs (order ``fisher``), by full path.
+        self.fisher: dict[str, torch.Tensor] = {}
 
     @classmethod
     def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
@@ -158,7 +180,14 @@ class BitStack(Method):
         return None
 
     def prepare(self, run: ModelContext) -> list[LayerRecord]:
-        self.decomposed, self.blocks = {}, {}
+        self.decomposed, self.blocks, self.fisher = {}, {}, {}
+        config = self.config
+        assert isinstance(config, BitStackConfig)
+        if config.order == "fisher":
+            paths = targeted_linears(run.adapter, config)
+            start = time.perf_counter()
+            self.fisher = output_fisher(run.model, run.batches(), set(paths))
+            log.info("bitstack: loss gradients of %d linears in %.1f s", len(paths), time.perf_counter() - start)
         return []
 
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
@@ -182,14 +211,17 @@ class BitStack(Method):
                 decomposition = decompose(W, config.iterations, config.rank, channel_scale(H), svd=config.svd,
                                           signs=config.signs, H=H, dampening=config.dampening)
                 errors = output_errors(W, decomposition, H)
-                self.decomposed[path] = _Decomposed(_to_cpu(decomposition), errors, time.perf_counter() - start)
+                weights = self.fisher.get(path)
+                weighted = None if weights is None else output_errors(W, decomposition, H, row_weights=weights)
+                self.decomposed[path] = _Decomposed(_to_cpu(decomposition), errors, time.perf_counter() - start,
+                                                    weighted)
         return []
 
     def finalize(self, run: ModelContext) -> list[LayerRecord]:
         """Choose the blocks that fit the budget and write every linear's reconstruction from them."""
         config = self.config
         assert isinstance(config, BitStackConfig)
-        chains = [item.chain(path, config.order == "relative") for path, item in self.decomposed.items()]
+        chains = [item.chain(path, config.order) for path, item in self.decomposed.items()]
         order = global_order(chains)
         fixed = _fixed_bytes(run.model, list(self.decomposed))
         if config.budget is None:
@@ -197,7 +229,7 @@ class BitStack(Method):
         else:
             self.blocks = blocks_for_budget(chains, order, parse_budget(config.budget), fixed)
         if chains:
-            errors = {path: item.errors for path, item in self.decomposed.items()}
+            errors = {path: item.order_errors(config.order) for path, item in self.decomposed.items()}
             run.structure[self.name] = _curve_section(chains, errors, order, sum(self.blocks.values()), fixed,
                                                       config)
         return [self._write(run.model, path, self.blocks[path]) for path in self.decomposed]

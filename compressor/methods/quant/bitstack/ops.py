@@ -190,20 +190,28 @@ def decompose(
     return decomposition
 
 
-def output_errors(W: torch.Tensor, decomposition: Decomposition, H: torch.Tensor) -> list[float]:
+def output_errors(W: torch.Tensor, decomposition: Decomposition, H: torch.Tensor,
+                  row_weights: torch.Tensor | None = None) -> list[float]:
     """``tr(dW H dW^T)`` of the reconstruction from the first ``k`` blocks, for ``k = 0 .. n``: ``n + 1`` floats.
 
     The calibration output error of each prefix (``dW = W - W_hat_k``, ``H: [in, in]``); block ``k``'s
     error reduction is ``errors[k] - errors[k + 1]``. It may be negative: blocks minimise the scaled
-    Frobenius norm, of which this is the full (not only diagonal) counterpart.
+    Frobenius norm, of which this is the full (not only diagonal) counterpart. With ``row_weights`` (``[out]``)
+    each output channel's error ``(dW H dW^T)_oo`` counts that many times: with the loss's squared gradients
+    (``calibration.fisher.output_fisher``) the sum is twice the second-order estimate of the loss rise.
     """
     W = W.float()
     H = H.float().to(W.device)
+    weights = None if row_weights is None else row_weights.to(device=W.device, dtype=torch.float32)[:, None]
     inverse = 1 / decomposition.scale.float()[None, :]
+
+    def error(dW: torch.Tensor) -> float:
+        rows = (dW @ H) * dW
+        return float(rows.sum() if weights is None else (rows * weights).sum())
+
     running = torch.zeros_like(W)
-    errors = [float(((W @ H) * W).sum())]
+    errors = [error(W)]
     for block in decomposition.blocks:
         running += unpack_signs(block.signs, decomposition.shape) * (block.u.float() @ block.v.float())
-        dW = W - running * inverse
-        errors.append(float(((dW @ H) * dW).sum()))
+        errors.append(error(W - running * inverse))
     return errors

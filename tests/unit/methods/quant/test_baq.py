@@ -12,10 +12,10 @@ import torch
 from pydantic import ValidationError
 from tiny import tiny_model
 
+from compressor.calibration.fisher import output_fisher
 from compressor.engine import ModelContext, run_stages
 from compressor.errors import RecipeError
 from compressor.methods.quant.baq import BAQ, BAQConfig
-from compressor.methods.quant.baq.fisher import output_fisher
 from compressor.methods.quant.baq.ops import (
     allocate_bits,
     cholesky_diagonal_weight,

@@ -10,8 +10,8 @@ from torch import nn
 from compressor.engine import ModelContext, run_stages
 from compressor.errors import RecipeError
 from compressor.methods.base import LayerRecord
-from compressor.methods.quant.bitstack import BitStack, BitStackConfig
-from compressor.methods.quant.bitstack.order import BudgetError
+from compressor.methods.quant.bitstack import BitStack, BitStackConfig, _fixed_bytes
+from compressor.methods.quant.bitstack.order import BudgetError, global_order
 from compressor.models import get_adapter
 from compressor.recipe import build_stages, recipe_from_dict
 
@@ -118,3 +118,38 @@ def test_a_budget_below_one_block_per_linear_is_a_one_line_error() -> None:
     message = str(error.value)
     assert "\n" not in message
     assert "smallest is" in message and "(one block per linear), the largest" in message
+
+
+
+def test_order_fisher_spends_the_budget_where_the_loss_gradients_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the loss cares about one linear only (its outputs' squared gradients ones, every other linear's zero),
+    a budget of one block per linear and one more block goes to that linear, whatever the relative order says."""
+    model, measured, _, _ = _run(order="relative")  # the same decompositions (fixed seeds); sizes and the order
+    relative_pick = next(path for path, index in global_order([item.chain(p, "relative")
+                                                                for p, item in measured.decomposed.items()])
+                         if index == 1)
+    favoured = next(p for p in measured.decomposed if p != relative_pick and "layers.1." in p)
+    first = sum(item.decomposition.block_bytes()[0] for item in measured.decomposed.values())
+    budget = first + measured.decomposed[favoured].decomposition.block_bytes()[1] + _fixed_bytes(
+        model, list(measured.decomposed))
+
+    def fake_fisher(model: nn.Module, batches: object, paths: set[str]) -> dict[str, torch.Tensor]:
+        return {p: torch.ones(model.get_submodule(p).out_features, dtype=torch.float64) * (p == favoured)
+                for p in paths}
+
+    monkeypatch.setattr("compressor.methods.quant.bitstack.output_fisher", fake_fisher)
+    _, stage, records, _ = _run(order="fisher", budget=budget)
+    assert stage.blocks == dict.fromkeys(measured.decomposed, 1) | {favoured: 2}
+    assert {r.module: r.extra["blocks"] for r in records} == stage.blocks
+    item = stage.decomposed[favoured]
+    assert item.fisher_errors == pytest.approx(item.errors, rel=1e-6)  # ones on every output: the plain error
+    assert all(e == 0 for p, d in stage.decomposed.items() if p != favoured for e in d.fisher_errors or [1])
+
+
+def test_order_fisher_measures_the_loss_gradients_of_every_decomposed_linear() -> None:
+    _, stage, _, _ = _run(order="fisher", budget="6bpw")
+    assert set(stage.fisher) == set(stage.decomposed)
+    assert all(weights.shape == (stage.decomposed[p].decomposition.shape[0],) and bool((weights > 0).any())
+               for p, weights in stage.fisher.items())
+    for item in stage.decomposed.values():
+        assert item.fisher_errors is not None and len(item.fisher_errors) == len(item.errors)

@@ -88,7 +88,7 @@ def test_the_curve_falls_with_size_ends_at_every_block_and_marks_what_the_stage_
 def test_each_points_bytes_as_a_budget_load_exactly_that_prefix() -> None:
     """What the table and plot promise a user: ``--budget <bytes of a point>`` loads that point's blocks."""
     stage, _, section, fixed = _run(budget="5bpw")
-    chains = [item.chain(path, True) for path, item in stage.decomposed.items()]
+    chains = [item.chain(path, "relative") for path, item in stage.decomposed.items()]
     order = global_order(chains)
     for point in section["curve"]:
         counts = blocks_for_budget(chains, order, parse_budget(point["bytes"]), fixed)

@@ -175,3 +175,20 @@ def test_output_errors_match_a_slow_reference() -> None:
         slow = sum(float(((W - W_hat) @ x).square().sum()) for x in X) * 2 / 40
         assert error == pytest.approx(slow, rel=1e-4, abs=1e-6)
     assert errors[0] > errors[-1]
+
+
+def test_weighted_output_errors_count_each_output_channel_by_its_weight() -> None:
+    """Order fisher's measure: sum over samples and output channels of weight_o * (dW x)_o^2, here per sample."""
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(6, 5, generator=g)
+    X = torch.randn(40, 5, generator=g)
+    H = 2 * X.T @ X / 40
+    weights = torch.tensor([0.0, 1.0, 3.0, 0.5, 10.0, 2.0], dtype=torch.float64)
+    decomposition = decompose(W, iterations=3, rank=1, scale=channel_scale(H))
+    weighted = output_errors(W, decomposition, H, row_weights=weights)
+    for k, error in enumerate(weighted):
+        dW = W - decomposition.reconstruct(k)
+        slow = sum(float((weights.float() * (dW @ x).square()).sum()) for x in X) * 2 / 40
+        assert error == pytest.approx(slow, rel=1e-4, abs=1e-6)
+    assert output_errors(W, decomposition, H, row_weights=torch.ones(6)) == pytest.approx(
+        output_errors(W, decomposition, H), rel=1e-6)

@@ -5,7 +5,7 @@ loss minds: on SmolLM2 a global allocation by relative output error lost to unif
 order Taylor expansion of the loss in a module's output ``y`` with the empirical Fisher (the squared
 gradient, as SqueezeLLM uses for weights) as its Hessian, kept diagonal over output channels and taken
 independent of the inputs, gives ``dL ~ 1/2 sum_o F_o (dW_o H dW_o^T)`` with ``F_o = mean_t g_to^2``:
-the channel-weighted sensitivity with weights ``F_o`` (``objective: fisher``).
+the channel-weighted sensitivity with weights ``F_o`` (BAQ's ``objective: fisher``, BitStack's ``order: fisher``).
 
 It costs one forward and backward pass of the whole model over the calibration tokens, a sequence at a
 time, with the whole model and one sequence's activations in memory (parameters get no gradients):
