@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import torch
@@ -39,6 +40,16 @@ SETTINGS = {  # name: (bits, group_size)
     "w3g128": (3, 128),
     "w2g64": (2, 64),
 }
+
+
+def setting(name: str) -> tuple[int, int]:
+    """``(bits, group_size)`` of a named setting, or of any ``w<bits>g<group>`` / ``w<bits>pc`` (per channel)."""
+    if name in SETTINGS:
+        return SETTINGS[name]
+    found = re.fullmatch(r"w(\d+)(?:g(\d+)|pc)", name)
+    if found is None:
+        raise SystemExit(f"--settings: unknown setting {name!r} (w<bits>g<group> or w<bits>pc, e.g. w3g64)")
+    return int(found.group(1)), int(found.group(2) or -1)
 
 
 def round_to_nearest(model: torch.nn.Module, bits: int, group_size: int, grid: str,
@@ -100,7 +111,7 @@ def main() -> None:
     rows = [{"setting": "dense", "method": "-", "options": "-", "ppl": dense_ppl, "seconds": 0.0}]
     print(json.dumps({"floor_forward_seconds": floor, **rows[0]}), flush=True)
     for name in args.settings.split(","):
-        bits, group = SETTINGS[name]
+        bits, group = setting(name)
         for method in args.methods.split(","):
             loaded.model.load_state_dict(dense)
             start = time.perf_counter()
