@@ -11,7 +11,9 @@ in layer ``i`` is scored by running layers ``i..L-1`` only; a committed removal 
 the states after it; the original outputs are computed once, at a configurable subset of positions; the lazy
 search rescores only the candidates that could still be the best, one chunk of calibration sequences at a time,
 dropping a candidate as soon as its partial sum shows it cannot be (``ops.bounded_removal``: the same removals
-as scoring each of them on everything, ``ops.greedy_removal``, when removals only add harm); and the screened
+as scoring each of them on everything, ``ops.greedy_removal``, when removals only add harm), with every bound
+raised by the damage the removals so far have done (``SublayerSearch.baseline``: the model as it is, read off the
+cached final states at the cost of the output head), which every candidate's score contains; and the screened
 search ranks candidates on a few calibration sequences and scores only the best few on all of them
 (``ops.screened_removal``), which cuts the cost of a step roughly by samples / screen_samples but can choose
 worse removals.
@@ -290,7 +292,7 @@ class FinerCut(Method):
                 elif self.cfg.search == "lazy":
                     result = bounded_removal(candidates, params, search.score_chunk, len(search.chunks),
                                              search.tokens, search.commit, count=count, budget=budget,
-                                             margin=BOUND_MARGIN)
+                                             margin=BOUND_MARGIN, baseline=search.baseline)
                 else:
                     result = greedy_removal(candidates, params, search.evaluate, search.commit, count=count,
                                             budget=budget, lazy=False)

@@ -156,6 +156,7 @@ def bounded_removal(
     count: int | None = None,
     budget: int | None = None,
     margin: float = 1.0,
+    baseline: Callable[[], list[float]] | None = None,
 ) -> SearchResult[K]:
     """The lazy greedy search, best-first on partial sums: most candidates are dropped after a few chunks.
 
@@ -177,6 +178,15 @@ def bounded_removal(
     other carries full scores, so it may rescore candidates the other leaves alone). In floating point a term of
     an unchanged output can be a rounding-level negative; that matters only between scores tied to rounding.
 
+    ``baseline()``: the model as it is (no candidate removed), its divergence per chunk (``chunks`` terms, summed as
+    a candidate's are), read after every commit. A score is that baseline plus the candidate's own harm, and every
+    removal raises the baseline, so without it a bound carried from the last step lags every current score by the
+    rise and nearly every candidate is touched again at every step, each scored on most chunks before its partial
+    sum passes another's bound. With it, under the same assumption read per chunk (a removal on top of the
+    model as it is never lowers a chunk's divergence): carried bounds are raised by the baseline's rise, and an
+    incomplete candidate's bound is its scored chunks plus the baseline's other chunks. Where the assumption holds
+    the removals are still the exact search's.
+
     ``margin`` 1 scores a candidate only until it is no longer the best bound; above 1 its bound is banked at
     ``margin`` times the best one, so it is not touched again in the next steps while the best score grows by
     less than that. A candidate scores first the chunks where it diverged most when last scored (the partial
@@ -189,11 +199,12 @@ def bounded_removal(
     last: dict[K, dict[int, float]] = {}  # each candidate's chunk terms when it was last scored
     result: SearchResult[K] = SearchResult(steps=[], chunks=chunks)
     spent = 0
+    floor = baseline() if baseline is not None else None
     while count is None or len(result.steps) < count:
         eligible = _eligible(candidates, bound, cost, spent, budget)
         if not eligible:
             break
-        best, terms = _bounded_step(eligible, bound, last, score_chunk, chunks, tokens, margin)
+        best, terms = _bounded_step(eligible, bound, last, score_chunk, chunks, tokens, margin, floor)
         last.update(terms)
         complete = {key for key, done in terms.items() if len(done) == chunks}
         if not result.steps:
@@ -206,16 +217,24 @@ def bounded_removal(
         result.touched += len(terms)
         spent += cost[best]
         commit(best)
+        if baseline is not None and floor is not None:
+            now = baseline()
+            rise = (_in_order(now) - _in_order(floor)) / tokens
+            bound = {key: value + rise for key, value in bound.items()}
+            floor = now
     return result
 
 
 def _bounded_step(
     eligible: list[K], bound: dict[K, float], last: dict[K, dict[int, float]],
     score_chunk: Callable[[K, int], float], chunks: int, tokens: int, margin: float,
+    floor: list[float] | None = None,
 ) -> tuple[K, dict[K, dict[int, float]]]:
     """One step of :func:`bounded_removal`: (the winner, the chunk terms scored per touched candidate).
 
-    ``eligible`` is in candidate order (ties go to the earlier one); ``bound`` is updated in place.
+    ``eligible`` is in candidate order (ties go to the earlier one); ``bound`` is updated in place. With
+    ``floor`` (the baseline's chunk terms) an incomplete candidate's bound counts the baseline's term for every
+    chunk it has not scored.
     """
     order = {key: n for n, key in enumerate(eligible)}
     terms: dict[K, dict[int, float]] = {}
@@ -227,7 +246,7 @@ def _bounded_step(
         lowest = min((bound[k] for k in eligible if k != best), default=math.inf)
         for chunk in _chunk_order(last.get(best, {}), chunks)[len(done):]:
             done[chunk] = score_chunk(best, chunk)
-            bound[best] = _bound(done, chunks, tokens)
+            bound[best] = _bound(done, chunks, tokens, floor)
             if bound[best] > margin * lowest:
                 break
 
@@ -237,14 +256,22 @@ def _chunk_order(previous: dict[int, float], chunks: int) -> list[int]:
     return sorted(range(chunks), key=lambda j: (-previous[j], j) if j in previous else (math.inf, j))
 
 
-def _bound(done: dict[int, float], chunks: int, tokens: int) -> float:
-    """Partial sum over all ``tokens``; once every chunk is in, the full score summed in chunk order."""
+def _bound(done: dict[int, float], chunks: int, tokens: int, floor: list[float] | None = None) -> float:
+    """Partial sum (plus ``floor``'s terms of the chunks not done) over all ``tokens``; once every chunk is in,
+    the full score summed in chunk order."""
     if len(done) < chunks:
-        return sum(done.values()) / tokens
+        rest = 0.0 if floor is None else sum(floor[j] for j in range(chunks) if j not in done)
+        return (sum(done.values()) + rest) / tokens
+    return _in_order(done) / tokens
+
+
+def _in_order(terms: dict[int, float] | list[float]) -> float:
+    """Chunk terms summed in chunk order (how every full score is summed, so equal terms give equal sums)."""
+    values = terms if isinstance(terms, list) else [terms[j] for j in range(len(terms))]
     total = 0.0
-    for chunk in range(chunks):
-        total += done[chunk]
-    return total / tokens
+    for value in values:
+        total += value
+    return total
 
 
 def screened_removal(

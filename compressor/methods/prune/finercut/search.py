@@ -121,6 +121,13 @@ class SublayerSearch:
         return total, tokens
 
     @torch.no_grad()
+    def baseline(self) -> list[float]:
+        """The model as it is (no candidate removed): its cached outputs' divergence from the original's, summed
+        per chunk of :attr:`chunks` as a candidate's chunk scores are. It costs the output head alone."""
+        return [divergence(self.references[batch][first:stop], self._output(self.states[-1][batch][first:stop]),
+                           self.measure)[0] for batch, first, stop in self.chunks]
+
+    @torch.no_grad()
     def recompute(self) -> None:
         """Every layer's cached states again from layer 0's, and the references from them.
 
