@@ -17,21 +17,30 @@ which this module wraps in compressor's errors.
 The model is rebuilt from ``config.json`` by transformers' loader from the stored names, so a MoE's
 per-expert linears (as this package linearizes them) merge back into its 3-D expert tensors; a model whose
 other tensors are not those the config builds is refused when written (:func:`check_skeleton`).
+
+Under layer streaming the model is a meta skeleton and the blocks are never all in RAM: each finished layer's
+blocks go to a file of their own in the run's temporary directory (:func:`spill_layer`), and the directory is
+assembled from those files and the checkpoint one tensor at a time (:func:`write_bitstack` with ``read``), byte
+for byte what the in-RAM writer stores for the same blocks.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from compressor.errors import ExportError, ModelLoadError
-from compressor.methods.quant.bitstack import BitStack, BitStackConfig, _fixed_bytes
+from compressor.export.streamed import TensorSpec, write_safetensors
+from compressor.methods.quant.bitstack import BitStack, BitStackConfig, _Decomposed, _fixed_bytes
+from compressor.methods.quant.bitstack.ops import Block, Decomposition
 from compressor.methods.quant.bitstack.order import BudgetError, global_order
 from compressor.models.shipped import auto_class_name, shipped_dir
 from compressor.models.shipped import modeling_bitstack as shipped
@@ -41,8 +50,17 @@ from compressor.models.shipped.modeling_bitstack import FIXED, FORMAT_VERSION, M
 REMOTE_CODE_FILE = "modeling_bitstack.py"
 
 
-def write_bitstack(out_dir: Path, model: Any, stage: BitStack, tokenizer: Any = None) -> list[str]:
-    """Write ``stage``'s decompositions and the rest of ``model`` as a BitStack directory; returns the files."""
+#: Reads a tensor the streamed skeleton holds on meta (the streamer's ``read_unchanged``: name, meta tensor).
+ReadUnchanged = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def write_bitstack(out_dir: Path, model: Any, stage: BitStack, tokenizer: Any = None,
+                   read: ReadUnchanged | None = None) -> list[str]:
+    """Write ``stage``'s decompositions and the rest of ``model`` as a BitStack directory; returns the files.
+
+    ``read``: the model streamed (a meta skeleton, the blocks in :func:`spill_layer`'s files); the tensors outside
+    the decomposed weights are read through it, and every file is written one tensor at a time.
+    """
     config = stage.config
     assert isinstance(config, BitStackConfig)
     if not stage.decomposed:
@@ -50,20 +68,15 @@ def write_bitstack(out_dir: Path, model: Any, stage: BitStack, tokenizer: Any = 
     check_skeleton(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = list(stage.decomposed)
-    fixed, tied = _fixed_tensors(model, {f"{path}.weight" for path in paths})
-    save_file(fixed, str(out_dir / FIXED), metadata={"format": "pt"})
-    depth = max(len(item.decomposition.blocks) for item in stage.decomposed.values())
-    for index in range(depth):
-        tensors: dict[str, torch.Tensor] = {}
-        for path, item in stage.decomposed.items():
-            blocks = item.decomposition.blocks
-            if index < len(blocks):
-                block = blocks[index]
-                tensors.update({f"{path}.signs": block.signs, f"{path}.u": block.u, f"{path}.v": block.v})
-            if index == 0:
-                tensors[f"{path}.scale"] = item.decomposition.scale
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / block_file(index)),
-                  metadata={"format": "pt"})
+    if read is None:
+        fixed, tied = _fixed_tensors(model, {f"{path}.weight" for path in paths})
+        save_file(fixed, str(out_dir / FIXED), metadata={"format": "pt"})
+        for index, tensors in enumerate(_depths(stage)):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / block_file(index)),
+                      metadata={"format": "pt"})
+    else:
+        _write_streamed(out_dir, model, stage, read)
+        tied = _tied_names(model, {f"{path}.weight" for path in paths})
     chains = [item.chain(path, config.order) for path, item in stage.decomposed.items()]
     manifest = {
         "format": "bitstack", "version": FORMAT_VERSION, "iterations": config.iterations, "rank": config.rank,
@@ -81,12 +94,100 @@ def write_bitstack(out_dir: Path, model: Any, stage: BitStack, tokenizer: Any = 
     return sorted(p.name for p in out_dir.iterdir())
 
 
-def write_bitstack_stage(out_dir: Path, model: Any, stages: list[Any]) -> list[str]:
-    """Export format ``bitstack``: the directory of the run's bitstack stage (the recipe makes it the last)."""
+def _depths(stage: BitStack) -> list[dict[str, torch.Tensor]]:
+    """Per block depth, the tensors its shard holds (``<path>.signs/.u/.v``; depth 0 also ``<path>.scale``).
+
+    Real tensors in RAM; meta ones (their shapes and dtypes) for a streamed stage whose blocks are in files.
+    """
+    depth = max(len(item.decomposition.blocks) for item in stage.decomposed.values())
+    shards: list[dict[str, torch.Tensor]] = []
+    for index in range(depth):
+        tensors: dict[str, torch.Tensor] = {}
+        for path, item in stage.decomposed.items():
+            blocks = item.decomposition.blocks
+            if index < len(blocks):
+                block = blocks[index]
+                tensors.update({f"{path}.signs": block.signs, f"{path}.u": block.u, f"{path}.v": block.v})
+            if index == 0:
+                tensors[f"{path}.scale"] = item.decomposition.scale
+        shards.append(tensors)
+    return shards
+
+
+def _write_streamed(out_dir: Path, model: Any, stage: BitStack, read: ReadUnchanged) -> None:
+    """The fixed and block shards of a streamed stage, one tensor in memory at a time.
+
+    The fixed tensors (embeddings, norms, head) come from the checkpoint through ``read``; each block shard's
+    tensors from the layer files :func:`spill_layer` wrote. The files equal ``save_file``'s for the same tensors
+    (:func:`~compressor.export.streamed.write_safetensors`).
+    """
+    state = model.state_dict(keep_vars=True)
+    skip = {f"{path}.weight" for path in stage.decomposed}
+    stored = _unique_names(model, skip)
+    write_safetensors(out_dir / FIXED, [TensorSpec(n, state[n].dtype, tuple(state[n].shape)) for n in stored],
+                      lambda name: read(name, state[name]), {"format": "pt"})
+    for index, tensors in enumerate(_depths(stage)):
+        def block_tensor(name: str, index: int = index) -> torch.Tensor:
+            path, part = name.rsplit(".", 1)
+            return _read_spilled(stage.decomposed[path], _spilled_name(path, index, part))
+
+        specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+        write_safetensors(out_dir / block_file(index), specs, block_tensor, {"format": "pt"})
+
+
+def spill_layer(stage: BitStack, prefix: str, file: Path) -> None:
+    """Move the blocks of ``stage``'s linears under ``prefix`` (``model.layers.3.``) into ``file``.
+
+    Streamed runs call it as each layer finishes; the stage keeps its decompositions with meta tensors (shapes,
+    dtypes, so bytes per block and the order still come from it) and each linear's ``file``.
+    """
+    items = {path: item for path, item in stage.decomposed.items() if path.startswith(prefix) and item.file is None}
+    if not items:
+        return
+    tensors: dict[str, torch.Tensor] = {}
+    for path, item in items.items():
+        tensors[_spilled_name(path, 0, "scale")] = item.decomposition.scale
+        for index, block in enumerate(item.decomposition.blocks):
+            for part in ("signs", "u", "v"):
+                tensors[_spilled_name(path, index, part)] = getattr(block, part)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}, str(file))
+    for item in items.values():
+        item.file = file
+        decomposition = item.decomposition
+        decomposition.scale = decomposition.scale.to("meta")
+        decomposition.blocks = [Block(b.signs.to("meta"), b.u.to("meta"), b.v.to("meta"))
+                                for b in decomposition.blocks]
+
+
+def load_decomposition(path: str, item: _Decomposed) -> Decomposition:
+    """The decomposition of the linear at ``path`` with its tensors read back from its :func:`spill_layer` file."""
+    count = len(item.decomposition.blocks)
+    blocks = [Block(*(_read_spilled(item, _spilled_name(path, index, part)) for part in ("signs", "u", "v")))
+              for index in range(count)]
+    return Decomposition(item.decomposition.shape, _read_spilled(item, _spilled_name(path, 0, "scale")), blocks)
+
+
+def _spilled_name(path: str, index: int, part: str) -> str:
+    return f"{path}.scale" if part == "scale" else f"{path}.{index}.{part}"
+
+
+def _read_spilled(item: _Decomposed, name: str) -> torch.Tensor:
+    if item.file is None:
+        raise ExportError(f"bitstack: {name} was never written to a layer file (its layer did not finish)")
+    with safe_open(str(item.file), framework="pt") as handle:
+        return handle.get_tensor(name)
+
+
+def write_bitstack_stage(out_dir: Path, model: Any, stages: list[Any], read: ReadUnchanged | None = None) -> list[str]:
+    """Export format ``bitstack``: the directory of the run's bitstack stage (the recipe makes it the last).
+
+    ``read``: the run streamed (see :func:`write_bitstack`).
+    """
     found = [stage for stage in stages if isinstance(stage, BitStack)]
     if len(found) != 1:
         raise ExportError(f"export format bitstack needs exactly one bitstack stage, the run has {len(found)}")
-    return write_bitstack(out_dir, model, found[0])
+    return write_bitstack(out_dir, model, found[0], read=read)
 
 
 def check_skeleton(model: Any) -> None:
@@ -127,6 +228,27 @@ def _fixed_tensors(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Te
         seen[key] = name
         stored[name] = tensor.detach().cpu().contiguous()
     return stored, tied
+
+
+def _unique_names(model: nn.Module, skip: set[str]) -> list[str]:
+    """The state-dict names :func:`_fixed_tensors` stores, found on a meta skeleton (shared = the same tensor)."""
+    return [name for name in _first_of_each(model, skip).values()]
+
+
+def _tied_names(model: nn.Module, skip: set[str]) -> dict[str, str]:
+    """:func:`_fixed_tensors`'s ``{alias: stored name}`` on a meta skeleton, whose tensors have no addresses."""
+    first = _first_of_each(model, skip)
+    return {name: first[id(tensor)] for name, tensor in model.state_dict(keep_vars=True).items()
+            if name not in skip and first[id(tensor)] != name}
+
+
+def _first_of_each(model: nn.Module, skip: set[str]) -> dict[int, str]:
+    """Each distinct state tensor (a tied head is the embedding's parameter itself) -> its first name."""
+    first: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name not in skip:
+            first.setdefault(id(tensor), name)
+    return first
 
 
 def _attach_loader(out_dir: Path, model: Any) -> None:

@@ -161,7 +161,7 @@ class LayerFiles:
 
 
 def write_streamed_model(export: Any, run: Any, out_dir: Path) -> None:
-    """The dense or compressed-tensors files of a streamed run, equal to what the in-RAM writers produce.
+    """The dense, compressed-tensors or bitstack files of a streamed run, equal to what the in-RAM writers produce.
 
     ``run.stream`` holds the finished layers' files; the tensors outside the layers (unchanged by the streaming
     stages) come from ``run.stream.read_unchanged``, one at a time. Dense follows ``save_pretrained`` (config dtype
@@ -172,6 +172,11 @@ def write_streamed_model(export: Any, run: Any, out_dir: Path) -> None:
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     model, stream = run.model, run.stream
+    if export.format == "bitstack":  # the stage's blocks, spilled per layer, and the checkpoint's other tensors
+        from compressor.export.bitstack_store import write_bitstack_stage
+
+        write_bitstack_stage(out_dir, model, stream.stages, read=stream.read_unchanged)
+        return
     files: LayerFiles = stream.files
     resident = remove_tied_weights_from_state_dict(dict(model.state_dict()), model)
     quantized_weights = {f"{path}.weight" for path in run.quantized} if export.format != "dense" else set()

@@ -70,11 +70,16 @@ log = logging.getLogger(__name__)
 #: its finalize turns them into a small plan per layer (kept heads and channels, input means), narrows the meta
 #: skeleton and leaves the plan with the streamer, which applies it to the layer's checkpoint tensors whenever
 #: they are read again (the next pass, or the export's copy; :meth:`LayerStreamer.reshape`).
-STREAMING_METHODS = ("rtn", "gptq", "dgq", "layer_drop", "flap")
+#: bitstack qualifies: its decompositions and errors are per linear, and its order is decided at finalize from small
+#: numbers (errors per prefix, bytes per block); each finished layer's blocks go to a file of their own
+#: (``export.bitstack_store.spill_layer``), from which the export assembles the directory, or, for dense and the
+#: stages after it, the layer's reconstruction is made whenever the layer is read again. Not its ``order: fisher``
+#: (loss gradients from a forward and backward pass of the whole model), nor ``--eval`` into a bitstack directory.
+STREAMING_METHODS = ("rtn", "gptq", "dgq", "layer_drop", "flap", "bitstack")
 #: Stages whose model runs INT8 activations, which a file's weights alone do not reproduce (no streamed --eval).
 INT8_ACTIVATION_METHODS = ("dgq",)
 #: Export formats whose writer takes the model tensor by tensor (``compressor.export.streamed``).
-STREAMING_FORMATS = ("dense", "compressed-tensors")
+STREAMING_FORMATS = ("dense", "compressed-tensors", "bitstack")
 _SAFETENSORS_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
@@ -186,6 +191,9 @@ def check_streamable(plan: StreamPlan, stages: list[Any], export_format: str, *,
             # changes would be read again from the checkpoint and lost (the recipe rules refuse this order too)
             raise RecipeError(f"stages.{index} ({stage.name}) after a layer-wise stage does not stream "
                               f"({plan.reason}); put it first")
+        if stage.name == "bitstack" and getattr(stage.config, "order", None) == "fisher":
+            raise RecipeError(f"stages.{index} (bitstack) order: fisher does not stream ({plan.reason}): its loss "
+                              "gradients need a forward and backward pass of the whole model; use order: relative")
     if export_format not in STREAMING_FORMATS:
         raise RecipeError(f"export.format {export_format} does not stream ({plan.reason}); {need}. "
                           f"Streaming writes {', '.join(STREAMING_FORMATS)}")
@@ -193,6 +201,9 @@ def check_streamable(plan: StreamPlan, stages: list[Any], export_format: str, *,
         raise UsageError(f"--eval under streaming ({plan.reason}): the dgq model runs INT8 activations that its "
                          "written weights do not (streamed perplexity reads the output's weights); drop --eval or "
                          "run with --memory-budget none")
+    if eval_data and export_format == "bitstack":
+        raise UsageError(f"--eval under streaming ({plan.reason}): a bitstack directory is not read back layer by "
+                         "layer; drop --eval, then run compressor eval on a compressor bitstack materialize output")
     if resume or distributed:
         what = "--resume" if resume else "torchrun (data-parallel calibration)"
         raise UsageError(f"{what} does not combine with layer streaming yet ({plan.reason})")

@@ -218,6 +218,8 @@ class LayerStreamer:
     sources: dict[nn.Module, int] = field(default_factory=dict)
     #: skeleton decoder layer -> how its checkpoint tensors become its own (a shape-changing stage's plan)
     reshapes: dict[nn.Module, Rewrite] = field(default_factory=dict)
+    #: every stage of every pass so far (the export finds the bitstack stage whose blocks it writes)
+    stages: list[Any] = field(default_factory=list)
     #: whether the current pass writes its finished layers (False: a scoring pass), and whether one did
     writes: bool = True
     wrote: bool = False
@@ -236,6 +238,7 @@ class LayerStreamer:
             raise RuntimeError("layer streaming: a pass after the one that wrote the layers (check_streamable "
                                "should have refused this recipe)")
         self.passes += 1
+        self.stages += stages
         self.writes = self.wrote = not stages[-1].model_level
         released = [m for m in self.adapter.embeddings() if any(t.is_meta for t in m.state_dict().values())]
         if released:
@@ -331,6 +334,7 @@ class LayerStreamer:
     def finish(self, run: Any, index: int) -> None:
         layer = self.adapter.layers()[index]
         if not self.writes:  # a scoring pass: the layer was only run
+            self._spill(index)
             self._release(layer)
             return
         prefix = self.adapter.layer_prefix(index) + "."
@@ -348,6 +352,20 @@ class LayerStreamer:
         for path in paths:
             run.quantized[path] = _shape_only(run.quantized[path])
         self._release(layer)
+
+    def _spill(self, index: int) -> None:
+        """A BitStack pass: the layer's blocks go to a file of their own, so the stage holds no layer's blocks.
+
+        The pass's model-level stage is its last; the files are read again by the export (or by the layer's
+        reconstruction when it is read again), in the run's temporary directory until then.
+        """
+        from compressor.export.bitstack_store import spill_layer
+        from compressor.methods.quant.bitstack import BitStack
+
+        stage = self.stages[-1]
+        if isinstance(stage, BitStack):
+            spill_layer(stage, self.adapter.layer_prefix(index) + ".",
+                        self.workdir / f"bitstack-pass{self.passes}" / f"layer-{index:05d}.safetensors")
 
     def _release(self, layer: nn.Module) -> None:
         layer.to("meta")

@@ -16,6 +16,13 @@ The decompositions stay on the stage (``decomposed``) for the BitStack directory
 reconstruction at the stage's budget. The in-memory model, and so the report and ``--eval``, is the
 reconstruction at the stage's budget (every block without one) in both cases.
 
+Under layer streaming (``compressor.streaming``) the pass is a scoring pass: the streamer moves each finished
+layer's blocks to a file of its own (``bitstack_store.spill_layer``) and leaves them here as meta tensors, so
+what stays in RAM is what the order needs (shapes, bytes per block, errors per prefix). ``finalize`` then
+writes no weight into the meta skeleton: export ``bitstack`` assembles the directory from those files, and for
+``dense`` (or a later stage) each layer's reconstruction is made from its file whenever the streamer reads the
+layer again (:meth:`BitStack._reconstruct_when_read`, the streamer's ``reshape``).
+
 Cost per linear and block: the top-``rank`` factors of ``|R|`` by subspace iteration (``svd: lowrank``, the
 default; ``O(out * in * (rank + 8) * 14)``; ``svd: full`` is one full SVD, ``O(out * in * min(out, in))``), and one
 ``[out, in] x [in, in]`` product for the errors; ``signs: feedback`` adds a column sweep (``in`` Python steps),
@@ -29,6 +36,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -137,6 +146,8 @@ class _Decomposed:
     seconds: float
     #: ``errors`` with each output channel weighted by its mean squared loss gradient (order ``fisher`` only).
     fisher_errors: list[float] | None = None
+    #: Where the blocks went when the run streams (``bitstack_store.spill_layer``); the tensors here are then on meta.
+    file: Path | None = None
 
     def order_errors(self, order: OrderBy) -> list[float]:
         """The errors ``order`` compares linears by: loss-weighted for fisher, plain otherwise."""
@@ -168,6 +179,11 @@ class BitStack(Method):
         self.blocks: dict[str, int] = {}
         #: Mean squared loss gradient of every targeted linear's outputs (order ``fisher``), by full path.
         self.fisher: dict[str, torch.Tensor] = {}
+        #: The recipe's export format (``bind``): a streamed run with format bitstack needs no reconstruction.
+        self.export_format = "dense"
+
+    def bind(self, later: list[MethodConfig], export_format: str) -> None:
+        self.export_format = export_format
 
     @classmethod
     def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
@@ -232,15 +248,42 @@ class BitStack(Method):
             errors = {path: item.order_errors(config.order) for path, item in self.decomposed.items()}
             run.structure[self.name] = _curve_section(chains, errors, order, sum(self.blocks.values()), fixed,
                                                       config)
-        return [self._write(run.model, path, self.blocks[path]) for path in self.decomposed]
+        records = [self._record(run.model, path, self.blocks[path]) for path in self.decomposed]
+        if run.stream is None:
+            for path in self.decomposed:
+                self._write(run.model, path, self.blocks[path])
+        elif self.export_format != "bitstack":  # the directory is written from the blocks' files, not weights
+            self._reconstruct_when_read(run)
+        return records
 
-    def _write(self, model: nn.Module, path: str, k: int) -> LayerRecord:
-        """Put the first ``k`` blocks' reconstruction into the linear at ``path``; its report row."""
-        item = self.decomposed[path]
+    def _write(self, model: nn.Module, path: str, k: int) -> None:
+        """Put the first ``k`` blocks' reconstruction into the linear at ``path``."""
         module = model.get_submodule(path)
         assert isinstance(module, nn.Linear)
         W = module.weight.data
-        module.weight.data = item.decomposition.reconstruct(k).to(device=W.device, dtype=W.dtype)
+        module.weight.data = self.decomposed[path].decomposition.reconstruct(k).to(device=W.device, dtype=W.dtype)
+
+    def _reconstruct_when_read(self, run: ModelContext) -> None:
+        """Streamed: each layer's decomposed weights become their reconstruction whenever the layer is read again.
+
+        The skeleton is on meta and the blocks are in the streamer's files, so the reconstruction is handed to
+        the streamer as a rewrite of the layer's checkpoint tensors (as FLAP hands its plan): the next pass loads
+        the reconstructed layer, or the export copies it, one layer at a time, the in-RAM ``_write``'s tensors.
+        """
+        assert run.stream is not None
+        for index, layer in enumerate(run.adapter.layers()):
+            prefix = run.adapter.layer_prefix(index) + "."
+            linears = {path.removeprefix(prefix): (path, self.decomposed[path], self.blocks[path])
+                       for path in self.decomposed if path.startswith(prefix)}
+            if linears:
+                run.stream.reshape(layer, partial(_reconstructed, linears=linears))
+
+    def _record(self, model: nn.Module, path: str, k: int) -> LayerRecord:
+        """The report row of the linear at ``path`` with its first ``k`` blocks (its weight may be on meta)."""
+        item = self.decomposed[path]
+        module = model.get_submodule(path)
+        assert isinstance(module, nn.Linear)
+        W = module.weight
         stored = sum(item.decomposition.block_bytes()[:k])
         numel = W.numel()
         errors = item.errors
@@ -251,6 +294,18 @@ class BitStack(Method):
             note=f"{k} of {len(errors) - 1} blocks, rank {item.decomposition.rank}",
             extra={"blocks": k, "iterations": len(errors) - 1, "rank": item.decomposition.rank},
         )
+
+
+def _reconstructed(state: dict[str, torch.Tensor],
+                   linears: dict[str, tuple[str, _Decomposed, int]]) -> dict[str, torch.Tensor]:
+    """A layer's checkpoint tensors (names relative to it) with each decomposed weight replaced by its first
+    ``k`` blocks' reconstruction, read from the blocks' file, in the weight's dtype."""
+    from compressor.export.bitstack_store import load_decomposition
+
+    for name, (path, item, k) in linears.items():
+        weight = state[f"{name}.weight"]
+        state[f"{name}.weight"] = load_decomposition(path, item).reconstruct(k).to(dtype=weight.dtype)
+    return state
 
 
 #: Points of the size-vs-error curve kept in the report (evenly along the order, plus the loaded one).

@@ -1,0 +1,164 @@
+"""BitStack under layer streaming: each finished layer's blocks go to a file of their own, the directory (or the dense
+reconstruction) is assembled from those files and the checkpoint, byte for byte the in-RAM run's output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from compressor.errors import RecipeError, UsageError
+from compressor.pipeline import compress, load
+from compressor.recipe import recipe_from_dict
+from compressor.streaming.layers import LayerStreamer
+
+#: Files whose bytes legitimately differ between two runs (timings, peak memory, the streaming note).
+REPORTS = {"compression_report.json", "compression_report.md", "layers.png", "bitstack.png"}
+#: Small stacks: 3 blocks of rank 2 per linear.
+STACK = {"iterations": 3, "rank": 2}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Any:
+    """A tiny model (hidden 256, MLP 512) saved in several shards, per (family, dtype, tied embeddings)."""
+    made: dict[tuple[str, str, bool], Path] = {}
+
+    def make(family: str = "llama", dtype: str = "float32", tied: bool = False) -> Path:
+        if (family, dtype, tied) not in made:
+            path = tmp_path_factory.mktemp(f"bitstack-{family}-{dtype}-{tied}")
+            model = tiny_model(family, tie_word_embeddings=tied, hidden_size=256, intermediate_size=512)
+            model.to(getattr(torch, dtype)).save_pretrained(path, max_shard_size="400KB")
+            tiny_tokenizer.save_pretrained(path)
+            assert len(list(path.glob("*.safetensors"))) > 2
+            made[(family, dtype, tied)] = path
+        return made[(family, dtype, tied)]
+
+    return make
+
+
+def _recipe(text_file: Path, stage: dict[str, Any] | None = None, export: str = "bitstack",
+            before: list[dict[str, Any]] | None = None, after: list[dict[str, Any]] | None = None) -> Any:
+    stages = [*(before or []), {"method": "bitstack", **STACK, **(stage or {})}, *(after or [])]
+    return recipe_from_dict({"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32,
+                                                          "batch_size": 2},
+                             "stages": stages, "export": {"format": export, "max_shard_mb": 1}})
+
+
+def _same_files(a: Path, b: Path) -> list[str]:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name not in REPORTS:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    return names
+
+
+def _rows(report: Any) -> list[dict[str, Any]]:
+    return [{k: v for k, v in row.items() if "seconds" not in k and "time" not in k} for row in report.layers]
+
+
+@pytest.mark.parametrize(("family", "dtype", "tied", "stage", "before"), [
+    ("llama", "float32", False, {}, None),
+    ("llama", "bfloat16", True, {"budget": "2.5bpw", "signs": "residual"}, None),  # tied head: stored once, aliased
+    ("qwen2", "float32", False, {"order": "absolute", "signs": "residual"}, None),  # q/k/v biases in the fixed file
+    ("llama", "float32", True, {"signs": "residual"}, [{"method": "layer_drop", "layers": [1]}]),  # renumbered
+])
+def test_bitstack_streams_to_the_in_ram_directory(checkpoint: Any, text_file: Path, tmp_path: Path, family: str,
+                                                  dtype: str, tied: bool, stage: dict[str, Any],
+                                                  before: list[dict[str, Any]] | None) -> None:
+    recipe = _recipe(text_file, stage, before=before)
+    source = str(checkpoint(family, dtype, tied))
+    in_ram = compress(source, recipe, tmp_path / "ram", device="cpu", memory_budget="none")
+    streamed = compress(source, recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
+    names = _same_files(tmp_path / "ram", tmp_path / "stream")
+    assert {"bitstack.json", "bitstack-fixed.safetensors", "bitstack-block-002.safetensors",
+            "modeling_bitstack.py", "config.json", "tokenizer.json"} <= set(names)
+    manifest = json.loads((tmp_path / "stream" / "bitstack.json").read_text())
+    assert bool(manifest["tied"]) == tied and manifest["dtype"] == dtype
+    assert len(manifest["linears"]) == 7 * (2 if before else 3)
+    assert streamed.structure == in_ram.structure and _rows(streamed) == _rows(in_ram)
+    for key in ("size_bytes", "params", "avg_bits_per_weight", "compression_ratio"):
+        assert getattr(streamed, key) == getattr(in_ram, key), key
+    assert "streamed from disk" in streamed.warnings[0]["message"]
+    assert not (tmp_path / "stream.partial").exists()
+
+
+def test_the_streamed_directory_loads_as_the_in_ram_stage_at_its_budget(checkpoint: Any, text_file: Path,
+                                                                        tmp_path: Path) -> None:
+    """compressor.load(OUT, budget=B) of the streamed output is the in-RAM run's model, reconstructed at B."""
+    recipe = _recipe(text_file, {"budget": "2.2bpw", "signs": "residual"})
+    resident = load(checkpoint("llama", "float32", True))
+    report = compress(resident, recipe, tmp_path / "ram", device="cpu")
+    compress(str(checkpoint("llama", "float32", True)), recipe, tmp_path / "stream", device="cpu",
+             memory_budget="1KB")
+    chosen = [row["extra"]["blocks"] for row in report.layers]
+    assert min(chosen) < STACK["iterations"], "the budget keeps every block: it tests nothing"
+    reloaded = load(tmp_path / "stream", budget="2.2bpw").model.state_dict()
+    expected = resident.model.state_dict()
+    assert sorted(reloaded) == sorted(expected)
+    different = [name for name in expected if not torch.equal(reloaded[name], expected[name])]
+    assert different == []
+
+
+def test_the_blocks_of_finished_layers_are_not_kept_in_memory(checkpoint: Any, text_file: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a layer loads, every earlier layer's blocks are on meta (in files) and one decoder layer is resident."""
+    seen: list[tuple[int, int, int]] = []
+    load_layer = LayerStreamer.load
+
+    def counting(self: LayerStreamer, index: int) -> torch.nn.Module:
+        layer = load_layer(self, index)
+        stage = self.stages[-1]
+        real = sum(not item.decomposition.scale.is_meta for item in stage.decomposed.values())
+        resident = sum(not next(lay.parameters()).is_meta for lay in self.adapter.layers())
+        seen.append((index, resident, real))
+        return layer
+
+    monkeypatch.setattr(LayerStreamer, "load", counting)
+    compress(str(checkpoint()), _recipe(text_file, {"signs": "residual"}), tmp_path / "o", device="cpu",
+             memory_budget="1KB")
+    assert seen == [(0, 1, 0), (1, 1, 0), (2, 1, 0)]
+
+
+#: GPTQ on the attention after BitStack on the MLPs: its Hessians see the earlier layers' reconstructed MLPs.
+GPTQ_AFTER = [{"method": "gptq", "targets": ["re:.*self_attn.*"], "bits": 4, "group_size": 32}]
+
+
+@pytest.mark.parametrize("after", [None, GPTQ_AFTER])
+def test_dense_after_bitstack_streams_to_the_in_ram_bytes(checkpoint: Any, text_file: Path, tmp_path: Path,
+                                                          after: list[dict[str, Any]] | None) -> None:
+    """Format dense (alone, or a quantizer after it): each layer is reconstructed from its blocks' file when read."""
+    stage = {"budget": "2.2bpw", "signs": "residual", **({"targets": ["re:.*mlp.*"]} if after else {})}
+    recipe = _recipe(text_file, stage, export="dense", after=after)
+    source = str(checkpoint("llama", "bfloat16", True))
+    in_ram = compress(source, recipe, tmp_path / "ram", device="cpu", memory_budget="none")
+    streamed = compress(source, recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
+    _same_files(tmp_path / "ram", tmp_path / "stream")
+    assert _rows(streamed) == _rows(in_ram)
+
+
+def test_streamed_eval_of_a_dense_bitstack_output_is_the_in_ram_one(checkpoint: Any, text_file: Path,
+                                                                     tmp_path: Path) -> None:
+    recipe = _recipe(text_file, {"budget": "2.2bpw", "signs": "residual"}, export="dense")
+    runs = [compress(str(checkpoint()), recipe, tmp_path / out, device="cpu", memory_budget=budget,
+                     eval_data=str(text_file), eval_max_tokens=1024) for out, budget in (("ram", "none"), ("s", "1KB"))]
+    assert runs[0].eval["after"]["ppl"] == runs[1].eval["after"]["ppl"] != runs[1].eval["before"]["ppl"]
+
+
+@pytest.mark.parametrize(("recipe_keys", "eval_data", "error", "match"), [
+    ({"stage": {"order": "fisher"}}, False, RecipeError,
+     r"^stages\.0 \(bitstack\) order: fisher does not stream .*use order: relative$"),
+    ({}, True, UsageError, r"^--eval under streaming .*a bitstack directory is not read back layer by layer"),
+])
+def test_what_does_not_stream_is_refused_before_anything_is_written(checkpoint: Any, text_file: Path, tmp_path: Path,
+                                                                    recipe_keys: dict[str, Any], eval_data: bool,
+                                                                    error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match) as raised:
+        compress(str(checkpoint()), _recipe(text_file, **recipe_keys), tmp_path / "o", device="cpu",
+                 memory_budget="1KB", eval_data=str(text_file) if eval_data else None)
+    assert "\n" not in str(raised.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
