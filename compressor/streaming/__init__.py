@@ -9,8 +9,8 @@ transformed by the same engine code as an in-RAM run, written out as soon as it 
 boundary of them exceeds ``activation_memory``; then they live in two memory-mapped files in the run's
 temporary directory (``OUT.partial/stream-*``), which the kernel can page out.
 
-This slice streams the quantizers that need per-layer statistics only, ShortGPT's layer removal and FLAP
-(:data:`STREAMING_METHODS`) into the formats whose writers can take the output tensor by tensor
+This slice streams the quantizers that need per-layer statistics only, ShortGPT's layer removal, FLAP and
+BitStack (:data:`STREAMING_METHODS`) into the formats whose writers can take the output tensor by tensor
 (:data:`STREAMING_FORMATS`); everything else needs the whole model in RAM and is refused before anything loads
 (:func:`check_streamable`), as are ``--resume`` and ``torchrun``; checkpoints are off. Layer removal is the
 in-RAM engine's model-level pass, streamed: its pass loads, runs, scores and drops every layer and writes
@@ -21,6 +21,11 @@ FLAP's pass is a scoring pass too: its finalize turns the per-layer statistics i
 head groups and channels, the input means its compensation biases need), narrows the meta skeleton and its config,
 and hands each plan to the streamer, which applies it (the same pure function as in RAM) to the layer's checkpoint
 tensors whenever they are read again: loaded by the next pass, or copied by the export.
+BitStack's pass is a scoring pass as well: each finished layer's blocks go to a file of their own in the run's
+temporary directory and stay on the stage as meta tensors; its finalize orders every block from the numbers it
+kept (errors per prefix, bytes per block). Export ``bitstack`` assembles the directory from those files and the
+checkpoint's other tensors; for ``dense`` (or a stage after it) the streamer rebuilds each layer's weights from
+its blocks' file whenever the layer is read again, as it applies FLAP's plan.
 ``--eval`` scores the source checkpoint and the written output one layer at a time (:mod:`.perplexity`,
 :func:`evaluate`), as ``compressor eval`` does for a directory above the budget.
 
@@ -179,7 +184,13 @@ def plan_streaming(model: object, memory_budget: str | int | None, dtype: str) -
 
 def check_streamable(plan: StreamPlan, stages: list[Any], export_format: str, *, eval_data: str | None,
                      resume: bool, distributed: bool) -> None:
-    """Refuse (exit 2, one line) what this slice cannot stream, before any weight is read."""
+    """Refuse (exit 2, one line) what this slice cannot stream, before any weight is read.
+
+    Refused: a stage outside :data:`STREAMING_METHODS`, a model-level stage after a layer-wise one, a format
+    outside :data:`STREAMING_FORMATS`, bitstack's ``order: fisher`` (its loss gradients need a backward pass of
+    the whole model), ``--eval`` of a dgq model (INT8 activations) or of a bitstack directory (not a checkpoint
+    the streamed perplexity reads), ``--resume`` and torchrun.
+    """
     need = f"it needs the whole model in RAM (at least {_gb(plan.weight_bytes)} of weights): run with " \
            f"--memory-budget none or a budget above that on a machine that has it"
     for index, stage in enumerate(stages):
