@@ -225,6 +225,8 @@ class LayerStreamer:
     wrote: bool = False
     passes: int = 0
     loads: int = 0
+    #: layer files of BitStack blocks written by :meth:`_spill`
+    spilled: int = 0
     _flip: int = 0
     #: the export's last layer read through a rewrite: (layer index, its state)
     _copied: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -297,7 +299,8 @@ class LayerStreamer:
             else "the layers left were copied from the checkpoint"
         passes = "" if self.loads == layers and self.wrote else \
             f" ({self.loads} layer loads over {self.passes} pass{'es' if self.passes > 1 else ''}" + \
-            ("" if self.wrote else f"; {copied} at export") + ")"
+            ("" if self.wrote else f"; {copied} at export") + \
+            (f"; BitStack's blocks kept in {self.spilled} files, one per layer" if self.spilled else "") + ")"
         message = (f"streamed from disk ({self.reason}): {layers} decoder layers loaded one at a time{passes}, at "
                    f"most {self.max_resident} in memory at once; hidden states in {where}; no checkpoints")
         return {"message": message, "count": layers, "pattern": f"{self.adapter.layers_path()}.*",
@@ -366,6 +369,7 @@ class LayerStreamer:
         if isinstance(stage, BitStack):
             spill_layer(stage, self.adapter.layer_prefix(index) + ".",
                         self.workdir / f"bitstack-pass{self.passes}" / f"layer-{index:05d}.safetensors")
+            self.spilled += 1
 
     def _release(self, layer: nn.Module) -> None:
         layer.to("meta")

@@ -83,7 +83,9 @@ def test_bitstack_streams_to_the_in_ram_directory(checkpoint: Any, text_file: Pa
     assert streamed.structure == in_ram.structure and _rows(streamed) == _rows(in_ram)
     for key in ("size_bytes", "params", "avg_bits_per_weight", "compression_ratio"):
         assert getattr(streamed, key) == getattr(in_ram, key), key
-    assert "streamed from disk" in streamed.warnings[0]["message"]
+    message = streamed.warnings[0]["message"]
+    assert "streamed from disk" in message
+    assert f"BitStack's blocks kept in {2 if before else 3} files, one per layer" in message
     assert not (tmp_path / "stream.partial").exists()
 
 
@@ -162,3 +164,24 @@ def test_what_does_not_stream_is_refused_before_anything_is_written(checkpoint: 
                  memory_budget="1KB", eval_data=str(text_file) if eval_data else None)
     assert "\n" not in str(raised.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_shipped_recipe_streams_from_the_cli_and_fisher_is_one_line_with_exit_2(
+        checkpoint: Any, text_file: Path, tmp_path: Path, runner: Any) -> None:
+    """``compress DIR -r bitstack --memory-budget 10KB`` writes the directory; with order fisher it is refused."""
+    from compressor.cli import app
+
+    small = ["--set", f"calibration.dataset={text_file}", "--set", "calibration.samples=2", "--set",
+             "calibration.seq_len=32", "--set", "stages.0.iterations=2", "--set", "stages.0.rank=2", "--set",
+             "stages.0.signs=residual"]
+    args = ["compress", str(checkpoint()), "-r", "bitstack", "--memory-budget", "10KB", *small]
+    refused = runner.invoke(app, [*args, "--out", str(tmp_path / "f"), "--set", "stages.0.order=fisher"])
+    assert refused.exit_code == 2, refused.output
+    assert "order: fisher does not stream" in refused.output and len(refused.output.strip().splitlines()) == 1
+    assert not (tmp_path / "f").exists()
+    done = runner.invoke(app, [*args, "--out", str(tmp_path / "o")])
+    assert done.exit_code == 0, done.output
+    manifest = json.loads((tmp_path / "o" / "bitstack.json").read_text())
+    assert len(manifest["order"]) == 2 * len(manifest["linears"]) == 2 * 21
+    report = json.loads((tmp_path / "o" / "compression_report.json").read_text())
+    assert "streamed from disk" in report["warnings"][0]["message"]
