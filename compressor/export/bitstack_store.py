@@ -135,22 +135,28 @@ def _write_streamed(out_dir: Path, model: Any, stage: BitStack, read: ReadUnchan
         write_safetensors(out_dir / block_file(index), specs, block_tensor, {"format": "pt"})
 
 
-def spill_layer(stage: BitStack, prefix: str, file: Path) -> None:
-    """Move the blocks of ``stage``'s linears under ``prefix`` (``model.layers.3.``) into ``file``.
+def spill_layer(stage: Any, layer: str, directory: Path) -> None:
+    """Move the blocks of a BitStack ``stage``'s linears in ``layer`` (``model.layers.3``) into a file in ``directory``.
 
-    Streamed runs call it as each layer finishes; the stage keeps its decompositions with meta tensors (shapes,
-    dtypes, so bytes per block and the order still come from it) and each linear's ``file``.
+    The streamer calls it as each layer of a scoring pass finishes, with the pass's model-level stage (its
+    last; anything but BitStack is left alone); the stage keeps its decompositions with meta tensors (shapes,
+    dtypes, so bytes per block and the order still come from it) and each linear's ``file``. The file is named
+    by the layer's first decomposed linear: two bitstack stages never decompose the same linear.
     """
-    items = {path: item for path, item in stage.decomposed.items() if path.startswith(prefix) and item.file is None}
+    if not isinstance(stage, BitStack):
+        return
+    items = {path: item for path, item in stage.decomposed.items()
+             if path.startswith(f"{layer}.") and item.file is None}
     if not items:
         return
+    file = directory / f"{next(iter(items))}.safetensors"
     tensors: dict[str, torch.Tensor] = {}
     for path, item in items.items():
         tensors[_spilled_name(path, 0, "scale")] = item.decomposition.scale
         for index, block in enumerate(item.decomposition.blocks):
             for part in ("signs", "u", "v"):
                 tensors[_spilled_name(path, index, part)] = getattr(block, part)
-    file.parent.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     save_file({name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}, str(file))
     for item in items.values():
         item.file = file

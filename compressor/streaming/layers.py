@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from compressor.errors import ExportError, ModelLoadError, UnsupportedModelError
+from compressor.export.bitstack_store import spill_layer
 from compressor.export.streamed import LayerFiles
 from compressor.methods.quant.ops import QuantizedWeight
 from compressor.models import get_adapter
@@ -198,7 +199,8 @@ class LayerStreamer:
 
     A stage that changes the layers' shapes (FLAP) narrows the meta skeleton at its finalize and leaves a
     rewrite per layer (:meth:`reshape`, :attr:`reshapes`: the stage's plan applied to the checkpoint's tensors),
-    which runs whenever the layer is read again: loaded by the next pass, or copied by the export.
+    which runs whenever the layer is read again: loaded by the next pass, or copied by the export. A BitStack
+    pass leaves each finished layer's blocks in a file (``spill_layer``), read again by the export or a rewrite.
     """
 
     model: Any
@@ -218,15 +220,12 @@ class LayerStreamer:
     sources: dict[nn.Module, int] = field(default_factory=dict)
     #: skeleton decoder layer -> how its checkpoint tensors become its own (a shape-changing stage's plan)
     reshapes: dict[nn.Module, Rewrite] = field(default_factory=dict)
-    #: every stage of every pass so far (the export finds the bitstack stage whose blocks it writes)
-    stages: list[Any] = field(default_factory=list)
+    stages: list[Any] = field(default_factory=list)  # of every pass so far (the export finds bitstack's)
     #: whether the current pass writes its finished layers (False: a scoring pass), and whether one did
     writes: bool = True
     wrote: bool = False
     passes: int = 0
     loads: int = 0
-    #: layer files of BitStack blocks written by :meth:`_spill`
-    spilled: int = 0
     _flip: int = 0
     #: the export's last layer read through a rewrite: (layer index, its state)
     _copied: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -299,8 +298,7 @@ class LayerStreamer:
             else "the layers left were copied from the checkpoint"
         passes = "" if self.loads == layers and self.wrote else \
             f" ({self.loads} layer loads over {self.passes} pass{'es' if self.passes > 1 else ''}" + \
-            ("" if self.wrote else f"; {copied} at export") + \
-            (f"; BitStack's blocks kept in {self.spilled} files, one per layer" if self.spilled else "") + ")"
+            ("" if self.wrote else f"; {copied} at export") + ")"
         message = (f"streamed from disk ({self.reason}): {layers} decoder layers loaded one at a time{passes}, at "
                    f"most {self.max_resident} in memory at once; hidden states in {where}; no checkpoints")
         return {"message": message, "count": layers, "pattern": f"{self.adapter.layers_path()}.*",
@@ -336,8 +334,8 @@ class LayerStreamer:
 
     def finish(self, run: Any, index: int) -> None:
         layer = self.adapter.layers()[index]
-        if not self.writes:  # a scoring pass: the layer was only run
-            self._spill(index)
+        if not self.writes:  # a scoring pass: the layer was only run (a BitStack pass moves its blocks to a file)
+            spill_layer(self.stages[-1], self.adapter.layer_prefix(index), self.workdir / "bitstack")
             self._release(layer)
             return
         prefix = self.adapter.layer_prefix(index) + "."
@@ -355,21 +353,6 @@ class LayerStreamer:
         for path in paths:
             run.quantized[path] = _shape_only(run.quantized[path])
         self._release(layer)
-
-    def _spill(self, index: int) -> None:
-        """A BitStack pass: the layer's blocks go to a file of their own, so the stage holds no layer's blocks.
-
-        The pass's model-level stage is its last; the files are read again by the export (or by the layer's
-        reconstruction when it is read again), in the run's temporary directory until then.
-        """
-        from compressor.export.bitstack_store import spill_layer
-        from compressor.methods.quant.bitstack import BitStack
-
-        stage = self.stages[-1]
-        if isinstance(stage, BitStack):
-            spill_layer(stage, self.adapter.layer_prefix(index) + ".",
-                        self.workdir / f"bitstack-pass{self.passes}" / f"layer-{index:05d}.safetensors")
-            self.spilled += 1
 
     def _release(self, layer: nn.Module) -> None:
         layer.to("meta")

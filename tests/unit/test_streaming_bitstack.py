@@ -83,9 +83,7 @@ def test_bitstack_streams_to_the_in_ram_directory(checkpoint: Any, text_file: Pa
     assert streamed.structure == in_ram.structure and _rows(streamed) == _rows(in_ram)
     for key in ("size_bytes", "params", "avg_bits_per_weight", "compression_ratio"):
         assert getattr(streamed, key) == getattr(in_ram, key), key
-    message = streamed.warnings[0]["message"]
-    assert "streamed from disk" in message
-    assert f"BitStack's blocks kept in {2 if before else 3} files, one per layer" in message
+    assert "streamed from disk" in streamed.warnings[0]["message"]
     assert not (tmp_path / "stream.partial").exists()
 
 
