@@ -19,7 +19,7 @@ per-expert linears (as this package linearizes them) merge back into its 3-D exp
 other tensors are not those the config builds is refused when written (:func:`check_skeleton`).
 
 Under layer streaming the model is a meta skeleton and the blocks are never all in RAM: each finished layer's
-blocks go to a file of their own in the run's temporary directory (:func:`spill_layer`), and the directory is
+blocks go to a file of their own in the run's temporary directory (``bitstack.spill``), and the directory is
 assembled from those files and the checkpoint one tensor at a time (:func:`write_bitstack` with ``read``), byte
 for byte what the in-RAM writer stores for the same blocks.
 """
@@ -33,15 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from compressor.errors import ExportError, ModelLoadError
 from compressor.export.streamed import TensorSpec, write_safetensors
-from compressor.methods.quant.bitstack import BitStack, BitStackConfig, _Decomposed, _fixed_bytes
-from compressor.methods.quant.bitstack.ops import Block, Decomposition
+from compressor.methods.quant.bitstack import BitStack, BitStackConfig, _fixed_bytes
 from compressor.methods.quant.bitstack.order import BudgetError, global_order
+from compressor.methods.quant.bitstack.spill import read_spilled, spilled_name
 from compressor.models.shipped import auto_class_name, shipped_dir
 from compressor.models.shipped import modeling_bitstack as shipped
 from compressor.models.shipped.modeling_bitstack import FIXED, FORMAT_VERSION, MANIFEST, block_file
@@ -58,7 +57,7 @@ def write_bitstack(out_dir: Path, model: Any, stage: BitStack, tokenizer: Any = 
                    read: ReadUnchanged | None = None) -> list[str]:
     """Write ``stage``'s decompositions and the rest of ``model`` as a BitStack directory; returns the files.
 
-    ``read``: the model streamed (a meta skeleton, the blocks in :func:`spill_layer`'s files); the tensors outside
+    ``read``: the model streamed (a meta skeleton, the blocks in ``spill_layer``'s files); the tensors outside
     the decomposed weights are read through it, and every file is written one tensor at a time.
     """
     config = stage.config
@@ -118,7 +117,7 @@ def _write_streamed(out_dir: Path, model: Any, stage: BitStack, read: ReadUnchan
     """The fixed and block shards of a streamed stage, one tensor in memory at a time.
 
     The fixed tensors (embeddings, norms, head) come from the checkpoint through ``read``; each block shard's
-    tensors from the layer files :func:`spill_layer` wrote. The files equal ``save_file``'s for the same tensors
+    tensors from the layer files ``spill_layer`` wrote. The files equal ``save_file``'s for the same tensors
     (:func:`~compressor.export.streamed.write_safetensors`).
     """
     state = model.state_dict(keep_vars=True)
@@ -129,60 +128,10 @@ def _write_streamed(out_dir: Path, model: Any, stage: BitStack, read: ReadUnchan
     for index, tensors in enumerate(_depths(stage)):
         def block_tensor(name: str, index: int = index) -> torch.Tensor:
             path, part = name.rsplit(".", 1)
-            return _read_spilled(stage.decomposed[path], _spilled_name(path, index, part))
+            return read_spilled(stage.decomposed[path], spilled_name(path, index, part))
 
         specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
         write_safetensors(out_dir / block_file(index), specs, block_tensor, {"format": "pt"})
-
-
-def spill_layer(stage: Any, layer: str, directory: Path) -> None:
-    """Move the blocks of a BitStack ``stage``'s linears in ``layer`` (``model.layers.3``) into a file in ``directory``.
-
-    The streamer calls it as each layer of a scoring pass finishes, with the pass's model-level stage (its
-    last; anything but BitStack is left alone); the stage keeps its decompositions with meta tensors (shapes,
-    dtypes, so bytes per block and the order still come from it) and each linear's ``file``. The file is named
-    by the layer's first decomposed linear: two bitstack stages never decompose the same linear.
-    """
-    if not isinstance(stage, BitStack):
-        return
-    items = {path: item for path, item in stage.decomposed.items()
-             if path.startswith(f"{layer}.") and item.file is None}
-    if not items:
-        return
-    file = directory / f"{next(iter(items))}.safetensors"
-    tensors: dict[str, torch.Tensor] = {}
-    for path, item in items.items():
-        tensors[_spilled_name(path, 0, "scale")] = item.decomposition.scale
-        for index, block in enumerate(item.decomposition.blocks):
-            for part in ("signs", "u", "v"):
-                tensors[_spilled_name(path, index, part)] = getattr(block, part)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}, str(file))
-    for item in items.values():
-        item.file = file
-        decomposition = item.decomposition
-        decomposition.scale = decomposition.scale.to("meta")
-        decomposition.blocks = [Block(b.signs.to("meta"), b.u.to("meta"), b.v.to("meta"))
-                                for b in decomposition.blocks]
-
-
-def load_decomposition(path: str, item: _Decomposed) -> Decomposition:
-    """The decomposition of the linear at ``path`` with its tensors read back from its :func:`spill_layer` file."""
-    count = len(item.decomposition.blocks)
-    blocks = [Block(*(_read_spilled(item, _spilled_name(path, index, part)) for part in ("signs", "u", "v")))
-              for index in range(count)]
-    return Decomposition(item.decomposition.shape, _read_spilled(item, _spilled_name(path, 0, "scale")), blocks)
-
-
-def _spilled_name(path: str, index: int, part: str) -> str:
-    return f"{path}.scale" if part == "scale" else f"{path}.{index}.{part}"
-
-
-def _read_spilled(item: _Decomposed, name: str) -> torch.Tensor:
-    if item.file is None:
-        raise ExportError(f"bitstack: {name} was never written to a layer file (its layer did not finish)")
-    with safe_open(str(item.file), framework="pt") as handle:
-        return handle.get_tensor(name)
 
 
 def write_bitstack_stage(out_dir: Path, model: Any, stages: list[Any], read: ReadUnchanged | None = None) -> list[str]:

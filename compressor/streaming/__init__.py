@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 #: they are read again (the next pass, or the export's copy; :meth:`LayerStreamer.reshape`).
 #: bitstack qualifies: its decompositions and errors are per linear, and its order is decided at finalize from small
 #: numbers (errors per prefix, bytes per block); each finished layer's blocks go to a file of their own
-#: (``export.bitstack_store.spill_layer``), from which the export assembles the directory, or, for dense and the
+#: (``methods.quant.bitstack.spill.spill_layer``), from which the export assembles the directory, or, for dense and the
 #: stages after it, the layer's reconstruction is made whenever the layer is read again. Not its ``order: fisher``
 #: (loss gradients from a forward and backward pass of the whole model), nor ``--eval`` into a bitstack directory.
 STREAMING_METHODS = ("rtn", "gptq", "dgq", "layer_drop", "flap", "bitstack")

@@ -12,8 +12,8 @@ from safetensors import safe_open
 from torch import nn
 
 from compressor.errors import ExportError, ModelLoadError, UnsupportedModelError
-from compressor.export.bitstack_store import spill_layer
 from compressor.export.streamed import LayerFiles
+from compressor.methods.quant.bitstack.spill import spill_layer
 from compressor.methods.quant.ops import QuantizedWeight
 from compressor.models import get_adapter
 from compressor.models.loading import DTYPES, LoadedModel, read_config, resolve_dtype

@@ -17,7 +17,7 @@ reconstruction at the stage's budget. The in-memory model, and so the report and
 reconstruction at the stage's budget (every block without one) in both cases.
 
 Under layer streaming (``compressor.streaming``) the pass is a scoring pass: the streamer moves each finished
-layer's blocks to a file of its own (``bitstack_store.spill_layer``) and leaves them here as meta tensors, so
+layer's blocks to a file of its own (``spill.spill_layer``) and leaves them here as meta tensors, so
 what stays in RAM is what the order needs (shapes, bytes per block, errors per prefix). ``finalize`` then
 writes no weight into the meta skeleton: export ``bitstack`` assembles the directory from those files, and for
 ``dense`` (or a later stage) each layer's reconstruction is made from its file whenever the streamer reads the
@@ -65,6 +65,7 @@ from compressor.methods.quant.bitstack.order import (
     parse_budget,
     thin_curve,
 )
+from compressor.methods.quant.bitstack.spill import load_decomposition
 from compressor.methods.quant.common import targeted_groups, targeted_linears
 from compressor.methods.registry import register_method
 
@@ -146,7 +147,7 @@ class _Decomposed:
     seconds: float
     #: ``errors`` with each output channel weighted by its mean squared loss gradient (order ``fisher`` only).
     fisher_errors: list[float] | None = None
-    #: Where the blocks went when the run streams (``bitstack_store.spill_layer``); the tensors here are then on meta.
+    #: Where the blocks went when the run streams (``spill.spill_layer``); the tensors here are then on meta.
     file: Path | None = None
 
     def order_errors(self, order: OrderBy) -> list[float]:
@@ -300,8 +301,6 @@ def _reconstructed(state: dict[str, torch.Tensor],
                    linears: dict[str, tuple[str, _Decomposed, int]]) -> dict[str, torch.Tensor]:
     """A layer's checkpoint tensors (names relative to it) with each decomposed weight replaced by its first
     ``k`` blocks' reconstruction, read from the blocks' file, in the weight's dtype."""
-    from compressor.export.bitstack_store import load_decomposition
-
     for name, (path, item, k) in linears.items():
         weight = state[f"{name}.weight"]
         state[f"{name}.weight"] = load_decomposition(path, item).reconstruct(k).to(dtype=weight.dtype)
