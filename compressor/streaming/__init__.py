@@ -9,8 +9,8 @@ transformed by the same engine code as an in-RAM run, written out as soon as it 
 boundary of them exceeds ``activation_memory``; then they live in two memory-mapped files in the run's
 temporary directory (``OUT.partial/stream-*``), which the kernel can page out.
 
-This slice streams the quantizers that need per-layer statistics only, ShortGPT's layer removal, FLAP and
-BitStack (:data:`STREAMING_METHODS`) into the formats whose writers can take the output tensor by tensor
+This slice streams the quantizers that need per-layer statistics only, ShortGPT's layer removal, FLAP, BitStack
+and BAQ's planning (:data:`STREAMING_METHODS`) into the formats whose writers can take the output tensor by tensor
 (:data:`STREAMING_FORMATS`); everything else needs the whole model in RAM and is refused before anything loads
 (:func:`check_streamable`), as are ``--resume`` and ``torchrun``; checkpoints are off. Layer removal is the
 in-RAM engine's model-level pass, streamed: its pass loads, runs, scores and drops every layer and writes
@@ -26,6 +26,10 @@ temporary directory and stay on the stage as meta tensors; its finalize orders e
 kept (errors per prefix, bytes per block). Export ``bitstack`` assembles the directory from those files and the
 checkpoint's other tensors; for ``dense`` (or a stage after it) the streamer rebuilds each layer's weights from
 its blocks' file whenever the layer is read again, as it applies FLAP's plan.
+BAQ's pass scores too: it keeps each targeted linear's column sensitivities (small CPU tensors) and the layer is
+dropped; its finalize allocates from those alone and hands the quantizer after it a plan of widths by module path
+(data only), and the quantizer's pass streams the layers again and writes them. Its ``objective: fisher`` is
+refused (loss gradients from a backward pass of the whole model); ``relative`` and ``channel`` are layer-local.
 ``--eval`` scores the source checkpoint and the written output one layer at a time (:mod:`.perplexity`,
 :func:`evaluate`), as ``compressor eval`` does for a directory above the budget.
 
@@ -80,7 +84,10 @@ log = logging.getLogger(__name__)
 #: (``methods.quant.bitstack.spill.spill_layer``), from which the export assembles the directory, or, for dense and the
 #: stages after it, the layer's reconstruction is made whenever the layer is read again. Not its ``order: fisher``
 #: (loss gradients from a forward and backward pass of the whole model), nor ``--eval`` into a bitstack directory.
-STREAMING_METHODS = ("rtn", "gptq", "dgq", "layer_drop", "flap", "bitstack")
+#: baq qualifies: it only plans; its measures read each layer's own weights and Hessians, its finalize allocates from
+#: the kept sensitivities and leaves a plan keyed by module path for the quantizer's pass. Not its ``objective:
+#: fisher`` (the same whole-model backward as bitstack's order fisher).
+STREAMING_METHODS = ("rtn", "gptq", "dgq", "layer_drop", "flap", "bitstack", "baq")
 #: Stages whose model runs INT8 activations, which a file's weights alone do not reproduce (no streamed --eval).
 INT8_ACTIVATION_METHODS = ("dgq",)
 #: Export formats whose writer takes the model tensor by tensor (``compressor.export.streamed``).
@@ -187,9 +194,9 @@ def check_streamable(plan: StreamPlan, stages: list[Any], export_format: str, *,
     """Refuse (exit 2, one line) what this slice cannot stream, before any weight is read.
 
     Refused: a stage outside :data:`STREAMING_METHODS`, a model-level stage after a layer-wise one, a format
-    outside :data:`STREAMING_FORMATS`, bitstack's ``order: fisher`` (its loss gradients need a backward pass of
-    the whole model), ``--eval`` of a dgq model (INT8 activations) or of a bitstack directory (not a checkpoint
-    the streamed perplexity reads), ``--resume`` and torchrun.
+    outside :data:`STREAMING_FORMATS`, bitstack's ``order: fisher`` and baq's ``objective: fisher`` (their loss
+    gradients need a backward pass of the whole model), ``--eval`` of a dgq model (INT8 activations) or of a
+    bitstack directory (not a checkpoint the streamed perplexity reads), ``--resume`` and torchrun.
     """
     need = f"it needs the whole model in RAM (at least {_gb(plan.weight_bytes)} of weights): run with " \
            f"--memory-budget none or a budget above that on a machine that has it"
@@ -205,6 +212,10 @@ def check_streamable(plan: StreamPlan, stages: list[Any], export_format: str, *,
         if stage.name == "bitstack" and getattr(stage.config, "order", None) == "fisher":
             raise RecipeError(f"stages.{index} (bitstack) order: fisher does not stream ({plan.reason}): its loss "
                               "gradients need a forward and backward pass of the whole model; use order: relative")
+        if stage.name == "baq" and getattr(stage.config, "objective", None) == "fisher":
+            raise RecipeError(f"stages.{index} (baq) objective: fisher does not stream ({plan.reason}): its loss "
+                              "gradients need a forward and backward pass of the whole model; use objective: "
+                              "relative (or channel)")
     if export_format not in STREAMING_FORMATS:
         raise RecipeError(f"export.format {export_format} does not stream ({plan.reason}); {need}. "
                           f"Streaming writes {', '.join(STREAMING_FORMATS)}")

@@ -92,7 +92,7 @@ def load_skeleton(directory: Path, dtype: str, checkpoint: Checkpoint | None = N
     expected = {name: t for name, t in model.state_dict().items() if not name.startswith(layers)}
     tied = {name for name in expected if not checkpoint.has(name) and _is_tied(model, name)}
     missing = [name for name in expected if not checkpoint.has(name) and name not in tied]
-    missing += [n for n in _layer_keys(model, layers) if not checkpoint.has(n)]
+    missing += [n for n in model.state_dict() if n.startswith(layers) and not checkpoint.has(n)]
     if missing:
         raise UnsupportedModelError(f"{directory}: the checkpoint's tensor names do not match the model's "
                                     f"({missing[0]} is missing), so its layers cannot be streamed")
@@ -176,10 +176,6 @@ def load_layer(adapter: Any, checkpoint: Checkpoint, index: int, source: int | N
 def _is_tied(model: Any, name: str) -> bool:
     keys = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
     return name in keys
-
-
-def _layer_keys(model: nn.Module, layers: str) -> list[str]:
-    return [name for name in model.state_dict() if name.startswith(layers)]
 
 
 @dataclass
@@ -394,6 +390,8 @@ def _then(first: Rewrite, second: Rewrite) -> Rewrite:
 
 
 def _shape_only(qweight: QuantizedWeight) -> QuantizedWeight:
-    """The same weight with its codes, scales and zero points on meta: the report's bit counts still work."""
-    return replace(qweight, q=qweight.q.to("meta"), scale=qweight.scale.to("meta"), zero=qweight.zero.to("meta"))
-
+    """The same weight with its codes, scales and zero points on meta: the report's bit counts still work (BAQ's
+    per-group widths count by column group, derived from the codes without a ``g_idx``: kept as a contiguous one)."""
+    groups = qweight.g_idx if qweight.g_idx is not None or qweight.group_bits is None else qweight.column_groups()
+    return replace(qweight, q=qweight.q.to("meta"), scale=qweight.scale.to("meta"), zero=qweight.zero.to("meta"),
+                   g_idx=groups)
