@@ -181,3 +181,16 @@ def test_the_shipped_recipes_are_refused_from_the_cli_with_exit_2_and_stream_wit
     assert done.exit_code == 0, done.output
     report = yaml.safe_load((tmp_path / "o" / "compression_report.json").read_text())
     assert "streamed from disk" in report["warnings"][0]["message"]
+
+
+@pytest.mark.parametrize(("baq", "export"), [
+    ({"objective": "relative"}, "compressed-tensors"),  # one config group per width, read back layer by layer
+    ({"objective": "channel", "granularity": "group"}, "dense"),
+])
+def test_streamed_eval_scores_the_mixed_width_output_as_in_ram(checkpoint: Any, text_file: Path, tmp_path: Path,
+                                                               baq: dict[str, Any], export: str) -> None:
+    recipe = _recipe(text_file, baq, export=export)
+    runs = [compress(str(checkpoint()), recipe, tmp_path / out, device="cpu", memory_budget=budget,
+                     eval_data=str(text_file), eval_max_tokens=1024) for out, budget in (("ram", "none"), ("s", "1KB"))]
+    assert runs[0].eval["after"]["ppl"] == runs[1].eval["after"]["ppl"] != runs[1].eval["before"]["ppl"]
+    assert runs[0].eval["before"]["ppl"] == runs[1].eval["before"]["ppl"]

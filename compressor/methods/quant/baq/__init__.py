@@ -22,7 +22,8 @@ with that trace per module. Both are layer-local: across modules neither says ho
 cares (at 3 bits with one width per linear, relative scored ppl 206 against 94 for uniform GPTQ).
 The default, ``fisher``, weighs every output channel's error by its mean squared loss gradient
 (``calibration/fisher.py``), a second-order estimate of the loss rise, at the price of one forward and backward pass
-of the whole model (ppl 57.9 at the same 3 bits; README has the table).
+of the whole model (ppl 57.9 at the same 3 bits; README has the table). So only the layer-local objectives stream
+(``compressor.streaming``: this pass then measures each layer as it is loaded, and finalize reads nothing else).
 
 Granularity and the stored forms:
 - ``module``: one width per linear. Stores as compressed-tensors with one config group per width. For
@@ -150,7 +151,6 @@ class BAQConfig(TargetedConfig):
             raise ValueError(f"avg_bits must lie within the candidates [{min(candidates)}, {max(candidates)}], "
                              f"got {value}")
         return value
-
 
     @model_validator(mode="after")
     def _module_budget_needs_finer_units(self) -> BAQConfig:
