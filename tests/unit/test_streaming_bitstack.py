@@ -19,7 +19,7 @@ from compressor.streaming.layers import LayerStreamer
 #: Files whose bytes legitimately differ between two runs (timings, peak memory, the streaming note).
 REPORTS = {"compression_report.json", "compression_report.md", "layers.png", "bitstack.png"}
 #: Small stacks: 3 blocks of rank 2 per linear.
-STACK = {"iterations": 3, "rank": 2}
+STACK = {"iterations": 3, "rank": 2, "order": "relative"}  # the default, fisher, does not stream
 
 
 @pytest.fixture(scope="module")
@@ -164,20 +164,21 @@ def test_what_does_not_stream_is_refused_before_anything_is_written(checkpoint: 
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_the_shipped_recipe_streams_from_the_cli_and_fisher_is_one_line_with_exit_2(
+def test_the_shipped_recipe_is_refused_in_one_line_and_streams_with_order_relative(
         checkpoint: Any, text_file: Path, tmp_path: Path, runner: Any) -> None:
-    """``compress DIR -r bitstack --memory-budget 10KB`` writes the directory; with order fisher it is refused."""
+    """``compress DIR -r bitstack --memory-budget 10KB`` (its default order, fisher) is refused in one line with
+    exit 2 and nothing written; with ``order: relative`` it writes the directory."""
     from compressor.cli import app
 
     small = ["--set", f"calibration.dataset={text_file}", "--set", "calibration.samples=2", "--set",
              "calibration.seq_len=32", "--set", "stages.0.iterations=2", "--set", "stages.0.rank=2", "--set",
              "stages.0.signs=residual"]
     args = ["compress", str(checkpoint()), "-r", "bitstack", "--memory-budget", "10KB", *small]
-    refused = runner.invoke(app, [*args, "--out", str(tmp_path / "f"), "--set", "stages.0.order=fisher"])
+    refused = runner.invoke(app, [*args, "--out", str(tmp_path / "f")])
     assert refused.exit_code == 2, refused.output
     assert "order: fisher does not stream" in refused.output and len(refused.output.strip().splitlines()) == 1
     assert not (tmp_path / "f").exists()
-    done = runner.invoke(app, [*args, "--out", str(tmp_path / "o")])
+    done = runner.invoke(app, [*args, "--out", str(tmp_path / "o"), "--set", "stages.0.order=relative"])
     assert done.exit_code == 0, done.output
     manifest = json.loads((tmp_path / "o" / "bitstack.json").read_text())
     assert len(manifest["order"]) == 2 * len(manifest["linears"]) == 2 * 21

@@ -83,7 +83,7 @@ class BitStackConfig(TargetedConfig):
       iterations: 16      # blocks per linear (each ~1 bit per weight plus its factors)
       rank: 16            # rank of each block's magnitude approximation
       budget: 300MB       # or 1.5GiB, 123456 (bytes), 2.5bpw; omitted: every block
-      order: relative     # or absolute, fisher
+      order: fisher       # or relative, absolute
       svd: lowrank        # or full (exact SVD per block, ~8x slower)
       signs: feedback     # or residual (sign(R), the reference's)
       dampening: 0.3      # feedback's shrinkage of the input correlations
@@ -98,11 +98,13 @@ class BitStackConfig(TargetedConfig):
         "per targeted weight (2.5bpw, signs, factors and scales counted). Omitted: every block is kept."
     )
     order: OrderBy = Field(
-        "relative", description="What a block is worth, per stored byte: its drop of the calibration output error "
-        "tr(dW H dW^T) divided by the linear's output energy tr(W H W^T) (relative), raw (absolute, favours linears "
-        "with large activations: BAQ measured that on SmolLM2), or with each output channel's error weighted by its "
-        "mean squared loss gradient (fisher: the second-order estimate of the loss rise, so linears compare by "
-        "what the loss minds; one extra forward and backward pass over the calibration tokens, as BAQ's fisher)."
+        "fisher", description="What a block is worth, per stored byte: its drop of the calibration output error "
+        "with each output channel's error weighted by its mean squared loss gradient (fisher, the default: the "
+        "second-order estimate of the loss rise, so linears compare by what the loss minds; one forward and backward "
+        "pass of the whole model over the calibration tokens, as BAQ's fisher; does not stream), that error "
+        "tr(dW H dW^T) divided by the linear's output energy tr(W H W^T) (relative), or raw (absolute). Demo model, "
+        "rank 4, 16 blocks, 8,192 wiki tokens, ppl at 2 / 2.25 / 2.5 / 3 / 4 bits per weight: fisher 813 / 610 / "
+        "302 / 117 / 51.5, relative 23,281 / 7,017 / 640 / 233 / 78.5, absolute 33,268 / 21,216 at 2 / 2.25."
     )
 
     svd: SVDMode = Field(
@@ -328,8 +330,9 @@ def _curve_section(chains: list[Chain], errors: dict[str, list[float]], order: l
 
     chosen = next(p for p in curve if p.blocks == loaded)
     return {
-        "measure": "calibration output error tr(dW H dW^T) summed over the decomposed linears, relative to the "
-                   "error with no block; an estimate of the order, not perplexity",
+        "measure": ("calibration output error tr(dW H dW^T)" + (", each output channel's weighted by its mean squared "
+                    "loss gradient," if config.order == "fisher" else "") + " summed over the decomposed linears, "
+                    "relative to the error with no block; an estimate of the order, not perplexity"),
         "order": config.order, "budget": config.budget, "linears": len(chains), "blocks": len(order),
         "params": sum(chain.params for chain in chains), "fixed_bytes": fixed, "loaded": point(chosen),
         "curve": [point(p) for p in thin_curve(curve, CURVE_POINTS, keep=(loaded,))],

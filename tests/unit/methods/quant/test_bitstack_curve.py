@@ -48,9 +48,11 @@ def _run(**settings: object) -> tuple[BitStack, list[LayerRecord], dict[str, Any
 
 
 def _summed(stage: BitStack, counts: dict[str, int]) -> float:
-    """Summed calibration output error at ``counts`` blocks per linear over the summed error with none."""
-    items = stage.decomposed
-    return sum(items[p].errors[counts[p]] for p in items) / sum(item.errors[0] for item in items.values())
+    """Summed calibration output error (loss-weighted for order fisher, the default) at ``counts`` blocks per
+    linear over the summed error with none."""
+    items, order = stage.decomposed, stage.config.order  # type: ignore[attr-defined]
+    errors = {p: item.order_errors(order) for p, item in items.items()}
+    return sum(errors[p][counts[p]] for p in items) / sum(e[0] for e in errors.values())
 
 
 @pytest.mark.parametrize("budget", [None, "4bpw", "6bpw"])
@@ -88,7 +90,7 @@ def test_the_curve_falls_with_size_ends_at_every_block_and_marks_what_the_stage_
 def test_each_points_bytes_as_a_budget_load_exactly_that_prefix() -> None:
     """What the table and plot promise a user: ``--budget <bytes of a point>`` loads that point's blocks."""
     stage, _, section, fixed = _run(budget="5bpw")
-    chains = [item.chain(path, "relative") for path, item in stage.decomposed.items()]
+    chains = [item.chain(path, stage.config.order) for path, item in stage.decomposed.items()]  # type: ignore[attr-defined]
     order = global_order(chains)
     for point in section["curve"]:
         counts = blocks_for_budget(chains, order, parse_budget(point["bytes"]), fixed)

@@ -57,10 +57,11 @@ print(json.dumps(seen))
 
 @pytest.fixture(scope="module")
 def stack_dir(model_dir_factory, text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # signs: residual: the budgets below assume the global order takes every linear's second block before any third,
-    # which sign(R)'s blocks give on these tiny models (feedback's do not always); the store tests cover feedback.
+    # signs: residual, order: relative: the budgets below assume the global order takes every linear's second block
+    # before any third, which sign(R)'s blocks in the relative order give on these tiny models (feedback's, or the
+    # fisher order, do not always); the store tests cover feedback and the stage tests fisher.
     data = {"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32, "batch_size": 2},
-            "stages": [{"method": "bitstack", "iterations": 3, "rank": 2, "signs": "residual"}],
+            "stages": [{"method": "bitstack", "iterations": 3, "rank": 2, "signs": "residual", "order": "relative"}],
             "export": {"format": "bitstack"}}
     out = tmp_path_factory.mktemp("stack") / "bs"
     compress(str(model_dir_factory("llama")), recipe_from_dict(yaml.safe_load(yaml.safe_dump(data))), out,
@@ -95,7 +96,7 @@ def moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokens = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
     run = ModelContext(model, get_adapter(model), tokens, torch.device("cpu"), batch_size=2)
     stage = BitStack(BitStackConfig.model_validate({"method": "bitstack", "iterations": 3, "rank": 2,
-                                                    "signs": "residual"}))  # as stack_dir's, for _budgets
+                                                    "signs": "residual", "order": "relative"}))  # as stack_dir's
     run_stages(run, [stage])
     out = tmp_path_factory.mktemp("moe")
     write_bitstack(out, model, stage)

@@ -87,9 +87,9 @@ def test_a_budget_below_the_smallest_model_names_the_range(written: tuple[Path, 
 def test_a_moe_directory_loads_into_the_model_the_stage_builds(tmp_path: Path, family: str) -> None:
     """Experts are decomposed per expert projection (linearized in memory); the loader merges them into
     transformers' 3-D expert tensors like any checkpoint's, so the stock class computes the stage's model."""
-    # signs: residual: "two blocks per linear" below needs the order to take every second block before any
-    # third, as sign(R)'s blocks do on this tiny model (feedback's do not); the llama fixture covers feedback
-    model, stage = _compress(family, signs="residual")
+    # signs: residual, order: relative: "two blocks per linear" below needs the order to take every second block
+    # before any third, as sign(R)'s blocks in that order do on this tiny model (feedback's and fisher's do not)
+    model, stage = _compress(family, signs="residual", order="relative")
     write_bitstack(tmp_path, model, stage)
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     assert any(".experts.3." in path for path in manifest["linears"])
@@ -98,7 +98,7 @@ def test_a_moe_directory_loads_into_the_model_the_stage_builds(tmp_path: Path, f
     loaded, counts = load_bitstack(tmp_path, budget)
     assert set(counts.values()) == {2}
     assert not any(".experts.3." in name for name in loaded.state_dict()), "experts not merged back"
-    at_budget, same = _compress(family, budget=budget, signs="residual")
+    at_budget, same = _compress(family, budget=budget, signs="residual", order="relative")
     assert same.blocks == counts
     torch.testing.assert_close(_logits(loaded), _logits(at_budget), rtol=0, atol=1e-5)
 
