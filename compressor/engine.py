@@ -46,6 +46,10 @@ class LayerStream(Protocol):
     Without one, every layer is resident and only moves between the CPU and ``--device``.
     """
 
+    #: Tensors outside the layers a stage changed while they were on meta (SliceGPT's rotated embeddings and head):
+    #: the export writes ``derived[name](read)``, ``read(name, dtype)`` giving a checkpoint tensor.
+    derived: dict[str, Callable[[Callable[[str, torch.dtype], torch.Tensor]], torch.Tensor]]
+
     def load(self, index: int) -> nn.Module:
         """Materialise decoder layer ``index`` (its weights read from disk) and return it."""
         ...

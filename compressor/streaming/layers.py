@@ -144,6 +144,7 @@ def load_modules(model: Any, modules: list[nn.Module], checkpoint: Checkpoint) -
 
 #: How a shape-changing model-level stage turns a layer's checkpoint tensors into its own (names relative to it).
 Rewrite = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+Derived = Callable[[Callable[[str, torch.dtype], torch.Tensor]], torch.Tensor]  # compute(read): LayerStream.derived
 
 
 def read_layer(adapter: Any, checkpoint: Checkpoint, index: int, source: int | None = None,
@@ -194,9 +195,9 @@ class LayerStreamer:
     export copies them from the checkpoint under their new names (:meth:`read_unchanged`).
 
     A stage that changes the layers' shapes (FLAP) narrows the meta skeleton at its finalize and leaves a
-    rewrite per layer (:meth:`reshape`, :attr:`reshapes`: the stage's plan applied to the checkpoint's tensors),
-    which runs whenever the layer is read again: loaded by the next pass, or copied by the export. A BitStack
-    pass leaves each finished layer's blocks in a file (``spill_layer``), read again by the export or a rewrite.
+    rewrite per layer (:meth:`reshape`: its plan applied to the checkpoint's tensors), run whenever the layer is
+    read again (the next pass, the export's copy). A BitStack pass leaves each finished layer's blocks in a file
+    (``spill_layer``). SliceGPT's rotated embeddings and head are computed at export (:attr:`derived`).
     """
 
     model: Any
@@ -217,6 +218,7 @@ class LayerStreamer:
     #: skeleton decoder layer -> how its checkpoint tensors become its own (a shape-changing stage's plan)
     reshapes: dict[nn.Module, Rewrite] = field(default_factory=dict)
     stages: list[Any] = field(default_factory=list)  # of every pass so far (the export finds bitstack's)
+    derived: dict[str, Derived] = field(default_factory=dict)  # outside the layers, computed at export (SliceGPT)
     #: whether the current pass writes its finished layers (False: a scoring pass), and whether one did
     writes: bool = True
     wrote: bool = False
@@ -271,6 +273,8 @@ class LayerStreamer:
         them for a removal): under the layer's index there, which the removal may have changed.
         """
         layers = self.adapter.layers_path() + "."
+        if name in self.derived:
+            return self.derived[name](self.checkpoint.read)
         if name.startswith(layers):
             if self.wrote:
                 raise ExportError(f"streamed export: {name} was never written (its layer did not finish)")
@@ -384,9 +388,7 @@ class LayerStreamer:
 
 
 def _then(first: Rewrite, second: Rewrite) -> Rewrite:
-    def both(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return second(first(state))
-    return both
+    return lambda state: second(first(state))
 
 
 def _shape_only(qweight: QuantizedWeight) -> QuantizedWeight:

@@ -329,7 +329,7 @@ def test_cli_refusal_is_one_line_with_exit_2(sharded_dir: Any, text_file: Path, 
     result = runner.invoke(app, ["compress", str(sharded_dir()), "--recipe", str(recipe), "--out",
                                  str(tmp_path / "o"), "--memory-budget", "10KB"])
     assert result.exit_code == 2, result.output
-    assert "stages.0 (slicegpt) does not stream" in result.output
+    assert "stages.0 (slicegpt) rotation: shared does not stream" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 

@@ -33,7 +33,14 @@ from torch import nn
 from compressor.errors import RecipeError
 from compressor.methods.base import LayerRecord, Method, MethodConfig
 from compressor.methods.prune.slicegpt import ops
-from compressor.methods.prune.slicegpt.invariance import Ready, make_rotation_ready, set_linear, shortcut
+from compressor.methods.prune.slicegpt.invariance import (
+    Ready,
+    convert_layer,
+    make_rotation_ready,
+    set_linear,
+    shortcut,
+)
+from compressor.methods.prune.slicegpt.streamed import StreamedEnds
 from compressor.methods.registry import register_method
 from compressor.models.shipped import auto_class_name
 from compressor.models.shipped.modeling_sliced import PREFIX
@@ -103,6 +110,7 @@ class SliceGPT(Method):
         #: The first basis and its eigenvalues (prepare's PCA over a forward of the whole model), for a resume.
         self._first: dict[str, torch.Tensor] = {}
         self._resumed: dict[str, torch.Tensor] = {}  # the same, saved by an interrupted run (restore_state)
+        self._streamed: StreamedEnds | None = None  # the run streams its layers (streamed.py)
 
     @classmethod
     def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
@@ -124,7 +132,8 @@ class SliceGPT(Method):
         start = time.perf_counter()
         self._width = self._check(run)
         params_before = _embedding_params(run)
-        self._ready = make_rotation_ready(run.model, run.adapter, self._config.rotation)
+        self._streamed = None if run.stream is None else StreamedEnds(run)
+        self._ready = make_rotation_ready(run.model, run.adapter, self._config.rotation, layers=run.stream is None)
         self._first = self._resumed or dict(zip(("values", "Q"), self._first_basis(run), strict=True))
         values, Q = self._first["values"], self._first["Q"]
         if self._config.rotation == "shared":
@@ -136,6 +145,8 @@ class SliceGPT(Method):
         for embedding in self._ready.embedding_rows:
             embedding.weight.data = ops.rotate_input(embedding.weight.data, self._basis.to(embedding.weight.device))
             embedding.embedding_dim = self._width
+        if self._streamed:
+            self._streamed.rows(run, self._ready, self._basis)
         run.model.config.slicing["embedding_width"] = self._width
         note = "tied embedding kept tied: lookup then [hidden -> d] projection" if self._ready.tied else ""
         return [LayerRecord(
@@ -188,6 +199,8 @@ class SliceGPT(Method):
         head = self._ready.head_reader
         before = head.weight.numel()
         set_linear(head, ops.rotate_input(head.weight.data, self._basis.to(head.weight.device)))
+        if self._streamed:
+            self._streamed.head(run, self._ready, self._basis)
         spec = run.model.config.slicing
         class_name = auto_class_name(PREFIX, run.model)
         run.structure["remote_code"] = {
@@ -202,6 +215,9 @@ class SliceGPT(Method):
     # ---- per layer --------------------------------------------------------------------------
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
         start = time.perf_counter()
+        if self._streamed:  # loaded as the checkpoint has it: fold and rebuild it now, as prepare does in RAM
+            ctx.layer = ctx.adapter.layers()[ctx.index] = convert_layer(ctx.adapter, ctx.layer, ctx.index,
+                                                                        ctx.run.model.config)
         before = _params(ctx.layer)
         last = ctx.index == ctx.adapter.num_layers - 1
         if self._config.rotation == "shared":
@@ -306,7 +322,7 @@ def _stream_covariance(run: ModelContext, points: list[nn.Module], stop: nn.Modu
             raise _Stop
 
     handles = [point.register_forward_pre_hook(hook) for point in [*points, stop]]
-    device = run.adapter.lm_head().weight.device
+    device = next(run.adapter.embeddings()[0].parameters()).device  # (a streamed model's head is on meta)
     try:
         for start in range(0, run.tokens.shape[0], run.batch_size):
             try:

@@ -61,14 +61,18 @@ def initial_spec(adapter: ModelAdapter, rotation: str, tied: bool) -> dict[str, 
     }
 
 
-def make_rotation_ready(model: Any, adapter: ModelAdapter, rotation: str) -> Ready:
-    """Fold norms, centre the stream (LayerNorm families), and swap in the sliced structure at full width."""
+def make_rotation_ready(model: Any, adapter: ModelAdapter, rotation: str, layers: bool = True) -> Ready:
+    """Fold norms, centre the stream (LayerNorm families), and swap in the sliced structure at full width.
+
+    ``layers=False`` leaves the decoder layers as they are (a streamed run converts each one when it is loaded,
+    :func:`convert_layer`; the rest of the model is converted here, on meta where it is not loaded).
+    """
     head = adapter.lm_head()
     tied = any(module.weight is head.weight for module in adapter.embeddings())
     model.config.slicing = initial_spec(adapter, rotation, tied)
-    layers = adapter.layers()
-    for index in range(len(layers)):
-        layers[index] = _convert_layer(adapter, layers[index], index, model.config)
+    decoder = adapter.layers()
+    for index in range(len(decoder) if layers else 0):
+        decoder[index] = convert_layer(adapter, decoder[index], index, model.config)
     writers, rows = _prepare_embeddings(model, adapter, head)
     reader = _prepare_head(model, adapter, head, tied)
     model.config.slicing["head_bias"] = reader.bias is not None
@@ -108,7 +112,7 @@ def _fold_readers(adapter: ModelAdapter, norm: nn.Module, readers: list[nn.Linea
         set_linear(linear, W, b)
 
 
-def _convert_layer(adapter: ModelAdapter, layer: nn.Module, index: int, config: Any) -> nn.Module:
+def convert_layer(adapter: ModelAdapter, layer: nn.Module, index: int, config: Any) -> nn.Module:
     """The layer folded and rebuilt as the sliced class (built on the meta device, then given these tensors)."""
     norms = (adapter.attention_norm(layer), adapter.mlp_norm(layer))
     _fold_readers(adapter, norms[0], adapter.attention_inputs(layer))

@@ -1,0 +1,166 @@
+"""SliceGPT under layer streaming: ``per_layer`` streams (layers folded as they load, embeddings and head rotated
+from the checkpoint at export), byte for byte the in-RAM run's; ``shared``, a tied model, a slicegpt after another
+stage and --eval are refused in one line before anything is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from isolation import run_without_compressor
+from tiny import tiny_model
+
+from compressor.errors import CompressorError, RecipeError
+from compressor.pipeline import compress, load
+from compressor.recipe import recipe_from_dict
+from compressor.streaming.layers import LayerStreamer
+
+#: Files whose bytes legitimately differ between two runs (timings, peak memory, the streaming note).
+REPORTS = {"compression_report.json", "compression_report.md", "layers.png"}
+PER_LAYER = {"rotation": "per_layer", "slicing": 0.25}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Any:
+    """A tiny model of ``family`` in several shards, per (family, dtype, tied embeddings)."""
+    made: dict[tuple[str, str, bool], Path] = {}
+
+    def make(family: str = "llama", dtype: str = "float32", tied: bool = False) -> Path:
+        if (family, dtype, tied) not in made:
+            path = tmp_path_factory.mktemp(f"slicegpt-{family}-{dtype}-{tied}")
+            model = tiny_model(family, tie_word_embeddings=tied)
+            model.to(getattr(torch, dtype)).save_pretrained(path, max_shard_size="200KB")
+            tiny_tokenizer.save_pretrained(path)
+            made[(family, dtype, tied)] = path
+        return made[(family, dtype, tied)]
+
+    return make
+
+
+def _recipe(text_file: Path, slicegpt: dict[str, Any], then: str | None = None, export: str = "dense",
+            first: str | None = None) -> Any:
+    stages: list[dict[str, Any]] = [{"method": first, "layers": [0]}] if first else []
+    stages.append({"method": "slicegpt", **slicegpt})
+    if then:
+        stages.append({"method": then, "bits": 4, "group_size": 32})
+    return recipe_from_dict({"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32,
+                                                          "batch_size": 2},
+                             "stages": stages, "export": {"format": export, "max_shard_mb": 1}})
+
+
+def _same_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name not in REPORTS:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(("family", "slicegpt", "then", "export", "dtype"), [
+    ("llama", PER_LAYER, None, "dense", "float32"),
+    ("llama", {**PER_LAYER, "slicing": 0.5}, "gptq", "compressed-tensors", "float32"),
+    ("llama", PER_LAYER, "rtn", "dense", "bfloat16"),
+    ("qwen2", PER_LAYER, "gptq", "compressed-tensors", "bfloat16"),  # attention biases
+])
+def test_slicegpt_streams_to_the_in_ram_bytes(checkpoint: Any, text_file: Path, tmp_path: Path, family: str,
+                                              slicegpt: dict[str, Any], then: str | None, export: str,
+                                              dtype: str) -> None:
+    recipe = _recipe(text_file, slicegpt, then, export)
+    source = str(checkpoint(family, dtype))
+    in_ram = compress(source, recipe, tmp_path / "ram", device="cpu", memory_budget="none")
+    streamed = compress(source, recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
+    _same_files(tmp_path / "ram", tmp_path / "stream")
+    assert (tmp_path / "stream" / "modeling_sliced.py").is_file()
+    assert streamed.structure == in_ram.structure
+    for key in ("size_bytes", "params", "avg_bits_per_weight", "compression_ratio"):
+        assert getattr(streamed, key) == getattr(in_ram, key), key
+    rows = [[{k: v for k, v in row.items() if "seconds" not in k and "time" not in k} for row in report.layers]
+            for report in (in_ram, streamed)]
+    assert rows[0] == rows[1]
+    assert "streamed from disk" in streamed.warnings[0]["message"]
+    assert not (tmp_path / "stream.partial").exists()
+
+
+#: A user's Python: transformers alone, trusting the shipped file; prints the class and the largest logit difference.
+_RELOAD = """
+import sys
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+tokens, expected = torch.load(sys.argv[2]), torch.load(sys.argv[3])
+with torch.no_grad():
+    print("RESULT", type(model).__name__, float((model(tokens).logits - expected).abs().max()))
+"""
+
+
+def test_streamed_output_loads_with_transformers_and_gives_the_in_ram_logits(
+        checkpoint: Any, text_file: Path, tmp_path: Path) -> None:
+    """The in-RAM run's sliced model (still in memory) against the streamed directory, reloaded without us."""
+    recipe = _recipe(text_file, PER_LAYER)
+    loaded = load(checkpoint())
+    compress(loaded, recipe, tmp_path / "ram", device="cpu")
+    compress(str(checkpoint()), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
+    _same_files(tmp_path / "ram", tmp_path / "stream")
+    tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = loaded.model(tokens).logits
+    torch.save(expected, tmp_path / "logits.pt")
+    torch.save(tokens, tmp_path / "tokens.pt")
+    child = run_without_compressor(_RELOAD, str(tmp_path / "stream"), str(tmp_path / "tokens.pt"),
+                                   str(tmp_path / "logits.pt"), cwd=tmp_path)
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = [line.split() for line in child.stdout.splitlines() if line.startswith("RESULT")][0]
+    assert result[1].startswith("Sliced") and float(result[2]) <= 1e-5
+    with torch.no_grad():
+        reloaded = load(str(tmp_path / "stream")).model(tokens).logits
+    torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)
+
+
+def test_one_decoder_layer_is_materialised_at_a_time(checkpoint: Any, text_file: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[int, int]] = []
+    load_layer = LayerStreamer.load
+
+    def counting(self: LayerStreamer, index: int) -> torch.nn.Module:
+        layer = load_layer(self, index)
+        seen.append((index, sum(not next(lay.parameters()).is_meta for lay in self.adapter.layers())))
+        assert all(p.is_meta for p in self.adapter.lm_head().parameters())
+        return layer
+
+    monkeypatch.setattr(LayerStreamer, "load", counting)
+    compress(str(checkpoint()), _recipe(text_file, PER_LAYER, "gptq", "compressed-tensors"), tmp_path / "o",
+             device="cpu", memory_budget="1KB")
+    assert seen == [(0, 1), (1, 1), (2, 1)]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"slicegpt": {"slicing": 0.25}}, r"^stages\.0 \(slicegpt\) rotation: shared does not stream \("),
+    ({"slicegpt": PER_LAYER, "first": "layer_drop"}, r"^stages\.1 \(slicegpt\) after another stage does not stream"),
+    ({"slicegpt": PER_LAYER, "tied": True}, r"^slicegpt: a model with tied embeddings does not stream yet"),
+])
+def test_refusals_are_one_line_and_write_nothing(checkpoint: Any, text_file: Path, tmp_path: Path,
+                                                 kwargs: dict[str, Any], match: str) -> None:
+    recipe = _recipe(text_file, kwargs["slicegpt"], first=kwargs.get("first"))
+    with pytest.raises(RecipeError, match=match) as raised:
+        compress(str(checkpoint(tied=kwargs.get("tied", False))), recipe, tmp_path / "o", device="cpu",
+                 memory_budget="1KB")
+    assert "\n" not in str(raised.value) and list(tmp_path.iterdir()) == []
+
+
+def test_eval_is_refused_and_the_cli_exits_2(checkpoint: Any, text_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(CompressorError, match=r"^--eval under streaming .*a sliced model"):
+        compress(str(checkpoint()), _recipe(text_file, PER_LAYER), tmp_path / "o", device="cpu",
+                 memory_budget="1KB", eval_data=str(text_file))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: t\ncalibration: {{dataset: {text_file}, samples: 4, seq_len: 32}}\n"
+                      "stages: [{method: slicegpt}]\nexport: {format: dense}\n")
+    cli = subprocess.run([sys.executable, "-m", "compressor", "compress", str(checkpoint()), "--recipe", str(recipe),
+                          "-o", str(tmp_path / "cli"), "--memory-budget", "1KB"], capture_output=True, text=True)
+    assert cli.returncode == 2, cli.stderr
+    lines = [line for line in cli.stderr.splitlines() if "does not stream" in line]
+    assert len(lines) == 1 and "rotation: shared" in lines[0] and "Traceback" not in cli.stderr
+    assert not (tmp_path / "cli").exists() and not (tmp_path / "o").exists()
