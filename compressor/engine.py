@@ -70,6 +70,10 @@ class LayerStream(Protocol):
         """
         ...
 
+    def release(self, index: int) -> None:
+        """Layer ``index`` was only read (a stage's statistics before its pass): back to meta, nothing written."""
+        ...
+
     def captured(self) -> None:
         """Layer 0's inputs are captured: what ran before it may be released."""
         ...

@@ -87,9 +87,10 @@ log = logging.getLogger(__name__)
 #: baq qualifies: it only plans; its measures read each layer's own weights and Hessians, its finalize allocates from
 #: the kept sensitivities and leaves a plan keyed by module path for the quantizer's pass. Not its ``objective:
 #: fisher`` (the same whole-model backward as bitstack's order fisher).
-#: slicegpt qualifies with ``rotation: per_layer``: each basis comes from the layer being sliced, its layers are
-#: folded as they load, and the rotated embeddings and head are computed from the checkpoint at export
-#: (``LayerStreamer.derived``). Not ``shared`` (one basis pooled over the whole unsliced model before any rotation).
+#: slicegpt qualifies: its layers are folded as they load, ``per_layer`` takes each basis from the layer being sliced,
+#: ``shared`` pools its statistics in its prepare (every layer loaded, folded, measured and released: one more read
+#: of the model), and the rotated embeddings and head are computed from the checkpoint at export
+#: (``LayerStreamer.derived``). Not after another stage, nor with tied embeddings (refused at its prepare).
 STREAMING_METHODS = ("rtn", "gptq", "dgq", "layer_drop", "flap", "bitstack", "baq", "slicegpt")
 #: Stages whose model runs INT8 activations, which a file's weights alone do not reproduce (no streamed --eval).
 INT8_ACTIVATION_METHODS = ("dgq",)
@@ -198,9 +199,9 @@ def check_streamable(plan: StreamPlan, stages: list[Any], export_format: str, *,
 
     Refused: a stage outside :data:`STREAMING_METHODS`, a model-level stage after a layer-wise one, a format
     outside :data:`STREAMING_FORMATS`, bitstack's ``order: fisher`` and baq's ``objective: fisher`` (their loss
-    gradients need a backward pass of the whole model), slicegpt's ``rotation: shared`` (statistics of the whole
-    unsliced model first) or a slicegpt after another stage, ``--eval`` of a dgq model (INT8 activations), of a
-    bitstack directory or of a sliced model (neither read back layer by layer), ``--resume`` and torchrun.
+    gradients need a backward pass of the whole model), a slicegpt after another stage, ``--eval`` of a dgq model
+    (INT8 activations), of a bitstack directory or of a sliced model (neither read back layer by layer),
+    ``--resume`` and torchrun.
     """
     need = f"it needs the whole model in RAM (at least {_gb(plan.weight_bytes)} of weights): run with " \
            f"--memory-budget none or a budget above that on a machine that has it"
@@ -216,10 +217,6 @@ def check_streamable(plan: StreamPlan, stages: list[Any], export_format: str, *,
         if stage.name == "bitstack" and getattr(stage.config, "order", None) == "fisher":
             raise RecipeError(f"stages.{index} (bitstack) order: fisher does not stream ({plan.reason}): its loss "
                               "gradients need a forward and backward pass of the whole model; use order: relative")
-        if stage.name == "slicegpt" and getattr(stage.config, "rotation", None) == "shared":
-            raise RecipeError(f"stages.{index} (slicegpt) rotation: shared does not stream ({plan.reason}): its one "
-                              "basis pools every block's inputs of the unsliced model before any layer is rotated; "
-                              "use rotation: per_layer")
         if stage.name == "slicegpt" and index:
             raise RecipeError(f"stages.{index} (slicegpt) after another stage does not stream ({plan.reason}); "
                               "put it first")

@@ -245,10 +245,7 @@ class LayerStreamer:
             self.model.tie_weights()
 
     def reshape(self, layer: nn.Module, rewrite: Rewrite) -> None:
-        """``layer`` (on meta, already at its new shapes) reads its checkpoint tensors through ``rewrite`` from now on.
-
-        A second rewrite of the same layer runs after the first.
-        """
+        """``layer`` (on meta, at its new shapes) reads its checkpoint tensors via ``rewrite``, after any earlier."""
         first = self.reshapes.get(layer)
         self.reshapes[layer] = rewrite if first is None else _then(first, rewrite)
 
@@ -336,7 +333,7 @@ class LayerStreamer:
         layer = self.adapter.layers()[index]
         if not self.writes:  # a scoring pass: the layer was only run (a BitStack pass moves its blocks to a file)
             spill_layer(self.stages[-1], self.adapter.layer_prefix(index), self.workdir / "bitstack")
-            self._release(layer)
+            self.release(index)
             return
         prefix = self.adapter.layer_prefix(index) + "."
         paths = [p for p in run.quantized if p.startswith(prefix)]
@@ -352,10 +349,11 @@ class LayerStreamer:
         self.files.save(index, outputs, shared=True if self.export_format == "dense" else packed)
         for path in paths:
             run.quantized[path] = _shape_only(run.quantized[path])
-        self._release(layer)
+        self.release(index)
 
-    def _release(self, layer: nn.Module) -> None:
-        layer.to("meta")
+    def release(self, index: int) -> None:
+        """Layer ``index`` goes back on meta: written, or only read (a scoring pass, a stage's statistics)."""
+        self.adapter.layers()[index].to("meta")
         self.resident -= 1
         trim()  # what the layer's solve freed leaves the process before the next layer loads
 

@@ -324,12 +324,12 @@ def test_cli_refusal_is_one_line_with_exit_2(sharded_dir: Any, text_file: Path, 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"name": "t", "calibration": {"dataset": str(text_file), "samples": 2,
                                                                     "seq_len": 32},
-                                      "stages": [{"method": "slicegpt", "slicing": 0.25}],
+                                      "stages": [{"method": "nf4"}],
                                       "export": {"format": "dense"}}))
     result = runner.invoke(app, ["compress", str(sharded_dir()), "--recipe", str(recipe), "--out",
                                  str(tmp_path / "o"), "--memory-budget", "10KB"])
     assert result.exit_code == 2, result.output
-    assert "stages.0 (slicegpt) rotation: shared does not stream" in result.output
+    assert "stages.0 (nf4) does not stream" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 

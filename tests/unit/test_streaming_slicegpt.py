@@ -1,6 +1,6 @@
-"""SliceGPT under layer streaming: ``per_layer`` streams (layers folded as they load, embeddings and head rotated
-from the checkpoint at export), byte for byte the in-RAM run's; ``shared``, a tied model, a slicegpt after another
-stage and --eval are refused in one line before anything is written."""
+"""SliceGPT under layer streaming: both schemes stream (layers folded as they load, ``shared``'s basis measured by
+one more read of every layer, embeddings and head rotated from the checkpoint at export), byte for byte the in-RAM
+run's; a tied model, a slicegpt after another stage and --eval are refused in one line before anything is written."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from compressor.streaming.layers import LayerStreamer
 #: Files whose bytes legitimately differ between two runs (timings, peak memory, the streaming note).
 REPORTS = {"compression_report.json", "compression_report.md", "layers.png"}
 PER_LAYER = {"rotation": "per_layer", "slicing": 0.25}
+SHARED = {"slicing": 0.25}  # the default scheme
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,9 @@ def _same_files(a: Path, b: Path) -> None:
     ("llama", {**PER_LAYER, "slicing": 0.5}, "gptq", "compressed-tensors", "float32"),
     ("llama", PER_LAYER, "rtn", "dense", "bfloat16"),
     ("qwen2", PER_LAYER, "gptq", "compressed-tensors", "bfloat16"),  # attention biases
+    ("llama", SHARED, None, "dense", "float32"),
+    ("llama", {**SHARED, "slicing": 0.5}, "gptq", "compressed-tensors", "bfloat16"),
+    ("qwen2", SHARED, "rtn", "dense", "float32"),
 ])
 def test_slicegpt_streams_to_the_in_ram_bytes(checkpoint: Any, text_file: Path, tmp_path: Path, family: str,
                                               slicegpt: dict[str, Any], then: str | None, export: str,
@@ -97,10 +101,11 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.parametrize("slicegpt", [PER_LAYER, SHARED])
 def test_streamed_output_loads_with_transformers_and_gives_the_in_ram_logits(
-        checkpoint: Any, text_file: Path, tmp_path: Path) -> None:
+        checkpoint: Any, text_file: Path, tmp_path: Path, slicegpt: dict[str, Any]) -> None:
     """The in-RAM run's sliced model (still in memory) against the streamed directory, reloaded without us."""
-    recipe = _recipe(text_file, PER_LAYER)
+    recipe = _recipe(text_file, slicegpt)
     loaded = load(checkpoint())
     compress(loaded, recipe, tmp_path / "ram", device="cpu")
     compress(str(checkpoint()), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
@@ -120,8 +125,11 @@ def test_streamed_output_loads_with_transformers_and_gives_the_in_ram_logits(
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(("slicegpt", "loads"), [(PER_LAYER, [0, 1, 2]), (SHARED, [0, 1, 2, 0, 1, 2])])
 def test_one_decoder_layer_is_materialised_at_a_time(checkpoint: Any, text_file: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                     monkeypatch: pytest.MonkeyPatch, slicegpt: dict[str, Any],
+                                                     loads: list[int]) -> None:
+    """shared reads every layer twice (its statistics, then the pass that rotates and writes), one at a time."""
     seen: list[tuple[int, int]] = []
     load_layer = LayerStreamer.load
 
@@ -132,15 +140,14 @@ def test_one_decoder_layer_is_materialised_at_a_time(checkpoint: Any, text_file:
         return layer
 
     monkeypatch.setattr(LayerStreamer, "load", counting)
-    compress(str(checkpoint()), _recipe(text_file, PER_LAYER, "gptq", "compressed-tensors"), tmp_path / "o",
+    compress(str(checkpoint()), _recipe(text_file, slicegpt, "gptq", "compressed-tensors"), tmp_path / "o",
              device="cpu", memory_budget="1KB")
-    assert seen == [(0, 1), (1, 1), (2, 1)]
+    assert seen == [(index, 1) for index in loads]
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"slicegpt": {"slicing": 0.25}}, r"^stages\.0 \(slicegpt\) rotation: shared does not stream \("),
     ({"slicegpt": PER_LAYER, "first": "layer_drop"}, r"^stages\.1 \(slicegpt\) after another stage does not stream"),
-    ({"slicegpt": PER_LAYER, "tied": True}, r"^slicegpt: a model with tied embeddings does not stream yet"),
+    ({"slicegpt": SHARED, "tied": True}, r"^slicegpt: a model with tied embeddings does not stream yet"),
 ])
 def test_refusals_are_one_line_and_write_nothing(checkpoint: Any, text_file: Path, tmp_path: Path,
                                                  kwargs: dict[str, Any], match: str) -> None:
@@ -157,10 +164,10 @@ def test_eval_is_refused_and_the_cli_exits_2(checkpoint: Any, text_file: Path, t
                  memory_budget="1KB", eval_data=str(text_file))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: t\ncalibration: {{dataset: {text_file}, samples: 4, seq_len: 32}}\n"
-                      "stages: [{method: slicegpt}]\nexport: {format: dense}\n")
+                      "stages: [{method: layer_drop, layers: [0]}, {method: slicegpt}]\nexport: {format: dense}\n")
     cli = subprocess.run([sys.executable, "-m", "compressor", "compress", str(checkpoint()), "--recipe", str(recipe),
                           "-o", str(tmp_path / "cli"), "--memory-budget", "1KB"], capture_output=True, text=True)
     assert cli.returncode == 2, cli.stderr
     lines = [line for line in cli.stderr.splitlines() if "does not stream" in line]
-    assert len(lines) == 1 and "rotation: shared" in lines[0] and "Traceback" not in cli.stderr
+    assert len(lines) == 1 and "stages.1 (slicegpt) after another stage" in lines[0] and "Traceback" not in cli.stderr
     assert not (tmp_path / "cli").exists() and not (tmp_path / "o").exists()

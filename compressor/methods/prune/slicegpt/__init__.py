@@ -11,9 +11,10 @@ Two rotation schemes:
   MLP and leaving it, with every earlier block already sliced (raw covariance, as the reference); shortcut
   matrices ``Q_l^T Q_{l+1}`` carry the residual between bases (two ``[d, d]`` matrices per layer).
 - ``shared`` (the default): one basis for the whole stream, from the covariance pooled over every block input and
-  the final norm's input of the unsliced model, each token scaled to unit RMS (what the norms pass on). No
-  shortcut matrices. On SmolLM2-135M at 25% it is both smaller and better (benchmarks/slicegpt.py); pooling raw
-  covariances instead lets the late layers' large activations pick the basis, and is much worse.
+  the final norm's input of the unsliced model, each token scaled to unit RMS (what the norms pass on), measured
+  layer by layer (``pooled.py``; a streamed run reads every layer once more for it). No shortcut matrices. On
+  SmolLM2-135M at 25% it is both smaller and better (benchmarks/slicegpt.py); pooling raw covariances instead lets
+  the late layers' large activations pick the basis, and is much worse.
 
 Tied embeddings stay tied in both (see ``invariance.py``): two small projections instead of an untied
 ``[vocab, d]`` head. The head reads the stream at full width (the last layer's MLP writes all of it).
@@ -40,6 +41,7 @@ from compressor.methods.prune.slicegpt.invariance import (
     set_linear,
     shortcut,
 )
+from compressor.methods.prune.slicegpt.pooled import pooled_covariance
 from compressor.methods.prune.slicegpt.streamed import StreamedEnds
 from compressor.methods.registry import register_method
 from compressor.models.shipped import auto_class_name
@@ -157,15 +159,10 @@ class SliceGPT(Method):
 
     def _first_basis(self, run: ModelContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(eigenvalues, basis) of the stream: pooled over every block (shared) or entering layer 0 (per_layer)."""
-        adapter = run.adapter
-        if self._config.rotation == "shared":
-            blocks = [n for layer in adapter.layers() for n in (adapter.attention_norm(layer), adapter.mlp_norm(layer))]
-            return ops.principal_basis(_stream_covariance(run, blocks, adapter.final_norm(), normalize=True))
-        first = adapter.attention_norm(adapter.layers()[0])
-        return ops.principal_basis(_stream_covariance(run, [], first, normalize=False))
+        return ops.principal_basis(_stream_covariance(run, self._config.rotation))
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """The first basis: for ``shared``, the PCA of a forward of the whole model (the per-layer ones are cheap)."""
+        """The first basis: for ``shared``, the PCA of a sweep over the whole model (the per-layer ones are cheap)."""
         return dict(self._first)
 
     def restore_state(self, state: dict[str, torch.Tensor]) -> bool:
@@ -303,25 +300,37 @@ def _input_covariance(ctx: LayerContext, module: nn.Module) -> torch.Tensor:
     return state["cov"]
 
 
+def _stream_covariance(run: ModelContext, rotation: str) -> torch.Tensor:
+    """The covariance the first basis comes from: pooled over every block input (shared), or layer 0's input."""
+    adapter = run.adapter
+    if rotation == "per_layer":
+        return _entry_covariance(run, adapter.attention_norm(adapter.layers()[0]))
+    stream, config = run.stream, run.model.config
+    if stream is None:
+        return pooled_covariance(run, adapter.layers().__getitem__, lambda index: None)
+    # streamed: each layer loaded, folded as apply will fold it, measured and released
+    return pooled_covariance(run, lambda index: convert_layer(adapter, stream.load(index), index, config),
+                             stream.release)
+
+
 class _Stop(Exception):
-    """Ends a forward pass once the last statistic was collected."""
+    """Ends a forward pass once the statistic was collected."""
 
 
 @torch.no_grad()
-def _stream_covariance(run: ModelContext, points: list[nn.Module], stop: nn.Module, normalize: bool) -> torch.Tensor:
-    """Covariance of the inputs of ``points`` and ``stop``, pooled; each forward pass ends at ``stop``.
+def _entry_covariance(run: ModelContext, stop: nn.Module) -> torch.Tensor:
+    """Covariance of ``stop``'s input (raw, not normalized), each forward pass ending there (before layer 0 runs).
 
-    Runs the calibration set through the whole (rotation-ready, not yet rotated) model, where the model is: the
-    engine moves layers to the device only later. With ``normalize`` every token is scaled to unit RMS first.
+    Runs the calibration set through the model where it is: the engine moves layers to the device only later. A
+    streamed model's layers are on meta, which is never reached.
     """
     state: dict[str, torch.Tensor | None] = {"cov": None}
 
     def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        state["cov"] = ops.accumulate_covariance(state["cov"], args[0], normalize=normalize)
-        if module is stop:
-            raise _Stop
+        state["cov"] = ops.accumulate_covariance(state["cov"], args[0])
+        raise _Stop
 
-    handles = [point.register_forward_pre_hook(hook) for point in [*points, stop]]
+    handle = stop.register_forward_pre_hook(hook)
     device = next(run.adapter.embeddings()[0].parameters()).device  # (a streamed model's head is on meta)
     try:
         for start in range(0, run.tokens.shape[0], run.batch_size):
@@ -330,8 +339,7 @@ def _stream_covariance(run: ModelContext, points: list[nn.Module], stop: nn.Modu
             except _Stop:
                 pass
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
     assert state["cov"] is not None
     return state["cov"]
 

@@ -5,8 +5,8 @@ The layers are folded and rebuilt as the sliced class when the pass loads them (
 are loaded (for layer 0's inputs) and released afterwards, and the head is never loaded, so the export computes
 both again from the checkpoint's tensors, one tensor at a time, with the same functions as the in-RAM run
 (``LayerStream.derived``): the rows rotated by the first basis, the head folded with the final norm and rotated by
-the last one. Only the ``per_layer`` scheme streams (``compressor.streaming.check_streamable``: ``shared`` pools
-statistics of the whole unsliced model before any layer is rotated); a tied embedding is refused here.
+the last one. ``shared`` measures its basis in ``prepare`` by loading every layer once more (``pooled.py``). A tied
+embedding is refused here (its projections are built from the final norm, which is not loaded).
 """
 
 from __future__ import annotations
