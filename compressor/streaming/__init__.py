@@ -9,10 +9,10 @@ transformed by the same engine code as an in-RAM run, written out as soon as it 
 boundary of them exceeds ``activation_memory``; then they live in two memory-mapped files in the run's
 temporary directory (``OUT.partial/stream-*``), which the kernel can page out.
 
-This slice streams the quantizers that need per-layer statistics only, ShortGPT's layer removal, FLAP, BitStack
-and BAQ's planning (:data:`STREAMING_METHODS`) into the formats whose writers can take the output tensor by tensor
-(:data:`STREAMING_FORMATS`); everything else needs the whole model in RAM and is refused before anything loads
-(:func:`check_streamable`), as are ``--resume`` and ``torchrun``; checkpoints are off. Layer removal is the
+This slice streams the quantizers that need per-layer statistics only, ShortGPT's layer removal, FLAP, BitStack,
+BAQ's planning and SliceGPT (:data:`STREAMING_METHODS`) into the formats whose writers can take the output tensor
+by tensor (:data:`STREAMING_FORMATS`); everything else needs the whole model in RAM and is refused before anything
+loads (:func:`check_streamable`), as are ``--resume`` and ``torchrun``; checkpoints are off. Layer removal is the
 in-RAM engine's model-level pass, streamed: its pass loads, runs, scores and drops every layer and writes
 nothing; the removal then shrinks the skeleton (layer list, config), and the survivors are streamed again by
 their index in the checkpoint through the later stages, written under their new numbers, or, when no stage
@@ -30,6 +30,9 @@ BAQ's pass scores too: it keeps each targeted linear's column sensitivities (sma
 dropped; its finalize allocates from those alone and hands the quantizer after it a plan of widths by module path
 (data only), and the quantizer's pass streams the layers again and writes them. Its ``objective: fisher`` is
 refused (loss gradients from a backward pass of the whole model); ``relative`` and ``channel`` are layer-local.
+SliceGPT (first in the recipe) folds each layer as the pass loads it; ``shared`` first loads, folds, measures and
+releases every layer for its pooled basis; the rotated embeddings and head, which the pass leaves on meta, are
+computed from the checkpoint at export, one tensor at a time (:attr:`LayerStreamer.derived`).
 ``--eval`` scores the source checkpoint and the written output one layer at a time (:mod:`.perplexity`,
 :func:`evaluate`), as ``compressor eval`` does for a directory above the budget.
 

@@ -1,6 +1,6 @@
 """SliceGPT under layer streaming: both schemes stream (layers folded as they load, ``shared``'s basis measured by
 one more read of every layer, embeddings and head rotated from the checkpoint at export), byte for byte the in-RAM
-run's; a tied model, a slicegpt after another stage and --eval are refused in one line before anything is written."""
+run's, tied embeddings too; a slicegpt after another stage and --eval are refused in one line, nothing written."""
 
 from __future__ import annotations
 
@@ -61,25 +61,32 @@ def _same_files(a: Path, b: Path) -> None:
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-@pytest.mark.parametrize(("family", "slicegpt", "then", "export", "dtype"), [
-    ("llama", PER_LAYER, None, "dense", "float32"),
-    ("llama", {**PER_LAYER, "slicing": 0.5}, "gptq", "compressed-tensors", "float32"),
-    ("llama", PER_LAYER, "rtn", "dense", "bfloat16"),
-    ("qwen2", PER_LAYER, "gptq", "compressed-tensors", "bfloat16"),  # attention biases
-    ("llama", SHARED, None, "dense", "float32"),
-    ("llama", {**SHARED, "slicing": 0.5}, "gptq", "compressed-tensors", "bfloat16"),
-    ("qwen2", SHARED, "rtn", "dense", "float32"),
+@pytest.mark.parametrize(("family", "slicegpt", "then", "export", "dtype", "tied"), [
+    ("llama", PER_LAYER, None, "dense", "float32", False),
+    ("llama", {**PER_LAYER, "slicing": 0.5}, "gptq", "compressed-tensors", "float32", False),
+    ("llama", PER_LAYER, "rtn", "dense", "bfloat16", False),
+    ("qwen2", PER_LAYER, "gptq", "compressed-tensors", "bfloat16", False),  # attention biases
+    ("llama", SHARED, None, "dense", "float32", False),
+    ("llama", {**SHARED, "slicing": 0.5}, "gptq", "compressed-tensors", "bfloat16", False),
+    ("qwen2", SHARED, "rtn", "dense", "float32", False),
+    ("llama", SHARED, None, "dense", "float32", True),  # tied: the projections, not the embedding, rotate
+    ("llama", PER_LAYER, "gptq", "compressed-tensors", "bfloat16", True),
+    ("qwen2", SHARED, "gptq", "compressed-tensors", "float32", True),
+    ("opt", SHARED, None, "dense", "float32", False),  # LayerNorm: centred stream, learned positions, head bias
+    ("opt", PER_LAYER, "gptq", "compressed-tensors", "float32", True),
+    ("phi3", SHARED, "rtn", "dense", "bfloat16", False),  # fused q/k/v and gate/up
 ])
 def test_slicegpt_streams_to_the_in_ram_bytes(checkpoint: Any, text_file: Path, tmp_path: Path, family: str,
                                               slicegpt: dict[str, Any], then: str | None, export: str,
-                                              dtype: str) -> None:
+                                              dtype: str, tied: bool) -> None:
     recipe = _recipe(text_file, slicegpt, then, export)
-    source = str(checkpoint(family, dtype))
+    source = str(checkpoint(family, dtype, tied))
     in_ram = compress(source, recipe, tmp_path / "ram", device="cpu", memory_budget="none")
     streamed = compress(source, recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
     _same_files(tmp_path / "ram", tmp_path / "stream")
     assert (tmp_path / "stream" / "modeling_sliced.py").is_file()
     assert streamed.structure == in_ram.structure
+    assert ("tied, kept tied" in in_ram.structure["slicegpt"]["embeddings"]) == tied
     for key in ("size_bytes", "params", "avg_bits_per_weight", "compression_ratio"):
         assert getattr(streamed, key) == getattr(in_ram, key), key
     rows = [[{k: v for k, v in row.items() if "seconds" not in k and "time" not in k} for row in report.layers]
@@ -101,14 +108,14 @@ with torch.no_grad():
 """
 
 
-@pytest.mark.parametrize("slicegpt", [PER_LAYER, SHARED])
+@pytest.mark.parametrize(("slicegpt", "tied"), [(PER_LAYER, False), (SHARED, False), (SHARED, True)])
 def test_streamed_output_loads_with_transformers_and_gives_the_in_ram_logits(
-        checkpoint: Any, text_file: Path, tmp_path: Path, slicegpt: dict[str, Any]) -> None:
+        checkpoint: Any, text_file: Path, tmp_path: Path, slicegpt: dict[str, Any], tied: bool) -> None:
     """The in-RAM run's sliced model (still in memory) against the streamed directory, reloaded without us."""
     recipe = _recipe(text_file, slicegpt)
-    loaded = load(checkpoint())
+    loaded = load(checkpoint(tied=tied))
     compress(loaded, recipe, tmp_path / "ram", device="cpu")
-    compress(str(checkpoint()), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
+    compress(str(checkpoint(tied=tied)), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
     _same_files(tmp_path / "ram", tmp_path / "stream")
     tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -147,13 +154,12 @@ def test_one_decoder_layer_is_materialised_at_a_time(checkpoint: Any, text_file:
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"slicegpt": PER_LAYER, "first": "layer_drop"}, r"^stages\.1 \(slicegpt\) after another stage does not stream"),
-    ({"slicegpt": SHARED, "tied": True}, r"^slicegpt: a model with tied embeddings does not stream yet"),
 ])
 def test_refusals_are_one_line_and_write_nothing(checkpoint: Any, text_file: Path, tmp_path: Path,
                                                  kwargs: dict[str, Any], match: str) -> None:
     recipe = _recipe(text_file, kwargs["slicegpt"], first=kwargs.get("first"))
     with pytest.raises(RecipeError, match=match) as raised:
-        compress(str(checkpoint(tied=kwargs.get("tied", False))), recipe, tmp_path / "o", device="cpu",
+        compress(str(checkpoint()), recipe, tmp_path / "o", device="cpu",
                  memory_budget="1KB")
     assert "\n" not in str(raised.value) and list(tmp_path.iterdir()) == []
 

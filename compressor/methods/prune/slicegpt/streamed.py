@@ -5,8 +5,9 @@ The layers are folded and rebuilt as the sliced class when the pass loads them (
 are loaded (for layer 0's inputs) and released afterwards, and the head is never loaded, so the export computes
 both again from the checkpoint's tensors, one tensor at a time, with the same functions as the in-RAM run
 (``LayerStream.derived``): the rows rotated by the first basis, the head folded with the final norm and rotated by
-the last one. ``shared`` measures its basis in ``prepare`` by loading every layer once more (``pooled.py``). A tied
-embedding is refused here (its projections are built from the final norm, which is not loaded).
+the last one. A tied embedding is not rotated (its projections are): the embedding's projection is kept as
+computed, the final norm's is rebuilt from the checkpoint's norm at export. ``shared`` measures its basis in
+``prepare`` by loading every layer once more (``pooled.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from compressor.errors import RecipeError
 from compressor.methods.prune.slicegpt import ops
 from compressor.methods.prune.slicegpt.invariance import Ready, module_path
 
@@ -37,9 +37,6 @@ class StreamedEnds:
     def __init__(self, run: ModelContext) -> None:
         adapter, model = run.adapter, run.model
         head = adapter.lm_head()
-        if any(module.weight is head.weight for module in adapter.embeddings()):
-            raise RecipeError("slicegpt: a model with tied embeddings does not stream yet (its projections are "
-                              "built from the final norm, which is not loaded); run with --memory-budget none")
         self.final_norm: nn.Module = adapter.final_norm()
         self.final_path = module_path(model, self.final_norm)
         self.head_path = module_path(model, head)
@@ -48,8 +45,12 @@ class StreamedEnds:
         self.adapter = adapter
 
     def rows(self, run: ModelContext, ready: Ready, Q: torch.Tensor) -> None:
-        """Each embedding's rows, rotated into the first basis ``Q: [D, d]`` (centred first for LayerNorm)."""
+        """Each embedding's rows, rotated into the first basis ``Q: [D, d]`` (centred first for LayerNorm); a tied
+        embedding's projection (already rotated, small) as it is now, since the embeddings are released later."""
         assert run.stream is not None
+        for linear in ready.embedding_writers:
+            kept = linear.weight.detach().clone()
+            run.stream.derived[f"{module_path(run.model, linear)}.weight"] = partial(_kept, kept)
         for embedding in ready.embedding_rows:
             name = f"{module_path(run.model, embedding)}.weight"
             run.stream.derived[name] = partial(_rotated_rows, name=name, dtype=embedding.weight.dtype, Q=Q.cpu(),
@@ -59,6 +60,11 @@ class StreamedEnds:
         """The head folded with the final norm's scale (and shift, into its bias), reading the stream in basis ``Q``."""
         assert run.stream is not None
         path = module_path(run.model, ready.head_reader)
+        if ready.tied:  # the final norm's projection: diag(scale) and the shift as its bias
+            run.stream.derived[f"{path}.weight"] = partial(self._projection, Q=Q.cpu(), part=0)
+            if ready.head_reader.bias is not None:
+                run.stream.derived[f"{path}.bias"] = partial(self._projection, Q=Q.cpu(), part=1)
+            return
         run.stream.derived[f"{path}.weight"] = partial(self._head, Q=Q.cpu(), part=0)
         if ready.head_reader.bias is not None:
             run.stream.derived[f"{path}.bias"] = partial(self._head, Q=Q.cpu(), part=1)
@@ -66,18 +72,36 @@ class StreamedEnds:
     def _head(self, read: Read, Q: torch.Tensor, part: int) -> torch.Tensor:
         W = read(f"{self.head_path}.weight", self.dtype)
         b = read(f"{self.head_path}.bias", self.dtype) if self.head_bias else None
+        W, b = ops.fold_norm(W, b, *self._final_affine(read))
+        if part == 1:
+            assert b is not None
+            return b
+        return ops.rotate_input(W, Q)
+
+    def _projection(self, read: Read, Q: torch.Tensor, part: int) -> torch.Tensor:
+        """As ``invariance._prepare_head`` builds it for a tied head, then rotated as ``finalize`` does."""
+        scale, shift = self._final_affine(read)
+        if part == 1:
+            assert shift is not None
+            return shift.clone()
+        hidden = self.adapter.hidden_size
+        diag = torch.ones(hidden, dtype=self.dtype) if scale is None else scale
+        return ops.rotate_input(torch.diag(diag).to(self.dtype), Q)
+
+    def _final_affine(self, read: Read) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The final norm's scale and shift, from the checkpoint (the module is put back on meta)."""
         norm: Any = self.final_norm
         norm.load_state_dict({k: read(f"{self.final_path}.{k}", t.dtype) for k, t in norm.state_dict().items()},
                              assign=True)
         try:
             scale, shift = self.adapter.norm_affine(norm)
-            W, b = ops.fold_norm(W, b, scale, shift)
+            return (None if scale is None else scale.clone(), None if shift is None else shift.clone())
         finally:
             norm.to("meta")
-        if part == 1:
-            assert b is not None
-            return b
-        return ops.rotate_input(W, Q)
+
+
+def _kept(tensor: torch.Tensor, read: Read) -> torch.Tensor:
+    return tensor
 
 
 def _rotated_rows(read: Read, name: str, dtype: torch.dtype, Q: torch.Tensor, center: bool) -> torch.Tensor:
