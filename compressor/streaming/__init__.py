@@ -93,7 +93,8 @@ log = logging.getLogger(__name__)
 #: slicegpt qualifies: its layers are folded as they load, ``per_layer`` takes each basis from the layer being sliced,
 #: ``shared`` pools its statistics in its prepare (every layer loaded, folded, measured and released: one more read
 #: of the model), and the rotated embeddings and head are computed from the checkpoint at export
-#: (``LayerStreamer.derived``). Not after another stage, nor with tied embeddings (refused at its prepare).
+#: (``LayerStreamer.derived``; a tied embedding's projections instead). Not after another stage: its prepare runs
+#: before the pass reloads the embeddings an earlier pass released, and layers loaded through a plan are untested.
 STREAMING_METHODS = ("rtn", "gptq", "dgq", "layer_drop", "flap", "bitstack", "baq", "slicegpt")
 #: Stages whose model runs INT8 activations, which a file's weights alone do not reproduce (no streamed --eval).
 INT8_ACTIVATION_METHODS = ("dgq",)
