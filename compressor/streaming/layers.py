@@ -309,7 +309,8 @@ class LayerStreamer:
     def sink(self, like: list[torch.Tensor]) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
         """Where the next boundary's batch outputs go: None (RAM), or slices of a fresh memory-mapped file.
 
-        Two files alternate: one holds the layer's inputs while its outputs are written to the other.
+        Two files alternate: one holds the layer's inputs while its outputs are written to the other. Each token
+        has room for the full hidden size: a layer may write a wider stream than it reads (SliceGPT's last).
         """
         size = sum(t.numel() * t.element_size() for t in like)
         if self.activation_limit is None or size <= self.activation_limit:
@@ -317,15 +318,14 @@ class LayerStreamer:
         self._flip ^= 1
         path = self.workdir / f"hidden-{self._flip}.bin"
         path.unlink(missing_ok=True)
-        dtype = like[0].dtype
-        flat = torch.from_file(str(path), shared=True, size=size // like[0].element_size(), dtype=dtype)
-        views, start = [], 0
+        width = max(self.adapter.hidden_size, *(t.shape[-1] for t in like))
+        starts = [0]
         for tensor in like:
-            views.append(flat[start : start + tensor.numel()].view(tensor.shape))
-            start += tensor.numel()
+            starts.append(starts[-1] + tensor.numel() // tensor.shape[-1] * width)
+        flat = torch.from_file(str(path), shared=True, size=starts[-1], dtype=like[0].dtype)
 
         def put(batch: int, out: torch.Tensor) -> torch.Tensor:
-            return views[batch].copy_(out)
+            return flat[starts[batch] : starts[batch] + out.numel()].view(out.shape).copy_(out)
 
         return put
 

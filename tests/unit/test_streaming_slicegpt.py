@@ -177,3 +177,13 @@ def test_eval_is_refused_and_the_cli_exits_2(checkpoint: Any, text_file: Path, t
     lines = [line for line in cli.stderr.splitlines() if "does not stream" in line]
     assert len(lines) == 1 and "stages.1 (slicegpt) after another stage" in lines[0] and "Traceback" not in cli.stderr
     assert not (tmp_path / "cli").exists() and not (tmp_path / "o").exists()
+
+
+def test_hidden_states_in_memory_mapped_files_give_the_same_bytes(checkpoint: Any, text_file: Path,
+                                                                  tmp_path: Path) -> None:
+    """shared's statistics sweep and the pass both keep their hidden states in the memory-mapped files."""
+    recipe = _recipe(text_file, SHARED, "gptq", "compressed-tensors")
+    compress(str(checkpoint()), recipe, tmp_path / "ram", device="cpu", memory_budget="none")
+    compress(str(checkpoint()), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB",
+             activation_memory="1KB")
+    _same_files(tmp_path / "ram", tmp_path / "stream")
