@@ -305,8 +305,12 @@ def check_recipe(stages: list[Method], calibration: CalibrationConfig, resume: b
         return
     for index, stage in enumerate(stages):
         if not stage.supports_distributed:
+            from compressor.methods.registry import get_method, method_names
+
+            splitting = ", ".join(name for name in method_names() if get_method(name).supports_distributed)
             raise RecipeError(f"stages.{index} ({stage.name}): does not support data-parallel calibration yet "
-                              f"(WORLD_SIZE={world}); run it in one process (only gptq and rtn split the data)")
+                              f"(WORLD_SIZE={world}); run it in one process (methods that split the data: "
+                              f"{splitting})")
     batches = -(-calibration.samples // calibration.batch_size)
     if batches < world:
         raise RecipeError(f"calibration: {calibration.samples} samples in batches of {calibration.batch_size} make "
