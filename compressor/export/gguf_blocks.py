@@ -21,6 +21,10 @@ wider type that holds them exactly named (Q4_0 for up to 3 bits, Q8_0 up to 7). 
 groups that are not whole 32-blocks fit no type. An explicit ``gguf_type`` stores our codes wherever they fit
 it and otherwise requantizes: llama.cpp's own RTN (``gguf.quants.quantize``) of our dequantized weight, with the
 relative error it added reported.
+
+The rule of which schemes a type stores exactly (:func:`validate_gguf`, the widths and symmetries of each type) is
+``methods/quant/gguf_schemes.py``'s, which BAQ reads as well (methods do not import ``export/``); this module adds
+llama.cpp's enums and the packing.
 """
 
 from __future__ import annotations
@@ -32,11 +36,20 @@ import numpy as np
 import torch
 
 from compressor.errors import ExportError
+from compressor.methods.quant.gguf_schemes import (
+    BLOCK,
+    SCHEMES,
+    exact_scheme,
+    validate_gguf,
+    wider_exact_scheme,
+)
 from compressor.methods.quant.ops import QuantizedWeight
 
-BLOCK = 32
 _Q = gguf.GGMLQuantizationType
 _F = gguf.LlamaFileType
+#: llama.cpp's tensor and file type of each scheme ``gguf_schemes.SCHEMES`` names.
+_ENUMS = {"Q4_0": (_Q.Q4_0, _F.MOSTLY_Q4_0), "Q4_1": (_Q.Q4_1, _F.MOSTLY_Q4_1), "Q5_0": (_Q.Q5_0, _F.MOSTLY_Q5_0),
+          "Q5_1": (_Q.Q5_1, _F.MOSTLY_Q5_1), "Q8_0": (_Q.Q8_0, _F.MOSTLY_Q8_0)}
 
 
 @dataclass(frozen=True)
@@ -50,51 +63,20 @@ class BlockType:
     file_type: gguf.LlamaFileType
 
 
-TYPES: dict[str, BlockType] = {t.name: t for t in (
-    BlockType("Q4_0", 4, True, _Q.Q4_0, _F.MOSTLY_Q4_0),
-    BlockType("Q4_1", 4, False, _Q.Q4_1, _F.MOSTLY_Q4_1),
-    BlockType("Q5_0", 5, True, _Q.Q5_0, _F.MOSTLY_Q5_0),
-    BlockType("Q5_1", 5, False, _Q.Q5_1, _F.MOSTLY_Q5_1),
-    BlockType("Q8_0", 8, True, _Q.Q8_0, _F.MOSTLY_Q8_0),
-)}
-REQUANTIZE_HINT = "set export.gguf_type to requantize into a GGUF type (the error it adds is reported)"
+TYPES: dict[str, BlockType] = {name: BlockType(name, s.bits, s.symmetric, *_ENUMS[name]) for name, s in SCHEMES.items()}
+#: Bits per weight of each type's 32-weight block, fp16 scale (and minimum) included.
+BLOCK_BITS = {name: s.bits_per_weight for name, s in SCHEMES.items()}
 
 
 def exact_type(bits: int, symmetric: bool) -> BlockType | None:
     """The type that stores (bits, symmetric) codes at their own width, or None (3-bit, 2-bit, asymmetric 8-bit)."""
-    return next((t for t in TYPES.values() if t.bits == bits and t.symmetric == symmetric), None)
-
-
-def validate_gguf(bits: int, group_size: int, symmetric: bool, gguf_type: str | None = None) -> str | None:
-    """Why a (bits, group_size, symmetric) scheme has no GGUF type storing it exactly, or None.
-
-    An explicit ``gguf_type`` takes any scheme: tensors that do not fit it are requantized by the writer.
-    """
-    if gguf_type is not None:
-        return None if gguf_type in TYPES else f"gguf_type must be one of {', '.join(TYPES)}; got {gguf_type}"
-    if group_size > 0 and group_size % BLOCK:
-        return (f"GGUF blocks hold {BLOCK} weights per scale; need group_size={BLOCK} or a multiple of it (or "
-                f"per channel), not {group_size}; or {REQUANTIZE_HINT}")
-    if exact_type(bits, symmetric) is None:
-        if bits == 8:
-            return f"GGUF has no asymmetric 8-bit block type; use symmetric: true (Q8_0), or {REQUANTIZE_HINT}"
-        wider = wider_exact_type(bits, symmetric)
-        return (f"GGUF export writes 4-bit (Q4_0), asymmetric 4-bit (Q4_1), 5-bit (Q5_0/Q5_1) or 8-bit (Q8_0) "
-                f"codes exactly; got bits={bits}: set export.gguf_type {wider.name} to store these codes exactly "
-                f"in its wider blocks ({BLOCK_BITS[wider.name]:g} bits per weight), or another type to requantize "
-                "(the error it adds is reported)")
-    return None
-
-
-#: Bits per weight of each type's 32-weight block, fp16 scale (and minimum) included.
-BLOCK_BITS = {"Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5}
+    scheme = exact_scheme(bits, symmetric)
+    return None if scheme is None else TYPES[scheme.name]
 
 
 def wider_exact_type(bits: int, symmetric: bool) -> BlockType:
-    """The narrowest symmetric type holding ``q - zero`` of (bits, symmetric) codes exactly (asymmetric codes
-    span ``[-(2^b - 1), 2^b - 1]``, one bit more); Q8_0 for anything up to 7 bits."""
-    needed = bits if symmetric else bits + 1
-    return next(t for t in TYPES.values() if t.symmetric and t.bits >= needed)
+    """The narrowest symmetric type holding ``q - zero`` of (bits, symmetric) codes exactly (``gguf_schemes``)."""
+    return TYPES[wider_exact_scheme(bits, symmetric).name]
 
 
 def round_scales_fp16(qweight: QuantizedWeight) -> QuantizedWeight:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
@@ -59,7 +58,9 @@ from compressor.methods.quant.baq.ops import (
     range_sensitivity,
     row_energy,
 )
+from compressor.methods.quant.baq.units import Measured, allocation_units
 from compressor.methods.quant.common import WeightQuantConfig, targeted_groups, targeted_linears
+from compressor.methods.quant.gguf_schemes import validate_gguf
 from compressor.methods.quant.ops import effective_group_size
 from compressor.methods.registry import get_method, register_method
 
@@ -160,22 +161,6 @@ class BAQConfig(TargetedConfig):
         return self
 
 
-@dataclass
-class _Measured:
-    """What the pass keeps per targeted linear: column sensitivities ``[in]`` and ``tr(W H W^T)``."""
-
-    path: str
-    layer: int
-    name: str
-    rows: int
-    group: int  # columns per stored group (the whole width when per channel)
-    sensitivity: torch.Tensor
-    trace: float
-    channel_sensitivity: torch.Tensor  # the same with every output row weighted by 1 / its output energy
-    fisher_sensitivity: torch.Tensor | None = None  # ... by its mean squared loss gradient (objective fisher)
-    fused: tuple[int, int] | None = None  # (layer, fused group): modules that must share one width
-
-
 @register_method("baq")
 class BAQ(Method):
     config_class = BAQConfig
@@ -186,7 +171,7 @@ class BAQ(Method):
         super().__init__(config)
         #: Filled layer by layer, reset by ``prepare``; kept after ``finalize`` so that other budgets can be
         #: allocated from one measuring pass (benchmarks/baq.py does).
-        self.measured: list[_Measured] = []
+        self.measured: list[Measured] = []
         self.fisher: dict[str, torch.Tensor] = {}
         #: The stage the plan is for and the export format, from ``bind``.
         self.quantizer: WeightQuantConfig | None = None
@@ -201,8 +186,6 @@ class BAQ(Method):
         if not isinstance(quant, WeightQuantConfig):
             return f"baq plans for integer weight quantizers (rtn, gptq), not {quant.method}"
         if export_format == "gguf":  # a module plan stores each module in its width's GGUF type
-            from compressor.export.gguf import validate_gguf
-
             for bits in config.candidates:
                 problem = validate_gguf(bits, quant.group_size, quant.symmetric)
                 if problem:
@@ -288,8 +271,8 @@ class BAQ(Method):
                 per_channel = range_sensitivity(W, weight, size, inverse)
                 fisher = self.fisher.get(ctx.path(name))
                 by_loss = None if fisher is None else range_sensitivity(W, weight, size, fisher.to(W.device)).cpu()
-                self.measured.append(_Measured(ctx.path(name), ctx.index, name, W.shape[0], size, s.cpu(),
-                                               float(energy.sum()), per_channel.cpu(), by_loss, fused.get(name)))
+                self.measured.append(Measured(ctx.path(name), ctx.index, name, W.shape[0], size, s.cpu(),
+                                              float(energy.sum()), per_channel.cpu(), by_loss, fused.get(name)))
         return []
 
     def finalize(self, run: ModelContext) -> list[LayerRecord]:
@@ -299,12 +282,12 @@ class BAQ(Method):
         if not self.measured:
             return []
         if config.budget == "model":
-            S, sizes, pool, spans = self._units(self.measured, config.granularity, config.objective)
+            S, sizes, pool, spans = allocation_units(self.measured, config.granularity, config.objective)
             bits = allocate_bits(S, sizes, config.candidates, config.avg_bits, pool, self._steps_short())
         else:  # every module on its own budget (relative and absolute then agree; channel, fisher weigh rows)
             parts = []
             for m in self.measured:
-                S, sizes, pool, _ = self._units([m], config.granularity, config.objective)
+                S, sizes, pool, _ = allocation_units([m], config.granularity, config.objective)
                 parts.append(allocate_bits(S, sizes, config.candidates, config.avg_bits, pool, self._steps_short()))
             bits, spans, unit = torch.cat(parts), [], 0
             for part in parts:
@@ -326,57 +309,7 @@ class BAQ(Method):
                  config.avg_bits)
         return records
 
-    @staticmethod
-    def _units(
-        measured: list[_Measured], granularity: str, objective: str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[tuple[int, int]]]:
-        """Sensitivities and sizes of the allocation elements, the column-to-group pool, and each module's
-        span of units (one for module granularity, its groups otherwise), for the ``objective``. At module
-        granularity the modules of one fused group share a unit: sensitivities and sizes add up."""
-        S: list[torch.Tensor] = []
-        sizes: list[torch.Tensor] = []
-        pool: list[torch.Tensor] = []
-        spans: list[tuple[int, int]] = []
-        unit, fused_units = 0, dict[tuple[int, int], int]()
-        for m in measured:
-            if objective == "fisher":
-                if m.fisher_sensitivity is None:
-                    raise ValueError(f"objective fisher: {m.path} was measured without loss gradients")
-                sensitivity = m.fisher_sensitivity
-            else:
-                sensitivity = {
-                    "absolute": m.sensitivity,
-                    "relative": m.sensitivity / m.trace if m.trace > 0 else m.sensitivity,
-                    "channel": m.channel_sensitivity,
-                }[objective]
-            n_groups = m.sensitivity.numel() // m.group
-            per_group = sensitivity.reshape(n_groups, m.group)
-            if granularity == "module":
-                shared = fused_units.get(m.fused) if m.fused is not None else None
-                if shared is not None:  # S and sizes hold one element per unit here
-                    S[shared] = S[shared] + sensitivity.sum()
-                    sizes[shared] = sizes[shared] + m.rows * m.sensitivity.numel()
-                    spans.append((shared, shared + 1))
-                    continue
-                if m.fused is not None:
-                    fused_units[m.fused] = unit
-                S.append(sensitivity.sum().reshape(1))
-                sizes.append(torch.tensor([m.rows * m.sensitivity.numel()]))
-                spans.append((unit, unit + 1))
-                unit += 1
-                continue
-            if granularity == "group":
-                S.append(per_group.sum(dim=1))
-                sizes.append(torch.full((n_groups,), m.rows * m.group))
-            else:
-                S.append(sensitivity)
-                sizes.append(torch.full((m.sensitivity.numel(),), m.rows))
-                pool.append(torch.arange(unit, unit + n_groups).repeat_interleave(m.group))
-            spans.append((unit, unit + n_groups))
-            unit += n_groups
-        return torch.cat(S), torch.cat(sizes), torch.cat(pool) if pool else None, spans
-
-    def _record(self, m: _Measured, bits: torch.Tensor, loss: float) -> LayerRecord:
+    def _record(self, m: Measured, bits: torch.Tensor, loss: float) -> LayerRecord:
         numel = m.rows * m.sensitivity.numel()
         mean = float(bits.double().mean())
         config = self.config
