@@ -5,7 +5,9 @@ output projection and of the MLP output projection (``flap_ops``), and scores he
 standardises each layer's scores per module, picks the units to remove under the parameter budget (one global threshold,
 per layer, or uniform), narrows the linears in memory, and with ``compensate`` adds the removed channels' mean
 contribution as a bias of the output projections. The stage is model-level: the global choice needs every
-layer's scores, and the stages after it (GPTQ...) get a fresh pass over the narrower model.
+layer's scores, and the stages after it (GPTQ...) get a fresh pass over the narrower model. Under torchrun each
+process measures its share of the batches and the moments are merged across processes before any score is
+taken, so every process holds the one-process statistics and makes the same plan.
 
 Plan and application are split so that a streamed model (``compressor.streaming``) runs the same code: the plan
 of a layer (:class:`LayerPlan`: removed and kept groups and channels, the input means) comes from its statistics
@@ -36,9 +38,11 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from pydantic import Field
 from torch import nn
 
+from compressor.distributed import is_distributed, world_size
 from compressor.errors import RecipeError
 from compressor.methods.base import LayerRecord, Method, MethodConfig
 from compressor.methods.prune import flap_ops as ops
@@ -140,11 +144,37 @@ def _heads(adapter: ModelAdapter) -> _Heads:
     return _Heads(heads, kv_heads, head_dim)
 
 
+def _moments_of_every_process(local: ops.Moments | None, linear: nn.Linear) -> ops.Moments:
+    """The moments of ``linear``'s inputs over every process's tokens (this process's ``local`` in one process).
+
+    Each process's (count, mean, M2) is gathered and merged in rank order (:func:`flap_ops.merge_moments`), so the
+    variance is that of all tokens, not an average of per-process variances. Collective: every process calls it
+    for the same linears in the same order; a process without tokens sends a count of 0 rather than skipping.
+    """
+    width = linear.in_features
+    if local is None:
+        zeros = torch.zeros(width, dtype=torch.float64, device=linear.weight.device)
+        local = ops.Moments(0, zeros, zeros)
+    if not is_distributed():
+        return local
+    packed = torch.cat([local.mean.new_tensor([float(local.n)]), local.mean, local.m2])  # float64: counts < 2^53
+    parts = [torch.empty_like(packed) for _ in range(world_size())]
+    dist.all_gather(parts, packed)
+    merged: ops.Moments | None = None
+    for part in parts:
+        merged = ops.merge_moments(merged, ops.Moments(int(part[0]), part[1 : 1 + width], part[1 + width :]))
+    assert merged is not None
+    return merged
+
+
 @register_method("flap")
 class FLAP(Method):
     config_class = FLAPConfig
     kind = "prune"
     model_level = True
+    #: Its moments are merged across processes (:func:`_moments_of_every_process`); the plan then follows from
+    #: statistics every process holds identically, so every process prunes the same units.
+    supports_distributed = True
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__(config)
@@ -194,8 +224,8 @@ class FLAP(Method):
             return fold
 
         ctx.collect_many([(o_proj, folder("attention")), (down, folder("mlp"))])
-        attention, mlp = moments["attention"], moments["mlp"]
-        assert attention is not None and mlp is not None
+        attention = _moments_of_every_process(moments["attention"], o_proj)
+        mlp = _moments_of_every_process(moments["mlp"], down)
         # o_proj's channel scores are squared before they are standardised and averaged per head (the reference's
         # choice): a head is then scored mostly by its strongest channels.
         attention_scores = ops.channel_scores(self.cfg.metric, attention, o_proj.weight).square()

@@ -2,7 +2,8 @@
 
 Statistics: per input channel of an output projection (o_proj / down_proj), the running mean and variance of
 that channel over calibration tokens, merged batch by batch in float64 (Chan et al.'s parallel update, so the
-variance of a nearly constant channel does not cancel to noise). Scores per channel:
+variance of a nearly constant channel does not cancel to noise); under torchrun each process's (count, mean, M2)
+is merged with the others' the same way (:func:`merge_moments`), never averaged. Scores per channel:
 
 - ``fluctuation`` (the paper's WIFV): ``var_j * ||W[:, j]||^2``: a channel that barely moves can be replaced by
   its mean, which the compensation bias does;
@@ -44,15 +45,26 @@ class Moments:
 def accumulate_moments(state: Moments | None, x: torch.Tensor) -> Moments:
     """Fold a batch ``x: [..., C]`` into ``state`` (Chan's merge of two (n, mean, M2) triples, in float64)."""
     rows = x.detach().reshape(-1, x.shape[-1]).double()
-    n_b = rows.shape[0]
     mean_b = rows.mean(dim=0)
-    m2_b = ((rows - mean_b) ** 2).sum(dim=0)
-    if state is None or state.n == 0:
-        return Moments(n_b, mean_b, m2_b)
-    n = state.n + n_b
-    delta = mean_b - state.mean
-    mean = state.mean + delta * (n_b / n)
-    m2 = state.m2 + m2_b + delta**2 * (state.n * n_b / n)
+    return merge_moments(state, Moments(rows.shape[0], mean_b, ((rows - mean_b) ** 2).sum(dim=0)))
+
+
+def merge_moments(a: Moments | None, b: Moments) -> Moments:
+    """The moments of ``a``'s and ``b``'s tokens together (Chan et al.'s pairwise update, float64).
+
+    Exact in real arithmetic for any split of the tokens, so it folds a batch into a running state and, under
+    torchrun, one process's moments into another's: merging the processes' states in rank order repeats the
+    one-process sequence of merges whenever every process after the first holds one batch. It adds deviations
+    from the means, never ``sum x^2 - n mean^2``, so a nearly constant channel keeps its small variance.
+    """
+    if a is None or a.n == 0:
+        return b
+    if b.n == 0:
+        return a
+    n = a.n + b.n
+    delta = b.mean - a.mean
+    mean = a.mean + delta * (b.n / n)
+    m2 = a.m2 + b.m2 + delta**2 * (a.n * b.n / n)
     return Moments(n, mean, m2)
 
 
