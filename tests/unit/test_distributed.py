@@ -113,7 +113,7 @@ def _calibrate() -> dict[str, Any]:
 def _refusals(run: ModelContext) -> list[str]:
     """The one-line errors of what data-parallel calibration does not do yet (none in one process)."""
     gptq = build_stages([GPTQConfig(method="gptq")])
-    drop = build_stages([get_method("layer_drop").config_class(method="layer_drop", remove=1)])
+    drop = build_stages([get_method("finercut").config_class(method="finercut", remove=1)])
     refine = build_stages([GPTQConfig(method="gptq", refine_iters=2)])
     moe, half = tiny_model("mixtral"), tiny_model("llama").half()
     checks = [lambda: distributed.check_recipe(drop, CalibrationConfig(), resume=False),
@@ -257,7 +257,7 @@ def test_two_processes_give_one_process_hessians_and_weights(
             assert torch.equal(result["codes"][path], codes), path
         assert result["codes"].keys() == single["codes"].keys() and len(single["codes"]) == 3 * 7
         drop, batches, resume, moe, half, refine = result["refusals"]
-        assert drop.startswith("stages.0 (layer_drop): does not support data-parallel calibration yet")
+        assert drop.startswith("stages.0 (finercut): does not support data-parallel calibration yet")
         assert batches.startswith("calibration: 7 samples in batches of 8 make 1 batches, fewer than the 2 processes")
         assert resume.startswith("--resume: checkpoints hold one process's activations")
         assert moe.startswith("MixtralForCausalLM: mixture-of-experts") and "float16" in half

@@ -6,7 +6,9 @@ block of ``n`` layers by ``E[arccos(cos(x_l, x_{l+n})) / pi]`` and removes the b
 the engine's pass (each layer's inputs are the previous layer's outputs, so only the last layer is run
 twice); the removal happens in ``finalize`` through the adapter, which leaves a standard model of the same
 family with fewer layers (renumbered weights and cache indices, trimmed per-layer config). The scores are the
-pass's whole result: a resumed run that has them saved removes the same layers without the sweep.
+pass's whole result: a resumed run that has them saved removes the same layers without the sweep. Under
+torchrun each score's token sum and count are summed across processes as it is taken, so every process holds
+the one-process scores and removes the same layers.
 
 Nothing here needs more than the layer being run, so the stage streams (``compressor.streaming``): the scores
 read hidden states only, and ``finalize`` changes only the layer list and the config, which a meta skeleton
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from compressor.distributed import all_reduce_sum_float64
 from compressor.errors import RecipeError
 from compressor.methods.base import Count, Fraction, LayerRecord, Method, MethodConfig
 from compressor.methods.registry import register_method
@@ -117,8 +120,17 @@ def best_block(scores: list[float], n: int) -> list[int]:
 # ---- the method -----------------------------------------------------------------------------------------
 
 
-def _mean_over_batches(pairs: list[tuple[float, int]]) -> float:
-    return sum(total for total, _ in pairs) / max(sum(count for _, count in pairs), 1)
+def _mean_over_batches(pairs: list[tuple[float, int]], device: torch.device) -> float:
+    """The mean over every process's tokens of per-batch ``(sum, token count)`` pairs.
+
+    This process's sums and counts are added in float64 (Python floats), then both are summed across processes
+    (:func:`distributed.all_reduce_sum_float64`, a copy in one process) before the one division: a mean of
+    per-process means would weigh uneven shares wrongly. Collective: every process calls it once per score.
+    """
+    local = torch.tensor([sum(total for total, _ in pairs), sum(count for _, count in pairs)], dtype=torch.float64,
+                         device=device)
+    total, count = all_reduce_sum_float64(local).tolist()
+    return total / max(count, 1)
 
 
 @register_method("layer_drop")
@@ -126,6 +138,9 @@ class LayerDrop(Method):
     config_class = LayerDropConfig
     kind = "prune"
     model_level = True
+    #: Each score's token sum and count are summed across processes (:func:`_mean_over_batches`), so every process
+    #: holds the one-process scores and removes the same layers.
+    supports_distributed = True
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__(config)
@@ -178,7 +193,8 @@ class LayerDrop(Method):
             return
         first = self._window.pop(0)
         score = block_influence if self.cfg.metric == "block_influence" else angular_distance
-        self._scores.append(_mean_over_batches([score(x, y) for x, y in zip(first, states, strict=True)]))
+        pairs = [score(x, y) for x, y in zip(first, states, strict=True)]
+        self._scores.append(_mean_over_batches(pairs, states[0].device if states else torch.device("cpu")))
 
     def finalize(self, run: ModelContext) -> list[LayerRecord]:
         self._window = []
