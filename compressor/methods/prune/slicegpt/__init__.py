@@ -18,6 +18,10 @@ Two rotation schemes:
 
 Tied embeddings stay tied in both (see ``invariance.py``): two small projections instead of an untied
 ``[vocab, d]`` head. The head reads the stream at full width (the last layer's MLP writes all of it).
+
+Under torchrun each process measures its share of the calibration batches; every covariance is a raw float64 sum
+``X^T X`` (no mean, so no count to weigh), summed over the processes before its eigendecomposition, which one
+process computes and broadcasts (:func:`_principal_basis`): every process rotates with the same bits.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.distributed as dist
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from compressor.distributed import Job, is_distributed, solve_partitioned
 from compressor.errors import RecipeError
 from compressor.methods.base import LayerRecord, Method, MethodConfig
 from compressor.methods.prune.slicegpt import ops
@@ -101,6 +107,7 @@ class SliceGPTConfig(MethodConfig):
 class SliceGPT(Method):
     config_class = SliceGPTConfig
     kind = "prune"
+    supports_distributed = True  # every covariance is summed over the processes (_principal_basis)
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__(config)
@@ -159,7 +166,7 @@ class SliceGPT(Method):
 
     def _first_basis(self, run: ModelContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(eigenvalues, basis) of the stream: pooled over every block (shared) or entering layer 0 (per_layer)."""
-        return ops.principal_basis(_stream_covariance(run, self._config.rotation))
+        return _principal_basis(_stream_covariance(run, self._config.rotation))
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """The first basis: for ``shared``, the PCA of a sweep over the whole model (the per-layer ones are cheap)."""
@@ -258,7 +265,7 @@ class SliceGPT(Method):
         weight = adapter.attention_output(layer).weight
         _rotate_readers(adapter.attention_inputs(layer), Q_in)
         layer_any.attn_shortcut = shortcut(Q_in.T, weight)  # back to original coordinates, full width
-        values, Q_mid = ops.principal_basis(_input_covariance(ctx, adapter.mlp_norm(layer)))
+        values, Q_mid = _principal_basis(_input_covariance(ctx, adapter.mlp_norm(layer)))
         Q_mid = Q_mid[:, :width]
         layer_any.attn_shortcut = shortcut(ops.basis_change(Q_in, Q_mid), weight)
         _rotate_writer(adapter.attention_output(layer), Q_mid)
@@ -269,13 +276,35 @@ class SliceGPT(Method):
         for out in ctx.forward():
             cov = ops.accumulate_covariance(cov, out)
         assert cov is not None
-        values, Q_out = ops.principal_basis(cov)
+        values, Q_out = _principal_basis(cov)
         Q_out = Q_out if last else Q_out[:, :width]
         layer_any.mlp_shortcut = shortcut(ops.basis_change(Q_mid, Q_out), weight)
         _rotate_writer(adapter.mlp_output(layer), Q_out)
         losses["output"] = ops.lost_fraction(values, Q_out.shape[1])
         self._basis = Q_out
         return losses
+
+
+def _principal_basis(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ops.principal_basis`` of this process's covariance summed over every process's calibration batches.
+
+    Under torchrun one process decomposes and broadcasts (``solve_partitioned``): LAPACK/cuSOLVER on other
+    hardware or thread counts may round differently, and a near-degenerate eigenpair would then turn the kept
+    subspace differently on each process, where the rotation must be the same bits everywhere. An error (a
+    non-finite covariance) is raised on every process, so none waits.
+    """
+    total = _summed_over_processes(cov)
+    return solve_partitioned([Job(float(total.shape[0]) ** 3, lambda: ops.principal_basis(total))])[0]
+
+
+def _summed_over_processes(cov: torch.Tensor) -> torch.Tensor:
+    """``cov`` (a float64 sum over this process's tokens) summed over every process, in place; itself in one.
+
+    Raw sums need no token counts: the total is the one-process sum up to float64 rounding (~1e-16).
+    """
+    if is_distributed():
+        dist.all_reduce(cov, op=dist.ReduceOp.SUM)
+    return cov
 
 
 def _rotate_readers(linears: list[nn.Linear], Q: torch.Tensor) -> None:
