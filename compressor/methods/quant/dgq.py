@@ -6,18 +6,27 @@ scales; the rtn solver's integer group scales too), GPTQ error feedback fitting 
 fed-back weights (or plain rounding at the searched scales), and the linear replaced by an :class:`Int8Linear` at
 once, so later groups and later layers are calibrated on the INT8 arithmetic they will see, and the model's
 forward afterwards (evaluation included) runs INT8 activations.
+
+Under torchrun (``compressor.distributed``) every calibration statistic it reads is the whole set's: the Hessians
+are the engine's float64 sums over every process's batches, and the smoothing's per-channel ``max |x|`` is
+all-reduced with MAX (exact, whatever the split). The activation clip (``act_percentile``) is per token over its
+own channels, taken at run time, not a statistic of the calibration set. Each group's per-linear searches and
+solves are split between the processes (``ctx.solve_each``) and every process writes the same results back.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
+import torch.distributed as dist
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from compressor.distributed import Job, is_distributed
 from compressor.errors import ExportError, NumericalError, RecipeError
 from compressor.methods.base import GroupSize, LayerRecord, Method, MethodConfig, TargetedConfig
 from compressor.methods.quant.common import targeted_groups
@@ -146,6 +155,7 @@ class DGQ(Method):
     kind = "quant"
     #: The recipe's export format (``bind``): the per-module note says what a dense file loses.
     export_format = "dense"
+    supports_distributed = True  # Hessians summed, smoothing maxima all-reduced, solves split (module docstring)
 
     @classmethod
     def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
@@ -171,42 +181,68 @@ class DGQ(Method):
         records = []
         for group, names in groups:
             H = _hessian(ctx, group)
-            for name in names:
-                records.append(self._quantize(ctx, config, name, H, notes.get(ctx.path(name), "")))
+            weights = {name: self._claim(ctx, name) for name in names}
+            # under torchrun each linear's search and solve runs on one process, its result sent to the others
+            solved = ctx.solve_each([self._solve_job(ctx.path(name), config, W, H) for name, W in weights.items()])
+            for (name, W), (weight, seconds, scale_note) in zip(weights.items(), solved, strict=True):
+                records.append(self._write_back(ctx, config, name, W, H, weight, seconds,
+                                                (scale_note, notes.get(ctx.path(name), ""))))
         return records
 
-    def _quantize(self, ctx: LayerContext, config: DGQConfig, name: str, H: torch.Tensor, note: str) -> LayerRecord:
-        """Search, solve, record, and swap the linear for its INT8 form."""
+    @staticmethod
+    def _claim(ctx: LayerContext, name: str) -> torch.Tensor:
+        """The linear's weight, refused when an earlier stage already quantized it."""
         module = ctx.module(name)
         assert isinstance(module, nn.Linear)
+        if ctx.path(name) in ctx.run.quantized:
+            raise RecipeError(f"{ctx.path(name)} is quantized by two stages; give the stages disjoint targets")
+        return module.weight.data
+
+    def _solve_job(self, path: str, config: DGQConfig, W: torch.Tensor, H: torch.Tensor
+                   ) -> Job[tuple[DualGrainedWeight, float, str]]:
+        """The scale search and solve of one linear as a job: its integer form, seconds and scale note.
+
+        A function of the weight and the summed Hessian only, so any process gives the same bits.
+        """
+
+        def solve() -> tuple[DualGrainedWeight, float, str]:
+            start = time.perf_counter()
+            bits, size = config.weight_bits, config.groups_for(W.shape[1])[0]
+            scale_bits, scale_note = self._scale_bits(bits, W.dtype)
+            channel, ints = search_channel_scale(W, H, bits, size, scale_bits=scale_bits)
+            if config.solver == "gptq":  # fits each group's integer scale on its fed-back weights, so no phase 2
+                try:
+                    weight = gptq_dual_grained(W, H, channel, ints, bits, size, config.block_size,
+                                               config.dampening, act_order=config.act_order)
+                except ValueError as exc:
+                    raise NumericalError(f"{path}: DGQ's GPTQ solver failed: {exc}") from exc
+            else:
+                ints = search_int_scales(W, H, channel, ints, bits, size)
+                weight = quantize_dual_grained(W, channel, ints, bits, size)
+            # int32 on the wire: gloo broadcasts no int16 (the integer scales' dtype); _write_back narrows them again
+            return replace(weight, int_scale=weight.int_scale.int()), time.perf_counter() - start, scale_note
+
+        return Job(float(W.shape[0] * W.shape[1] ** 2), solve)  # the search's and sweep's rows x cols^2
+
+    def _write_back(self, ctx: LayerContext, config: DGQConfig, name: str, W: torch.Tensor, H: torch.Tensor,
+                    weight: DualGrainedWeight, seconds: float, notes: tuple[str, str]) -> LayerRecord:
+        """Swap the linear for its INT8 form, keep its codes and record it (on every process alike)."""
         path = ctx.path(name)
-        if path in ctx.run.quantized:
-            raise RecipeError(f"{path} is quantized by two stages; give the stages disjoint targets")
-        start = time.perf_counter()
-        W = module.weight.data
-        bits, (size, group_note) = config.weight_bits, config.groups_for(W.shape[1])
-        scale_bits, scale_note = self._scale_bits(bits, W.dtype)
-        channel, ints = search_channel_scale(W, H, bits, size, scale_bits=scale_bits)
-        if config.solver == "gptq":  # fits each group's integer scale on its fed-back weights, so no phase 2
-            try:
-                weight = gptq_dual_grained(W, H, channel, ints, bits, size, config.block_size, config.dampening,
-                                           act_order=config.act_order)
-            except ValueError as exc:
-                raise NumericalError(f"{path}: DGQ's GPTQ solver failed: {exc}") from exc
-        else:
-            ints = search_int_scales(W, H, channel, ints, bits, size)
-            weight = quantize_dual_grained(W, channel, ints, bits, size)
+        start = time.perf_counter() - seconds
+        weight = replace(weight, int_scale=weight.int_scale.to(torch.int16))
         _check_stored_scales(path, weight, W.dtype, self.export_format)
+        module = ctx.module(name)
+        assert isinstance(module, nn.Linear)
         ctx.layer.set_submodule(name, Int8Linear.from_linear(module, weight, config.act_percentile))
         ctx.run.quantized[path] = weight.to_quantized_weight()
         stored = ("INT8 activations are computed in memory (the report's perplexity) but not stored: the dense file "
                   "holds the dequantized weights and runs float activations"
                   if self.export_format == "dense" else "")
-        notes = (group_note, note, scale_note, stored)
-        record = _record(path, config, W, weight, H, start, "; ".join(n for n in notes if n))
+        scale_note, smooth_note = notes
+        all_notes = (config.groups_for(W.shape[1])[1], smooth_note, scale_note, stored)
+        record = _record(path, config, W, weight, H, start, "; ".join(n for n in all_notes if n))
         record.extra.update(ctx.adapter.module_facts(ctx.layer, name))
         return record
-
 
     def _scale_bits(self, bits: int, dtype: torch.dtype) -> tuple[int, str]:
         """Significant bits of the channel scales, and a note when fewer than usual.
@@ -307,7 +343,11 @@ def _relative(layer: nn.Module, module: nn.Module) -> str:
 
 
 def _input_absmax(ctx: LayerContext, module: nn.Module) -> torch.Tensor:
-    """Per-channel ``max |x|`` of ``module``'s input over the calibration set: ``[in]`` float32."""
+    """Per-channel ``max |x|`` of ``module``'s input over the calibration set: ``[in]`` float32.
+
+    Under torchrun the maximum over every process's batches (an all-reduce with MAX: exact, whatever the split);
+    every process calls it at the same point (each smooths the same branches).
+    """
     state: dict[str, torch.Tensor] = {}
 
     def fold(x: torch.Tensor) -> None:
@@ -315,7 +355,13 @@ def _input_absmax(ctx: LayerContext, module: nn.Module) -> torch.Tensor:
         state["max"] = batch if "max" not in state else torch.maximum(state["max"], batch)
 
     ctx.collect_inputs(module, fold)
-    return state["max"]
+    if not is_distributed():
+        return state["max"]
+    assert isinstance(module, nn.Linear)
+    # a process without batches adds nothing to the maximum (|x| >= 0)
+    absmax = state.get("max", torch.zeros(module.in_features, device=module.weight.device))
+    dist.all_reduce(absmax, op=dist.ReduceOp.MAX)
+    return absmax
 
 
 def _record(
