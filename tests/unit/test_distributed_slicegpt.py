@@ -7,12 +7,15 @@ SliceGPT decomposes (the pooled one of ``shared``; layer 0's input, each MLP's i
 
 from __future__ import annotations
 
+import json
+import math
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from run_outputs import comparable_files
 from test_distributed import _in_two_processes
 from tiny import VOCAB, tiny_model
 
@@ -21,6 +24,8 @@ from compressor import distributed
 from compressor.engine import ModelContext, run_stages
 from compressor.methods.prune.slicegpt import SliceGPT, SliceGPTConfig, ops
 from compressor.models import get_adapter
+from compressor.pipeline import compress
+from compressor.recipe import load_recipe
 
 SAMPLES, LENGTH, BATCH = 5, 32, 2
 
@@ -119,3 +124,57 @@ def test_two_processes_give_one_process_covariances_and_weights(family: str, rot
     for name, weight in ranks[0]["weights"].items():  # the processes continue with the same bits
         assert torch.equal(ranks[1]["weights"][name], weight), name
     assert all(torch.equal(a, b) for a, b in zip(*(result["covariances"] for result in ranks), strict=True))
+
+
+RECIPE = """\
+name: tiny-dist-slicegpt
+calibration: {{dataset: "{calib}", samples: 5, seq_len: 32, batch_size: 2}}
+stages:
+  - method: slicegpt
+    slicing: 0.25
+    rotation: {rotation}
+  - method: gptq
+    bits: 4
+    group_size: 16
+export: {{format: compressed-tensors}}
+"""
+
+
+def _compress(model: Path, recipe: Path, out: Path) -> dict[str, Any]:
+    """The whole pipeline in this process (only rank 0 writes ``out``); whether ``out`` exists once it returns."""
+    torch.set_num_threads(1)  # the workers' thread count: products sum in the same order
+    compress(model, load_recipe(recipe, []), out)
+    return {"written": out.exists()}
+
+
+@pytest.mark.parametrize("rotation", ["shared", "per_layer"])
+def test_the_pipeline_in_two_processes_writes_the_single_process_model(
+    rotation: str, tmp_path: Path, model_dir_factory: Any, text_file: Path
+) -> None:
+    """slicegpt then gptq through ``compress``: rank 0 alone writes, the tensors are the single process's."""
+    model = model_dir_factory("llama")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(calib=text_file, rotation=rotation))
+    threads = torch.get_num_threads()
+    try:
+        assert _compress(model, recipe, tmp_path / "one") == {"written": True}
+    finally:
+        torch.set_num_threads(threads)
+    ranks = _in_two_processes(partial(_compress, model, recipe, tmp_path / "two"), tmp_path)
+    assert [result["written"] for result in ranks] == [True, True]  # rank 1 returns after rank 0 wrote
+    one, two = comparable_files(tmp_path / "one"), comparable_files(tmp_path / "two")
+    report_one, report_two = (json.loads(files.pop("compression_report.json")) for files in (one, two))
+    assert one == two  # model.safetensors, config.json (the slicing), modeling_sliced.py... byte for byte
+    # the report too, but for shared's lost energy: eigenvalues of a pooled sum added in another order (~1e-16)
+    assert _close(report_two, report_one)
+
+
+def _close(got: Any, want: Any) -> bool:
+    """``got == want``, but for floats (inside dicts and lists) within 1e-12 of each other, relatively."""
+    if isinstance(want, float) and isinstance(got, float):
+        return math.isclose(got, want, rel_tol=1e-12)
+    if isinstance(want, dict) and isinstance(got, dict):
+        return got.keys() == want.keys() and all(_close(got[key], item) for key, item in want.items())
+    if isinstance(want, list) and isinstance(got, list):
+        return len(got) == len(want) and all(_close(a, b) for a, b in zip(got, want, strict=True))
+    return bool(got == want)
