@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
@@ -110,6 +111,10 @@ class ModelContext:
     storage_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     #: Set when the model streams from disk: layers are loaded, written and released one at a time.
     stream: LayerStream | None = None
+    #: ``--activation-memory`` (bytes): hidden states a method caches (FinerCut's) go to files above it; None: RAM.
+    activation_limit: int | None = None
+    #: For those files: on the output's disk (``OUT.partial``, maybe not made yet; the writer removes them), or None.
+    temp_dir: Path | None = None
 
     def batches(self) -> Iterator[torch.Tensor]:
         for start in range(0, self.tokens.shape[0], self.batch_size):

@@ -306,7 +306,8 @@ def _compress(
     checkpoints = Checkpoints(out, recipe.to_dict(), marks, resume) if checkpoint else None
     torch.manual_seed(recipe.seed)
     run = ModelContext(loaded.model, adapter, distributed.shard_batches(tokens, calib.batch_size), target,
-                       calib.batch_size)
+                       calib.batch_size, activation_limit=streaming.activation_limit(activation_memory),
+                       temp_dir=partial_dir(out))
     with streaming.attach(run, stream, recipe.export, out):  # no-op unless streaming
         with phase(timings, "compress"):
             records = run_stages(run, stages, progress, checkpoints)
