@@ -10,6 +10,10 @@ the channel-weighted sensitivity with weights ``F_o`` (BAQ's ``objective: fisher
 It costs one forward and backward pass of the whole model over the calibration tokens, a sequence at a
 time, with the whole model and one sequence's activations in memory (parameters get no gradients):
 fine for models that fit where they are, which the layer-wise passes do not otherwise need.
+
+Under torchrun each process runs its own share of the batches; the float64 sums of squared gradients and the
+token count are all-reduced before dividing, so every process gets the whole set's mean (a sequence's gradients
+do not depend on the others, and the sums are the same additions, grouped by process).
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from compressor.distributed import all_reduce_sum_float64, is_distributed
+from compressor.errors import CompressorError
 
 
 def output_fisher(model: Any, batches: Iterable[torch.Tensor], paths: set[str]) -> dict[str, torch.Tensor]:
@@ -49,6 +57,7 @@ def output_fisher(model: Any, batches: Iterable[torch.Tensor], paths: set[str]) 
     handles.append(model.get_input_embeddings().register_forward_hook(start_graph))
     was_training = model.training
     device = model.get_input_embeddings().weight.device  # where the model is; the layer passes move layers
+    failure: Exception | None = None
     try:
         for p, _ in flags:
             p.requires_grad_(False)
@@ -60,11 +69,41 @@ def output_fisher(model: Any, batches: Iterable[torch.Tensor], paths: set[str]) 
                     out = model(input_ids=sequence, labels=sequence, use_cache=False)
                     (out.loss * (sequence.shape[1] - 1)).backward()  # the summed loss: each token counts once
                     count += sequence.numel()
+    except Exception as exc:
+        if not is_distributed():
+            raise
+        failure = exc  # raised once the others know: they would otherwise wait in the all-reduce for this one
     finally:
         for handle in handles:
             handle.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
-    return {name: sums.get(name, torch.zeros(m.out_features, dtype=torch.float64)) / max(count, 1)
-            for name, m in modules.items()}
+    totals = [sums.get(name, torch.zeros(m.out_features, dtype=torch.float64)) for name, m in modules.items()]
+    if is_distributed():
+        count = _over_all_processes(totals, count, failure)
+    return {name: total / max(count, 1) for name, total in zip(modules, totals, strict=True)}
+
+
+def _over_all_processes(totals: list[torch.Tensor], count: int, failure: Exception | None) -> int:
+    """Sum ``totals`` (in place) and ``count`` over every process; raise on every process when one failed.
+
+    One all-reduce of the failures and counts first, so no process waits for sums another will not send; then
+    one of every linear's sums, flattened together.
+    """
+    status = all_reduce_sum_float64(torch.tensor([float(failure is not None), float(count)], device=_wire()))
+    if failure is not None:
+        raise failure
+    if status[0] > 0:
+        raise CompressorError(f"fisher: the loss gradients failed on {int(status[0])} other process(es); see their "
+                              "error")
+    if totals:
+        flat = all_reduce_sum_float64(torch.cat(totals).to(_wire())).cpu()
+        for total, part in zip(totals, flat.split([t.numel() for t in totals]), strict=True):
+            total.copy_(part)
+    return int(status[1])
+
+
+def _wire() -> torch.device:
+    """Where the process group's collectives take tensors: this process's GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

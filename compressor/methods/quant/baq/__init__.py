@@ -24,6 +24,9 @@ The default, ``fisher``, weighs every output channel's error by its mean squared
 (``calibration/fisher.py``), a second-order estimate of the loss rise, at the price of one forward and backward pass
 of the whole model (ppl 57.9 at the same 3 bits; README has the table). So only the layer-local objectives stream
 (``compressor.streaming``: this pass then measures each layer as it is loaded, and finalize reads nothing else).
+Under torchrun (``compressor.distributed``) every objective reads the whole calibration set: the Hessians are the
+engine's float64 sums over every process's batches and fisher's squared gradients are summed with their token
+counts (``calibration/fisher.py``), so every process measures, allocates and plans the same bits.
 
 Granularity and the stored forms:
 - ``module``: one width per linear. Stores as compressed-tensors with one config group per width. For
@@ -166,6 +169,7 @@ class BAQ(Method):
     config_class = BAQConfig
     kind = "allocate"
     model_level = True
+    supports_distributed = True  # Hessians and fisher's gradients are summed over the processes
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__(config)

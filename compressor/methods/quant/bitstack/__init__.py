@@ -23,6 +23,10 @@ writes no weight into the meta skeleton: export ``bitstack`` assembles the direc
 ``dense`` (or a later stage) each layer's reconstruction is made from its file whenever the streamer reads the
 layer again (:meth:`BitStack._reconstruct_when_read`, the streamer's ``reshape``).
 
+Under torchrun (``compressor.distributed``) the Hessians are the engine's float64 sums over every process's
+batches and order fisher's squared loss gradients are summed with their token counts (``calibration/fisher.py``),
+so every process decomposes the same linears from the same statistics and chooses the same blocks.
+
 Cost per linear and block: the top-``rank`` factors of ``|R|`` by subspace iteration (``svd: lowrank``, the
 default; ``O(out * in * (rank + 8) * 14)``; ``svd: full`` is one full SVD, ``O(out * in * min(out, in))``), and one
 ``[out, in] x [in, in]`` product for the errors; ``signs: feedback`` adds a column sweep (``in`` Python steps),
@@ -173,6 +177,7 @@ class BitStack(Method):
     config_class = BitStackConfig
     kind = "quant"
     model_level = True
+    supports_distributed = True  # Hessians and fisher's gradients are summed over the processes
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__(config)

@@ -1,0 +1,170 @@
+"""Data-parallel DGQ, BAQ and BitStack: 2 gloo processes give one process's statistics, plans and weights.
+
+The harness is test_distributed's: five sequences in batches of two, three batches split 2 + 1 between the
+processes, so a statistic taken on one process's share (or summed without its counts) differs from the whole
+set's. Each run records every calibration statistic the stage reads, as it reads it: the engine's float64
+Hessian sums (``WeightedSum.mean``), DGQ's smoothing maxima, the Fisher pass's mean squared loss gradients; then
+the plan (BAQ's bit map, BitStack's blocks per linear) and the output weights and codes, which must be the single
+process's bits. DGQ's per-linear solves are split: each process solves a strict share of the rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_distributed import BATCH, _in_two_processes, _tokens
+from tiny import tiny_model
+
+from compressor import distributed
+from compressor.distributed import WeightedSum
+from compressor.engine import ModelContext, run_stages
+from compressor.methods.base import MethodConfig
+from compressor.methods.quant import dgq
+from compressor.methods.registry import get_method
+from compressor.models import get_adapter
+from compressor.recipe import build_stages
+
+
+def _config(method: str, **fields: Any) -> MethodConfig:
+    return get_method(method).config_class.model_validate({"method": method, **fields})
+
+
+@contextmanager
+def _patched(owner: Any, name: str, wrap: Callable[[Any], Any]) -> Iterator[None]:
+    """``owner.name`` replaced by ``wrap(original)`` for the block."""
+    original = getattr(owner, name)
+    setattr(owner, name, wrap(original))
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def _recorded(into: list[Any], function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` that also appends a copy of each result to ``into``."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        result = function(*args, **kwargs)
+        into.append(None if result is None else result.detach().clone())
+        return result
+
+    return call
+
+
+def _counted(rows: list[int], function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` that also appends the rows of its first argument (a weight) to ``rows``."""
+
+    def call(W: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        rows.append(W.shape[0])
+        return function(W, *args, **kwargs)
+
+    return call
+
+
+def _compress(configs: list[MethodConfig], export_format: str = "dense") -> dict[str, Any]:
+    """On this process's share of the batches: ``configs`` run by the engine, with what they read and wrote."""
+    torch.set_num_threads(1)
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    run = ModelContext(model, adapter, distributed.shard_batches(_tokens(), BATCH), torch.device("cpu"), BATCH)
+    stages = build_stages(configs, export_format)
+    hessians: list[torch.Tensor] = []
+    maxima: list[torch.Tensor] = []
+    rows: list[int] = []
+    with (_patched(WeightedSum, "mean", partial(_recorded, hessians)),
+          _patched(dgq, "_input_absmax", partial(_recorded, maxima)),
+          _patched(dgq, "search_channel_scale", partial(_counted, rows))):
+        records = run_stages(run, stages)
+    state = {name: t.detach().clone() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    fisher = {path: f for stage in stages for path, f in getattr(stage, "fisher", {}).items()}
+    return {
+        "hessians": hessians, "maxima": maxima, "fisher": fisher, "rows": sum(rows), "state": state,
+        "codes": {path: (q.q, q.scale, q.zero, q.group_bits) for path, q in run.quantized.items()},
+        "plan": [(r.module, r.method, r.bits, r.extra.get("bits_per_group")) for r in records],
+        "errors": [(r.module, r.rel_error) for r in records],
+        "blocks": dict(getattr(stages[0], "blocks", {})),
+    }
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-300))
+
+
+def _assert_same_run(single: dict[str, Any], result: dict[str, Any]) -> None:
+    """Statistics within 1e-10 (float64), and the plan, the weights and the codes bit for bit."""
+    assert len(result["hessians"]) == len(single["hessians"]) > 0
+    for got, want in zip(result["hessians"], single["hessians"], strict=True):
+        assert got.dtype == torch.float64 and _relative(got, want) < 1e-10
+    assert len(result["maxima"]) == len(single["maxima"])
+    for got, want in zip(result["maxima"], single["maxima"], strict=True):
+        assert torch.equal(got, want)  # a maximum does not depend on the split
+    assert result["fisher"].keys() == single["fisher"].keys()
+    for path, want in single["fisher"].items():
+        assert result["fisher"][path].dtype == torch.float64 and _relative(result["fisher"][path], want) < 1e-10, path
+    assert result["plan"] == single["plan"] and result["blocks"] == single["blocks"]
+    assert result["errors"] == single["errors"]
+    assert result["state"].keys() == single["state"].keys()
+    for name, tensor in single["state"].items():
+        assert torch.equal(result["state"][name], tensor), name
+    assert result["codes"].keys() == single["codes"].keys()
+    for path, want in single["codes"].items():
+        for got_part, want_part in zip(result["codes"][path], want, strict=True):
+            assert (got_part is None and want_part is None) or torch.equal(got_part, want_part), path
+
+
+def _single_then_two(task: Callable[[], dict[str, Any]], out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    threads = torch.get_num_threads()
+    try:
+        single = task()  # first: the forked workers start with everything imported
+    finally:
+        torch.set_num_threads(threads)
+    return single, _in_two_processes(task, out)
+
+
+DGQ = [_config("dgq", group_size=32, smoothing=0.5)]
+
+
+def test_dgq_two_processes_read_the_whole_set_and_split_the_solves(tmp_path: Path) -> None:
+    single, ranks = _single_then_two(partial(_compress, DGQ, "compressed-tensors"), tmp_path)
+    assert len(single["maxima"]) == 2 * 3  # attention and MLP inputs smoothed in each of 3 layers
+    assert len(single["codes"]) == 3 * 7 and all(r[1] == "dgq" for r in single["plan"])
+    for result in ranks:
+        _assert_same_run(single, result)
+        assert any(name.endswith("weight_int8") for name in result["state"])  # the INT8 linears' own buffers
+    # every linear's search ran once, on one of the two processes
+    assert all(0 < result["rows"] < single["rows"] for result in ranks)
+    assert sum(result["rows"] for result in ranks) == single["rows"]
+
+
+BAQ = [_config("baq", avg_bits=3.0, candidates=[2, 3, 4], granularity="group", objective="fisher"),
+       _config("gptq", group_size=32)]
+
+
+def test_baq_fisher_two_processes_plan_and_quantize_as_one(tmp_path: Path) -> None:
+    single, ranks = _single_then_two(partial(_compress, BAQ), tmp_path)
+    planned = [bits for _, method, _, bits in single["plan"] if method == "baq"]
+    assert len(planned) == 3 * 7 and len({b for widths in planned for b in widths}) == 3  # a mixed plan
+    assert len(single["fisher"]) == 3 * 7
+    for result in ranks:
+        _assert_same_run(single, result)
+
+
+BITSTACK = [_config("bitstack", iterations=3, rank=2, budget="2.5bpw", order="fisher", signs="residual")]
+
+
+def test_bitstack_fisher_two_processes_choose_the_same_blocks(tmp_path: Path) -> None:
+    single, ranks = _single_then_two(partial(_compress, BITSTACK), tmp_path)
+    assert len(single["fisher"]) == 3 * 7 and len(set(single["blocks"].values())) > 1  # an uneven choice
+    for result in ranks:
+        _assert_same_run(single, result)
+
+
+@pytest.mark.parametrize("method", ["dgq", "baq", "bitstack"])
+def test_the_methods_say_they_split_the_data(method: str) -> None:
+    assert get_method(method).supports_distributed
