@@ -17,7 +17,7 @@ from compressor.methods.quant.bitstack.spill import spill_layer
 from compressor.methods.quant.ops import QuantizedWeight
 from compressor.models import get_adapter
 from compressor.models.loading import DTYPES, LoadedModel, read_config, resolve_dtype
-from compressor.streaming.heap import trim
+from compressor.streaming.heap import file_backed, trim
 
 _SAFETENSORS_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
@@ -317,12 +317,11 @@ class LayerStreamer:
             return None
         self._flip ^= 1
         path = self.workdir / f"hidden-{self._flip}.bin"
-        path.unlink(missing_ok=True)
         width = max(self.adapter.hidden_size, *(t.shape[-1] for t in like))
         starts = [0]
         for tensor in like:
             starts.append(starts[-1] + tensor.numel() // tensor.shape[-1] * width)
-        flat = torch.from_file(str(path), shared=True, size=starts[-1], dtype=like[0].dtype)
+        flat = file_backed(path, starts[-1], like[0].dtype)
 
         def put(batch: int, out: torch.Tensor) -> torch.Tensor:
             return flat[starts[batch] : starts[batch] + out.numel()].view(out.shape).copy_(out)
