@@ -3,6 +3,10 @@
 Five calibration sequences in batches of two make three batches, split 2 + 1 between the processes. Every covariance
 SliceGPT decomposes (the pooled one of ``shared``; layer 0's input, each MLP's input and each layer's output for
 ``per_layer``) must be the sum over both shares: a process that decomposed its own share would pick another basis.
+Rank 0 decomposes each and broadcasts it. ``per_layer`` sums its 2 + 1 batches in the one process's order, so every
+bit matches; ``shared`` pools over layers and batches, whose float64 sum the split reorders (~1e-16), which moves no
+llama weight and leaves the rest within float32 rounding. Through ``compress`` (slicegpt then gptq) rank 0 writes
+the one process's model files.
 """
 
 from __future__ import annotations
