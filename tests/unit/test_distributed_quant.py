@@ -10,6 +10,9 @@ process's bits. DGQ's per-linear solves are split: each process solves a strict 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -18,17 +21,21 @@ from typing import Any
 
 import pytest
 import torch
-from test_distributed import BATCH, _in_two_processes, _tokens
+from run_outputs import comparable_files
+from test_distributed import BATCH, _free_port, _in_two_processes, _tokens
 from tiny import tiny_model
 
 from compressor import distributed
+from compressor.calibration.fisher import output_fisher
 from compressor.distributed import WeightedSum
 from compressor.engine import ModelContext, run_stages
+from compressor.errors import CompressorError, NumericalError
 from compressor.methods.base import MethodConfig
 from compressor.methods.quant import dgq
 from compressor.methods.registry import get_method
 from compressor.models import get_adapter
-from compressor.recipe import build_stages
+from compressor.pipeline import compress
+from compressor.recipe import build_stages, load_recipe
 
 
 def _config(method: str, **fields: Any) -> MethodConfig:
@@ -165,6 +172,57 @@ def test_bitstack_fisher_two_processes_choose_the_same_blocks(tmp_path: Path) ->
         _assert_same_run(single, result)
 
 
-@pytest.mark.parametrize("method", ["dgq", "baq", "bitstack"])
-def test_the_methods_say_they_split_the_data(method: str) -> None:
-    assert get_method(method).supports_distributed
+def _fisher_failing_on_rank_1() -> dict[str, Any]:
+    """The Fisher pass on this process's share, its batches raising on rank 1: the error each process gets."""
+    model = tiny_model("llama")
+    path = f"{get_adapter(model).layer_prefix(0)}.{get_adapter(model).linear_names()[0]}"
+
+    def batches() -> Iterator[torch.Tensor]:
+        if distributed.rank() == 1:
+            raise NumericalError("rank 1 broke")
+        yield distributed.shard_batches(_tokens(), BATCH)
+
+    try:
+        output_fisher(model, batches(), {path})
+    except CompressorError as exc:
+        return {"error": str(exc)}
+    return {"error": ""}
+
+
+def test_a_fisher_pass_failing_on_one_process_fails_on_every_process(tmp_path: Path) -> None:
+    """No process is left waiting in the all-reduce for the sums of one that raised."""
+    ranks = _in_two_processes(_fisher_failing_on_rank_1, tmp_path)
+    assert [r["error"] for r in ranks] == ["fisher: the loss gradients failed on 1 other process(es); see their error",
+                                           "rank 1 broke"]
+
+
+RECIPES = {
+    "dgq": ("  - {method: dgq, group_size: 32, smoothing: 0.5}\n", "compressed-tensors"),
+    "bitstack": ("  - {method: bitstack, iterations: 2, rank: 2, budget: 2.5bpw, order: fisher, signs: residual}\n",
+                 "bitstack"),
+}
+
+
+@pytest.mark.parametrize("method", list(RECIPES))
+def test_torchrun_writes_the_single_process_bytes(method: str, tmp_path: Path, model_dir_factory: Any,
+                                                  text_file: Path) -> None:
+    """The CLI under torchrun (2 processes, rank 0 writes) gives the one-process output, byte for byte."""
+    assert get_method(method).supports_distributed  # else check_recipe refuses it under torchrun
+    stages, export = RECIPES[method]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: tiny-{method}\ncalibration: {{dataset: \"{text_file}\", samples: 5, seq_len: 32, "
+                      f"batch_size: 2}}\nstages:\n{stages}export: {{format: {export}}}\n")
+    model = model_dir_factory("llama")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--monitor-interval", "0.2",
+                "--master-port", str(_free_port()), "-m", "compressor", "compress", str(model), "-r", str(recipe),
+                "-o", str(tmp_path / "two")]
+    done = subprocess.run(torchrun, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' OMP_NUM_THREADS: matrix products sum in the same order
+    try:
+        compress(model, load_recipe(recipe, []), tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    assert comparable_files(tmp_path / "two") == comparable_files(tmp_path / "one")
