@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import streaming_parity as parity
 import torch
 import yaml
 from safetensors.torch import save_file
@@ -19,45 +20,11 @@ from compressor.recipe import recipe_from_dict
 from compressor.streaming import checkpoint_weight_bytes, plan_streaming
 from compressor.streaming.layers import LayerStreamer
 
-#: Files whose bytes legitimately differ between two runs (timings, peak memory, the streaming note).
-REPORTS = {"compression_report.json", "compression_report.md", "layers.png"}
-
 
 @pytest.fixture(scope="module")
 def sharded_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Any:
-    """A tiny Llama saved as several safetensors shards, per (dtype, tied embeddings)."""
-    made: dict[tuple[str, bool, bool], Path] = {}
-
-    def make(dtype: str = "float32", tied: bool = False, generation_file: bool = True) -> Path:
-        if (dtype, tied, generation_file) not in made:
-            path = tmp_path_factory.mktemp(f"sharded-{dtype}-{tied}")
-            model = tiny_model("llama", tie_word_embeddings=tied, hidden_size=256, intermediate_size=512)
-            model.to(getattr(torch, dtype)).save_pretrained(path, max_shard_size="400KB")
-            tiny_tokenizer.save_pretrained(path)
-            assert len(list(path.glob("*.safetensors"))) > 2
-            if not generation_file:  # transformers then derives one from config.json; the skeleton must too
-                (path / "generation_config.json").unlink()
-            made[(dtype, tied, generation_file)] = path
-        return made[(dtype, tied, generation_file)]
-
-    return make
-
-
-def _recipe(text_file: Path, method: str = "gptq", export: str = "compressed-tensors", stage_keys: Any = None,
-            **extra: Any) -> Any:
-    stage: dict[str, Any] = {"method": method, "bits": 4, "group_size": 32, **(stage_keys or {})}
-    data = {"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32, "batch_size": 2},
-            "stages": [*extra.pop("before", []), stage], "export": {"format": export, "max_shard_mb": 1},
-            **extra}
-    return recipe_from_dict(yaml.safe_load(yaml.safe_dump(data)))
-
-
-def _same_files(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for name in names:
-        if name not in REPORTS:
-            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    """A tiny Llama (hidden 256) saved as several safetensors shards, per (dtype, tied embeddings)."""
+    return parity.sharded_checkpoints(tmp_path_factory, tiny_tokenizer, "sharded")
 
 
 #: The shipped w4a16-gptq recipe's stage (act_order, dampening, lm_head ignored) beside the plain one.
@@ -75,18 +42,15 @@ W4A16 = {"targets": ["Linear"], "ignore": ["lm_head"], "group_size": 128, "act_o
 def test_streamed_output_is_the_in_ram_output(sharded_dir: Any, text_file: Path, tmp_path: Path, method: str,
                                               export: str, dtype: str, tied: bool) -> None:
     source = sharded_dir(dtype, tied, generation_file=method != "w4a16")
-    recipe = _recipe(text_file, "gptq", export, W4A16) if method == "w4a16" else _recipe(text_file, method, export)
+    recipe = parity.quantizer_recipe(text_file, "gptq", export, **W4A16) if method == "w4a16" else \
+        parity.quantizer_recipe(text_file, method, export)
     in_ram = compress(str(source), recipe, tmp_path / "ram", device="cpu", memory_budget="none")
     streamed = compress(str(source), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
-    _same_files(tmp_path / "ram", tmp_path / "stream")
+    parity.same_files(tmp_path / "ram", tmp_path / "stream")
     if export == "dense":
         assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()  # sharded output, same split
-    for key in ("size_bytes", "params", "avg_bits_per_weight", "avg_bits_incl_metadata", "compression_ratio"):
-        assert getattr(streamed, key) == getattr(in_ram, key), key
-    strip = ("seconds", "time")
-    rows = [[{k: v for k, v in row.items() if not any(s in k for s in strip)} for row in report.layers]
-            for report in (in_ram, streamed)]
-    assert rows[0] == rows[1]
+    parity.same_totals(streamed, in_ram)
+    assert parity.timeless_rows(in_ram) == parity.timeless_rows(streamed)
     assert "streamed from disk" in streamed.warnings[0]["message"]
     assert not (tmp_path / "stream.partial").exists()
 
@@ -99,10 +63,8 @@ def _layer_drop_recipe(text_file: Path, drop: dict[str, Any], then: str | None, 
     first = [{"method": "layer_drop", **drop["twice"]}] if "twice" in drop else []
     stages: list[dict[str, Any]] = [*first, {"method": "layer_drop", **{k: v for k, v in drop.items() if k != "twice"}}]
     if then:
-        stages.append({"method": then, "weight_bits" if then == "dgq" else "bits": 4, "group_size": 32})
-    data = {"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32, "batch_size": 2},
-            "stages": stages, "export": {"format": export, "max_shard_mb": 1}}
-    return recipe_from_dict(data)
+        stages.append(parity.quantizer_stage(then))
+    return parity.streaming_recipe(text_file, stages, export)
 
 
 @pytest.mark.parametrize(("drop", "then", "export", "dtype", "tied"), [
@@ -122,15 +84,12 @@ def test_layer_removal_streams_to_the_in_ram_bytes(sharded_dir: Any, text_file: 
     source = str(sharded_dir(dtype, tied))
     in_ram = compress(source, recipe, tmp_path / "ram", device="cpu", memory_budget="none")
     streamed = compress(source, recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
-    _same_files(tmp_path / "ram", tmp_path / "stream")
+    parity.same_files(tmp_path / "ram", tmp_path / "stream")
     removed = in_ram.structure["layer_drop"]["removed"]
     assert streamed.structure == in_ram.structure and removed == drop.get("layers", removed) and removed
     left = in_ram.structure["layer_drop"]["layers_after"]
-    for key in ("size_bytes", "params", "avg_bits_per_weight", "avg_bits_incl_metadata", "compression_ratio"):
-        assert getattr(streamed, key) == getattr(in_ram, key), key
-    rows = [[{k: v for k, v in row.items() if "seconds" not in k and "time" not in k} for row in report.layers]
-            for report in (in_ram, streamed)]
-    assert rows[0] == rows[1]
+    parity.same_totals(streamed, in_ram)
+    assert parity.timeless_rows(in_ram) == parity.timeless_rows(streamed)
     assert f"{left} decoder layers loaded one at a time" in streamed.warnings[0]["message"]
     assert ("copied from the checkpoint at export" in streamed.warnings[0]["message"]) == (then is None)
     assert not (tmp_path / "stream.partial").exists()
@@ -142,7 +101,7 @@ def test_streamed_eval_reads_a_linear_whose_packed_parts_span_shards(sharded_dir
     from compressor.streaming.packed import PackedCheckpoint, quantization_config
 
     out = tmp_path / "s"
-    report = compress(str(sharded_dir()), _recipe(text_file), out, device="cpu", memory_budget="1KB",
+    report = compress(str(sharded_dir()), parity.quantizer_recipe(text_file), out, device="cpu", memory_budget="1KB",
                       eval_data=str(text_file), eval_max_tokens=1024)
     reader = PackedCheckpoint(out, quantization_config(out) or {})
     split = [p for p in reader.packed if len({reader.files[n] for n in reader.files if n.startswith(p + ".")}) > 1]
@@ -169,16 +128,13 @@ def test_layer_removal_streams_a_family_with_per_layer_attention_types(tmp_path:
                                                                      then: str | None) -> None:
     """The skeleton's layer_types shrink with the removal and the second pass's capture gives each survivor the
     mask of its own type, as in RAM; hidden states memory-mapped as well (the scores keep earlier boundaries)."""
-    source = tmp_path / "qwen2"
     model = tiny_model("qwen2", hidden_size=128, intermediate_size=256, use_sliding_window=True, sliding_window=8,
                        max_window_layers=1, layer_types=SLIDING)
-    model.save_pretrained(source, max_shard_size="200KB")
-    tiny_tokenizer.save_pretrained(source)
-    assert len(list(source.glob("*.safetensors"))) > 2
+    source = parity.save_sharded(model, tiny_tokenizer, tmp_path / "qwen2", "200KB", min_shards=3)
     recipe = _layer_drop_recipe(text_file, drop, then, "compressed-tensors" if then else "dense")
     compress(str(source), recipe, tmp_path / "ram", device="cpu", memory_budget="none")
     compress(str(source), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB", activation_memory="1KB")
-    _same_files(tmp_path / "ram", tmp_path / "stream")
+    parity.same_files(tmp_path / "ram", tmp_path / "stream")
     kept = [kind for index, kind in enumerate(SLIDING) if index not in drop["layers"]]
     assert json.loads((tmp_path / "stream" / "config.json").read_text())["layer_types"] == kept
 
@@ -199,19 +155,11 @@ def test_a_removal_refused_in_ram_is_refused_streamed_before_writing(sharded_dir
 def test_one_decoder_layer_is_materialised_at_a_time_in_both_passes_of_a_removal(
         sharded_dir: Any, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The scoring pass loads the 3 source layers, GPTQ's pass the 2 survivors; each alone, as the streamer counts."""
-    seen: list[tuple[int, int]] = []
-    load = LayerStreamer.load
-
-    def counting(self: LayerStreamer, index: int) -> torch.nn.Module:
-        layer = load(self, index)
-        seen.append((index, sum(not next(lay.parameters()).is_meta for lay in self.adapter.layers())))
+    def probe(self: LayerStreamer, index: int, layer: torch.nn.Module) -> tuple[int, int]:
         assert all(p.is_meta for m in self.adapter.embeddings() for p in m.parameters())
-        return layer
+        return index, parity.resident_layers(self.adapter)
 
-    monkeypatch.setattr(LayerStreamer, "load", counting)
-    streamers: list[LayerStreamer] = []
-    note = LayerStreamer.note
-    monkeypatch.setattr(LayerStreamer, "note", lambda self: streamers.append(self) or note(self))
+    seen, streamers = parity.watch_layer_loads(monkeypatch, probe)
     recipe = _layer_drop_recipe(text_file, {"layers": [0]}, "gptq", "compressed-tensors")
     report = compress(str(sharded_dir()), recipe, tmp_path / "o", device="cpu", memory_budget="1KB")
     assert seen == [(0, 1), (1, 1), (2, 1), (0, 1), (1, 1)]
@@ -223,18 +171,14 @@ def test_one_decoder_layer_is_materialised_at_a_time_in_both_passes_of_a_removal
 def test_one_decoder_layer_is_materialised_at_a_time(sharded_dir: Any, text_file: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Counted independently of the streamer's own counter: non-meta layers of the model at every load."""
-    seen: list[int] = []
-    load = LayerStreamer.load
-
-    def counting(self: LayerStreamer, index: int) -> torch.nn.Module:
-        layer = load(self, index)
-        seen.append(sum(not next(lay.parameters()).is_meta for lay in self.adapter.layers()))
+    def probe(self: LayerStreamer, index: int, layer: torch.nn.Module) -> int:
         assert all(p.is_meta for m in self.adapter.embeddings() for p in m.parameters())  # released after capture
         assert all(p.is_meta for p in self.adapter.lm_head().parameters())  # never loaded: read again at export
-        return layer
+        return parity.resident_layers(self.adapter)
 
-    monkeypatch.setattr(LayerStreamer, "load", counting)
-    report = compress(str(sharded_dir()), _recipe(text_file), tmp_path / "o", device="cpu", memory_budget="1KB")
+    seen, _ = parity.watch_layer_loads(monkeypatch, probe)
+    report = compress(str(sharded_dir()), parity.quantizer_recipe(text_file), tmp_path / "o", device="cpu",
+                      memory_budget="1KB")
     assert seen == [1, 1, 1]
     assert "at most 1 in memory at once" in report.warnings[0]["message"]
 
@@ -250,11 +194,11 @@ def test_hidden_states_in_memory_mapped_files_give_the_same_output(sharded_dir: 
         return from_file(path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "from_file", recording)
-    recipe = _recipe(text_file)
+    recipe = parity.quantizer_recipe(text_file)
     compress(str(sharded_dir()), recipe, tmp_path / "ram", device="cpu", memory_budget="none")
     compress(str(sharded_dir()), recipe, tmp_path / "mm", device="cpu", memory_budget="1KB", activation_memory="1KB")
     assert mapped[:2] == ["hidden-1.bin", "hidden-0.bin"] and len(mapped) == 4  # layer 0's inputs, then 3 outputs
-    _same_files(tmp_path / "ram", tmp_path / "mm")
+    parity.same_files(tmp_path / "ram", tmp_path / "mm")
     assert not (tmp_path / "mm.partial").exists()
 
 
@@ -265,7 +209,7 @@ def test_hidden_states_in_memory_mapped_files_give_the_same_output(sharded_dir: 
 def test_whole_model_stages_and_formats_are_refused_before_loading(sharded_dir: Any, text_file: Path,
                                                                      tmp_path: Path, change: dict[str, Any],
                                                                      message: str) -> None:
-    recipe = _recipe(text_file, **({"export": change["export"]} if "export" in change else change))
+    recipe = parity.quantizer_recipe(text_file, **({"export": change["export"]} if "export" in change else change))
     with pytest.raises(RecipeError, match="needs the whole model in RAM") as error:
         compress(str(sharded_dir()), recipe, tmp_path / "o", device="cpu", memory_budget="1KB")
     assert message in str(error.value) and "\n" not in str(error.value)
@@ -274,7 +218,8 @@ def test_whole_model_stages_and_formats_are_refused_before_loading(sharded_dir: 
 
 def test_unreadable_budgets_are_usage_errors(sharded_dir: Any, text_file: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="--memory-budget 'lots'"):
-        compress(str(sharded_dir()), _recipe(text_file), tmp_path / "o", device="cpu", memory_budget="lots")
+        compress(str(sharded_dir()), parity.quantizer_recipe(text_file), tmp_path / "o", device="cpu",
+                 memory_budget="lots")
     with pytest.raises(UsageError, match="streaming reads a local directory"):
         plan_streaming("some/hub-id", "1KB", "auto")
 
@@ -290,7 +235,8 @@ def test_a_failed_streamed_run_leaves_nothing(sharded_dir: Any, text_file: Path,
 
     monkeypatch.setattr(LayerStreamer, "finish", failing)
     with pytest.raises(OSError, match="disk full"):
-        compress(str(sharded_dir()), _recipe(text_file), tmp_path / "o", device="cpu", memory_budget="1KB")
+        compress(str(sharded_dir()), parity.quantizer_recipe(text_file), tmp_path / "o", device="cpu",
+                 memory_budget="1KB")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -342,14 +288,11 @@ def test_cli_refusal_is_one_line_with_exit_2(sharded_dir: Any, text_file: Path, 
 def test_dgq_streams_to_the_in_ram_bytes(sharded_dir: Any, text_file: Path, tmp_path: Path, stage: dict[str, Any],
                                          export: str, dtype: str) -> None:
     """dgq is layer-local (smoothing folds into the layer's own norms, Int8Linear swaps its own linears)."""
-    stage = {"method": "dgq", **stage}
-    recipe = recipe_from_dict({"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32,
-                                                            "batch_size": 2},
-                               "stages": [stage], "export": {"format": export, "max_shard_mb": 1}})
+    recipe = parity.streaming_recipe(text_file, [{"method": "dgq", **stage}], export)
     source = str(sharded_dir(dtype))
     in_ram = compress(source, recipe, tmp_path / "ram", device="cpu", memory_budget="none")
     streamed = compress(source, recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
-    _same_files(tmp_path / "ram", tmp_path / "stream")
+    parity.same_files(tmp_path / "ram", tmp_path / "stream")
     assert streamed.avg_bits_per_weight == in_ram.avg_bits_per_weight
     assert "streamed from disk" in streamed.warnings[0]["message"]
 

@@ -8,47 +8,35 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import streaming_parity as parity
 import torch
 import yaml
-from tiny import tiny_model
 
 from compressor.errors import RecipeError
 from compressor.methods.quant.baq import BAQ
 from compressor.pipeline import compress
-from compressor.recipe import recipe_from_dict
 from compressor.streaming.layers import LayerStreamer
 
-#: Files whose bytes legitimately differ between two runs (timings, peak memory, the streaming note).
-REPORTS = {"compression_report.json", "compression_report.md", "layers.png"}
 #: BAQ's planning keys besides the objective; targets and ignore are the quantizer's too.
 TARGETS = {"targets": ["Linear"], "ignore": ["lm_head"]}
+
+
+def _scale_unequally(model: torch.nn.Module) -> None:
+    """Layer 1's MLP output up, layer 2's queries down, every up_proj's first group of 32 columns up."""
+    model.model.layers[1].mlp.down_proj.weight.mul_(4.0)
+    model.model.layers[2].self_attn.q_proj.weight.mul_(0.25)
+    for layer in model.model.layers:  # one group of columns that wants more bits than the others
+        layer.mlp.up_proj.weight[:, :32].mul_(8.0)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Any:
     """A tiny Llama in several safetensors shards, per (dtype, tied embeddings).
 
-    The layers' weights are scaled unequally (layer 1's MLP output up, layer 2's queries down, every up_proj's first
-    group of 32 columns up), so modules, and groups inside one module, get different widths.
+    The layers' weights are scaled unequally (:func:`_scale_unequally`), so modules, and groups inside one module,
+    get different widths.
     """
-    made: dict[tuple[str, bool], Path] = {}
-
-    def make(dtype: str = "float32", tied: bool = False) -> Path:
-        if (dtype, tied) not in made:
-            path = tmp_path_factory.mktemp(f"baq-{dtype}-{tied}")
-            model = tiny_model("llama", tie_word_embeddings=tied, hidden_size=256, intermediate_size=512)
-            with torch.no_grad():
-                model.model.layers[1].mlp.down_proj.weight.mul_(4.0)
-                model.model.layers[2].self_attn.q_proj.weight.mul_(0.25)
-                for layer in model.model.layers:  # one group of columns that wants more bits than the others
-                    layer.mlp.up_proj.weight[:, :32].mul_(8.0)
-            model.to(getattr(torch, dtype)).save_pretrained(path, max_shard_size="400KB")
-            tiny_tokenizer.save_pretrained(path)
-            assert len(list(path.glob("*.safetensors"))) > 2
-            made[(dtype, tied)] = path
-        return made[(dtype, tied)]
-
-    return make
+    return parity.sharded_checkpoints(tmp_path_factory, tiny_tokenizer, "baq", edit=_scale_unequally)
 
 
 def _recipe(text_file: Path, baq: dict[str, Any], then: str = "gptq", export: str = "compressed-tensors") -> Any:
@@ -62,21 +50,7 @@ def _recipe(text_file: Path, baq: dict[str, Any], then: str = "gptq", export: st
     before = [baq["before"]] if "before" in baq else []
     planning = {k: v for k, v in baq.items() if k != "before"}
     stages = [*before, {"method": "baq", **TARGETS, "avg_bits": 3.0, "candidates": [2, 3, 4, 8], **planning}, quant]
-    data = {"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32, "batch_size": 2},
-            "stages": stages, "export": {"format": export, "max_shard_mb": 1}}
-    return recipe_from_dict(yaml.safe_load(yaml.safe_dump(data)))
-
-
-def _same_files(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for name in names:
-        if name not in REPORTS:
-            assert (a / name).read_bytes() == (b / name).read_bytes(), name
-
-
-def _rows(report: Any) -> list[dict[str, Any]]:
-    return [{k: v for k, v in row.items() if "seconds" not in k and "time" not in k} for row in report.layers]
+    return parity.streaming_recipe(text_file, stages, export)
 
 
 def _planned_bits(report: Any) -> dict[str, Any]:
@@ -105,7 +79,7 @@ def test_baq_streams_to_the_in_ram_bytes(checkpoint: Any, text_file: Path, tmp_p
     source = str(checkpoint(dtype, tied))
     in_ram = compress(source, recipe, tmp_path / "ram", device="cpu", memory_budget="none")
     streamed = compress(source, recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
-    _same_files(tmp_path / "ram", tmp_path / "stream")
+    parity.same_files(tmp_path / "ram", tmp_path / "stream")
     before = baq.get("before", {}).get("method")
     layers = 2 if before == "layer_drop" else 3  # layer_drop removes one of the 3
     planned = _planned_bits(streamed)
@@ -113,9 +87,8 @@ def test_baq_streams_to_the_in_ram_bytes(checkpoint: Any, text_file: Path, tmp_p
     widths = {bits for bits, _ in planned.values()} if baq.get("granularity", "module") == "module" else \
         {b for _, per_group in planned.values() for b in per_group}
     assert len(widths) > 1, widths  # a real allocation, not every module at one width
-    assert _rows(streamed) == _rows(in_ram)
-    for key in ("size_bytes", "params", "avg_bits_per_weight", "avg_bits_incl_metadata", "compression_ratio"):
-        assert getattr(streamed, key) == getattr(in_ram, key), key
+    assert parity.timeless_rows(streamed) == parity.timeless_rows(in_ram)
+    parity.same_totals(streamed, in_ram)
     message = streamed.warnings[0]["message"]
     loads = {None: "6 layer loads over 2 passes", "layer_drop": "7 layer loads over 3 passes",
              "flap": "9 layer loads over 3 passes"}[before]
@@ -127,14 +100,10 @@ def test_both_passes_hold_one_layer_and_baq_keeps_no_weight(checkpoint: Any, tex
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """BAQ's pass loads layers 0..2 one at a time and the quantizer's pass the same again; when BAQ allocates,
     every decoder layer is back on meta and what it kept per module (its sensitivities) is small CPU data."""
-    seen: list[tuple[int, int]] = []
-    load = LayerStreamer.load
+    def probe(self: LayerStreamer, index: int, layer: torch.nn.Module) -> tuple[int, int]:
+        return index, parity.resident_layers(self.adapter)
 
-    def counting(self: LayerStreamer, index: int) -> torch.nn.Module:
-        layer = load(self, index)
-        seen.append((index, sum(not next(lay.parameters()).is_meta for lay in self.adapter.layers())))
-        return layer
-
+    seen, _ = parity.watch_layer_loads(monkeypatch, probe)
     finalized: list[bool] = []
     finalize = BAQ.finalize
 
@@ -143,7 +112,6 @@ def test_both_passes_hold_one_layer_and_baq_keeps_no_weight(checkpoint: Any, tex
         assert all(not m.sensitivity.is_meta and m.sensitivity.device.type == "cpu" for m in self.measured)
         return finalize(self, run)
 
-    monkeypatch.setattr(LayerStreamer, "load", counting)
     monkeypatch.setattr(BAQ, "finalize", checking)
     compress(str(checkpoint()), _recipe(text_file, {"objective": "relative"}), tmp_path / "o", device="cpu",
              memory_budget="1KB")

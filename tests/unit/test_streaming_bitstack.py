@@ -8,57 +8,29 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import streaming_parity as parity
 import torch
-from tiny import tiny_model
 
 from compressor.errors import RecipeError, UsageError
 from compressor.pipeline import compress, load
-from compressor.recipe import recipe_from_dict
 from compressor.streaming.layers import LayerStreamer
 
-#: Files whose bytes legitimately differ between two runs (timings, peak memory, the streaming note).
-REPORTS = {"compression_report.json", "compression_report.md", "layers.png", "bitstack.png"}
+#: Files whose bytes legitimately differ between two runs: the reports and plots, BitStack's curve plot too.
+DIFFERING = parity.REPORTS | {"bitstack.png"}
 #: Small stacks: 3 blocks of rank 2 per linear.
 STACK = {"iterations": 3, "rank": 2, "order": "relative"}  # the default, fisher, does not stream
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Any:
-    """A tiny model (hidden 256, MLP 512) saved in several shards, per (family, dtype, tied embeddings)."""
-    made: dict[tuple[str, str, bool], Path] = {}
-
-    def make(family: str = "llama", dtype: str = "float32", tied: bool = False) -> Path:
-        if (family, dtype, tied) not in made:
-            path = tmp_path_factory.mktemp(f"bitstack-{family}-{dtype}-{tied}")
-            model = tiny_model(family, tie_word_embeddings=tied, hidden_size=256, intermediate_size=512)
-            model.to(getattr(torch, dtype)).save_pretrained(path, max_shard_size="400KB")
-            tiny_tokenizer.save_pretrained(path)
-            assert len(list(path.glob("*.safetensors"))) > 2
-            made[(family, dtype, tied)] = path
-        return made[(family, dtype, tied)]
-
-    return make
+    """A tiny model (hidden 256, MLP 512) saved in several shards, per (dtype, tied embeddings, family)."""
+    return parity.sharded_checkpoints(tmp_path_factory, tiny_tokenizer, "bitstack")
 
 
 def _recipe(text_file: Path, stage: dict[str, Any] | None = None, export: str = "bitstack",
             before: list[dict[str, Any]] | None = None, after: list[dict[str, Any]] | None = None) -> Any:
     stages = [*(before or []), {"method": "bitstack", **STACK, **(stage or {})}, *(after or [])]
-    return recipe_from_dict({"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32,
-                                                          "batch_size": 2},
-                             "stages": stages, "export": {"format": export, "max_shard_mb": 1}})
-
-
-def _same_files(a: Path, b: Path) -> list[str]:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for name in names:
-        if name not in REPORTS:
-            assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    return names
-
-
-def _rows(report: Any) -> list[dict[str, Any]]:
-    return [{k: v for k, v in row.items() if "seconds" not in k and "time" not in k} for row in report.layers]
+    return parity.streaming_recipe(text_file, stages, export)
 
 
 @pytest.mark.parametrize(("family", "dtype", "tied", "stage", "before"), [
@@ -71,18 +43,17 @@ def test_bitstack_streams_to_the_in_ram_directory(checkpoint: Any, text_file: Pa
                                                   dtype: str, tied: bool, stage: dict[str, Any],
                                                   before: list[dict[str, Any]] | None) -> None:
     recipe = _recipe(text_file, stage, before=before)
-    source = str(checkpoint(family, dtype, tied))
+    source = str(checkpoint(dtype, tied, family))
     in_ram = compress(source, recipe, tmp_path / "ram", device="cpu", memory_budget="none")
     streamed = compress(source, recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
-    names = _same_files(tmp_path / "ram", tmp_path / "stream")
+    names = parity.same_files(tmp_path / "ram", tmp_path / "stream", DIFFERING)
     assert {"bitstack.json", "bitstack-fixed.safetensors", "bitstack-block-002.safetensors",
             "modeling_bitstack.py", "config.json", "tokenizer.json"} <= set(names)
     manifest = json.loads((tmp_path / "stream" / "bitstack.json").read_text())
     assert bool(manifest["tied"]) == tied and manifest["dtype"] == dtype
     assert len(manifest["linears"]) == 7 * (2 if before else 3)
-    assert streamed.structure == in_ram.structure and _rows(streamed) == _rows(in_ram)
-    for key in ("size_bytes", "params", "avg_bits_per_weight", "compression_ratio"):
-        assert getattr(streamed, key) == getattr(in_ram, key), key
+    assert streamed.structure == in_ram.structure and parity.timeless_rows(streamed) == parity.timeless_rows(in_ram)
+    parity.same_totals(streamed, in_ram, ("size_bytes", "params", "avg_bits_per_weight", "compression_ratio"))
     assert "streamed from disk" in streamed.warnings[0]["message"]
     assert not (tmp_path / "stream.partial").exists()
 
@@ -91,9 +62,9 @@ def test_the_streamed_directory_loads_as_the_in_ram_stage_at_its_budget(checkpoi
                                                                         tmp_path: Path) -> None:
     """compressor.load(OUT, budget=B) of the streamed output is the in-RAM run's model, reconstructed at B."""
     recipe = _recipe(text_file, {"budget": "2.2bpw", "signs": "residual"})
-    resident = load(checkpoint("llama", "float32", True))
+    resident = load(checkpoint("float32", True))
     report = compress(resident, recipe, tmp_path / "ram", device="cpu")
-    compress(str(checkpoint("llama", "float32", True)), recipe, tmp_path / "stream", device="cpu",
+    compress(str(checkpoint("float32", True)), recipe, tmp_path / "stream", device="cpu",
              memory_budget="1KB")
     chosen = [row["extra"]["blocks"] for row in report.layers]
     assert min(chosen) < STACK["iterations"], "the budget keeps every block: it tests nothing"
@@ -107,18 +78,11 @@ def test_the_streamed_directory_loads_as_the_in_ram_stage_at_its_budget(checkpoi
 def test_the_blocks_of_finished_layers_are_not_kept_in_memory(checkpoint: Any, text_file: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """When a layer loads, every earlier layer's blocks are on meta (in files) and one decoder layer is resident."""
-    seen: list[tuple[int, int, int]] = []
-    load_layer = LayerStreamer.load
+    def probe(self: LayerStreamer, index: int, layer: torch.nn.Module) -> tuple[int, int, int]:
+        real = sum(not item.decomposition.scale.is_meta for item in self.stages[-1].decomposed.values())
+        return index, parity.resident_layers(self.adapter), real
 
-    def counting(self: LayerStreamer, index: int) -> torch.nn.Module:
-        layer = load_layer(self, index)
-        stage = self.stages[-1]
-        real = sum(not item.decomposition.scale.is_meta for item in stage.decomposed.values())
-        resident = sum(not next(lay.parameters()).is_meta for lay in self.adapter.layers())
-        seen.append((index, resident, real))
-        return layer
-
-    monkeypatch.setattr(LayerStreamer, "load", counting)
+    seen, _ = parity.watch_layer_loads(monkeypatch, probe)
     compress(str(checkpoint()), _recipe(text_file, {"signs": "residual"}), tmp_path / "o", device="cpu",
              memory_budget="1KB")
     assert seen == [(0, 1, 0), (1, 1, 0), (2, 1, 0)]
@@ -134,11 +98,11 @@ def test_dense_after_bitstack_streams_to_the_in_ram_bytes(checkpoint: Any, text_
     """Format dense (alone, or a quantizer after it): each layer is reconstructed from its blocks' file when read."""
     stage = {"budget": "2.2bpw", "signs": "residual", **({"targets": ["re:.*mlp.*"]} if after else {})}
     recipe = _recipe(text_file, stage, export="dense", after=after)
-    source = str(checkpoint("llama", "bfloat16", True))
+    source = str(checkpoint("bfloat16", True))
     in_ram = compress(source, recipe, tmp_path / "ram", device="cpu", memory_budget="none")
     streamed = compress(source, recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
-    _same_files(tmp_path / "ram", tmp_path / "stream")
-    assert _rows(streamed) == _rows(in_ram)
+    parity.same_files(tmp_path / "ram", tmp_path / "stream", DIFFERING)
+    assert parity.timeless_rows(streamed) == parity.timeless_rows(in_ram)
 
 
 def test_streamed_eval_of_a_dense_bitstack_output_is_the_in_ram_one(checkpoint: Any, text_file: Path,

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import streaming_parity as parity
 import torch
-from tiny import tiny_model
 
 from compressor.pipeline import evaluate
 from compressor.streaming.perplexity import streamed_perplexity
@@ -30,28 +30,9 @@ def test_streamed_ppl_is_the_in_ram_ppl(model_dir_factory: Callable[[str], Path]
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Callable[..., Path]:
-    """A tiny Llama saved as several safetensors shards, per (dtype, tied embeddings)."""
-    made: dict[tuple[str, bool], Path] = {}
-
-    def make(dtype: str = "float32", tied: bool = False) -> Path:
-        if (dtype, tied) not in made:
-            path = tmp_path_factory.mktemp(f"saved-{dtype}-{tied}")
-            model = tiny_model("llama", tie_word_embeddings=tied, hidden_size=128, intermediate_size=256)
-            model.to(getattr(torch, dtype)).save_pretrained(path, max_shard_size="200KB")
-            tiny_tokenizer.save_pretrained(path)
-            made[(dtype, tied)] = path
-        return made[(dtype, tied)]
-
-    return make
-
-
-def _recipe(text_file: Path, export: str, method: str = "gptq", **stage: Any) -> Any:
-    from compressor.recipe import recipe_from_dict
-
-    return recipe_from_dict({"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32,
-                                                          "batch_size": 2},
-                             "stages": [{"method": method, "bits": 4, "group_size": 32, **stage}],
-                             "export": {"format": export, "max_shard_mb": 1}})
+    """A tiny Llama (hidden 128) saved as several safetensors shards, per (dtype, tied embeddings)."""
+    return parity.sharded_checkpoints(tmp_path_factory, tiny_tokenizer, "saved", shard_size="200KB", min_shards=1,
+                                      sizes={"hidden_size": 128, "intermediate_size": 256})
 
 
 @pytest.mark.parametrize(("dtype", "tied"), [("float32", False), ("bfloat16", True)])
@@ -74,7 +55,7 @@ def test_one_decoder_layer_is_resident_while_scoring(saved: Callable[..., Path],
 
     def counting(adapter: Any, checkpoint: Any, index: int) -> torch.nn.Module:
         layer = load(adapter, checkpoint, index)
-        seen.append(sum(not next(lay.parameters()).is_meta for lay in adapter.layers()))
+        seen.append(parity.resident_layers(adapter))
         assert all(p.is_meta for m in adapter.embeddings() for p in m.parameters())  # released after the capture
         assert all(p.is_meta for p in adapter.lm_head().parameters())  # read only for the scoring
         return layer
@@ -94,7 +75,7 @@ def test_streamed_compress_eval_scores_the_written_output(saved: Callable[..., P
     """The streamed run reads its output back layer by layer: the in-RAM run's before/after numbers exactly."""
     from compressor.pipeline import compress
 
-    recipe = _recipe(text_file, export, **stage)
+    recipe = parity.quantizer_recipe(text_file, export=export, **stage)
     kwargs: dict[str, Any] = {"device": "cpu", "eval_data": str(text_file), "eval_max_tokens": 256}
     ram = compress(str(saved("bfloat16")), recipe, tmp_path / "ram", memory_budget="none", **kwargs)
     streamed = compress(str(saved("bfloat16")), recipe, tmp_path / "s", memory_budget="1KB",
@@ -165,8 +146,8 @@ def test_a_packed_output_is_budgeted_at_its_dequantized_size(saved: Callable[...
     from compressor.streaming import checkpoint_weight_bytes
 
     source = saved("bfloat16")
-    compress(str(source), _recipe(text_file, "compressed-tensors"), tmp_path / "ct", device="cpu",
-             memory_budget="none")
+    recipe = parity.quantizer_recipe(text_file, export="compressed-tensors")
+    compress(str(source), recipe, tmp_path / "ct", device="cpu", memory_budget="none")
     dense = checkpoint_weight_bytes(source, "auto")
     on_disk = sum(p.stat().st_size for p in (tmp_path / "ct").glob("*.safetensors"))
     assert on_disk < 0.6 * dense
@@ -181,7 +162,7 @@ def test_a_failed_gate_under_streaming_still_writes_the_output(saved: Callable[.
     from compressor.pipeline import compress
 
     with pytest.raises(QualityGateError, match="exceeds the limit"):
-        compress(str(saved()), _recipe(text_file, "dense", "rtn", bits=2), tmp_path / "o", device="cpu",
+        compress(str(saved()), parity.quantizer_recipe(text_file, "rtn", "dense", bits=2), tmp_path / "o", device="cpu",
                  memory_budget="1KB", eval_data=str(text_file), eval_max_tokens=128, max_ppl_increase=0.0)
     written = json.loads((tmp_path / "o" / "compression_report.json").read_text())
     assert written["quality_gate"]["passed"] is False and written["eval"]["after"]["ppl"] > 0

@@ -8,19 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import streaming_parity as parity
 import torch
-from isolation import run_without_compressor
 from tiny import tiny_model
 
 from compressor.errors import RecipeError
 from compressor.pipeline import compress, load
-from compressor.recipe import recipe_from_dict
 from compressor.streaming.layers import LayerStreamer
 
-#: Files whose bytes legitimately differ between two runs (timings, peak memory, the streaming note).
-REPORTS = {"compression_report.json", "compression_report.md", "layers.png"}
 #: The paper's settings: per-layer shapes and compensation biases, so modeling_flap.py ships.
 PAPER = {"structure": "global", "ratio": 0.6, "compensate": True}
+
+
+def _quiet_first_kv_group(model: torch.nn.Module) -> None:
+    model.model.layers[1].self_attn.v_proj.weight[:64].mul_(1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -30,21 +31,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) ->
     Layer 1's first KV group has its value rows scaled by 1e-2 (its heads' outputs barely fluctuate), so the
     global structure removes a head group in some layers and not in others.
     """
-    made: dict[tuple[str, bool], Path] = {}
-
-    def make(dtype: str = "float32", tied: bool = False) -> Path:
-        if (dtype, tied) not in made:
-            path = tmp_path_factory.mktemp(f"flap-{dtype}-{tied}")
-            model = tiny_model("llama", tie_word_embeddings=tied, hidden_size=256, intermediate_size=512)
-            with torch.no_grad():
-                model.model.layers[1].self_attn.v_proj.weight[:64].mul_(1e-2)
-            model.to(getattr(torch, dtype)).save_pretrained(path, max_shard_size="400KB")
-            tiny_tokenizer.save_pretrained(path)
-            assert len(list(path.glob("*.safetensors"))) > 2
-            made[(dtype, tied)] = path
-        return made[(dtype, tied)]
-
-    return make
+    return parity.sharded_checkpoints(tmp_path_factory, tiny_tokenizer, "flap", edit=_quiet_first_kv_group)
 
 
 def _recipe(text_file: Path, flap: dict[str, Any], then: str | None = None, export: str = "dense") -> Any:
@@ -52,18 +39,8 @@ def _recipe(text_file: Path, flap: dict[str, Any], then: str | None = None, expo
     drop = [{"method": "layer_drop", **flap["drop"]}] if "drop" in flap else []
     stages: list[dict[str, Any]] = [*drop, {"method": "flap", **{k: v for k, v in flap.items() if k != "drop"}}]
     if then:
-        stages.append({"method": then, "weight_bits" if then == "dgq" else "bits": 4, "group_size": 32})
-    return recipe_from_dict({"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32,
-                                                          "batch_size": 2},
-                             "stages": stages, "export": {"format": export, "max_shard_mb": 1}})
-
-
-def _same_files(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for name in names:
-        if name not in REPORTS:
-            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+        stages.append(parity.quantizer_stage(then))
+    return parity.streaming_recipe(text_file, stages, export)
 
 
 @pytest.mark.parametrize(("flap", "then", "export", "dtype", "tied"), [
@@ -82,7 +59,7 @@ def test_flap_streams_to_the_in_ram_bytes(checkpoint: Any, text_file: Path, tmp_
     source = str(checkpoint(dtype, tied))
     in_ram = compress(source, recipe, tmp_path / "ram", device="cpu", memory_budget="none")
     streamed = compress(source, recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
-    _same_files(tmp_path / "ram", tmp_path / "stream")
+    parity.same_files(tmp_path / "ram", tmp_path / "stream")
     assert streamed.structure == in_ram.structure
     shapes = in_ram.structure["flap"]["layers"]
     assert any(s["kv_heads"] < 2 for s in shapes) and all(s["intermediate_size"] < 512 for s in shapes)
@@ -91,26 +68,11 @@ def test_flap_streams_to_the_in_ram_bytes(checkpoint: Any, text_file: Path, tmp_
         flap.get("structure", "uniform") == "uniform" and not compensated)
     config = json.loads((tmp_path / "stream" / "config.json").read_text())
     assert ("auto_map" in config) == (not in_ram.structure["flap"]["standard"])
-    for key in ("size_bytes", "params", "avg_bits_per_weight", "avg_bits_incl_metadata", "compression_ratio"):
-        assert getattr(streamed, key) == getattr(in_ram, key), key
-    rows = [[{k: v for k, v in row.items() if "seconds" not in k and "time" not in k} for row in report.layers]
-            for report in (in_ram, streamed)]
-    assert rows[0] == rows[1]
+    parity.same_totals(streamed, in_ram)
+    assert parity.timeless_rows(in_ram) == parity.timeless_rows(streamed)
     message = streamed.warnings[0]["message"]
     assert ("reshaped by the last stage's plan" in message) == (then is None), message
     assert not (tmp_path / "stream.partial").exists()
-
-
-#: A user's Python: transformers alone, trusting the shipped file; prints the class and the largest logit difference.
-_RELOAD = """
-import sys
-import torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-tokens, expected = torch.load(sys.argv[2]), torch.load(sys.argv[3])
-with torch.no_grad():
-    print("RESULT", type(model).__name__, float((model(tokens).logits - expected).abs().max()))
-"""
 
 
 def test_streamed_modeling_file_output_loads_with_transformers_and_gives_the_in_ram_logits(
@@ -120,35 +82,22 @@ def test_streamed_modeling_file_output_loads_with_transformers_and_gives_the_in_
     loaded = load(checkpoint())
     compress(loaded, recipe, tmp_path / "ram", device="cpu")
     compress(str(checkpoint()), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
-    _same_files(tmp_path / "ram", tmp_path / "stream")
+    parity.same_files(tmp_path / "ram", tmp_path / "stream")
     tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.save(loaded.model(tokens).logits, tmp_path / "logits.pt")
-    torch.save(tokens, tmp_path / "tokens.pt")
-    child = run_without_compressor(_RELOAD, str(tmp_path / "stream"), str(tmp_path / "tokens.pt"),
-                                   str(tmp_path / "logits.pt"), cwd=tmp_path)
-    assert child.returncode == 0, child.stderr[-3000:]
-    result = [line.split() for line in child.stdout.splitlines() if line.startswith("RESULT")][0]
-    assert result[1] == "FLAPLlamaForCausalLM" and float(result[2]) <= 1e-5
+        expected = loaded.model(tokens).logits
+    class_name, difference = parity.reload_without_compressor(tmp_path / "stream", tokens, expected, tmp_path)
+    assert class_name == "FLAPLlamaForCausalLM" and difference <= 1e-5
 
 
 def test_one_decoder_layer_is_materialised_at_a_time_in_both_passes(
         checkpoint: Any, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """FLAP's scoring pass loads the 3 source layers at full width, GPTQ's pass the same 3 narrowed by the plan."""
-    seen: list[tuple[int, int, int]] = []
-    load_layer = LayerStreamer.load
-
-    def counting(self: LayerStreamer, index: int) -> torch.nn.Module:
-        layer = load_layer(self, index)
-        resident = sum(not next(lay.parameters()).is_meta for lay in self.adapter.layers())
-        seen.append((index, resident, self.adapter.mlp_output(layer).in_features))
+    def probe(self: LayerStreamer, index: int, layer: torch.nn.Module) -> tuple[int, int, int]:
         assert all(p.is_meta for m in self.adapter.embeddings() for p in m.parameters())
-        return layer
+        return index, parity.resident_layers(self.adapter), self.adapter.mlp_output(layer).in_features
 
-    monkeypatch.setattr(LayerStreamer, "load", counting)
-    streamers: list[LayerStreamer] = []
-    note = LayerStreamer.note
-    monkeypatch.setattr(LayerStreamer, "note", lambda self: streamers.append(self) or note(self))
+    seen, streamers = parity.watch_layer_loads(monkeypatch, probe)
     recipe = _recipe(text_file, {"ratio": 0.5}, "gptq", "compressed-tensors")
     report = compress(str(checkpoint()), recipe, tmp_path / "o", device="cpu", memory_budget="1KB")
     width = report.structure["flap"]["layers"][0]["intermediate_size"]
@@ -210,13 +159,10 @@ def test_a_flap_output_streams_through_rtn_to_the_in_ram_bytes(checkpoint: Any, 
                                                                 tmp_path: Path) -> None:
     """A second run quantizes a modeling_flap.py output: the skeleton is its class, narrowed per layer on meta."""
     compress(str(checkpoint()), _recipe(text_file, PAPER), tmp_path / "flap", device="cpu", memory_budget="none")
-    recipe = recipe_from_dict({"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32,
-                                                            "batch_size": 2},
-                               "stages": [{"method": "rtn", "bits": 4, "group_size": 32}],
-                               "export": {"format": "compressed-tensors", "max_shard_mb": 1}})
+    recipe = parity.quantizer_recipe(text_file, "rtn")
     compress(str(tmp_path / "flap"), recipe, tmp_path / "ram", device="cpu", memory_budget="none")
     streamed = compress(str(tmp_path / "flap"), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
-    _same_files(tmp_path / "ram", tmp_path / "stream")
+    parity.same_files(tmp_path / "ram", tmp_path / "stream")
     assert (tmp_path / "stream" / "modeling_flap.py").is_file() and "streamed from disk" in \
         streamed.warnings[0]["message"]
     messages = []

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_streaming import _recipe, sharded_dir  # noqa: F401 - the fixture is used by name
+import streaming_parity as parity
 
 from compressor.pipeline import compress
 from compressor.streaming import heap
@@ -58,6 +58,12 @@ def test_freed_tensors_leave_the_process_inside_released_heap() -> None:
     assert _holes_left(None) > 48  # with the steady threshold they stay resident as heap holes
 
 
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Any:
+    """A tiny Llama (hidden 256) saved as several safetensors shards: a run that streams 3 layers."""
+    return parity.sharded_checkpoints(tmp_path_factory, tiny_tokenizer, "sharded")
+
+
 class _FakeLibc:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
@@ -71,14 +77,15 @@ class _FakeLibc:
         return 1
 
 
-def test_a_streamed_run_maps_large_tensors_trims_each_layer_and_restores(sharded_dir: Any,  # noqa: F811
-                                                                         text_file: Path, tmp_path: Path,
+def test_a_streamed_run_maps_large_tensors_trims_each_layer_and_restores(sharded_dir: Any, text_file: Path,
+                                                                         tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     fake = _FakeLibc()
     monkeypatch.setattr(heap, "_glibc", lambda: fake)
-    compress(str(sharded_dir()), _recipe(text_file), tmp_path / "ram", device="cpu", memory_budget="none")
+    recipe = parity.quantizer_recipe(text_file)
+    compress(str(sharded_dir()), recipe, tmp_path / "ram", device="cpu", memory_budget="none")
     assert fake.calls == []  # the in-RAM run leaves malloc alone
-    compress(str(sharded_dir()), _recipe(text_file), tmp_path / "o", device="cpu", memory_budget="1KB")
+    compress(str(sharded_dir()), recipe, tmp_path / "o", device="cpu", memory_budget="1KB")
     assert fake.calls[0] == ("mallopt", heap._M_MMAP_THRESHOLD, heap.MMAP_THRESHOLD)
     assert fake.calls[-2:] == [("mallopt", heap._M_MMAP_THRESHOLD, heap.STEADY_THRESHOLD), ("trim",)]
     assert fake.calls.count(("trim",)) == 3 + 1  # one per finished layer (3) and one at the end

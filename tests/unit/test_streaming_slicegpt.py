@@ -10,36 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import streaming_parity as parity
 import torch
-from isolation import run_without_compressor
-from tiny import tiny_model
 
 from compressor.errors import CompressorError, RecipeError
 from compressor.pipeline import compress, load
-from compressor.recipe import recipe_from_dict
 from compressor.streaming.layers import LayerStreamer
 
-#: Files whose bytes legitimately differ between two runs (timings, peak memory, the streaming note).
-REPORTS = {"compression_report.json", "compression_report.md", "layers.png"}
 PER_LAYER = {"rotation": "per_layer", "slicing": 0.25}
 SHARED = {"slicing": 0.25}  # the default scheme
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Any:
-    """A tiny model of ``family`` in several shards, per (family, dtype, tied embeddings)."""
-    made: dict[tuple[str, str, bool], Path] = {}
-
-    def make(family: str = "llama", dtype: str = "float32", tied: bool = False) -> Path:
-        if (family, dtype, tied) not in made:
-            path = tmp_path_factory.mktemp(f"slicegpt-{family}-{dtype}-{tied}")
-            model = tiny_model(family, tie_word_embeddings=tied)
-            model.to(getattr(torch, dtype)).save_pretrained(path, max_shard_size="200KB")
-            tiny_tokenizer.save_pretrained(path)
-            made[(family, dtype, tied)] = path
-        return made[(family, dtype, tied)]
-
-    return make
+    """A tiny model of ``family`` (its own tiny sizes) in several shards, per (dtype, tied embeddings, family)."""
+    return parity.sharded_checkpoints(tmp_path_factory, tiny_tokenizer, "slicegpt", sizes={}, shard_size="200KB",
+                                      min_shards=1)
 
 
 def _recipe(text_file: Path, slicegpt: dict[str, Any], then: str | None = None, export: str = "dense",
@@ -47,18 +33,8 @@ def _recipe(text_file: Path, slicegpt: dict[str, Any], then: str | None = None, 
     stages: list[dict[str, Any]] = [{"method": first, "layers": [0]}] if first else []
     stages.append({"method": "slicegpt", **slicegpt})
     if then:
-        stages.append({"method": then, "bits": 4, "group_size": 32})
-    return recipe_from_dict({"name": "t", "calibration": {"dataset": str(text_file), "samples": 4, "seq_len": 32,
-                                                          "batch_size": 2},
-                             "stages": stages, "export": {"format": export, "max_shard_mb": 1}})
-
-
-def _same_files(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for name in names:
-        if name not in REPORTS:
-            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+        stages.append(parity.quantizer_stage(then))
+    return parity.streaming_recipe(text_file, stages, export)
 
 
 @pytest.mark.parametrize(("family", "slicegpt", "then", "export", "dtype", "tied"), [
@@ -80,32 +56,17 @@ def test_slicegpt_streams_to_the_in_ram_bytes(checkpoint: Any, text_file: Path, 
                                               slicegpt: dict[str, Any], then: str | None, export: str,
                                               dtype: str, tied: bool) -> None:
     recipe = _recipe(text_file, slicegpt, then, export)
-    source = str(checkpoint(family, dtype, tied))
+    source = str(checkpoint(dtype, tied, family))
     in_ram = compress(source, recipe, tmp_path / "ram", device="cpu", memory_budget="none")
     streamed = compress(source, recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
-    _same_files(tmp_path / "ram", tmp_path / "stream")
+    parity.same_files(tmp_path / "ram", tmp_path / "stream")
     assert (tmp_path / "stream" / "modeling_sliced.py").is_file()
     assert streamed.structure == in_ram.structure
     assert ("tied, kept tied" in in_ram.structure["slicegpt"]["embeddings"]) == tied
-    for key in ("size_bytes", "params", "avg_bits_per_weight", "compression_ratio"):
-        assert getattr(streamed, key) == getattr(in_ram, key), key
-    rows = [[{k: v for k, v in row.items() if "seconds" not in k and "time" not in k} for row in report.layers]
-            for report in (in_ram, streamed)]
-    assert rows[0] == rows[1]
+    parity.same_totals(streamed, in_ram, ("size_bytes", "params", "avg_bits_per_weight", "compression_ratio"))
+    assert parity.timeless_rows(in_ram) == parity.timeless_rows(streamed)
     assert "streamed from disk" in streamed.warnings[0]["message"]
     assert not (tmp_path / "stream.partial").exists()
-
-
-#: A user's Python: transformers alone, trusting the shipped file; prints the class and the largest logit difference.
-_RELOAD = """
-import sys
-import torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-tokens, expected = torch.load(sys.argv[2]), torch.load(sys.argv[3])
-with torch.no_grad():
-    print("RESULT", type(model).__name__, float((model(tokens).logits - expected).abs().max()))
-"""
 
 
 @pytest.mark.parametrize(("slicegpt", "tied"), [(PER_LAYER, False), (SHARED, False), (SHARED, True)])
@@ -116,17 +77,12 @@ def test_streamed_output_loads_with_transformers_and_gives_the_in_ram_logits(
     loaded = load(checkpoint(tied=tied))
     compress(loaded, recipe, tmp_path / "ram", device="cpu")
     compress(str(checkpoint(tied=tied)), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
-    _same_files(tmp_path / "ram", tmp_path / "stream")
+    parity.same_files(tmp_path / "ram", tmp_path / "stream")
     tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = loaded.model(tokens).logits
-    torch.save(expected, tmp_path / "logits.pt")
-    torch.save(tokens, tmp_path / "tokens.pt")
-    child = run_without_compressor(_RELOAD, str(tmp_path / "stream"), str(tmp_path / "tokens.pt"),
-                                   str(tmp_path / "logits.pt"), cwd=tmp_path)
-    assert child.returncode == 0, child.stderr[-3000:]
-    result = [line.split() for line in child.stdout.splitlines() if line.startswith("RESULT")][0]
-    assert result[1].startswith("Sliced") and float(result[2]) <= 1e-5
+    class_name, difference = parity.reload_without_compressor(tmp_path / "stream", tokens, expected, tmp_path)
+    assert class_name.startswith("Sliced") and difference <= 1e-5
     with torch.no_grad():
         reloaded = load(str(tmp_path / "stream")).model(tokens).logits
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)
@@ -137,16 +93,11 @@ def test_one_decoder_layer_is_materialised_at_a_time(checkpoint: Any, text_file:
                                                      monkeypatch: pytest.MonkeyPatch, slicegpt: dict[str, Any],
                                                      loads: list[int]) -> None:
     """shared reads every layer twice (its statistics, then the pass that rotates and writes), one at a time."""
-    seen: list[tuple[int, int]] = []
-    load_layer = LayerStreamer.load
-
-    def counting(self: LayerStreamer, index: int) -> torch.nn.Module:
-        layer = load_layer(self, index)
-        seen.append((index, sum(not next(lay.parameters()).is_meta for lay in self.adapter.layers())))
+    def probe(self: LayerStreamer, index: int, layer: torch.nn.Module) -> tuple[int, int]:
         assert all(p.is_meta for p in self.adapter.lm_head().parameters())
-        return layer
+        return index, parity.resident_layers(self.adapter)
 
-    monkeypatch.setattr(LayerStreamer, "load", counting)
+    seen, _ = parity.watch_layer_loads(monkeypatch, probe)
     compress(str(checkpoint()), _recipe(text_file, slicegpt, "gptq", "compressed-tensors"), tmp_path / "o",
              device="cpu", memory_budget="1KB")
     assert seen == [(index, 1) for index in loads]
@@ -186,4 +137,4 @@ def test_hidden_states_in_memory_mapped_files_give_the_same_bytes(checkpoint: An
     compress(str(checkpoint()), recipe, tmp_path / "ram", device="cpu", memory_budget="none")
     compress(str(checkpoint()), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB",
              activation_memory="1KB")
-    _same_files(tmp_path / "ram", tmp_path / "stream")
+    parity.same_files(tmp_path / "ram", tmp_path / "stream")
