@@ -6,7 +6,8 @@ model's, at the scored positions) or final hidden states (cosine distance) move 
 on top of those already gone, and removes the best one; it stops after ``remove`` sublayers or before the
 removed parameters would pass ``ratio`` of the decoder layers' parameters.
 
-What makes it fast: the engine's pass leaves the hidden states entering every layer cached, so a candidate
+What makes it fast: the engine's pass leaves the hidden states entering every layer cached (in RAM, or in
+memory-mapped files when they would exceed ``--activation-memory``: ``cache.StateCache``), so a candidate
 in layer ``i`` is scored by running layers ``i..L-1`` only; a committed removal in layer ``i`` recomputes only
 the states after it; the original outputs are computed once, at a configurable subset of positions; the lazy
 search rescores only the candidates that could still be the best, one chunk of calibration sequences at a time,
@@ -41,6 +42,7 @@ from pydantic import Field, field_validator, model_validator
 
 from compressor.errors import RecipeError, UsageError
 from compressor.methods.base import Count, Fraction, LayerRecord, Method, MethodConfig
+from compressor.methods.prune.finercut.cache import StateCache
 from compressor.methods.prune.finercut.ops import (
     SearchResult,
     bounded_removal,
@@ -161,7 +163,7 @@ class FinerCut(Method):
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__(config)
-        self._states: list[list[torch.Tensor]] = []
+        self._cache: StateCache | None = None  # the hidden states entering every layer, from prepare to the search
         #: ``_kwargs[l][b]``: the keyword arguments layer ``l`` gets for batch ``b`` (its own attention mask).
         self._kwargs: list[list[dict[str, Any]]] = []
         self._searched: Searched | None = None  # this run's search, once finalize has run
@@ -204,7 +206,8 @@ class FinerCut(Method):
         if self.cfg.remove is not None and self.cfg.remove >= available:
             raise RecipeError(f"finercut: cannot remove {self.cfg.remove} of the model's {available} candidate "
                               "sublayers (remove must leave at least one)")
-        self._states, self._kwargs, self._searched = [], [], None
+        self._cache = StateCache(run.adapter.num_layers + 1, run.activation_limit, run.temp_dir)
+        self._kwargs, self._searched = [], None
         return []
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
@@ -221,10 +224,11 @@ class FinerCut(Method):
         """Keep the hidden states and kwargs entering every layer (and the states leaving the last)."""
         if self._restored is not None:  # the removals are known; another stage of the pass needed the sweep
             return []
+        assert self._cache is not None, "prepare makes the cache"
         self._kwargs.append([batch.kwargs for batch in ctx.inputs])
-        self._states.append([batch.hidden for batch in ctx.inputs])
+        self._cache.add([batch.hidden for batch in ctx.inputs])
         if ctx.index == ctx.adapter.num_layers - 1:
-            self._states.append(ctx.forward())
+            self._cache.add(ctx.forward())
         return []
 
     def finalize(self, run: ModelContext) -> list[LayerRecord]:
@@ -279,11 +283,14 @@ class FinerCut(Method):
         """The greedy search over the cached states, which it frees (``start``: when finalize began)."""
         _move(run, run.device)
         low = self.cfg.search_dtype == "bfloat16"
+        cache = self._cache
+        assert cache is not None, "prepare makes the cache"
         try:
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=low):
-                search = SublayerSearch(run.adapter, self._states, self._kwargs,
+                search = SublayerSearch(run.adapter, cache.states, self._kwargs,
                                         scored_positions(run.tokens.shape[1], self.cfg.positions), self.cfg.measure,
-                                        screen_samples=self._screen_samples(), chunk_rows=self._chunk_samples())
+                                        screen_samples=self._screen_samples(), chunk_rows=self._chunk_samples(),
+                                        store=cache.replace)
                 if low:
                     search.recompute()
                 if self.cfg.search == "screened":
@@ -298,7 +305,8 @@ class FinerCut(Method):
                                             budget=budget, lazy=False)
         finally:
             _move(run, torch.device("cpu"))
-            self._states, self._kwargs = [], []
+            cache.close()
+            self._cache, self._kwargs = None, []
         return Searched(candidates, result, search.seconds, time.perf_counter() - start, search.forwards)
 
     def _chunk_samples(self) -> int | None:

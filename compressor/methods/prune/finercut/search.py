@@ -19,6 +19,7 @@ chunked score is bit for bit the full one. Work is counted in layer forwards of 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,11 +40,14 @@ class SublayerSearch:
 
     ``screen_samples``: how many sequences :meth:`screen` uses (None: no screening, every score is full).
     ``chunk_rows``: sequences per chunk of :meth:`score_chunk` and :meth:`evaluate` (None: whole batches).
+    ``store(cached, new)``: what takes a cached state's place when a commit recomputes it (None: ``new``; a
+    :class:`~.cache.StateCache` in files writes ``new`` into ``cached``'s file).
     """
 
     def __init__(
         self, adapter: ModelAdapter, states: list[list[torch.Tensor]], kwargs: list[list[dict[str, Any]]],
         positions: torch.Tensor, measure: Measure, screen_samples: int | None = None, chunk_rows: int | None = None,
+        store: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.adapter = adapter
         self.layers = list(adapter.layers())
@@ -52,6 +56,7 @@ class SublayerSearch:
         self.kwargs = kwargs
         self.positions = positions
         self.measure = measure
+        self.store = store or _replaced
         self.references = [reference(self._output(h), measure) for h in states[-1]]
         #: Seconds spent scoring each candidate, summed over steps (for the report).
         self.seconds: dict[Key, float] = {}
@@ -153,7 +158,7 @@ class SublayerSearch:
             hidden = self.states[index][b]
             for j in range(index, len(self.layers)):
                 hidden = self._run_one(j, hidden, b)
-                self.states[j + 1][b] = hidden
+                self.states[j + 1][b] = self.store(self.states[j + 1][b], hidden)
 
     def _run_one(
         self, index: int, hidden: torch.Tensor, batch: int, rows: tuple[int, int] | None = None
@@ -165,6 +170,10 @@ class SublayerSearch:
             kwargs = {name: _rows(value, rows, size) for name, value in kwargs.items()}
         out = self.layers[index](hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
+
+
+def _replaced(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    return new
 
 
 def _rows(value: Any, rows: tuple[int, int], size: int) -> Any:
