@@ -5,7 +5,7 @@ processes, so a statistic taken on one process's share (or summed without its co
 set's. Each run records every calibration statistic the stage reads, as it reads it: the engine's float64
 Hessian sums (``WeightedSum.mean``), DGQ's smoothing maxima, the Fisher pass's mean squared loss gradients; then
 the plan (BAQ's bit map, BitStack's blocks per linear) and the output weights and codes, which must be the single
-process's bits. DGQ's per-linear solves are split: each process solves a strict share of the rows.
+process's bits. DGQ's searches and BitStack's decompositions are split: each process solves a strict share.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from compressor.distributed import WeightedSum
 from compressor.engine import ModelContext, run_stages
 from compressor.errors import CompressorError, NumericalError
 from compressor.methods.base import MethodConfig
-from compressor.methods.quant import dgq
+from compressor.methods.quant import bitstack, dgq
 from compressor.methods.registry import get_method
 from compressor.models import get_adapter
 from compressor.pipeline import compress
@@ -86,7 +86,8 @@ def _compress(configs: list[MethodConfig], export_format: str = "dense") -> dict
     rows: list[int] = []
     with (_patched(WeightedSum, "mean", partial(_recorded, hessians)),
           _patched(dgq, "_input_absmax", partial(_recorded, maxima)),
-          _patched(dgq, "search_channel_scale", partial(_counted, rows))):
+          _patched(dgq, "search_channel_scale", partial(_counted, rows)),
+          _patched(bitstack, "decompose", partial(_counted, rows))):
         records = run_stages(run, stages)
     state = {name: t.detach().clone() for name, t in [*model.named_parameters(), *model.named_buffers()]}
     fisher = {path: f for stage in stages for path, f in getattr(stage, "fisher", {}).items()}
@@ -170,6 +171,9 @@ def test_bitstack_fisher_two_processes_choose_the_same_blocks(tmp_path: Path) ->
     assert len(single["fisher"]) == 3 * 7 and len(set(single["blocks"].values())) > 1  # an uneven choice
     for result in ranks:
         _assert_same_run(single, result)
+    # every linear was decomposed once, on one of the two processes
+    assert all(0 < result["rows"] < single["rows"] for result in ranks)
+    assert sum(result["rows"] for result in ranks) == single["rows"]
 
 
 def _fisher_failing_on_rank_1() -> dict[str, Any]:

@@ -49,6 +49,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from compressor.calibration.fisher import output_fisher
+from compressor.distributed import Job
 from compressor.errors import RecipeError
 from compressor.methods.base import LayerRecord, Method, MethodConfig, TargetedConfig
 from compressor.methods.quant.bitstack.ops import (
@@ -222,24 +223,42 @@ class BitStack(Method):
         if not groups:
             return []
         hessians = ctx.hessians([group for group, _ in groups])
-        for group, names in groups:
-            H = hessians[group]
-            for name in names:
-                path = ctx.path(name)
-                if path in ctx.run.quantized:
-                    raise RecipeError(f"{path} is quantized by two stages; give the stages disjoint targets")
-                start = time.perf_counter()
-                module = ctx.module(name)
-                assert isinstance(module, nn.Linear)
-                W = module.weight.data
-                decomposition = decompose(W, config.iterations, config.rank, channel_scale(H), svd=config.svd,
-                                          signs=config.signs, H=H, dampening=config.dampening)
-                errors = output_errors(W, decomposition, H)
-                weights = self.fisher.get(path)
-                weighted = None if weights is None else output_errors(W, decomposition, H, row_weights=weights)
-                self.decomposed[path] = _Decomposed(_to_cpu(decomposition), errors, time.perf_counter() - start,
-                                                    weighted)
+        linears = [(ctx.path(name), self._claim(ctx, name), hessians[group])
+                   for group, names in groups for name in names]
+        # under torchrun each linear is decomposed by one process and its stack sent to the others
+        solved = ctx.solve_each([self._decompose_job(W, H, self.fisher.get(path)) for path, W, H in linears])
+        for (path, _, _), item in zip(linears, solved, strict=True):
+            item.decomposition = _to_cpu(item.decomposition)  # a stack received under NCCL arrives on the GPU
+            self.decomposed[path] = item
         return []
+
+    @staticmethod
+    def _claim(ctx: LayerContext, name: str) -> torch.Tensor:
+        """The linear's weight, refused when an earlier stage already quantized it."""
+        path = ctx.path(name)
+        if path in ctx.run.quantized:
+            raise RecipeError(f"{path} is quantized by two stages; give the stages disjoint targets")
+        module = ctx.module(name)
+        assert isinstance(module, nn.Linear)
+        return module.weight.data
+
+    def _decompose_job(self, W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor | None) -> Job[_Decomposed]:
+        """One linear's decomposition and prefix errors as a job: a function of ``W``, the summed ``H`` and the
+        summed Fisher weights only (the subspace iteration starts from a fixed seed), so any process gives the same
+        bits. Its cost: feedback signs sweep ``in`` columns over ``[out, in]``, residual signs a rank-sized basis."""
+        config = self.config
+        assert isinstance(config, BitStackConfig)
+
+        def solve() -> _Decomposed:
+            start = time.perf_counter()
+            decomposition = decompose(W, config.iterations, config.rank, channel_scale(H), svd=config.svd,
+                                      signs=config.signs, H=H, dampening=config.dampening)
+            errors = output_errors(W, decomposition, H)
+            weighted = None if fisher is None else output_errors(W, decomposition, H, row_weights=fisher)
+            return _Decomposed(_to_cpu(decomposition), errors, time.perf_counter() - start, weighted)
+
+        per_weight = W.shape[1] if config.signs == "feedback" else config.rank + 8
+        return Job(float(W.numel() * per_weight * config.iterations), solve)
 
     def finalize(self, run: ModelContext) -> list[LayerRecord]:
         """Choose the blocks that fit the budget and write every linear's reconstruction from them."""
