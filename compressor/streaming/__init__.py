@@ -210,6 +210,11 @@ def check_streamable(plan: StreamPlan, stages: list[Any], export_format: str, *,
     need = f"it needs the whole model in RAM (at least {_gb(plan.weight_bytes)} of weights): run with " \
            f"--memory-budget none or a budget above that on a machine that has it"
     for index, stage in enumerate(stages):
+        if stage.name == "finercut":  # the search would read the later layers again for every candidate it scores
+            raise RecipeError(f"stages.{index} (finercut) does not stream ({plan.reason}): scoring a candidate runs "
+                              "every layer after it, so each candidate would read those layers' weights from the "
+                              f"checkpoint again; {need} (its hidden-state cache already goes to memory-mapped files "
+                              "above --activation-memory)")
         if stage.name not in STREAMING_METHODS:
             raise RecipeError(f"stages.{index} ({stage.name}) does not stream ({plan.reason}); {need}. "
                               f"Streaming runs {', '.join(STREAMING_METHODS)}")

@@ -11,6 +11,7 @@ import torch
 from test_layer_drop import TOKENS, deep_model
 
 from compressor.engine import ModelContext, run_stages
+from compressor.errors import RecipeError
 from compressor.methods.prune.finercut import FinerCut, FinerCutConfig
 from compressor.methods.prune.finercut.cache import ALIGNMENT, StateCache
 from compressor.methods.prune.finercut.search import SublayerSearch
@@ -117,3 +118,24 @@ def test_each_batch_starts_on_an_aligned_slot_and_the_file_is_unlinked(tmp_path:
     assert cache.replace(kept[0], new.double()).dtype == torch.float64  # never rounded into the file
     cache.close()
     assert cache.states == [] and list(tmp_path.iterdir()) == []
+
+
+def test_streaming_refuses_finercut_saying_why_and_what_to_do(tmp_path: Path, text_file: Path,
+                                                               tiny_tokenizer: Any) -> None:
+    """One line: the later layers' weights would be read again per candidate; run in RAM, the cache spills."""
+    source = tmp_path / "model"
+    deep_model("llama").save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    recipe = recipe_from_dict({
+        "name": "finercut-streamed",
+        "calibration": {"dataset": str(text_file), "samples": 2, "seq_len": 16},
+        "stages": [{"method": "finercut", "remove": 1}],
+    })
+    with pytest.raises(RecipeError) as error:
+        compress(str(source), recipe, tmp_path / "out", device="cpu", memory_budget="1KB")
+    message = str(error.value)
+    assert message.startswith("stages.0 (finercut) does not stream") and "\n" not in message
+    for part in ("every layer after it", "weights from the checkpoint again", "--memory-budget none",
+                 "memory-mapped files above --activation-memory"):
+        assert part in message
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
