@@ -135,11 +135,17 @@ def _single_then_two(task: Callable[[], dict[str, Any]], out: Path) -> tuple[dic
     return single, _in_two_processes(task, out)
 
 
-DGQ = [_config("dgq", group_size=32, smoothing=0.5)]
+DGQ = {
+    "w4a8-gptq": ([_config("dgq", group_size=32, smoothing=0.5)], "compressed-tensors"),
+    # act_percentile clips each token at a percentile of its own channels: no statistic of the set, nothing to sum
+    "w8a8-rtn-clipped": ([_config("dgq", weight_bits=8, solver="rtn", act_percentile=99.0, smoothing=0.8)],
+                         "compressor-int8"),
+}
 
 
-def test_dgq_two_processes_read_the_whole_set_and_split_the_solves(tmp_path: Path) -> None:
-    single, ranks = _single_then_two(partial(_compress, DGQ, "compressed-tensors"), tmp_path)
+@pytest.mark.parametrize("setting", list(DGQ))
+def test_dgq_two_processes_read_the_whole_set_and_split_the_solves(setting: str, tmp_path: Path) -> None:
+    single, ranks = _single_then_two(partial(_compress, *DGQ[setting]), tmp_path)
     assert len(single["maxima"]) == 2 * 3  # attention and MLP inputs smoothed in each of 3 layers
     assert len(single["codes"]) == 3 * 7 and all(r[1] == "dgq" for r in single["plan"])
     for result in ranks:
