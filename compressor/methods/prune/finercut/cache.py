@@ -17,12 +17,14 @@ dies before the search ends; the directory goes at :meth:`StateCache.close`.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+log = logging.getLogger(__name__)
 #: Each batch's slot in a file starts at a multiple of this many bytes (torch's CPU allocator aligns to 64).
 ALIGNMENT = 64
 
@@ -40,15 +42,19 @@ class StateCache:
         self.boundaries = boundaries
         self.limit = limit
         self.directory = directory
-        #: Whether the boundaries go to files; decided by the first one (None until then).
+        #: Whether the boundaries go to files, and the whole cache's size; both judged from the first boundary.
         self.mapped: bool | None = None
+        self.bytes = 0
         self._files: Path | None = None
 
     def add(self, boundary: list[torch.Tensor]) -> None:
         """Keep the next boundary's batches: as they are, or copied into a file when the whole cache is too big."""
         if self.mapped is None:
-            size = sum(t.numel() * t.element_size() for t in boundary) * self.boundaries
-            self.mapped = self.limit is not None and size > self.limit
+            self.bytes = sum(t.numel() * t.element_size() for t in boundary) * self.boundaries
+            self.mapped = self.limit is not None and self.bytes > self.limit
+            if self.mapped:
+                log.info("finercut: %d boundaries of hidden states (%.3g GB) exceed --activation-memory (%d bytes): "
+                         "cached in memory-mapped files", self.boundaries, self.bytes / 1e9, self.limit)
         self.states.append(self._to_file(boundary) if self.mapped else boundary)
 
     def replace(self, cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -58,6 +64,11 @@ class StateCache:
         if self.mapped and cached.shape == new.shape and cached.dtype == new.dtype:
             return cached.copy_(new)
         return new
+
+    def summary(self) -> dict[str, object]:
+        """Where the cache was and its size, for the report."""
+        return {"in": "memory-mapped files" if self.mapped else "RAM", "bytes": self.bytes,
+                "activation_limit": self.limit}
 
     def close(self) -> None:
         """Drop the states (a file's blocks go with its last tensor) and remove the files' directory."""

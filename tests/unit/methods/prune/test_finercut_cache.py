@@ -79,7 +79,12 @@ def test_states_in_files_give_the_same_removals_scores_and_bytes(
     assert len(seen["commits"]) == 4 and all(later == files for later in seen["commits"])
     assert not folder.exists()  # removed with the search, and OUT.partial with the finished run
 
-    assert mapped.structure["finercut"]["removed"] == in_ram.structure["finercut"]["removed"]
+    cache = {"in": "memory-mapped files", "bytes": 6 * 6 * 32 * 64 * 4, "activation_limit": 1000}
+    assert mapped.structure["finercut"]["state_cache"] == cache
+    assert in_ram.structure["finercut"]["state_cache"] == {**cache, "in": "RAM", "activation_limit": None}
+    untimed = [{k: v for k, v in r.structure["finercut"].items() if k not in ("seconds", "state_cache")}
+               for r in (mapped, in_ram)]
+    assert untimed[0] == untimed[1]
     scores = ("score", "score_at_least", "score_when_removed", "order")
     assert [{k: r["extra"][k] for k in scores} for r in mapped.layers] == \
            [{k: r["extra"][k] for k in scores} for r in in_ram.layers]
