@@ -46,6 +46,7 @@ class StateCache:
         self.mapped: bool | None = None
         self.bytes = 0
         self._files: Path | None = None
+        self._made_root = False  # whether the directory was made here (then it goes too, if nothing else is in it)
 
     def add(self, boundary: list[torch.Tensor]) -> None:
         """Keep the next boundary's batches: as they are, or copied into a file when the whole cache is too big."""
@@ -75,6 +76,11 @@ class StateCache:
         self.states = []
         if self._files is not None:
             shutil.rmtree(self._files, ignore_errors=True)
+            if self._made_root:
+                try:
+                    self._files.parent.rmdir()
+                except OSError:  # something else went there meanwhile (a checkpoint)
+                    pass
             self._files = None
 
     def _to_file(self, boundary: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -83,6 +89,7 @@ class StateCache:
 
         if self._files is None:
             root = self.directory or Path(tempfile.gettempdir())
+            self._made_root = not root.exists()
             root.mkdir(parents=True, exist_ok=True)
             self._files = Path(tempfile.mkdtemp(prefix="finercut-states-", dir=root))
         dtype = boundary[0].dtype
