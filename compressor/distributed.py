@@ -97,6 +97,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def wire_device() -> torch.device:
+    """Where the process group's collectives take tensors: this process's GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def failures_elsewhere(failed: bool) -> int:
+    """How many *other* processes say they failed at this point (0 in one process).
+
+    Every process must call it at the same point of the run, failed or not: a process that raised alone would
+    leave the others waiting in their next collective until the backend's timeout, so each checks here first and
+    all of them raise together.
+    """
+    if not is_distributed():
+        return 0
+    status = all_reduce_sum_float64(torch.tensor([float(failed)], device=wire_device()))
+    return int(status.item()) - int(failed)
+
+
 def all_reduce_sum_float64(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of ``tensor`` over every process, in float64 (a float64 copy in one process); same shape."""
     total = tensor.to(torch.float64, copy=True)
@@ -247,7 +265,7 @@ def _broadcast(value: Any, src: int) -> Any:
         header = [(_strip(sent, tensors), [(t.shape, t.dtype) for t in tensors])]
     dist.broadcast_object_list(header, src=src)
     skeleton, specs = header[0]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = wire_device()
     if rank() != src:
         tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
     for index, tensor in enumerate(tensors):

@@ -22,10 +22,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from compressor.distributed import all_reduce_sum_float64, is_distributed
+from compressor.distributed import all_reduce_sum_float64, is_distributed, wire_device
 from compressor.errors import CompressorError
 
 
@@ -91,19 +90,14 @@ def _over_all_processes(totals: list[torch.Tensor], count: int, failure: Excepti
     One all-reduce of the failures and counts first, so no process waits for sums another will not send; then
     one of every linear's sums, flattened together.
     """
-    status = all_reduce_sum_float64(torch.tensor([float(failure is not None), float(count)], device=_wire()))
+    status = all_reduce_sum_float64(torch.tensor([float(failure is not None), float(count)], device=wire_device()))
     if failure is not None:
         raise failure
     if status[0] > 0:
         raise CompressorError(f"fisher: the loss gradients failed on {int(status[0])} other process(es); see their "
                               "error")
     if totals:
-        flat = all_reduce_sum_float64(torch.cat(totals).to(_wire())).cpu()
+        flat = all_reduce_sum_float64(torch.cat(totals).to(wire_device())).cpu()
         for total, part in zip(totals, flat.split([t.numel() for t in totals]), strict=True):
             total.copy_(part)
     return int(status[1])
-
-
-def _wire() -> torch.device:
-    """Where the process group's collectives take tensors: this process's GPU under NCCL, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -8,6 +8,7 @@ solves a strict subset, and the weights, codes and per-module results are the si
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import subprocess
@@ -351,3 +352,47 @@ def test_weighted_sum_is_the_float64_weighted_mean_and_leaves_its_inputs_alone()
     torch.testing.assert_close(result, expected, rtol=1e-15, atol=1e-15)
     assert all(torch.equal(m, o) for m, o in zip(means, originals, strict=True))
     assert total.mean() is None  # the sum was used up
+
+
+class _PoisonLastProcess(Method):
+    """Leaves every layer alone, except that layer 1's first linear becomes NaN on the last process only."""
+
+    config_class = GPTQConfig
+    supports_distributed = True
+
+    def __init__(self) -> None:
+        super().__init__(GPTQConfig(method="gptq"))
+
+    def apply(self, ctx: LayerContext) -> list[LayerRecord]:
+        if ctx.index == 1 and distributed.rank() == distributed.world_size() - 1:
+            ctx.module(ctx.adapter.linear_groups()[0].names[0]).weight.data.fill_(float("nan"))
+        return []
+
+
+def _overflow_on_one_process() -> dict[str, Any]:
+    """A pass in which one process's layer 1 outputs turn NaN; each process's error (a hang exits after 120 s)."""
+    torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(120, exit=True)
+    model = tiny_model("llama")
+    run = ModelContext(model, get_adapter(model), distributed.shard_batches(_tokens(), BATCH), torch.device("cpu"),
+                       BATCH)
+    try:
+        run_stages(run, [_PoisonLastProcess()])
+        message = ""
+    except NumericalError as exc:
+        message = str(exc)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    return {"message": message}
+
+
+def test_nan_outputs_on_one_process_stop_every_process(tmp_path: Path) -> None:
+    """The engine's finiteness check is taken together: the healthy process raises too instead of waiting."""
+    threads = torch.get_num_threads()
+    try:
+        first, last = _in_two_processes(_overflow_on_one_process, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert last["message"].startswith("layer model.layers.1 produced NaN/inf outputs after")
+    assert first["message"].startswith("layer model.layers.1 produced NaN/inf outputs after")
+    assert first["message"].endswith("on 1 other process(es) (their share of the calibration data)")
