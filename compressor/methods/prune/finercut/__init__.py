@@ -240,7 +240,6 @@ class FinerCut(Method):
         sizes = {key: sublayer_params(layers[key[0]], layout, key[1]) for key in candidates}
         total = sum(p.numel() for layer in layers for p in layer.parameters())
         count, budget = self._amount(total)
-        cache = None if self._restored is not None or self._cache is None else self._cache.summary()
         if self._restored is not None:
             searched = self._restored
             if searched.candidates != candidates:
@@ -260,7 +259,8 @@ class FinerCut(Method):
             "removed": [[s.key[0], s.key[1], round(s.score, 6)] for s in result.steps],
             "params_removed": removed_params, "params_budget": budget, "decoder_params": total,
             "evaluations": result.evaluations, "candidates": len(candidates), "seconds": round(searched.wall, 3),
-            "layer_forwards": searched.forwards, "state_cache": cache, **self._work(result),
+            "layer_forwards": searched.forwards, **self._work(result),
+            "state_cache": None if searched.cache is None else searched.cache.to_dict(),
         }
         log.info("finercut removed %d sublayers (%d params) with %d sequence-layer forwards in %.1f s",
                  len(result.steps), removed_params, searched.forwards, searched.wall)
@@ -308,7 +308,8 @@ class FinerCut(Method):
             _move(run, torch.device("cpu"))
             cache.close()
             self._cache, self._kwargs = None, []
-        return Searched(candidates, result, search.seconds, time.perf_counter() - start, search.forwards)
+        return Searched(candidates, result, search.seconds, time.perf_counter() - start, search.forwards,
+                        cache.summary())
 
     def _chunk_samples(self) -> int | None:
         """Sequences per chunk of the lazy search's scores (None: whole batches, for the other searches)."""

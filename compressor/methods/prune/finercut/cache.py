@@ -20,13 +20,29 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 #: Each batch's slot in a file starts at a multiple of this many bytes (torch's CPU allocator aligns to 64).
 ALIGNMENT = 64
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    """Where a search's cache was (files or RAM), its size in bytes and the limit it was judged against."""
+
+    mapped: bool
+    bytes: int
+    limit: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's form."""
+        return {"in": "memory-mapped files" if self.mapped else "RAM", "bytes": self.bytes,
+                "activation_limit": self.limit}
 
 
 class StateCache:
@@ -66,10 +82,8 @@ class StateCache:
             return cached.copy_(new)
         return new
 
-    def summary(self) -> dict[str, object]:
-        """Where the cache was and its size, for the report."""
-        return {"in": "memory-mapped files" if self.mapped else "RAM", "bytes": self.bytes,
-                "activation_limit": self.limit}
+    def summary(self) -> CacheSummary:
+        return CacheSummary(bool(self.mapped), self.bytes, self.limit)
 
     def close(self) -> None:
         """Drop the states (a file's blocks go with its last tensor) and remove the files' directory."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compressor.methods.prune.finercut.cache import CacheSummary
 from compressor.methods.prune.finercut.ops import SearchResult, Step
 from compressor.methods.prune.finercut.search import Key
 from compressor.models.shipped.modeling_finercut import SUBLAYERS
@@ -27,6 +28,8 @@ class Searched:
     wall: float
     #: Layer forwards of one calibration sequence spent scoring candidates.
     forwards: int = 0
+    #: Where the search's hidden-state cache was (None: a state saved before the cache could go to files).
+    cache: CacheSummary | None = None
 
 
 def _keys(keys: list[Key]) -> torch.Tensor:
@@ -54,7 +57,16 @@ def to_state(searched: Searched) -> dict[str, torch.Tensor]:
         "evaluations": torch.tensor([getattr(result, name) for name in _COUNTS], dtype=torch.int64),
         "forwards": torch.tensor([searched.forwards], dtype=torch.int64),
         "wall": torch.tensor([searched.wall], dtype=torch.float64),
+        **_cache_state(searched.cache),
     }
+
+
+def _cache_state(cache: CacheSummary | None) -> dict[str, torch.Tensor]:
+    """``int64 [3]``: (in files, bytes, limit or -1); nothing when the search did not say."""
+    if cache is None:
+        return {}
+    limit = -1 if cache.limit is None else cache.limit
+    return {"state_cache": torch.tensor([int(cache.mapped), cache.bytes, limit], dtype=torch.int64)}
 
 
 def from_state(state: dict[str, torch.Tensor]) -> Searched:
@@ -77,4 +89,8 @@ def from_state(state: dict[str, torch.Tensor]) -> Searched:
                           first_bounds=per_candidate("first_bounds"), **totals)
     seconds = dict(zip(candidates, state["candidate_seconds"].tolist(), strict=True))
     forwards = int(state["forwards"].item()) if "forwards" in state else 0
-    return Searched(candidates, result, seconds, float(state["wall"].item()), forwards)
+    cache = None
+    if "state_cache" in state:
+        mapped, size, limit = state["state_cache"].tolist()
+        cache = CacheSummary(bool(mapped), size, None if limit < 0 else limit)
+    return Searched(candidates, result, seconds, float(state["wall"].item()), forwards, cache)

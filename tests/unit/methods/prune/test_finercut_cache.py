@@ -13,7 +13,9 @@ from test_layer_drop import TOKENS, deep_model
 from compressor.engine import ModelContext, run_stages
 from compressor.errors import RecipeError
 from compressor.methods.prune.finercut import FinerCut, FinerCutConfig
-from compressor.methods.prune.finercut.cache import ALIGNMENT, StateCache
+from compressor.methods.prune.finercut.cache import ALIGNMENT, CacheSummary, StateCache
+from compressor.methods.prune.finercut.ops import SearchResult
+from compressor.methods.prune.finercut.saved import Searched, from_state, to_state
 from compressor.methods.prune.finercut.search import SublayerSearch
 from compressor.models import get_adapter
 from compressor.pipeline import compress
@@ -144,3 +146,13 @@ def test_streaming_refuses_finercut_saying_why_and_what_to_do(tmp_path: Path, te
                  "memory-mapped files above --activation-memory"):
         assert part in message
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("cache", [CacheSummary(True, 12345, 1000), CacheSummary(False, 99, None), None])
+def test_a_resumed_run_reports_where_the_searchs_cache_was(cache: CacheSummary | None) -> None:
+    """The checkpointed search keeps its cache summary, so a resumed run's report is the interrupted one's;
+    a state saved before the summary existed reads as None."""
+    searched = Searched([(0, "mlp")], SearchResult(steps=[]), {}, 1.0, forwards=2, cache=cache)
+    state = to_state(searched)
+    assert ("state_cache" in state) == (cache is not None)
+    assert from_state(state).cache == cache
