@@ -116,10 +116,15 @@ def failures_elsewhere(failed: bool) -> int:
 
 
 def all_reduce_sum_float64(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of ``tensor`` over every process, in float64 (a float64 copy in one process); same shape."""
+    """The sum of ``tensor`` over every process, in float64 (a float64 copy in one process); same shape and device.
+
+    The sum travels on :func:`wire_device` (NCCL takes GPU tensors only), whatever device ``tensor`` is on.
+    """
     total = tensor.to(torch.float64, copy=True)
     if is_distributed():
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        wire = total.to(wire_device())
+        dist.all_reduce(wire, op=dist.ReduceOp.SUM)
+        total = wire.to(tensor.device)
     return total
 
 

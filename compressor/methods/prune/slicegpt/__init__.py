@@ -32,11 +32,10 @@ import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.distributed as dist
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from compressor.distributed import Job, is_distributed, solve_partitioned
+from compressor.distributed import Job, all_reduce_sum_float64, is_distributed, solve_partitioned
 from compressor.errors import RecipeError
 from compressor.methods.base import LayerRecord, Method, MethodConfig
 from compressor.methods.prune.slicegpt import ops
@@ -298,13 +297,11 @@ def _principal_basis(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _summed_over_processes(cov: torch.Tensor) -> torch.Tensor:
-    """``cov`` (a float64 sum over this process's tokens) summed over every process, in place; itself in one.
+    """``cov`` (a float64 sum over this process's tokens) summed over every process; itself in one.
 
     Raw sums need no token counts: the total is the one-process sum up to float64 rounding (~1e-16).
     """
-    if is_distributed():
-        dist.all_reduce(cov, op=dist.ReduceOp.SUM)
-    return cov
+    return all_reduce_sum_float64(cov) if is_distributed() else cov  # on the wire device NCCL needs
 
 
 def _rotate_readers(linears: list[nn.Linear], Q: torch.Tensor) -> None:
