@@ -69,8 +69,9 @@ MemoryBudgetOpt = Annotated[
 ]
 ActivationMemoryOpt = Annotated[
     str | None,
-    typer.Option("--activation-memory", help="Under streaming, keep the calibration hidden states in memory-mapped "
-                 "files in OUT.partial when one layer boundary of them exceeds this size, e.g. 2GB (default: in RAM)."),
+    typer.Option("--activation-memory", help="Keep cached calibration hidden states in memory-mapped files in "
+                 "OUT.partial above this size, e.g. 2GB (default: in RAM): under streaming when one layer boundary "
+                 "exceeds it; FinerCut's cache of every layer boundary in any run when the whole cache does."),
 ]
 EvalMemoryBudgetOpt = Annotated[
     str,
