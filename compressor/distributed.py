@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import torch
 import torch.distributed as dist
 
-from compressor.errors import RecipeError, UnsupportedModelError, UsageError
+from compressor.errors import NumericalError, RecipeError, UnsupportedModelError, UsageError
 
 if TYPE_CHECKING:
     from compressor.methods.base import Method
@@ -113,6 +113,15 @@ def failures_elsewhere(failed: bool) -> int:
         return 0
     status = all_reduce_sum_float64(torch.tensor([float(failed)], device=wire_device()))
     return int(status.item()) - int(failed)
+
+
+def raise_together(failed: bool, message: str) -> None:
+    """:class:`NumericalError` ``message`` here if this process ``failed``, or on every process if any did."""
+    others = failures_elsewhere(failed)
+    if failed:
+        raise NumericalError(message)
+    if others:
+        raise NumericalError(f"{message} on {others} other process(es) (their share of the calibration data)")
 
 
 def all_reduce_sum_float64(tensor: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 
 from compressor.calibration.capture import CapturedBatch, CapturedInputs, StopForward, capture_inputs, patched_forwards
 from compressor.calibration.precision import fitting_precision
-from compressor.distributed import Job, WeightedSum, failures_elsewhere, solve_partitioned
+from compressor.distributed import Job, WeightedSum, raise_together, solve_partitioned
 from compressor.errors import NumericalError
 from compressor.methods.base import LayerRecord, Method
 from compressor.methods.quant.gptq_ops import accumulate_hessian
@@ -371,13 +371,8 @@ def run_pass(run: ModelContext, stages: list[Method], progress: ProgressFn | Non
                 records += stage.apply(ctx)
             # replays what the last stage left replayable
             hidden = ctx.forward(run.stream.sink(hidden) if run.stream else None)
-        finite = all(torch.isfinite(out).all() for out in hidden)
-        elsewhere = failures_elsewhere(not finite)  # every process checks, so none waits for one that stopped
-        if not finite:
-            raise NumericalError(f"layer {ctx.prefix} produced NaN/inf outputs after {label}")
-        if elsewhere:
-            raise NumericalError(f"layer {ctx.prefix} produced NaN/inf outputs after {label} on {elsewhere} other "
-                                 "process(es) (their share of the calibration data)")
+        finite = all(torch.isfinite(out).all() for out in hidden)  # every process checks: none waits for a failed one
+        raise_together(not finite, f"layer {ctx.prefix} produced NaN/inf outputs after {label}")
         layers[index].to("cpu")
         run.store_codes()
         if run.stream:
