@@ -10,8 +10,9 @@ process measures its share of the batches and the moments are merged across proc
 taken, so every process holds the one-process statistics and makes the same plan.
 
 Plan and application are split so that a streamed model (``compressor.streaming``) runs the same code: the plan
-of a layer (:class:`LayerPlan`: removed and kept groups and channels, the input means) comes from its statistics
-alone, and :func:`apply_plan` is a pure function on the layer's tensors. In RAM it runs on the resident layer at
+of a layer (``flap_plan.LayerPlan``: removed and kept groups and channels, the input means) comes from its
+statistics alone, and ``flap_plan.apply_plan`` is a pure function on the layer's tensors, kept in that module with
+the plan's types; this one is the pass (measure, score, choose, record). In RAM it runs on the resident layer at
 finalize; streamed, on the meta skeleton at finalize (shapes, config) and on the layer's checkpoint tensors
 whenever the streamer reads them again (the next pass, or the export's copy), where the compensation bias is
 computed from the output projection's full weight as in RAM.
@@ -33,7 +34,6 @@ the weights load (the same function sets the in-memory attention modules' head c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,15 @@ from compressor.distributed import is_distributed, world_size
 from compressor.errors import RecipeError
 from compressor.methods.base import LayerRecord, Method, MethodConfig
 from compressor.methods.prune import flap_ops as ops
+from compressor.methods.prune.flap_plan import (
+    Heads,
+    LayerPlan,
+    LayerStats,
+    Roles,
+    apply_plan,
+    assign,
+    plan_layer,
+)
 from compressor.methods.registry import register_method
 from compressor.models.base import ModelAdapter
 from compressor.models.shipped import auto_class_name
@@ -94,29 +103,6 @@ class FLAPConfig(MethodConfig):
     )
 
 
-@dataclass
-class _LayerStats:
-    """What the pass keeps of one layer: per-unit scores and the output projections' input means (float64)."""
-
-    attention_scores: torch.Tensor  # [o_proj inputs]: squared channel scores
-    mlp_scores: torch.Tensor  # [intermediate]
-    attention_mean: torch.Tensor  # [heads * head_dim]
-    mlp_mean: torch.Tensor  # [intermediate]
-
-
-@dataclass(frozen=True)
-class _Heads:
-    """Head layout read from the config and checked against the weights."""
-
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-    @property
-    def per_group(self) -> int:
-        return self.heads // self.kv_heads
-
-
 def _blocker(adapter: ModelAdapter) -> str | None:
     """Why FLAP cannot narrow this model's layers yet, or None (llama layout: separate q/k/v, gated MLP)."""
     family, layer = adapter.family, adapter.layers()[0]
@@ -131,7 +117,7 @@ def _blocker(adapter: ModelAdapter) -> str | None:
     return None
 
 
-def _heads(adapter: ModelAdapter) -> _Heads:
+def _heads(adapter: ModelAdapter) -> Heads:
     config = adapter.config
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
@@ -141,7 +127,7 @@ def _heads(adapter: ModelAdapter) -> _Heads:
         if heads % kv_heads or q.out_features != heads * head_dim or k.out_features != kv_heads * head_dim:
             raise RecipeError(f"flap: {adapter.layer_prefix(index)}'s attention does not have the config's "
                               f"{heads} heads / {kv_heads} KV heads of {head_dim} (already pruned?)")
-    return _Heads(heads, kv_heads, head_dim)
+    return Heads(heads, kv_heads, head_dim)
 
 
 def _moments_of_every_process(local: ops.Moments | None, linear: nn.Linear) -> ops.Moments:
@@ -178,8 +164,8 @@ class FLAP(Method):
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__(config)
-        self._stats: list[_LayerStats] = []
-        self._layout: _Heads | None = None
+        self._stats: list[LayerStats] = []
+        self._layout: Heads | None = None
 
     @property
     def cfg(self) -> FLAPConfig:
@@ -230,7 +216,7 @@ class FLAP(Method):
         # choice): a head is then scored mostly by its strongest channels.
         attention_scores = ops.channel_scores(self.cfg.metric, attention, o_proj.weight).square()
         mlp_scores = ops.channel_scores(self.cfg.metric, mlp, down.weight)
-        self._stats.append(_LayerStats(attention_scores, mlp_scores, attention.mean, mlp.mean))
+        self._stats.append(LayerStats(attention_scores, mlp_scores, attention.mean, mlp.mean))
         return []
 
     def _units(self, run: ModelContext) -> list[ops.Unit]:
@@ -258,7 +244,7 @@ class FLAP(Method):
         units = self._units(run)
         chosen = ops.round_kept_channels(units, ops.select_units(units, self.cfg.ratio, self.cfg.structure),
                                          self.cfg.round_to)
-        roles = _Roles.of(run.adapter)
+        roles = Roles.of(run.adapter)
         records: list[LayerRecord] = []
         shapes: list[dict[str, Any]] = []
         for index, layer in enumerate(run.adapter.layers()):
@@ -282,7 +268,7 @@ class FLAP(Method):
         return records
 
     def _prune_layer(
-        self, adapter: ModelAdapter, index: int, layer: nn.Module, plan: LayerPlan, roles: _Roles
+        self, adapter: ModelAdapter, index: int, layer: nn.Module, plan: LayerPlan, roles: Roles
     ) -> tuple[list[LayerRecord], dict[str, Any]]:
         """Apply ``plan`` to one layer's modules; one record per sublayer and the layer's new shape."""
         assert self._layout is not None
@@ -291,7 +277,7 @@ class FLAP(Method):
         mlp_linears = [*adapter.mlp_inputs(layer), adapter.mlp_output(layer)]
         before = [_numel(attention_linears), _numel(mlp_linears)]
         with torch.no_grad():  # the layer's own parameters go in, so unchanged ones are kept as they are
-            _assign(layer, apply_plan(dict(layer.state_dict(keep_vars=True)), plan, roles), roles)
+            assign(layer, apply_plan(dict(layer.state_dict(keep_vars=True)), plan, roles), roles)
         attention_linears = [*adapter.attention_inputs(layer), adapter.attention_output(layer)]
         mlp_linears = [*adapter.mlp_inputs(layer), adapter.mlp_output(layer)]
         after = [_numel(attention_linears), _numel(mlp_linears)]
@@ -319,134 +305,12 @@ class FLAP(Method):
         return records, shape
 
 
-@dataclass(frozen=True)
-class _Roles:
-    """The linears FLAP narrows, as paths relative to a decoder layer (the family's description)."""
-
-    query: str
-    key: str
-    value: str
-    attention_output: str
-    gate: str
-    up: str
-    mlp_output: str
-
-    @classmethod
-    def of(cls, adapter: ModelAdapter) -> _Roles:
-        attention, mlp = adapter.family.attention, adapter.family.mlp
-        query, key, value = attention.inputs  # _blocker: separate q/k/v and a gate/up/down MLP
-        gate, up = mlp.inputs
-        return cls(query, key, value, attention.output, gate, up, mlp.output)
-
-    @property
-    def linears(self) -> tuple[str, ...]:
-        return (self.query, self.key, self.value, self.attention_output, self.gate, self.up, self.mlp_output)
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """What FLAP does to one decoder layer, decided at finalize from that layer's statistics alone.
-
-    Small (indices and the two output projections' input means), so a streamed run keeps every layer's plan
-    while the weights are on disk. :func:`apply_plan` turns the layer's tensors into the pruned ones: in RAM
-    at finalize, under layer streaming whenever the layer is next read from the checkpoint (the next pass, or
-    the export's copy); the compensation bias needs the output projection's full weight, so it is computed there.
-    """
-
-    removed_groups: tuple[int, ...]
-    kept_groups: tuple[int, ...]
-    group_width: int  # o_proj input channels per KV group (its query heads x head_dim)
-    head_dim: int
-    attention_mean: torch.Tensor  # [heads * head_dim] float64: o_proj's input means
-    width: int  # MLP channels before
-    removed_channels: tuple[int, ...]
-    mlp_mean: torch.Tensor  # [intermediate] float64: down_proj's input means
-    compensate: bool
-
-    @property
-    def attention_bias(self) -> bool:
-        """Whether o_proj gets a compensation bias (only for removed channels)."""
-        return self.compensate and bool(self.removed_groups)
-
-    @property
-    def mlp_bias(self) -> bool:
-        return self.compensate and bool(self.removed_channels)
-
-
-def plan_layer(layout: _Heads, stats: _LayerStats, groups: list[int], channels: list[int],
-               compensate: bool) -> LayerPlan:
-    """The plan of one layer that loses KV ``groups`` and MLP ``channels`` (pure)."""
-    return LayerPlan(
-        removed_groups=tuple(groups), kept_groups=tuple(g for g in range(layout.kv_heads) if g not in groups),
-        group_width=layout.per_group * layout.head_dim, head_dim=layout.head_dim,
-        attention_mean=stats.attention_mean, width=stats.mlp_scores.numel(), removed_channels=tuple(channels),
-        mlp_mean=stats.mlp_mean, compensate=compensate,
-    )
-
-
-def apply_plan(state: dict[str, torch.Tensor], plan: LayerPlan, roles: _Roles) -> dict[str, torch.Tensor]:
-    """One decoder layer's tensors (names relative to the layer) as FLAP leaves them; the input is not changed.
-
-    q keeps the kept groups' query rows and k/v their KV rows, o_proj the matching columns; gate/up keep the kept
-    channels' rows and down_proj those columns. With ``compensate`` each output projection gets (or adds to its
-    bias) ``W[:, removed] @ mean[removed]`` computed from its full weight (:func:`flap_ops.compensation_bias`).
-    Works on meta tensors too (a streamed skeleton's shapes).
-    """
-    out = dict(state)
-    kept = torch.tensor(plan.kept_groups)
-    _narrow(out, (roles.query, roles.key, roles.value), roles.attention_output,
-            (ops.group_channels(kept, plan.group_width), ops.group_channels(kept, plan.head_dim)),
-            ops.group_channels(torch.tensor(plan.removed_groups, dtype=torch.long), plan.group_width),
-            plan.attention_mean, plan.compensate)
-    removed = set(plan.removed_channels)
-    channels = torch.tensor([c for c in range(plan.width) if c not in removed])
-    _narrow(out, (roles.gate, roles.up), roles.mlp_output, (channels, channels),
-            torch.tensor(plan.removed_channels, dtype=torch.long), plan.mlp_mean, plan.compensate)
-    return out
-
-
-def _narrow(state: dict[str, torch.Tensor], inputs: tuple[str, ...], writer: str,
-            rows: tuple[torch.Tensor, torch.Tensor], removed: torch.Tensor, mean: torch.Tensor,
-            compensate: bool) -> None:
-    """Keep ``rows[0]`` of the first input linear and of the writer's columns, ``rows[1]`` of the other inputs.
-
-    The bias is computed from the writer's full weight before it narrows.
-    """
-    if removed.numel() == 0:
-        return
-    W = state[f"{writer}.weight"]
-    device = W.device
-    bias = ops.compensation_bias(W, mean.to(device), removed.to(device))
-    for number, name in enumerate(inputs):
-        keep = rows[0 if number == 0 else 1].to(device)
-        state[f"{name}.weight"] = state[f"{name}.weight"].index_select(0, keep)
-        if f"{name}.bias" in state:
-            state[f"{name}.bias"] = state[f"{name}.bias"].index_select(0, keep)
-    state[f"{writer}.weight"] = W.index_select(1, rows[0].to(device))
-    if compensate:
-        key = f"{writer}.bias"
-        state[key] = state[key] + bias if key in state else bias
-
-
-def _assign(layer: nn.Module, state: dict[str, torch.Tensor], roles: _Roles) -> None:
-    """Give the layer's linears the tensors of ``state`` (from :func:`apply_plan`) and their new sizes."""
-    for name in roles.linears:
-        linear = layer.get_submodule(name)
-        assert isinstance(linear, nn.Linear)
-        weight = state[f"{name}.weight"]
-        if weight is not linear.weight:
-            linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
-            linear.out_features, linear.in_features = weight.shape
-        bias = state.get(f"{name}.bias")
-        if bias is not None and bias is not linear.bias:
-            linear.bias = nn.Parameter(bias, requires_grad=True if linear.bias is None else linear.bias.requires_grad)
-
 
 def _numel(linears: list[nn.Linear]) -> int:
     return sum(p.numel() for linear in linears for p in linear.parameters())
 
 
-def _ship_modeling_file(run: ModelContext, layout: _Heads, shapes: list[dict[str, Any]]) -> None:
+def _ship_modeling_file(run: ModelContext, layout: Heads, shapes: list[dict[str, Any]]) -> None:
     """Record the per-layer shapes in the config (``flap``) and ship ``modeling_flap.py`` to rebuild them."""
     spec = {
         "version": 1, "head_dim": layout.head_dim, "layout": run.adapter.family.layout(),
@@ -464,7 +328,7 @@ def _ship_modeling_file(run: ModelContext, layout: _Heads, shapes: list[dict[str
     }
 
 
-def _make_standard(adapter: ModelAdapter, layout: _Heads, shapes: list[dict[str, Any]]) -> bool:
+def _make_standard(adapter: ModelAdapter, layout: Heads, shapes: list[dict[str, Any]]) -> bool:
     """Update the config to the new head counts and width when every layer agrees and got no bias.
 
     Returns True when the model is then a standard one of its family (stock transformers loads it); otherwise

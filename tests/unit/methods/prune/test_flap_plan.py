@@ -1,13 +1,13 @@
-"""FLAP's plan and its application (flap.plan_layer, flap.apply_plan) on hand-built tensors: known answers."""
+"""FLAP's plan and its application (flap_plan.plan_layer, flap_plan.apply_plan) on hand-built tensors: known answers."""
 
 from __future__ import annotations
 
 import torch
 
-from compressor.methods.prune.flap import LayerPlan, _Heads, _LayerStats, _Roles, apply_plan, plan_layer
+from compressor.methods.prune.flap_plan import Heads, LayerPlan, LayerStats, Roles, apply_plan, plan_layer
 
-ROLES = _Roles("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
-LAYOUT = _Heads(heads=4, kv_heads=2, head_dim=2)  # 2 query heads per KV group: a group owns 4 o_proj inputs
+ROLES = Roles("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+LAYOUT = Heads(heads=4, kv_heads=2, head_dim=2)  # 2 query heads per KV group: a group owns 4 o_proj inputs
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -21,7 +21,7 @@ def _state() -> dict[str, torch.Tensor]:
 
 
 def _plan(compensate: bool) -> LayerPlan:
-    stats = _LayerStats(torch.zeros(8), torch.zeros(3), torch.arange(8, dtype=torch.float64) / 4,
+    stats = LayerStats(torch.zeros(8), torch.zeros(3), torch.arange(8, dtype=torch.float64) / 4,
                         torch.tensor([0.5, -2.0, 1.0], dtype=torch.float64))
     return plan_layer(LAYOUT, stats, groups=[0], channels=[1], compensate=compensate)
 
@@ -57,7 +57,7 @@ def test_without_compensation_no_bias_and_meta_tensors_get_the_same_shapes() -> 
 
 
 def test_a_plan_that_removes_nothing_leaves_every_tensor() -> None:
-    stats = _LayerStats(torch.zeros(8), torch.zeros(3), torch.zeros(8, dtype=torch.float64),
+    stats = LayerStats(torch.zeros(8), torch.zeros(3), torch.zeros(8, dtype=torch.float64),
                         torch.zeros(3, dtype=torch.float64))
     state = _state()
     out = apply_plan(state, plan_layer(LAYOUT, stats, [], [], compensate=True), ROLES)
