@@ -23,7 +23,8 @@ largest budget that loads).
 Outputs in ``--out``: ``bitstack.json`` (rewritten after every row), ``bitstack.md`` (the table) and
 ``bitstack.png`` (the curve, log perplexity; needs matplotlib, the 'plots' extra), with the dense model as a
 line and each ``--reference "LABEL=PPL@BITS"`` as a labelled point (``@BITS`` may be left out when the label
-holds ``W<bits>``, e.g. ``"GPTQ W3=40.66"`` is placed at 3 bits).
+holds ``W<bits>``, e.g. ``"GPTQ W3=40.66"`` is placed at 3 bits). A label ``SERIES|POINT`` (``"GPTQ|W2 g64=188@2.25"``)
+joins the points of one series in a dashed line named in the legend, each point tagged with its ``POINT``.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def markdown(result: dict[str, Any]) -> str:
                 lines.append(f"| {_label(stack)} | {row['budget']} | {row['bits_per_weight']} | {row['ppl']} | "
                              f"{row['bitstack_mb']} | {row['load_seconds']} |")
     for label, bits, ppl in result["references"]:
-        lines.append(f"| {label} (reference) | | {bits} | {ppl} | | |")
+        lines.append(f"| {label.replace('|', ' ')} (reference) | | {bits} | {ppl} | | |")
     lines += ["", "| rank, order | loadable bits/weight | decomposition s | peak RSS after it (MB) | directory MB | "
               "materialize s (budget) |", "|---|---|---|---|---|---|"]
     for stack in result["stacks"]:
@@ -180,9 +181,19 @@ def plot_curve(result: dict[str, Any], path: Path) -> bool:
                 label=f"BitStack rank {_label(stack)} ({result['iterations']} blocks)")
     if result.get("dense_ppl"):
         ax.axhline(result["dense_ppl"], color="gray", linestyle="--", label=f"dense ({result['dense_ppl']:.2f})")
+    series: dict[str, list[tuple[float, float, str]]] = {}
     for label, bits, ppl in result["references"]:
+        name, _, point = label.rpartition("|")
+        if name:
+            series.setdefault(name, []).append((bits, ppl, point))
+            continue
         ax.scatter([bits], [ppl], marker="s", color="black")
         ax.annotate(label, (bits, ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for name, points in series.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], "s--", markersize=4, linewidth=1, label=name)
+        for bits, ppl, point in points:
+            ax.annotate(point, (bits, ppl), textcoords="offset points", xytext=(3, 3), fontsize=6)
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (decomposed linears, everything stored)")
     ax.set_ylabel(f"perplexity, {result['eval']}")

@@ -218,6 +218,32 @@ def _in_two_processes(task: Callable[[], dict[str, Any]], out: Path) -> list[dic
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
+def one_then_two_processes(
+    task: Callable[[], dict[str, Any]], out: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``task()`` here, then in each of 2 gloo processes (:func:`_in_two_processes`), each one's result.
+
+    Here first, so the forked workers start with everything imported; this process's thread count, which a task
+    sets to the workers' one, is restored.
+    """
+    threads = torch.get_num_threads()
+    try:
+        single = task()
+    finally:
+        torch.set_num_threads(threads)
+    return single, _in_two_processes(task, out)
+
+
+def compress_in_one_thread(model: Path, recipe: Path, out: Path) -> None:
+    """``compress`` at the torchrun workers' 1 thread (``OMP_NUM_THREADS=1``), so matrix products sum in their order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        compress(model, load_recipe(recipe, []), out)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _reference_hessian() -> torch.Tensor:
     """2/N X^T X of q_proj's inputs over all sequences, in float64, from the whole model's own forward."""
     model = tiny_model("llama")
@@ -234,12 +260,7 @@ def _reference_hessian() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """:func:`_calibrate` in one process, then in each of 2 gloo processes."""
-    threads = torch.get_num_threads()
-    try:
-        single = _calibrate()  # first: the forked workers then start with everything imported
-    finally:
-        torch.set_num_threads(threads)
-    return single, _in_two_processes(_calibrate, tmp_path_factory.mktemp("ranks"))
+    return one_then_two_processes(_calibrate, tmp_path_factory.mktemp("ranks"))
 
 
 def test_two_processes_give_one_process_hessians_and_weights(
@@ -274,12 +295,7 @@ def test_shipped_gptq_splits_its_solves(calibrated: tuple[dict[str, Any], list[d
 
 
 def test_two_processes_split_the_solves_and_get_one_process_bits(tmp_path: Path) -> None:
-    threads = torch.get_num_threads()
-    try:
-        single = _split()
-    finally:
-        torch.set_num_threads(threads)
-    ranks = _in_two_processes(_split, tmp_path)
+    single, ranks = one_then_two_processes(_split, tmp_path)
     every = set(single["quantized"])
     assert len(every) == 3 * 7 and sorted(single["solved"]) == sorted(every)
     mine = [set(result["solved"]) for result in ranks]
@@ -328,12 +344,7 @@ def test_torchrun_writes_the_single_process_bytes(tmp_path: Path, model_dir_fact
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("compressed ->") == 1  # rank 0 alone reports
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers' OMP_NUM_THREADS: matrix products sum in the same order
-    try:
-        compress(model, load_recipe(recipe, []), tmp_path / "one")
-    finally:
-        torch.set_num_threads(threads)
+    compress_in_one_thread(model, recipe, tmp_path / "one")
     assert comparable_files(two) == comparable_files(tmp_path / "one")
 
 
@@ -388,11 +399,7 @@ def _overflow_on_one_process() -> dict[str, Any]:
 
 def test_nan_outputs_on_one_process_stop_every_process(tmp_path: Path) -> None:
     """The engine's finiteness check is taken together: the healthy process raises too instead of waiting."""
-    threads = torch.get_num_threads()
-    try:
-        first, last = _in_two_processes(_overflow_on_one_process, tmp_path)
-    finally:
-        torch.set_num_threads(threads)
+    first, last = _in_two_processes(_overflow_on_one_process, tmp_path)
     assert last["message"].startswith("layer model.layers.1 produced NaN/inf outputs after")
     assert first["message"].startswith("layer model.layers.1 produced NaN/inf outputs after")
     assert first["message"].endswith("on 1 other process(es) (their share of the calibration data)")

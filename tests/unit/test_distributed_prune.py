@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_distributed import BATCH, _in_two_processes, _tokens
+from test_distributed import BATCH, _tokens, one_then_two_processes
 from tiny import tiny_model
 
 from compressor import distributed
@@ -75,12 +75,7 @@ def _prune() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """:func:`_prune` in one process, then in each of 2 gloo processes."""
-    threads = torch.get_num_threads()
-    try:
-        single = _prune()  # first: the forked workers then start with everything imported
-    finally:
-        torch.set_num_threads(threads)
-    return single, _in_two_processes(_prune, tmp_path_factory.mktemp("ranks"))
+    return one_then_two_processes(_prune, tmp_path_factory.mktemp("ranks"))
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -22,7 +22,14 @@ from typing import Any
 import pytest
 import torch
 from run_outputs import comparable_files
-from test_distributed import BATCH, _free_port, _in_two_processes, _tokens
+from test_distributed import (
+    BATCH,
+    _free_port,
+    _in_two_processes,
+    _tokens,
+    compress_in_one_thread,
+    one_then_two_processes,
+)
 from tiny import tiny_model
 
 from compressor import distributed
@@ -34,8 +41,7 @@ from compressor.methods.base import MethodConfig
 from compressor.methods.quant import bitstack, dgq
 from compressor.methods.registry import get_method
 from compressor.models import get_adapter
-from compressor.pipeline import compress
-from compressor.recipe import build_stages, load_recipe
+from compressor.recipe import build_stages
 
 
 def _config(method: str, **fields: Any) -> MethodConfig:
@@ -126,15 +132,6 @@ def _assert_same_run(single: dict[str, Any], result: dict[str, Any]) -> None:
             assert (got_part is None and want_part is None) or torch.equal(got_part, want_part), path
 
 
-def _single_then_two(task: Callable[[], dict[str, Any]], out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    threads = torch.get_num_threads()
-    try:
-        single = task()  # first: the forked workers start with everything imported
-    finally:
-        torch.set_num_threads(threads)
-    return single, _in_two_processes(task, out)
-
-
 DGQ = {
     "w4a8-gptq": ([_config("dgq", group_size=32, smoothing=0.5)], "compressed-tensors"),
     # act_percentile clips each token at a percentile of its own channels: no statistic of the set, nothing to sum
@@ -145,7 +142,7 @@ DGQ = {
 
 @pytest.mark.parametrize("setting", list(DGQ))
 def test_dgq_two_processes_read_the_whole_set_and_split_the_solves(setting: str, tmp_path: Path) -> None:
-    single, ranks = _single_then_two(partial(_compress, *DGQ[setting]), tmp_path)
+    single, ranks = one_then_two_processes(partial(_compress, *DGQ[setting]), tmp_path)
     assert len(single["maxima"]) == 2 * 3  # attention and MLP inputs smoothed in each of 3 layers
     assert len(single["codes"]) == 3 * 7 and all(r[1] == "dgq" for r in single["plan"])
     for result in ranks:
@@ -161,7 +158,7 @@ BAQ = [_config("baq", avg_bits=3.0, candidates=[2, 3, 4], granularity="group", o
 
 
 def test_baq_fisher_two_processes_plan_and_quantize_as_one(tmp_path: Path) -> None:
-    single, ranks = _single_then_two(partial(_compress, BAQ), tmp_path)
+    single, ranks = one_then_two_processes(partial(_compress, BAQ), tmp_path)
     planned = [bits for _, method, _, bits in single["plan"] if method == "baq"]
     assert len(planned) == 3 * 7 and len({b for widths in planned for b in widths}) == 3  # a mixed plan
     assert len(single["fisher"]) == 3 * 7
@@ -173,7 +170,7 @@ BITSTACK = [_config("bitstack", iterations=3, rank=2, budget="2.5bpw", order="fi
 
 
 def test_bitstack_fisher_two_processes_choose_the_same_blocks(tmp_path: Path) -> None:
-    single, ranks = _single_then_two(partial(_compress, BITSTACK), tmp_path)
+    single, ranks = one_then_two_processes(partial(_compress, BITSTACK), tmp_path)
     assert len(single["fisher"]) == 3 * 7 and len(set(single["blocks"].values())) > 1  # an uneven choice
     for result in ranks:
         _assert_same_run(single, result)
@@ -229,10 +226,5 @@ def test_torchrun_writes_the_single_process_bytes(method: str, tmp_path: Path, m
     done = subprocess.run(torchrun, capture_output=True, text=True, timeout=180,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers' OMP_NUM_THREADS: matrix products sum in the same order
-    try:
-        compress(model, load_recipe(recipe, []), tmp_path / "one")
-    finally:
-        torch.set_num_threads(threads)
+    compress_in_one_thread(model, recipe, tmp_path / "one")
     assert comparable_files(tmp_path / "two") == comparable_files(tmp_path / "one")

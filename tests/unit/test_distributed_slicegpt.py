@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import torch
 from run_outputs import comparable_files
-from test_distributed import _in_two_processes
+from test_distributed import _in_two_processes, one_then_two_processes
 from tiny import VOCAB, tiny_model
 
-import compressor.methods.prune.slicegpt as slicegpt
+import compressor.methods.prune.slicegpt.covariance as covariance
 from compressor import distributed
 from compressor.engine import ModelContext, run_stages
 from compressor.methods.prune.slicegpt import SliceGPT, SliceGPTConfig, ops
@@ -47,7 +47,7 @@ def _slice(family: str, rotation: str) -> dict[str, Any]:
                        BATCH)
     covariances: list[torch.Tensor] = []
     decomposed: list[int] = []
-    summed, decompose = slicegpt._summed_over_processes, ops.principal_basis
+    summed, decompose = covariance._summed_over_processes, ops.principal_basis
 
     def recorded(cov: torch.Tensor) -> torch.Tensor:
         total = summed(cov)
@@ -58,11 +58,11 @@ def _slice(family: str, rotation: str) -> dict[str, Any]:
         decomposed.append(cov.shape[0])
         return decompose(cov)
 
-    slicegpt._summed_over_processes, ops.principal_basis = recorded, counted  # type: ignore[assignment]
+    covariance._summed_over_processes, ops.principal_basis = recorded, counted  # type: ignore[assignment]
     try:
         records = run_stages(run, [SliceGPT(SliceGPTConfig(method="slicegpt", slicing=0.25, rotation=rotation))])
     finally:
-        slicegpt._summed_over_processes, ops.principal_basis = summed, decompose  # type: ignore[assignment]
+        covariance._summed_over_processes, ops.principal_basis = summed, decompose  # type: ignore[assignment]
     with torch.no_grad():
         logits = model(input_ids=_tokens(), use_cache=False).logits
     return {"covariances": covariances, "decomposed": decomposed, "sequences": run.tokens.shape[0],
@@ -96,12 +96,7 @@ CASES = [("llama", "shared", 1), ("llama", "per_layer", 1 + 2 * 3), ("opt", "sha
 @pytest.mark.parametrize(("family", "rotation", "count"), CASES)
 def test_two_processes_give_one_process_covariances_and_weights(family: str, rotation: str, count: int,
                                                                 tmp_path: Path) -> None:
-    threads = torch.get_num_threads()
-    try:
-        single = _slice(family, rotation)  # first: the forked workers then start with everything imported
-    finally:
-        torch.set_num_threads(threads)
-    ranks = _in_two_processes(partial(_slice, family, rotation), tmp_path)
+    single, ranks = one_then_two_processes(partial(_slice, family, rotation), tmp_path)
     assert [result["sequences"] for result in ranks] == [4, 1]  # 3 batches of 2, 2, 1 sequences: 2 + 1
     assert single["decomposed"] == [64] * count
     assert [result["decomposed"] for result in ranks] == [[64] * count, []]  # rank 0 decomposes and broadcasts
