@@ -271,7 +271,7 @@ def test_slicegpt_basis_is_not_measured_again(six_layers: Path, text_file: Path,
     """Interrupted mid-pass, the resumed run rotates with the saved basis: no second forward of the whole model."""
     from compressor.methods.prune import slicegpt
 
-    forwards = _count_calls(monkeypatch, slicegpt, "_stream_covariance")
+    forwards = _count_calls(monkeypatch, slicegpt, "stream_covariance")
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         compress(six_layers, _recipe(tmp_path, SLICE, text_file), out, progress=_interrupt_after(3, "slicegpt+gptq"))

@@ -3,7 +3,7 @@
 ``prepare`` makes the model rotation-invariant (``invariance.py``), picks the first basis and rotates the
 embeddings; ``apply`` rotates and slices one decoder layer; ``finalize`` rotates the head and records the
 structure the shipped modeling file rebuilds (``compressor/models/shipped/modeling_sliced.py``). The math is
-in ``ops.py``.
+in ``ops.py``, the measured covariances and their bases in ``covariance.py``.
 
 Two rotation schemes:
 
@@ -21,7 +21,7 @@ Tied embeddings stay tied in both (see ``invariance.py``): two small projections
 
 Under torchrun each process measures its share of the calibration batches; every covariance is a raw float64 sum
 ``X^T X`` (no mean, so no count to weigh), summed over the processes before its eigendecomposition, which one
-process computes and broadcasts (:func:`_principal_basis`): every process rotates with the same bits.
+process computes and broadcasts (``covariance.principal_basis``): every process rotates with the same bits.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from compressor.distributed import Job, all_reduce_sum_float64, is_distributed, solve_partitioned
 from compressor.errors import RecipeError
 from compressor.methods.base import LayerRecord, Method, MethodConfig
 from compressor.methods.prune.slicegpt import ops
+from compressor.methods.prune.slicegpt.covariance import input_covariance, principal_basis, stream_covariance
 from compressor.methods.prune.slicegpt.invariance import (
     Ready,
     convert_layer,
@@ -46,7 +46,6 @@ from compressor.methods.prune.slicegpt.invariance import (
     set_linear,
     shortcut,
 )
-from compressor.methods.prune.slicegpt.pooled import pooled_covariance
 from compressor.methods.prune.slicegpt.streamed import StreamedEnds
 from compressor.methods.registry import register_method
 from compressor.models.shipped import auto_class_name
@@ -106,7 +105,7 @@ class SliceGPTConfig(MethodConfig):
 class SliceGPT(Method):
     config_class = SliceGPTConfig
     kind = "prune"
-    supports_distributed = True  # every covariance is summed over the processes (_principal_basis)
+    supports_distributed = True  # every covariance is summed over the processes (principal_basis)
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__(config)
@@ -165,7 +164,7 @@ class SliceGPT(Method):
 
     def _first_basis(self, run: ModelContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(eigenvalues, basis) of the stream: pooled over every block (shared) or entering layer 0 (per_layer)."""
-        return _principal_basis(_stream_covariance(run, self._config.rotation))
+        return principal_basis(stream_covariance(run, self._config.rotation))
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """The first basis: for ``shared``, the PCA of a sweep over the whole model (the per-layer ones are cheap)."""
@@ -264,7 +263,7 @@ class SliceGPT(Method):
         weight = adapter.attention_output(layer).weight
         _rotate_readers(adapter.attention_inputs(layer), Q_in)
         layer_any.attn_shortcut = shortcut(Q_in.T, weight)  # back to original coordinates, full width
-        values, Q_mid = _principal_basis(_input_covariance(ctx, adapter.mlp_norm(layer)))
+        values, Q_mid = principal_basis(input_covariance(ctx, adapter.mlp_norm(layer)))
         Q_mid = Q_mid[:, :width]
         layer_any.attn_shortcut = shortcut(ops.basis_change(Q_in, Q_mid), weight)
         _rotate_writer(adapter.attention_output(layer), Q_mid)
@@ -275,33 +274,13 @@ class SliceGPT(Method):
         for out in ctx.forward():
             cov = ops.accumulate_covariance(cov, out)
         assert cov is not None
-        values, Q_out = _principal_basis(cov)
+        values, Q_out = principal_basis(cov)
         Q_out = Q_out if last else Q_out[:, :width]
         layer_any.mlp_shortcut = shortcut(ops.basis_change(Q_mid, Q_out), weight)
         _rotate_writer(adapter.mlp_output(layer), Q_out)
         losses["output"] = ops.lost_fraction(values, Q_out.shape[1])
         self._basis = Q_out
         return losses
-
-
-def _principal_basis(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ops.principal_basis`` of this process's covariance summed over every process's calibration batches.
-
-    Under torchrun one process decomposes and broadcasts (``solve_partitioned``): LAPACK/cuSOLVER on other
-    hardware or thread counts may round differently, and a near-degenerate eigenpair would then turn the kept
-    subspace differently on each process, where the rotation must be the same bits everywhere. An error (a
-    non-finite covariance) is raised on every process, so none waits.
-    """
-    total = _summed_over_processes(cov)
-    return solve_partitioned([Job(float(total.shape[0]) ** 3, lambda: ops.principal_basis(total))])[0]
-
-
-def _summed_over_processes(cov: torch.Tensor) -> torch.Tensor:
-    """``cov`` (a float64 sum over this process's tokens) summed over every process; itself in one.
-
-    Raw sums need no token counts: the total is the one-process sum up to float64 rounding (~1e-16).
-    """
-    return all_reduce_sum_float64(cov) if is_distributed() else cov  # on the wire device NCCL needs
 
 
 def _rotate_readers(linears: list[nn.Linear], Q: torch.Tensor) -> None:
@@ -312,62 +291,6 @@ def _rotate_readers(linears: list[nn.Linear], Q: torch.Tensor) -> None:
 def _rotate_writer(linear: nn.Linear, Q: torch.Tensor) -> None:
     bias = None if linear.bias is None else linear.bias.data
     set_linear(linear, *ops.rotate_output(linear.weight.data, bias, Q.to(linear.weight.device)))
-
-
-def _input_covariance(ctx: LayerContext, module: nn.Module) -> torch.Tensor:
-    """Covariance of ``module``'s input over the calibration set (the forward stops there)."""
-    state: dict[str, torch.Tensor | None] = {"cov": None}
-
-    def fold(x: torch.Tensor) -> None:
-        state["cov"] = ops.accumulate_covariance(state["cov"], x)
-
-    ctx.collect_inputs(module, fold)
-    assert state["cov"] is not None
-    return state["cov"]
-
-
-def _stream_covariance(run: ModelContext, rotation: str) -> torch.Tensor:
-    """The covariance the first basis comes from: pooled over every block input (shared), or layer 0's input."""
-    adapter = run.adapter
-    if rotation == "per_layer":
-        return _entry_covariance(run, adapter.attention_norm(adapter.layers()[0]))
-    stream, config = run.stream, run.model.config
-    if stream is None:
-        return pooled_covariance(run, adapter.layers().__getitem__, lambda index: None)
-    # streamed: each layer loaded, folded as apply will fold it, measured and released
-    return pooled_covariance(run, lambda index: convert_layer(adapter, stream.load(index), index, config),
-                             stream.release)
-
-
-class _Stop(Exception):
-    """Ends a forward pass once the statistic was collected."""
-
-
-@torch.no_grad()
-def _entry_covariance(run: ModelContext, stop: nn.Module) -> torch.Tensor:
-    """Covariance of ``stop``'s input (raw, not normalized), each forward pass ending there (before layer 0 runs).
-
-    Runs the calibration set through the model where it is: the engine moves layers to the device only later. A
-    streamed model's layers are on meta, which is never reached.
-    """
-    state: dict[str, torch.Tensor | None] = {"cov": None}
-
-    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        state["cov"] = ops.accumulate_covariance(state["cov"], args[0])
-        raise _Stop
-
-    handle = stop.register_forward_pre_hook(hook)
-    device = next(run.adapter.embeddings()[0].parameters()).device  # (a streamed model's head is on meta)
-    try:
-        for start in range(0, run.tokens.shape[0], run.batch_size):
-            try:
-                run.model(input_ids=run.tokens[start : start + run.batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    assert state["cov"] is not None
-    return state["cov"]
 
 
 def _params(module: nn.Module) -> int:
