@@ -1,4 +1,4 @@
-"""Tests for compressor.calibration.sources: every SOURCE form, its errors, and the wiki markup stripper."""
+"""Tests for compressor.calibration.sources (every SOURCE form, its errors) and wiki_markup (the markup stripper)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from unittest import mock
 import pytest
 
 from compressor.calibration import sources
-from compressor.calibration.sources import HFSpec, iter_documents, parse_hf_spec, strip_wiki_markup
+from compressor.calibration.sources import HFSpec, iter_documents, parse_hf_spec
+from compressor.calibration.wiki_markup import strip_wiki_markup
 from compressor.errors import CalibrationError
 
 HAS_GENSIM = importlib.util.find_spec("gensim") is not None
