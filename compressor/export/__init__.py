@@ -82,6 +82,7 @@ def write_model(
     stage, not the model).
     """
     max_shard = f"{export.max_shard_mb}MB"
+    remote_code = run.structure.get("remote_code") or loaded_remote_code(run.model)
     if run.stream is not None:  # layers were written as they finished; assemble the shards from those files
         from compressor.export.streamed import write_streamed_model
 
@@ -113,16 +114,16 @@ def write_model(
     elif export.format == "bitstack":
         from compressor.export.bitstack_store import write_bitstack_stage
 
-        write_bitstack_stage(out_dir, run.model, stages or [])
+        write_bitstack_stage(out_dir, run.model, stages or [], remote_code=remote_code)
     else:  # pragma: no cover - the recipe schema allows only the formats above
         raise ExportError(f"unknown export format {export.format}")
     if export.format != "gguf":
         tokenizer.save_pretrained(out_dir)
-        _attach_remote_code(run.structure.get("remote_code") or _loaded_remote_code(run.model), out_dir)
+        _attach_remote_code(remote_code, out_dir)
     return sorted(p.name for p in out_dir.iterdir())
 
 
-def _loaded_remote_code(model: Any) -> dict[str, Any] | None:
+def loaded_remote_code(model: Any) -> dict[str, Any] | None:
     """The remote-code spec of a model loaded from one of our exports whose ``auto_map`` names a shipped file.
 
     Quantizing a slicegpt / finercut / flap export in a second run keeps its config keys and ``auto_map``
@@ -160,7 +161,12 @@ def _attach_remote_code(spec: dict[str, Any] | None, out_dir: Path) -> None:
     import json
     import shutil
 
+    from compressor.export.bitstack_store import MANIFEST, attach_pruned_base
     from compressor.models.shipped import shipped_dir
+
+    if (out_dir / MANIFEST).is_file():  # a BitStack directory: auto_map names its loader, which builds this class
+        attach_pruned_base(out_dir, spec)
+        return
 
     source = shipped_dir() / spec["file"]
     if not source.is_file():

@@ -9,7 +9,10 @@ Layout (``out_dir``):
   reads the first shards whole and later ones in part;
 - ``config.json`` (whose ``auto_map`` names ``modeling_bitstack.py``, copied in, so that
   ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True, bitstack_budget="300MB")`` loads it
-  without compressor) and the tokenizer files.
+  without compressor) and the tokenizer files;
+- after a pruning stage that ships its own modeling file (``run.structure["remote_code"]``: SliceGPT, FLAP,
+  FinerCut, or a model loaded from such an export), that file too, its config.json keys, and ``bitstack_base``
+  naming its class: both loaders build that class and load the blocks into it.
 
 The order and sizes are written, not recomputed, so a budget picks the same blocks in every loader; the
 selection and the reconstruction are the shipped file's (:mod:`compressor.models.shipped.modeling_bitstack`),
@@ -51,20 +54,23 @@ REMOTE_CODE_FILE = "modeling_bitstack.py"
 
 #: Reads a tensor the streamed skeleton holds on meta (the streamer's ``read_unchanged``: name, meta tensor).
 ReadUnchanged = Callable[[str, torch.Tensor], torch.Tensor]
+#: A pruning stage's modeling file: ``{"file": "modeling_x.py", "auto_map": {...}, "config": {extra keys}}``.
+RemoteCode = dict[str, Any]
 
 
 def write_bitstack(out_dir: Path, model: Any, stage: BitStack, tokenizer: Any = None,
-                   read: ReadUnchanged | None = None) -> list[str]:
+                   read: ReadUnchanged | None = None, remote_code: RemoteCode | None = None) -> list[str]:
     """Write ``stage``'s decompositions and the rest of ``model`` as a BitStack directory; returns the files.
 
     ``read``: the model streamed (a meta skeleton, the blocks in ``spill_layer``'s files); the tensors outside
     the decomposed weights are read through it, and every file is written one tensor at a time.
+    ``remote_code``: the pruned model's modeling file (``run.structure["remote_code"]``), which the blocks load into.
     """
     config = stage.config
     assert isinstance(config, BitStackConfig)
     if not stage.decomposed:
         raise ExportError("bitstack: nothing was decomposed; run the stage before writing its directory")
-    check_skeleton(model)
+    check_skeleton(model, remote_code)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = list(stage.decomposed)
     if read is None:
@@ -87,7 +93,7 @@ def write_bitstack(out_dir: Path, model: Any, stage: BitStack, tokenizer: Any = 
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     model.config.save_pretrained(out_dir)
-    _attach_loader(out_dir, model)
+    _attach_loader(out_dir, model, remote_code)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return sorted(p.name for p in out_dir.iterdir())
@@ -134,30 +140,53 @@ def _write_streamed(out_dir: Path, model: Any, stage: BitStack, read: ReadUnchan
         write_safetensors(out_dir / block_file(index), specs, block_tensor, {"format": "pt"})
 
 
-def write_bitstack_stage(out_dir: Path, model: Any, stages: list[Any], read: ReadUnchanged | None = None) -> list[str]:
+def write_bitstack_stage(out_dir: Path, model: Any, stages: list[Any], read: ReadUnchanged | None = None,
+                         remote_code: RemoteCode | None = None) -> list[str]:
     """Export format ``bitstack``: the directory of the run's bitstack stage (the recipe makes it the last).
 
-    ``read``: the run streamed (see :func:`write_bitstack`).
+    ``read``: the run streamed; ``remote_code``: a pruning stage's modeling file (see :func:`write_bitstack`).
     """
     found = [stage for stage in stages if isinstance(stage, BitStack)]
     if len(found) != 1:
         raise ExportError(f"export format bitstack needs exactly one bitstack stage, the run has {len(found)}")
-    return write_bitstack(out_dir, model, found[0], read=read)
+    return write_bitstack(out_dir, model, found[0], read=read, remote_code=remote_code)
 
 
-def check_skeleton(model: Any) -> None:
+def pruned_class(reference: str) -> Any:
+    """The class ``<file stem>.<class>`` (an ``auto_map`` value) names in compressor's own shipped files."""
+    import importlib
+
+    stem, _, name = reference.partition(".")
+    if not (shipped_dir() / f"{stem}.py").is_file():
+        raise ExportError(f"bitstack: {stem}.py is not a modeling file compressor ships")
+    return getattr(importlib.import_module(f"compressor.models.shipped.{stem}"), name)
+
+
+def check_skeleton(model: Any, remote_code: RemoteCode | None = None) -> None:
     """The model's tensors (names and shapes) are those of the model ``config.json`` builds, or an ExportError.
 
+    The model config.json builds is the stock class, or the pruned class ``remote_code`` names (with its config
+    keys), or the one the config's own ``auto_map`` names when the model was loaded from a pruned export.
     A MoE's experts may differ: linearized in memory (``experts.3.w1``, :mod:`compressor.models.moe`), they
     carry the checkpoint's names, which transformers' loader merges into the 3-D expert tensors of the model
     it builds (:func:`~compressor.models.shipped.modeling_bitstack.build_model`); every other tensor must match.
     """
+    import copy
+
     from transformers import AutoModelForCausalLM
 
+    from compressor.export import loaded_remote_code
     from compressor.models.moe import LinearExperts
 
+    remote_code = remote_code or loaded_remote_code(model)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model.config)
+        if remote_code is None:
+            skeleton = AutoModelForCausalLM.from_config(model.config)
+        else:
+            config = copy.deepcopy(model.config)
+            for key, value in remote_code.get("config", {}).items():
+                setattr(config, key, value)
+            skeleton = pruned_class(remote_code["auto_map"]["AutoModelForCausalLM"])(config)
     experts = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, LinearExperts))
     ours = {name: tuple(t.shape) for name, t in model.state_dict().items() if not name.startswith(experts)}
     theirs = {name: tuple(t.shape) for name, t in skeleton.state_dict().items() if not name.startswith(experts)}
@@ -206,13 +235,33 @@ def _first_of_each(model: nn.Module, skip: set[str]) -> dict[int, str]:
     return first
 
 
-def _attach_loader(out_dir: Path, model: Any) -> None:
-    """Copy the shipped modeling file and name its class in config.json ``auto_map`` (``BitStackLlamaForCausalLM``)."""
+def _attach_loader(out_dir: Path, model: Any, remote_code: RemoteCode | None) -> None:
+    """Copy the shipped modeling file and name its class in config.json ``auto_map`` (``BitStackLlamaForCausalLM``).
+
+    After a pruning stage its modeling file is copied too, its config keys written, and its class named by
+    ``bitstack_base`` (not ``auto_map``, which must reach the BitStack loader first).
+    """
     shutil.copyfile(shipped_dir() / REMOTE_CODE_FILE, out_dir / REMOTE_CODE_FILE)
     path = out_dir / "config.json"
     config = json.loads(path.read_text())
     name = auto_class_name(shipped.PREFIX, model)
     config["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE.removesuffix('.py')}.{name}"}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if remote_code:
+        attach_pruned_base(out_dir, remote_code)
+
+
+def attach_pruned_base(out_dir: Path, remote_code: RemoteCode) -> None:
+    """Make a written BitStack directory load its blocks into a pruned model: copy the pruning's modeling file,
+    write its config keys and name its class in ``bitstack_base``; ``auto_map`` keeps naming the BitStack loader."""
+    source = shipped_dir() / remote_code["file"]
+    if not source.is_file():
+        raise ExportError(f"remote code file {remote_code['file']} is not shipped with compressor")
+    shutil.copyfile(source, out_dir / remote_code["file"])
+    path = out_dir / "config.json"
+    config = json.loads(path.read_text())
+    config.update(remote_code.get("config", {}))
+    config[shipped.BASE_KEY] = remote_code["auto_map"]["AutoModelForCausalLM"]
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -242,7 +291,9 @@ def load_bitstack(directory: Path, budget: str | int | None = None) -> tuple[nn.
     """The model at ``budget`` (bytes, MB/GB/MiB/GiB or bpw; every block when None) and its blocks per linear.
 
     The stock class, not the shipped one: its config drops ``auto_map``, so a model saved from it (materialize)
-    is a standard directory. Built by the shipped file's :func:`build_model`, as transformers alone builds it.
+    is a standard directory. After a pruning stage (config.json ``bitstack_base``) the pruned class from
+    compressor's own copy of its file, with ``auto_map`` naming that file, so a saved model is a pruned export.
+    Built by the shipped file's :func:`build_model`, as transformers alone builds it.
     """
     import transformers
     from transformers import AutoConfig
@@ -252,7 +303,16 @@ def load_bitstack(directory: Path, budget: str | int | None = None) -> tuple[nn.
     config = AutoConfig.from_pretrained(directory)
     if hasattr(config, "auto_map"):
         del config.auto_map
-    model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type])
+    base = getattr(config, shipped.BASE_KEY, None)
+    if base:
+        delattr(config, shipped.BASE_KEY)
+        config.auto_map = {"AutoModelForCausalLM": base}
+        try:
+            model_class = pruned_class(base)
+        except (ExportError, AttributeError) as exc:
+            raise ModelLoadError(f"{directory}/config.json {shipped.BASE_KEY} '{base}': {exc}") from None
+    else:
+        model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type])
     dtype = getattr(torch, read_manifest(directory)["dtype"])
     try:
         model = shipped.build_model(model_class.from_pretrained, config, state, dtype)

@@ -64,8 +64,8 @@ if TYPE_CHECKING:
     from compressor.engine import LayerContext, ModelContext
 
 REMOTE_CODE_FILE = "modeling_flap.py"
-#: Formats that store the per-layer shapes and biases (the modeling file travels with both).
-STORABLE_FORMATS = ("dense", "compressed-tensors")
+#: Formats that store the per-layer shapes and biases (the modeling file travels with each; bitstack's loads into it).
+STORABLE_FORMATS = ("dense", "compressed-tensors", "bitstack")
 #: What config.json ``flap.layers`` holds per layer (what ``modeling_flap.narrow_layer`` reads).
 SHAPE_KEYS = ("heads", "kv_heads", "intermediate_size", "attention_output_bias", "mlp_output_bias")
 

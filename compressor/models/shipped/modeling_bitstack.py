@@ -13,6 +13,13 @@ linear: packed signs, factors ``u``/``v``, and in block 000 the per-input-channe
 longest prefix of the order whose bytes fit; a linear's weight is ``sum_j sign_j * (u_j @ v_j) / scale``
 over its first blocks. Budgets: bytes (``123456``, ``123456B``), ``kB/MB/GB`` (10^3..), ``KiB/MiB/GiB``
 (2^10..), or bits per decomposed weight (``2.5bpw``); without one every block loads.
+
+After a pruning stage whose model stock transformers cannot build (SliceGPT, FLAP, FinerCut), the directory
+also carries that stage's modeling file (``modeling_sliced.py``...) and its config.json keys, and config.json
+``bitstack_base`` names its class as ``auto_map`` would (``modeling_sliced.SlicedLlamaForCausalLM``). The
+blocks then load into ``BitStack`` + that class, loaded from the directory by transformers' own remote-code
+loader (``get_class_from_dynamic_module``), so each file stays self-contained and the pruned architecture is
+defined once, by the file that defines it for the pruned export.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ PREFIX = "BitStack"
 MANIFEST = "bitstack.json"
 FIXED = "bitstack-fixed.safetensors"
 FORMAT_VERSION = 1
+#: config.json key naming the pruned model class the blocks load into (``<file stem>.<class>``); absent: stock.
+BASE_KEY = "bitstack_base"
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$")
@@ -189,11 +198,21 @@ def build_model(from_pretrained: Any, config: Any, state: dict[str, torch.Tensor
 
 def _from_pretrained(base: Any, cls: Any, path: Any, *args: Any, bitstack_budget: Any = None, config: Any = None,
                      **kwargs: Any) -> Any:
-    """The model at ``bitstack_budget`` (every block without one), built by ``base``'s loader as class ``cls``."""
+    """The model at ``bitstack_budget`` (every block without one), built by ``base``'s loader as class ``cls``.
+
+    With config.json ``bitstack_base`` the model is the pruned class it names instead, whose file sits in the
+    directory: transformers loads it as it loads any remote code (the caller already trusted this directory's).
+    """
     manifest = read_manifest(path)
     counts = blocks_at(manifest, bitstack_budget)
     if config is None:
         config = transformers.AutoConfig.from_pretrained(path)
+    reference = getattr(config, BASE_KEY, None)
+    if reference:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        base = get_class_from_dynamic_module(reference, str(path))
+        cls = _model_class(base)
     dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
     dtype = getattr(torch, manifest["dtype"]) if dtype in (None, "auto") else dtype
     model = build_model(functools.partial(base.from_pretrained.__func__, cls), config,
@@ -208,15 +227,16 @@ def _from_pretrained(base: Any, cls: Any, path: Any, *args: Any, bitstack_budget
 
 
 @functools.cache
-def _model_class(base_name: str) -> type:
-    base: Any = getattr(transformers, base_name)
+def _model_class(base: Any) -> type:
+    """``BitStack<base>``: ``base`` (a transformers class, or a pruned one from ``bitstack_base``) loading blocks."""
     loader = classmethod(functools.partial(_from_pretrained, base))
     return type(PREFIX + base.__name__, (base,), {"from_pretrained": loader, "__module__": __name__})
 
 
 def __getattr__(name: str) -> type:
     """``BitStack<X>ForCausalLM`` (the class config.json ``auto_map`` names) for transformers' ``<X>ForCausalLM``."""
-    base = getattr(transformers, name.removeprefix(PREFIX), None) if name.startswith(PREFIX) else None
-    if not (isinstance(base, type) and issubclass(base, transformers.PreTrainedModel)):
+    base: Any = getattr(transformers, name.removeprefix(PREFIX), None) if name.startswith(PREFIX) else None
+    is_model = isinstance(base, type) and issubclass(base, transformers.PreTrainedModel)
+    if not is_model:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return _model_class(base.__name__)
+    return _model_class(base)

@@ -180,7 +180,7 @@ class FinerCut(Method):
 
         if export_format == "gguf":
             return "finercut: GGUF cannot store layers without an attention or MLP sublayer (use dense)"
-        if export_format in ("bitstack", "compressor-int8"):  # these directories rebuild from config.json alone
+        if export_format == "compressor-int8":  # its directory rebuilds from config.json alone (bitstack's ships ours)
             return (f"finercut's model needs its own modeling file, which a {export_format} directory cannot use; "
                     "use dense or compressed-tensors")
         for stage in later:

@@ -121,7 +121,7 @@ class SliceGPT(Method):
 
     @classmethod
     def check_recipe(cls, config: MethodConfig, later: list[MethodConfig], export_format: str) -> str | None:
-        if export_format in ("bitstack", "compressor-int8"):  # these directories rebuild from config.json alone
+        if export_format == "compressor-int8":  # its directory rebuilds from config.json alone (bitstack's ships ours)
             return (f"slicegpt's model needs its own modeling file, which a {export_format} directory cannot use; "
                     "use dense or compressed-tensors")
         if export_format == "gguf":

@@ -125,12 +125,11 @@ def test_a_moe_model_compresses_to_a_bitstack_directory_and_evaluates(model_dir_
     assert evaluate(load(out, budget=budget), str(text_file), seq_len=32, max_tokens=64, device="cpu").ppl > 1
 
 
-@pytest.mark.parametrize("prune", [{"method": "slicegpt", "slicing": 0.25}, {"method": "finercut", "ratio": 0.25}])
-def test_a_pruning_stage_that_needs_its_own_modeling_file_is_refused_before_the_run(text_file: Path,
-                                                                                     prune: dict[str, object]) -> None:
-    """The directory is rebuilt from config.json by modeling_bitstack.py alone, which cannot build a sliced model
-    or one without sublayers: refused at validation, not by the writer after the decomposition."""
+@pytest.mark.parametrize("prune", [{"method": "slicegpt", "slicing": 0.25}, {"method": "finercut", "ratio": 0.25},
+                                   {"method": "flap", "structure": "global", "compensate": True}])
+def test_a_pruning_stage_that_ships_its_own_modeling_file_validates_before_bitstack(text_file: Path,
+                                                                                   prune: dict[str, object]) -> None:
+    """The directory carries the pruning's modeling file and loads its blocks into that model
+    (test_bitstack_compose.py); compressor-int8 still refuses it (test_dgq_dir.py)."""
     stages = [prune, {"method": "bitstack", "iterations": 2, "rank": 2}]
-    with pytest.raises(RecipeError, match=f"stages.0: {prune['method']}'s model needs its own modeling file"):
-        _recipe(text_file, "bitstack", stages)
-    assert _recipe(text_file, "dense", stages) is not None  # the reconstruction at the budget, in its own file
+    assert _recipe(text_file, "bitstack", stages) is not None
