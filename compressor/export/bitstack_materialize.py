@@ -5,7 +5,8 @@ scales) plus every other tensor (``fixed_bytes``). A ``dense`` directory stores 
 reconstruction in the model dtype, so its files are larger than the budget; the report
 (``bitstack_materialize.json``) states both, and the bits per weight of every linear.
 ``compressed-tensors`` cannot hold a sign x low-rank reconstruction (it stores integer codes on a grid), so
-dense is the only format for now.
+dense is the only format for now. After a pruning stage (SliceGPT, FLAP, FinerCut) the model written is that
+pruned export: its own modeling file, named by ``auto_map``, and its config.json keys.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 FORMATS = ("dense",)
 REPORT = "bitstack_materialize.json"
 #: Files of a BitStack directory that describe the whole stack or the run, not the materialised model (whose
-#: config.json names no modeling file: it is a stock model).
+#: config.json names no modeling file when it is a stock model, or the pruned model's own file after a pruning
+#: stage: that file is copied, the BitStack loader is not).
 _NOT_COPIED = ("compression_report.json", "compression_report.md", "recipe.yaml", MANIFEST, REMOTE_CODE_FILE)
 
 

@@ -129,3 +129,24 @@ def test_compressor_and_transformers_alone_load_the_pruned_model_at_each_budget(
     manifest = read_manifest(out)
     assert seen[0]["blocks"] == dict.fromkeys(manifest["linears"], 3)
     assert seen[1]["blocks"] == blocks_at(manifest, budget) and set(seen[1]["blocks"].values()) != {3}
+
+
+def test_a_pruned_export_compressed_again_gives_a_directory_that_loads_its_blocks_into_the_pruned_model(
+    model_dir_factory, text_file: Path, tmp_path: Path,
+) -> None:
+    """A second run on a SliceGPT export: the model's config names modeling_sliced.py (no stage ships it this run),
+    so the writer's check builds that class, and the directory names it in bitstack_base like the one-run case."""
+    calibration = {"dataset": str(text_file), "samples": 4, "seq_len": 32, "batch_size": 2}
+    first = {"name": "t", "calibration": calibration, "export": {"format": "dense"},
+             "stages": [PRUNINGS["slicegpt"][0]]}
+    compress(str(model_dir_factory("llama")), recipe_from_dict(first), tmp_path / "sliced", device="cpu")
+    second = {"name": "t", "calibration": calibration, "export": {"format": "bitstack"},
+              "stages": [{"method": "bitstack", "iterations": 2, "rank": 2}]}
+    loaded = load(tmp_path / "sliced")
+    compress(loaded, recipe_from_dict(second), tmp_path / "bs", device="cpu")
+    config = json.loads((tmp_path / "bs" / "config.json").read_text())
+    assert config[BASE_KEY] == "modeling_sliced.SlicedLlamaForCausalLM"
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_bitstack.BitStackLlamaForCausalLM"}
+    again = load(tmp_path / "bs")
+    assert type(again.model).__name__ == "SlicedLlamaForCausalLM"
+    torch.testing.assert_close(_logits(again.model), _logits(loaded.model), rtol=0, atol=0)
