@@ -331,9 +331,10 @@ class LayerContext:
 
 
 def split_passes(stages: list[Method]) -> list[list[Method]]:
-    """Consecutive layer-wise stages share a pass; a model-level stage closes its pass."""
+    """Consecutive layer-wise stages share a pass; a model-level stage closes one, a whole-model-first one opens one."""
     passes: list[list[Method]] = [[]]
     for stage in stages:
+        passes += [[]] if stage.runs_whole_model_first() else []  # a pass of its own (empty passes are dropped)
         passes[-1].append(stage)
         if stage.model_level:
             passes.append([])

@@ -123,6 +123,12 @@ class Method(ABC):
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
 
+    def runs_whole_model_first(self) -> bool:
+        """True when ``prepare`` runs the whole model (a loss backward pass: ``fisher``), which must then be the model
+        the earlier stages finished, not one that a stage sharing its pass has changed half-way (SliceGPT rotates the
+        embeddings in its ``prepare`` and each layer as the pass reaches it); the engine gives it a pass of its own."""
+        return False
+
     @property
     def name(self) -> str:
         return self.config.method

@@ -12,7 +12,10 @@ from tiny import FAMILIES, tiny_model
 from compressor.engine import LayerContext, ModelContext, run_stages, split_passes
 from compressor.errors import UnsupportedModelError
 from compressor.methods.base import LayerRecord, Method, MethodConfig
+from compressor.methods.quant.baq import BAQConfig
+from compressor.methods.quant.bitstack import BitStackConfig
 from compressor.methods.quant.ops import QuantizedWeight
+from compressor.methods.registry import get_method
 from compressor.models import get_adapter
 
 
@@ -68,6 +71,18 @@ def test_model_level_stage_closes_a_pass() -> None:
     a, b, c = _Observe(), _Observe(model_level=True), _Observe()
     assert split_passes([a, b, c]) == [[a, b], [c]]
     assert split_passes([a, c]) == [[a, c]]
+
+
+def test_a_stage_that_runs_the_whole_model_in_prepare_opens_a_pass() -> None:
+    """BAQ's and BitStack's fisher run the model in ``prepare``: an earlier stage of the pass must have finished."""
+    a, c = _Observe(), _Observe()
+    fisher = get_method("bitstack")(BitStackConfig(method="bitstack"))
+    relative = get_method("bitstack")(BitStackConfig(method="bitstack", order="relative"))
+    baq = get_method("baq")(BAQConfig(method="baq"))
+    assert split_passes([a, fisher]) == [[a], [fisher]]
+    assert split_passes([fisher]) == [[fisher]]
+    assert split_passes([a, relative, c]) == [[a, relative], [c]]  # bitstack and baq are model-level: they close one
+    assert split_passes([a, baq, c]) == [[a], [baq], [c]]
 
 
 def _layer_context(family: str) -> LayerContext:

@@ -227,6 +227,9 @@ class BAQ(Method):
         quant = self._quantizer()
         return 0 if quant.symmetric and quant.grid != "restricted" else 1
 
+    def runs_whole_model_first(self) -> bool:
+        return getattr(self.config, "objective", None) == "fisher"
+
     def prepare(self, run: ModelContext) -> list[LayerRecord]:
         self.measured, self.fisher = [], {}
         config, quant = self.config, self._quantizer()

@@ -204,6 +204,9 @@ class BitStack(Method):
                     "be lost; make bitstack the last stage")
         return None
 
+    def runs_whole_model_first(self) -> bool:
+        return getattr(self.config, "order", None) == "fisher"
+
     def prepare(self, run: ModelContext) -> list[LayerRecord]:
         self.decomposed, self.blocks, self.fisher = {}, {}, {}
         config = self.config
