@@ -173,9 +173,11 @@ def write_streamed_model(export: Any, run: Any, out_dir: Path) -> None:
 
     model, stream = run.model, run.stream
     if export.format == "bitstack":  # the stage's blocks, spilled per layer, and the checkpoint's other tensors
+        from compressor.export import loaded_remote_code
         from compressor.export.bitstack_store import write_bitstack_stage
 
-        write_bitstack_stage(out_dir, model, stream.stages, read=stream.read_unchanged)
+        remote_code = run.structure.get("remote_code") or loaded_remote_code(model)  # a pruning's modeling file
+        write_bitstack_stage(out_dir, model, stream.stages, read=stream.read_unchanged, remote_code=remote_code)
         return
     files: LayerFiles = stream.files
     resident = remove_tied_weights_from_state_dict(dict(model.state_dict()), model)

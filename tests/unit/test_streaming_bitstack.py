@@ -38,6 +38,8 @@ def _recipe(text_file: Path, stage: dict[str, Any] | None = None, export: str = 
     ("llama", "bfloat16", True, {"budget": "2.5bpw", "signs": "residual"}, None),  # tied head: stored once, aliased
     ("qwen2", "float32", False, {"order": "absolute", "signs": "residual"}, None),  # q/k/v biases in the fixed file
     ("llama", "float32", True, {"signs": "residual"}, [{"method": "layer_drop", "layers": [1]}]),  # renumbered
+    ("llama", "float32", False, {"signs": "residual"},  # per-layer shapes and biases: modeling_flap.py rides along
+     [{"method": "flap", "ratio": 0.3, "structure": "global", "compensate": True}]),
 ])
 def test_bitstack_streams_to_the_in_ram_directory(checkpoint: Any, text_file: Path, tmp_path: Path, family: str,
                                                   dtype: str, tied: bool, stage: dict[str, Any],
@@ -49,9 +51,10 @@ def test_bitstack_streams_to_the_in_ram_directory(checkpoint: Any, text_file: Pa
     names = parity.same_files(tmp_path / "ram", tmp_path / "stream", DIFFERING)
     assert {"bitstack.json", "bitstack-fixed.safetensors", "bitstack-block-002.safetensors",
             "modeling_bitstack.py", "config.json", "tokenizer.json"} <= set(names)
+    assert ("modeling_flap.py" in names) == (before is not None and before[0]["method"] == "flap")
     manifest = json.loads((tmp_path / "stream" / "bitstack.json").read_text())
     assert bool(manifest["tied"]) == tied and manifest["dtype"] == dtype
-    assert len(manifest["linears"]) == 7 * (2 if before else 3)
+    assert len(manifest["linears"]) == 7 * (2 if before and before[0]["method"] == "layer_drop" else 3)
     assert streamed.structure == in_ram.structure and parity.timeless_rows(streamed) == parity.timeless_rows(in_ram)
     parity.same_totals(streamed, in_ram, ("size_bytes", "params", "avg_bits_per_weight", "compression_ratio"))
     assert "streamed from disk" in streamed.warnings[0]["message"]
