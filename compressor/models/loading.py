@@ -59,6 +59,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def fast_bfloat16(device: torch.device) -> bool:
+    """True where bfloat16 matrix products beat float32's: CUDA GPUs that support it, and CPUs with AVX512-BF16 or
+    AMX (Linux ``/proc/cpuinfo`` flags); elsewhere they are emulated, slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return device.type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
 def cache_dir() -> Path:
     """Where converted demo models live: ``$COMPRESSOR_CACHE`` or the XDG user cache."""
     root = os.environ.get("COMPRESSOR_CACHE") or os.path.join(

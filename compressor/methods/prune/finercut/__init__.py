@@ -7,17 +7,14 @@ on top of those already gone, and removes the best one; it stops after ``remove`
 removed parameters would pass ``ratio`` of the decoder layers' parameters.
 
 What makes it fast: the engine's pass leaves the hidden states entering every layer cached (in RAM, or in
-memory-mapped files when they would exceed ``--activation-memory``: ``cache.StateCache``), so a candidate
-in layer ``i`` is scored by running layers ``i..L-1`` only; a committed removal in layer ``i`` recomputes only
-the states after it; the original outputs are computed once, at a configurable subset of positions; the lazy
-search rescores only the candidates that could still be the best, one chunk of calibration sequences at a time,
-dropping a candidate as soon as its partial sum shows it cannot be (``ops.bounded_removal``: the same removals
-as scoring each of them on everything, ``ops.greedy_removal``, when removals only add harm), with every bound
-raised by the damage the removals so far have done (``SublayerSearch.baseline``: the model as it is, read off the
-cached final states at the cost of the output head), which every candidate's score contains; and the screened
-search ranks candidates on a few calibration sequences and scores only the best few on all of them
-(``ops.screened_removal``), which cuts the cost of a step roughly by samples / screen_samples but can choose
-worse removals.
+memory-mapped files above ``--activation-memory``: ``cache.StateCache``), so a candidate in layer ``i`` is scored by
+running layers ``i..L-1`` only, and a committed removal recomputes only the states after it; the original outputs
+are kept once, at a subset of positions. The lazy search rescores only candidates that could still be the best, one
+chunk of sequences at a time, dropping one as soon as its partial sum shows it cannot be (``ops.bounded_removal``:
+``ops.greedy_removal``'s removals when removals only add harm), every bound raised by the damage done so far
+(``SublayerSearch.baseline``, read off the cached final states). The screened search ranks candidates on a few
+sequences and scores only the best few on all (``ops.screened_removal``): about samples / screen_samples cheaper
+per step, but it can choose worse removals.
 
 A removed sublayer is swapped for weightless stand-ins that add exactly zero to the residual stream (the
 classes of ``compressor/models/shipped/modeling_finercut.py``, the file the export ships, so the model in
@@ -26,9 +23,8 @@ memory and the reloaded one compute the same thing). Where a family keeps its su
 lost both sublayers is the identity and is removed whole through the adapter; when nothing else was removed
 the export is a standard config.
 
-The search's result (the removals in order, their scores, the counts and times) is the pass's whole output: a
-checkpointed run saves it after the pass (``checkpoint_state``), and a resumed one re-applies the same removals in
-the same order without caching states or searching again.
+The search's result (removals in order, scores, counts, times) is the pass's whole output: a checkpointed run saves
+it after the pass (``checkpoint_state``); a resumed one re-applies the removals in order without searching again.
 """
 
 from __future__ import annotations
@@ -53,6 +49,7 @@ from compressor.methods.prune.finercut.ops import (
 from compressor.methods.prune.finercut.saved import Searched, from_state, to_state
 from compressor.methods.prune.finercut.search import Key, SublayerSearch, sublayer_params
 from compressor.methods.registry import register_method
+from compressor.models.loading import fast_bfloat16
 from compressor.models.shipped import auto_class_name
 from compressor.models.shipped.modeling_finercut import PREFIX, SUBLAYERS, is_removed, remove_sublayer
 
@@ -90,7 +87,7 @@ class FinerCutConfig(MethodConfig):
       screen_samples: 2    # screened: calibration sequences every candidate is ranked on
       rescore_top: 3       # screened: best-ranked candidates scored on every sequence each step
       chunk_samples: 1     # lazy: sequences scored at a time before a candidate's partial sum is checked
-      search_dtype: float32  # float32 | bfloat16 (the search's forwards under bfloat16 autocast)
+      search_dtype: float32  # float32 | bfloat16 (forwards under bfloat16 autocast) | auto (bfloat16 where fast)
     ```
     Set at most one of ``remove`` and ``ratio``; with neither, 25% of the layers' parameters are removed.
     ``screen_samples`` and ``rescore_top`` belong to ``search: screened``, ``chunk_samples`` to ``search: lazy``;
@@ -129,11 +126,11 @@ class FinerCutConfig(MethodConfig):
         f"one calibration batch) before its partial sum is compared with the others' (null: {DEFAULT_CHUNK_SAMPLES})."
     )
 
-    search_dtype: Literal["float32", "bfloat16"] = Field(
+    search_dtype: Literal["float32", "bfloat16", "auto"] = Field(
         "float32", description="Precision of the search's forwards. bfloat16 runs them under bfloat16 autocast: "
         "several times faster on GPUs and on CPUs with AVX512-BF16 or AMX, slower on other CPUs; the removals may "
-        "differ from float32's where candidates score within bfloat16's rounding of each other. The exported "
-        "weights are the model's own either way."
+        "differ from float32's where candidates score within bfloat16's rounding of each other. auto: bfloat16 "
+        "where it is fast, else float32 (the report says which ran). The exported weights are the model's own."
     )
 
     @field_validator("positions")
@@ -254,7 +251,7 @@ class FinerCut(Method):
         folded = _store_removals(run)
         removed_params = sum(sizes[s.key][0] for s in result.steps)
         run.structure["finercut"] = {
-            "measure": self.cfg.measure, "search": self.cfg.search, "search_dtype": self.cfg.search_dtype,
+            "measure": self.cfg.measure, "search": self.cfg.search, "search_dtype": self._search_dtype(run),
             "positions": self.cfg.positions, "folded_layers": folded,
             "removed": [[s.key[0], s.key[1], round(s.score, 6)] for s in result.steps],
             "params_removed": removed_params, "params_budget": budget, "decoder_params": total,
@@ -283,7 +280,7 @@ class FinerCut(Method):
     ) -> Searched:
         """The greedy search over the cached states, which it frees (``start``: when finalize began)."""
         _move(run, run.device)
-        low = self.cfg.search_dtype == "bfloat16"
+        low = self._search_dtype(run) == "bfloat16"
         cache = self._cache
         assert cache is not None, "prepare makes the cache"
         try:
@@ -310,6 +307,12 @@ class FinerCut(Method):
             self._cache, self._kwargs = None, []
         return Searched(candidates, result, search.seconds, time.perf_counter() - start, search.forwards,
                         cache.summary())
+
+    def _search_dtype(self, run: ModelContext) -> str:
+        """The search's precision on this run's device: ``auto`` is bfloat16 where that is fast."""
+        if self.cfg.search_dtype == "auto":
+            return "bfloat16" if fast_bfloat16(run.device) else "float32"
+        return self.cfg.search_dtype
 
     def _chunk_samples(self) -> int | None:
         """Sequences per chunk of the lazy search's scores (None: whole batches, for the other searches)."""

@@ -335,6 +335,22 @@ def test_bfloat16_search_runs_under_autocast_and_leaves_float32_weights(monkeypa
     assert recomputed == [1]
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_search_dtype_is_bfloat16_only_where_that_is_fast(monkeypatch: pytest.MonkeyPatch, fast: bool) -> None:
+    """search_dtype: auto asks the device (fast_bfloat16) and the report says which precision ran."""
+    import compressor.methods.prune.finercut as finercut
+
+    asked: list[str] = []
+    monkeypatch.setattr(finercut, "fast_bfloat16", lambda device: (asked.append(device.type), fast)[1])
+    model = deep_model("llama")
+    dtypes: set[torch.dtype] = set()
+    get_adapter(model).layers()[-1].mlp.down_proj.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+    run, _ = run_cut(model, remove=1, search_dtype="auto")
+    assert asked and set(asked) == {"cpu"}
+    assert run.structure["finercut"]["search_dtype"] == ("bfloat16" if fast else "float32")
+    assert (torch.bfloat16 in dtypes) == fast
+
+
 def test_recompute_in_float32_gives_the_cached_states_back() -> None:
     """recompute() runs the layers again from layer 0's states: in float32 it reproduces what the capture cached."""
     model = deep_model("llama")
