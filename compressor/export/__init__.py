@@ -158,15 +158,20 @@ def _attach_remote_code(spec: dict[str, Any] | None, out_dir: Path) -> None:
     """
     if not spec:
         return
-    import json
-    import shutil
-
     from compressor.export.bitstack_store import MANIFEST, attach_pruned_base
-    from compressor.models.shipped import shipped_dir
 
     if (out_dir / MANIFEST).is_file():  # a BitStack directory: auto_map names its loader, which builds this class
         attach_pruned_base(out_dir, spec)
-        return
+    else:
+        write_remote_code(out_dir, spec, auto_map=spec["auto_map"])
+
+
+def write_remote_code(out_dir: Path, spec: dict[str, Any], **keys: Any) -> None:
+    """Copy ``spec``'s shipped modeling file into ``out_dir`` and write its config keys and ``keys`` to config.json."""
+    import json
+    import shutil
+
+    from compressor.models.shipped import shipped_dir
 
     source = shipped_dir() / spec["file"]
     if not source.is_file():
@@ -174,8 +179,7 @@ def _attach_remote_code(spec: dict[str, Any] | None, out_dir: Path) -> None:
     shutil.copyfile(source, out_dir / spec["file"])
     config_path = out_dir / "config.json"
     config = json.loads(config_path.read_text())
-    config.update(spec.get("config", {}))
-    config["auto_map"] = spec["auto_map"]
+    config.update(spec.get("config", {}), **keys)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -254,15 +254,9 @@ def _attach_loader(out_dir: Path, model: Any, remote_code: RemoteCode | None) ->
 def attach_pruned_base(out_dir: Path, remote_code: RemoteCode) -> None:
     """Make a written BitStack directory load its blocks into a pruned model: copy the pruning's modeling file,
     write its config keys and name its class in ``bitstack_base``; ``auto_map`` keeps naming the BitStack loader."""
-    source = shipped_dir() / remote_code["file"]
-    if not source.is_file():
-        raise ExportError(f"remote code file {remote_code['file']} is not shipped with compressor")
-    shutil.copyfile(source, out_dir / remote_code["file"])
-    path = out_dir / "config.json"
-    config = json.loads(path.read_text())
-    config.update(remote_code.get("config", {}))
-    config[shipped.BASE_KEY] = remote_code["auto_map"]["AutoModelForCausalLM"]
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    from compressor.export import write_remote_code
+
+    write_remote_code(out_dir, remote_code, **{shipped.BASE_KEY: remote_code["auto_map"]["AutoModelForCausalLM"]})
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
