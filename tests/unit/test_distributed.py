@@ -205,6 +205,9 @@ def _fail_unpicklably() -> None:
 
 
 def _worker(rank: int, world: int, port: int, out: str, task: Callable[[], dict[str, Any]]) -> None:
+    # One thread before anything runs: a forked child inherits the parent's OpenMP pool only in name, and a
+    # multithreaded product there can wait forever for threads that no longer exist (seen in the whole suite).
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     with distributed.process_group("cpu"):
