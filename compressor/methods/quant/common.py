@@ -283,7 +283,7 @@ def _quantize_joint(
 ) -> list[LayerRecord]:
     """:func:`_solve_job`'s work for linears sharing ``H``, solved by one call; each record gets the solve's time
     in proportion to its rows."""
-    claimed = [_claim(ctx, name) for name in names]
+    claimed = [claim_linear(ctx, name) for name in names]
     paths, weights = [path for path, _ in claimed], [W for _, W in claimed]
     start = time.perf_counter()
     sizes = [layer_group_size(config, path, W.shape[1]) for path, W in zip(paths, weights, strict=True)]
@@ -305,7 +305,7 @@ def _solve_job(
     The job returns the integer form, the report note and the solve's seconds; :func:`_write_back` then runs on
     every process.
     """
-    path, W = _claim(ctx, name)
+    path, W = claim_linear(ctx, name)
     group_size, group_note = layer_group_size(config, path, W.shape[1])
 
     def run() -> tuple[QuantizedWeight, str, float]:
@@ -316,7 +316,7 @@ def _solve_job(
     return W, Job(float(W.shape[0] * W.shape[1] ** 2), run)  # GPTQ's sweep: rows x cols^2
 
 
-def _claim(ctx: LayerContext, name: str) -> tuple[str, torch.Tensor]:
+def claim_linear(ctx: LayerContext, name: str) -> tuple[str, torch.Tensor]:
     """The linear's full path and weight, refused when an earlier stage already quantized it."""
     module = ctx.module(name)
     assert isinstance(module, nn.Linear)

@@ -27,9 +27,9 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from compressor.distributed import Job, is_distributed
-from compressor.errors import ExportError, NumericalError, RecipeError
+from compressor.errors import ExportError, NumericalError
 from compressor.methods.base import GroupSize, LayerRecord, Method, MethodConfig, TargetedConfig
-from compressor.methods.quant.common import targeted_groups
+from compressor.methods.quant.common import claim_linear, targeted_groups
 from compressor.methods.quant.dgq_ops import (
     SCALE_SIGNIFICAND_BITS,
     DualGrainedWeight,
@@ -181,22 +181,13 @@ class DGQ(Method):
         records = []
         for group, names in groups:
             H = _hessian(ctx, group)
-            weights = {name: self._claim(ctx, name) for name in names}
+            weights = {name: claim_linear(ctx, name)[1] for name in names}
             # under torchrun each linear's search and solve runs on one process, its result sent to the others
             solved = ctx.solve_each([self._solve_job(ctx.path(name), config, W, H) for name, W in weights.items()])
             for (name, W), (weight, seconds, scale_note) in zip(weights.items(), solved, strict=True):
                 records.append(self._write_back(ctx, config, name, W, H, weight, seconds,
                                                 (scale_note, notes.get(ctx.path(name), ""))))
         return records
-
-    @staticmethod
-    def _claim(ctx: LayerContext, name: str) -> torch.Tensor:
-        """The linear's weight, refused when an earlier stage already quantized it."""
-        module = ctx.module(name)
-        assert isinstance(module, nn.Linear)
-        if ctx.path(name) in ctx.run.quantized:
-            raise RecipeError(f"{ctx.path(name)} is quantized by two stages; give the stages disjoint targets")
-        return module.weight.data
 
     def _solve_job(self, path: str, config: DGQConfig, W: torch.Tensor, H: torch.Tensor
                    ) -> Job[tuple[DualGrainedWeight, float, str]]:

@@ -50,7 +50,6 @@ from torch import nn
 
 from compressor.calibration.fisher import output_fisher
 from compressor.distributed import Job
-from compressor.errors import RecipeError
 from compressor.methods.base import LayerRecord, Method, MethodConfig, TargetedConfig
 from compressor.methods.quant.bitstack.ops import (
     Decomposition,
@@ -71,7 +70,7 @@ from compressor.methods.quant.bitstack.order import (
     thin_curve,
 )
 from compressor.methods.quant.bitstack.spill import load_decomposition
-from compressor.methods.quant.common import targeted_groups, targeted_linears
+from compressor.methods.quant.common import claim_linear, targeted_groups, targeted_linears
 from compressor.methods.registry import register_method
 
 if TYPE_CHECKING:
@@ -226,24 +225,13 @@ class BitStack(Method):
         if not groups:
             return []
         hessians = ctx.hessians([group for group, _ in groups])
-        linears = [(ctx.path(name), self._claim(ctx, name), hessians[group])
-                   for group, names in groups for name in names]
+        linears = [(*claim_linear(ctx, name), hessians[group]) for group, names in groups for name in names]
         # under torchrun each linear is decomposed by one process and its stack sent to the others
         solved = ctx.solve_each([self._decompose_job(W, H, self.fisher.get(path)) for path, W, H in linears])
         for (path, _, _), item in zip(linears, solved, strict=True):
             item.decomposition = _to_cpu(item.decomposition)  # a stack received under NCCL arrives on the GPU
             self.decomposed[path] = item
         return []
-
-    @staticmethod
-    def _claim(ctx: LayerContext, name: str) -> torch.Tensor:
-        """The linear's weight, refused when an earlier stage already quantized it."""
-        path = ctx.path(name)
-        if path in ctx.run.quantized:
-            raise RecipeError(f"{path} is quantized by two stages; give the stages disjoint targets")
-        module = ctx.module(name)
-        assert isinstance(module, nn.Linear)
-        return module.weight.data
 
     def _decompose_job(self, W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor | None) -> Job[_Decomposed]:
         """One linear's decomposition and prefix errors as a job: a function of ``W``, the summed ``H`` and the

@@ -14,6 +14,7 @@ from compressor.methods.quant import gptq as gptq_module
 from compressor.methods.quant.gptq import GPTQ, GPTQConfig
 from compressor.methods.quant.gptq_ops import GPTQResult, gptq_quantize
 from compressor.methods.quant.rtn import RTN, RTNConfig
+from compressor.methods.registry import get_method
 from compressor.models import get_adapter
 from compressor.recipe import build_stages
 
@@ -75,10 +76,17 @@ def test_bits_must_be_storable() -> None:
         GPTQConfig(method="gptq", bits=5)
 
 
-@pytest.mark.parametrize("method", ["gptq", "rtn"])  # gptq solves q/k/v stacked, rtn one linear at a time
+#: The second stage on linears the first already quantized: gptq solves q/k/v stacked, rtn one linear at a time;
+#: dgq and bitstack claim each linear through the same check (common.claim_linear).
+SECOND_STAGES = {"gptq": {"bits": 4, "group_size": 32}, "rtn": {"bits": 4, "group_size": 32}, "dgq": {},
+                 "bitstack": {"iterations": 2, "rank": 2, "order": "relative"}}
+
+
+@pytest.mark.parametrize("method", list(SECOND_STAGES))
 def test_a_linear_quantized_by_two_stages_is_refused(method: str) -> None:
-    config = (GPTQConfig if method == "gptq" else RTNConfig)(method=method, bits=4, group_size=32)
+    second = get_method(method).config_class(method=method, **SECOND_STAGES[method])
+    first = second if method in ("gptq", "rtn") else RTNConfig(method="rtn", bits=4, group_size=32)
     model = tiny_model("llama")
     run = ModelContext(model, get_adapter(model), torch.randint(0, 300, (2, 16)), torch.device("cpu"), batch_size=2)
     with pytest.raises(RecipeError, match=r"model\.layers\.0\.self_attn\.q_proj is quantized by two stages"):
-        run_stages(run, build_stages([config, config]))
+        run_stages(run, build_stages([first, second]))
