@@ -281,12 +281,16 @@ def _broadcast(value: Any, src: int) -> Any:
     skeleton, specs = header[0]
     device = wire_device()
     if rank() != src:
-        tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
-    for index, tensor in enumerate(tensors):
-        wire = tensor.detach().contiguous().to(device)
+        tensors = [torch.empty(shape, dtype=_WIRE_DTYPES.get(dtype, dtype), device=device) for shape, dtype in specs]
+    for index, (tensor, (_, dtype)) in enumerate(zip(tensors, specs, strict=True)):
+        wire = tensor.detach().contiguous().to(device, _WIRE_DTYPES.get(dtype, dtype))
         dist.broadcast(wire, src=src)
-        tensors[index] = wire
+        tensors[index] = wire.to(dtype)
     return value if rank() == src else _fill(skeleton, tensors)
+
+
+#: Dtypes a backend cannot broadcast, sent widened (exactly) and narrowed back: gloo has no int16.
+_WIRE_DTYPES = {torch.int16: torch.int32}
 
 
 def _picklable(error: Exception) -> Exception:

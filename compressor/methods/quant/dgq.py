@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -210,8 +209,7 @@ class DGQ(Method):
             else:
                 ints = search_int_scales(W, H, channel, ints, bits, size)
                 weight = quantize_dual_grained(W, channel, ints, bits, size)
-            # int32 on the wire: gloo broadcasts no int16 (the integer scales' dtype); _write_back narrows them again
-            return replace(weight, int_scale=weight.int_scale.int()), time.perf_counter() - start, scale_note
+            return weight, time.perf_counter() - start, scale_note
 
         return Job(float(W.shape[0] * W.shape[1] ** 2), solve)  # the search's and sweep's rows x cols^2
 
@@ -220,7 +218,6 @@ class DGQ(Method):
         """Swap the linear for its INT8 form, keep its codes and record it (on every process alike)."""
         path = ctx.path(name)
         start = time.perf_counter() - seconds
-        weight = replace(weight, int_scale=weight.int_scale.to(torch.int16))
         _check_stored_scales(path, weight, W.dtype, self.export_format)
         module = ctx.module(name)
         assert isinstance(module, nn.Linear)
