@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.distributed import all_reduce_sum_float64, is_distributed, wire_device
+from compressor.distributed import all_reduce_sum_float64, failures_elsewhere, is_distributed
 from compressor.errors import CompressorError
 
 
@@ -87,17 +87,15 @@ def output_fisher(model: Any, batches: Iterable[torch.Tensor], paths: set[str]) 
 def _over_all_processes(totals: list[torch.Tensor], count: int, failure: Exception | None) -> int:
     """Sum ``totals`` (in place) and ``count`` over every process; raise on every process when one failed.
 
-    One all-reduce of the failures and counts first, so no process waits for sums another will not send; then
-    one of every linear's sums, flattened together.
+    The failures are counted first (:func:`failures_elsewhere`), so no process waits for sums another will not
+    send; then one all-reduce of every linear's sums and the token count, flattened together.
     """
-    status = all_reduce_sum_float64(torch.tensor([float(failure is not None), float(count)], device=wire_device()))
+    others = failures_elsewhere(failure is not None)
     if failure is not None:
         raise failure
-    if status[0] > 0:
-        raise CompressorError(f"fisher: the loss gradients failed on {int(status[0])} other process(es); see their "
-                              "error")
-    if totals:
-        flat = all_reduce_sum_float64(torch.cat(totals).to(wire_device())).cpu()
-        for total, part in zip(totals, flat.split([t.numel() for t in totals]), strict=True):
-            total.copy_(part)
-    return int(status[1])
+    if others:
+        raise CompressorError(f"fisher: the loss gradients failed on {others} other process(es); see their error")
+    flat = all_reduce_sum_float64(torch.cat([*totals, torch.tensor([float(count)], dtype=torch.float64)]))
+    for total, part in zip(totals, flat[:-1].split([t.numel() for t in totals]), strict=True):  # sums on the CPU
+        total.copy_(part)
+    return int(flat[-1].item())

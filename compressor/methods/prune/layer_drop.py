@@ -120,15 +120,14 @@ def best_block(scores: list[float], n: int) -> list[int]:
 # ---- the method -----------------------------------------------------------------------------------------
 
 
-def _mean_over_batches(pairs: list[tuple[float, int]], device: torch.device) -> float:
+def _mean_over_batches(pairs: list[tuple[float, int]]) -> float:
     """The mean over every process's tokens of per-batch ``(sum, token count)`` pairs.
 
     This process's sums and counts are added in float64 (Python floats), then both are summed across processes
     (:func:`distributed.all_reduce_sum_float64`, a copy in one process) before the one division: a mean of
     per-process means would weigh uneven shares wrongly. Collective: every process calls it once per score.
     """
-    local = torch.tensor([sum(total for total, _ in pairs), sum(count for _, count in pairs)], dtype=torch.float64,
-                         device=device)
+    local = torch.tensor([sum(total for total, _ in pairs), sum(count for _, count in pairs)], dtype=torch.float64)
     total, count = all_reduce_sum_float64(local).tolist()
     return total / max(count, 1)
 
@@ -193,8 +192,7 @@ class LayerDrop(Method):
             return
         first = self._window.pop(0)
         score = block_influence if self.cfg.metric == "block_influence" else angular_distance
-        pairs = [score(x, y) for x, y in zip(first, states, strict=True)]
-        self._scores.append(_mean_over_batches(pairs, states[0].device if states else torch.device("cpu")))
+        self._scores.append(_mean_over_batches([score(x, y) for x, y in zip(first, states, strict=True)]))
 
     def finalize(self, run: ModelContext) -> list[LayerRecord]:
         self._window = []
