@@ -86,7 +86,7 @@ def write_model(
     if run.stream is not None:  # layers were written as they finished; assemble the shards from those files
         from compressor.export.streamed import write_streamed_model
 
-        write_streamed_model(export, run, out_dir)
+        write_streamed_model(export, run, out_dir, remote_code)
     elif export.format == "dense":
         _check_dense_loads(run)
         run.model.save_pretrained(out_dir, max_shard_size=max_shard)

@@ -160,23 +160,22 @@ class LayerFiles:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def write_streamed_model(export: Any, run: Any, out_dir: Path) -> None:
+def write_streamed_model(export: Any, run: Any, out_dir: Path, remote_code: dict[str, Any] | None = None) -> None:
     """The dense, compressed-tensors or bitstack files of a streamed run, equal to what the in-RAM writers produce.
 
     ``run.stream`` holds the finished layers' files; the tensors outside the layers (unchanged by the streaming
     stages) come from ``run.stream.read_unchanged``, one at a time. Dense follows ``save_pretrained`` (config dtype
     and architectures, generation config, an index with ``total_parameters``), compressed-tensors follows
     ``write_compressed_tensors`` (dense tensors in state order, then each quantized linear's packed tensors in the
-    order the run quantized them).
+    order the run quantized them). ``remote_code``: a pruning stage's modeling file, which a bitstack directory
+    carries (:func:`compressor.export.write_model` resolves it, in RAM and streamed alike).
     """
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     model, stream = run.model, run.stream
     if export.format == "bitstack":  # the stage's blocks, spilled per layer, and the checkpoint's other tensors
-        from compressor.export import loaded_remote_code
         from compressor.export.bitstack_store import write_bitstack_stage
 
-        remote_code = run.structure.get("remote_code") or loaded_remote_code(model)  # a pruning's modeling file
         write_bitstack_stage(out_dir, model, stream.stages, read=stream.read_unchanged, remote_code=remote_code)
         return
     files: LayerFiles = stream.files
