@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--refine-loss", default="normalized", choices=["mse", "normalized"],
                         help="The refinement's loss (see WeightQuantConfig.refine_loss).")
     parser.add_argument("--refine-lr", type=float, default=None, help="Refinement step size (default 1/iters).")
+    parser.add_argument("--refine-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="Precision of the refinement's steps (see WeightQuantConfig.refine_dtype).")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,7 +120,7 @@ def main() -> None:
             scheme = {"bits": bits, "group_size": group, "grid": args.grid, "scale_search": args.scale_search,
                       "refine_iters": args.refine_iters, "refine_batch": args.refine_batch,
                       "refine_target": args.refine_target, "refine_lr": args.refine_lr,
-                      "refine_loss": args.refine_loss}
+                      "refine_loss": args.refine_loss, "refine_dtype": args.refine_dtype}
             if method == "gptq" or args.scale_search == "weighted" or args.refine_iters:
                 stage = (GPTQ(GPTQConfig(method="gptq", act_order=not args.no_act_order, fit_on=args.fit_on,
                                          **scheme)) if method == "gptq" else RTN(RTNConfig(method="rtn", **scheme)))
@@ -131,7 +133,8 @@ def main() -> None:
             bpw, bpw_meta = average_bits(quantized)
             options = f"{args.grid}/{args.scale_search}" + (
                 f"/refine{args.refine_iters}b{args.refine_batch}/{args.refine_target}/{args.refine_loss}"
-                + (f"/lr{args.refine_lr}" if args.refine_lr else "") if args.refine_iters else "") + (
+                + (f"/lr{args.refine_lr}" if args.refine_lr else "") + f"/{args.refine_dtype}"
+                if args.refine_iters else "") + (
                 f"/{args.fit_on}/{'no-' if args.no_act_order else ''}act-order" if method == "gptq" else "")
             rows.append({"setting": name, "method": method, "options": options, "ppl": ppl(), "seconds": seconds,
                          "bits_per_weight": bpw, "bits_incl_metadata": bpw_meta})
@@ -139,7 +142,7 @@ def main() -> None:
     result = {"model": args.model, "options": {k: getattr(args, k) for k in ("grid", "scale_search", "fit_on",
                                                                            "refine_iters", "refine_batch",
                                                                            "refine_target", "refine_lr",
-                                                                           "refine_loss")}
+                                                                           "refine_loss", "refine_dtype")}
               | {"act_order": not args.no_act_order}, "calibration": f"demo:lee {args.samples}x{args.seq_len}",
               "eval": f"demo:wiki {args.eval_tokens} tokens, windows of 512", "floor_forward_seconds": floor,
               "threads": torch.get_num_threads(), "peak_rss_mb": round(peak_rss_bytes() / 2**20), "rows": rows}

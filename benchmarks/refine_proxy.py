@@ -9,7 +9,7 @@ the engine would leave them; then layer ``--layer`` is quantized and refined on 
 squared error against the *float model's* own layer output (float inputs all the way) on the calibration
 sequences and on held-out Wikipedia sequences never trained on, the refinement's seconds, and the error
 relative to plain RTN; each error also normalized per token by the target's mean square (what the next RMSNorm
-sees). A variant is ``target[:key=value,...]`` with keys ``lr``, ``iters``, ``batch``, ``loss``
+sees). A variant is ``target[:key=value[:key=value...]]`` with keys ``lr``, ``iters``, ``batch``, ``loss``, ``dtype``
 (``none``: RTN alone, first). Full-model perplexity stays the judge (benchmarks/quant.py); this only sorts variants
 cheaply.
 """
@@ -35,12 +35,13 @@ SCHEME: dict[str, Any] = {"bits": 4, "group_size": 64, "grid": "full", "scale_se
 
 
 def _variant(text: str, default_iters: int) -> tuple[str, dict[str, Any]]:
-    target, _, rest = text.partition(":")
+    target, *items = text.split(":")
     options: dict[str, Any] = {"refine_iters": default_iters}
-    for item in filter(None, rest.split(",")):
+    for item in items:
         key, value = item.split("=")
-        field = {"lr": "refine_lr", "iters": "refine_iters", "batch": "refine_batch", "loss": "refine_loss"}[key]
-        options[field] = float(value) if key == "lr" else value if key == "loss" else int(value)
+        field = {"lr": "refine_lr", "iters": "refine_iters", "batch": "refine_batch", "loss": "refine_loss",
+                 "dtype": "refine_dtype"}[key]
+        options[field] = float(value) if key == "lr" else value if key in ("loss", "dtype") else int(value)
     return target, options
 
 

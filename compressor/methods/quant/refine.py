@@ -37,6 +37,7 @@ from compressor.methods.quant.refine_ops import (
     rounding_base,
     signed_step,
 )
+from compressor.models.loading import fast_bfloat16
 
 if TYPE_CHECKING:
     from compressor.engine import CapturedBatch, LayerContext
@@ -165,25 +166,36 @@ def refine_layer(
     prefix = ctx.prefix + "."
     modules = [_Refined.start(path.removeprefix(prefix), ctx.run.quantized[path], value)
                for path, value in rounded.items()]
-    initial = _sequence_losses(ctx, modules, targets, config.refine_loss)
-    starting = [module.snapshot() for module in modules]
-    best = _signed_descent(ctx, config, modules, targets, initial)
-    final = initial
-    if best is not None:
-        _restore(modules, best)
-        final = _sequence_losses(ctx, modules, targets, config.refine_loss)
+    low = _low_precision(ctx, config)
+    with torch.autocast(ctx.run.device.type, dtype=torch.bfloat16, enabled=low):
+        initial = _sequence_losses(ctx, modules, targets, config.refine_loss)
+        starting = [module.snapshot() for module in modules]
+        best = _signed_descent(ctx, config, modules, targets, initial)
+        final = initial
+        if best is not None:
+            _restore(modules, best)
+            final = _sequence_losses(ctx, modules, targets, config.refine_loss)
     if best is None or final.sum() >= initial.sum():  # a running estimate can mislead: never end above the start
         _restore(modules, starting)
         final = initial
     _write_back(ctx, modules)
     count = sum(t.numel() for t in targets)
-    summary = {"steps": config.refine_iters, "loss": config.refine_loss,
+    summary = {"steps": config.refine_iters, "loss": config.refine_loss, "dtype": "bfloat16" if low else "float32",
                "layer_mse_before": float(initial.sum()) / count, "layer_mse_after": float(final.sum()) / count}
     share = (time.perf_counter() - start) / len(rounded)
     for record in records:
         if record.module in rounded:
             record.extra["refine"] = summary
             record.seconds += share
+
+
+def _low_precision(ctx: LayerContext, config: WeightQuantConfig) -> bool:
+    """Whether the refinement's forwards run under bfloat16 autocast (``refine_dtype``; ``auto``: where bfloat16 is
+    fast). The whole-set losses that accept the result are measured the same way as the steps' (consistent
+    ratios; the report says which); the codes, scales and learned parameters are float32 either way."""
+    if config.refine_dtype == "auto":
+        return fast_bfloat16(ctx.run.device)
+    return config.refine_dtype == "bfloat16"
 
 
 def _restore(modules: list[_Refined], states: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -206,7 +218,8 @@ def _signed_descent(
     for step in range(steps):
         chunk = next(chunks)
         with torch.enable_grad():
-            loss = sum((_chunk_error(ctx, modules, targets, index, rows, config.refine_loss)
+            weights = _weights(ctx.layer, modules)  # once per step, shared by the step's batches
+            loss = sum((_chunk_error(ctx, weights, targets, index, rows, config.refine_loss)
                         for index, rows in chunk), torch.zeros(()))
         reference = float(initial[torch.cat([_flat(ctx.inputs, index, rows) for index, rows in chunk])].sum())
         ratio = float(loss.detach()) / reference if reference > 0 else 1.0
@@ -241,12 +254,12 @@ def _flat(inputs: list[CapturedBatch], index: int, rows: torch.Tensor) -> torch.
     return sum(batch.hidden.shape[0] for batch in inputs[:index]) + rows
 
 
-def _chunk_error(ctx: LayerContext, modules: list[_Refined], targets: list[torch.Tensor], index: int,
+def _chunk_error(ctx: LayerContext, weights: dict[str, torch.Tensor], targets: list[torch.Tensor], index: int,
                  rows: torch.Tensor, loss: str) -> torch.Tensor:
     """Summed squared error of the layer's output on ``rows`` of batch ``index`` (differentiable)."""
     batch = ctx.inputs[index]
     size = batch.hidden.shape[0]
-    out = _forward(ctx.layer, modules, batch.hidden[rows], _take_rows(batch.kwargs, rows, size))
+    out = _forward(ctx.layer, weights, batch.hidden[rows], _take_rows(batch.kwargs, rows, size))
     return output_error(out, targets[index][rows], loss).sum()
 
 
@@ -255,20 +268,26 @@ def _sequence_losses(ctx: LayerContext, modules: list[_Refined], targets: list[t
                      loss: str) -> torch.Tensor:
     """Each calibration sequence's summed squared error at the current parameters, ``[n_sequences]``."""
     losses = []
+    weights = _weights(ctx.layer, modules)
     for batch, target in zip(ctx.inputs, targets, strict=True):
-        out = _forward(ctx.layer, modules, batch.hidden, batch.kwargs)
+        out = _forward(ctx.layer, weights, batch.hidden, batch.kwargs)
         losses.append(output_error(out, target, loss))
     return torch.cat(losses)
 
 
-def _forward(layer: nn.Module, modules: list[_Refined], hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    """The layer with every refined linear's weight replaced by its current (differentiable) value."""
+def _weights(layer: nn.Module, modules: list[_Refined]) -> dict[str, torch.Tensor]:
+    """Every refined linear's current (differentiable) weight, keyed for ``functional_call``."""
     weights = {}
     for module in modules:
         linear = layer.get_submodule(module.name)
         assert isinstance(linear, nn.Linear)
-        dtype = linear.weight.dtype
-        weights[f"{module.name}.weight"] = module.weight().to(dtype)
+        weights[f"{module.name}.weight"] = module.weight().to(linear.weight.dtype)
+    return weights
+
+
+def _forward(layer: nn.Module, weights: dict[str, torch.Tensor], hidden: torch.Tensor,
+             kwargs: dict[str, Any]) -> torch.Tensor:
+    """The layer with the refined linears' weights replaced by ``weights`` (:func:`_weights`)."""
     out = functional_call(layer, weights, (hidden,), kwargs)
     return out[0] if isinstance(out, tuple) else out
 

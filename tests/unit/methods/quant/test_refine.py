@@ -28,7 +28,7 @@ TOKENS = torch.randint(3, 300, (16, 32), generator=torch.Generator().manual_seed
 
 
 def _stage(method: str, **options: object) -> GPTQ | RTN:
-    config = dict(method=method, bits=3, group_size=32, refine_batch=4) | options
+    config = dict(method=method, bits=3, group_size=32, refine_batch=4, refine_dtype="float32") | options
     return GPTQ(GPTQConfig(**config)) if method == "gptq" else RTN(RTNConfig(**config))  # type: ignore[arg-type]
 
 
@@ -199,26 +199,70 @@ def test_quantized_input_targets_follow_the_quantized_prefix(monkeypatch: pytest
     assert all(not torch.allclose(seen[i], outputs[i], rtol=1e-3, atol=1e-3) for i in range(1, len(outputs)))
 
 
-@pytest.mark.parametrize("loss", ["mse", "normalized"])
-def test_the_refinement_minimises_the_chosen_loss(loss: str) -> None:
-    """The reported starting loss is the chosen one: each token's squared error (over its target's mean square
-    for ``normalized``) of the quantized, unrefined layer against the float layer; the refined one is lower."""
+def _fresh_first_layer() -> tuple[ModelContext, LayerContext, list[torch.Tensor]]:
+    """A fresh tiny llama's run, its layer 0's context, and that float layer's outputs."""
     model = tiny_model("llama")
     run = ModelContext(model, get_adapter(model), TOKENS, torch.device("cpu"), batch_size=4)
     ctx = LayerContext(index=0, layer=run.adapter.layers()[0], run=run, inputs=run.capture_inputs().layer(0))
-    targets = ctx.forward()
+    return run, ctx, ctx.forward()
+
+
+def _unrefined_loss(loss: str) -> float:
+    """Layer 0's mean ``loss`` after plain RTN, against the float layer, in float32."""
+    run, ctx, targets = _fresh_first_layer()
     plain = _stage("rtn")
     plain.prepare(run)
     plain.apply(ctx)
     count = sum(t.numel() for t in targets)
-    start = sum(float(output_error(out, target, loss).sum()) for out, target in zip(ctx.forward(), targets,
-                                                                                    strict=True)) / count
-    model = tiny_model("llama")
-    run = ModelContext(model, get_adapter(model), TOKENS, torch.device("cpu"), batch_size=4)
-    ctx = LayerContext(index=0, layer=run.adapter.layers()[0], run=run, inputs=run.capture_inputs().layer(0))
+    return sum(float(output_error(out, target, loss).sum())
+               for out, target in zip(ctx.forward(), targets, strict=True)) / count
+
+
+@pytest.mark.parametrize("loss", ["mse", "normalized"])
+def test_the_refinement_minimises_the_chosen_loss(loss: str) -> None:
+    """The reported starting loss is the chosen one: each token's squared error (over its target's mean square
+    for ``normalized``) of the quantized, unrefined layer against the float layer; the refined one is lower."""
+    run, ctx, _ = _fresh_first_layer()
     stage = _stage("rtn", refine_iters=20, refine_loss=loss)
     stage.prepare(run)
     summary = stage.apply(ctx)[0].extra["refine"]
     assert summary["loss"] == loss
-    assert summary["layer_mse_before"] == pytest.approx(start, rel=1e-4)
+    assert summary["layer_mse_before"] == pytest.approx(_unrefined_loss(loss), rel=1e-4)
+    assert summary["layer_mse_after"] < 0.9 * summary["layer_mse_before"]
+
+
+@pytest.mark.parametrize(("setting", "fast", "expected"), [
+    ("auto", True, "bfloat16"), ("auto", False, "float32"), ("bfloat16", False, "bfloat16"),
+    ("float32", True, "float32"),
+])
+def test_the_refinement_runs_in_the_chosen_precision(setting: str, fast: bool, expected: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``refine_dtype``: every forward of the refinement (steps and whole-set losses) multiplies in bfloat16 under
+    autocast (``auto``: only where bfloat16 is fast); the float targets before it do not; either way it refines,
+    and the reported starting loss is the float32 one up to bfloat16's rounding."""
+    from compressor.methods.quant import refine
+
+    monkeypatch.setattr(refine, "fast_bfloat16", lambda device: fast)
+    seen: list[tuple[bool, torch.dtype]] = []  # (inside the refinement, dtype of down_proj's output) per forward
+    inside = [False]
+
+    def refining(*args: object) -> None:
+        inside[0] = True
+        try:
+            refine.refine_layer(*args)  # type: ignore[arg-type]
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(rtn_module, "refine_layer", refining)
+    run, ctx, _ = _fresh_first_layer()
+    ctx.layer.mlp.down_proj.register_forward_hook(lambda mod, args, out: seen.append((inside[0], out.dtype)))
+    stage = _stage("rtn", refine_iters=20, refine_dtype=setting)
+    stage.prepare(run)
+    summary = stage.apply(ctx)[0].extra["refine"]
+    assert summary["dtype"] == expected
+    assert sum(refined for refined, _ in seen) >= 20 + 2 * len(ctx.inputs)
+    assert {dtype for refined, dtype in seen if refined} == {getattr(torch, expected)}
+    assert {dtype for refined, dtype in seen if not refined} == {torch.float32}
+    rel = 3e-2 if expected == "bfloat16" else 1e-4
+    assert summary["layer_mse_before"] == pytest.approx(_unrefined_loss("normalized"), rel=rel)
     assert summary["layer_mse_after"] < 0.9 * summary["layer_mse_before"]
