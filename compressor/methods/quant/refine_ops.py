@@ -69,8 +69,34 @@ def refined_codes(base: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor, of
 def refined_weight(base: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor,
                    offset: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """The dequantized weight ``scale * factor * (codes - zero)``, ``[out, in]`` float32, differentiable in
-    ``offset`` and ``factor`` (shapes as in :func:`refined_codes`; ``scale: [out, in]``)."""
-    return scale * factor * (refined_codes(base, zero, maxq, offset, factor) - zero)
+    ``offset`` and ``factor`` (shapes as in :func:`refined_codes`; ``scale: [out, in]``).
+
+    The gradients are :func:`refined_codes`' straight-through ones, written out by hand (:class:`_RefinedWeight`):
+    autograd through the composed form walks a dozen full-size elementwise tensors per step and refinement step,
+    about as long as the layer's own backward in bfloat16."""
+    return _RefinedWeight.apply(base, scale, zero, maxq, offset, factor)
+
+
+class _RefinedWeight(torch.autograd.Function):
+    """``w = scale * f * (clamp(round(base / f + V) + zero, 0, maxq) - zero)`` with the straight-through gradients
+    ``dw/dV = scale * f * inside`` and ``dw/df = scale * (levels - inside * base / f)`` (``inside``: the code was
+    within the grid before clamping; ``levels = codes - zero``)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, base: torch.Tensor, scale: torch.Tensor,
+                zero: torch.Tensor, maxq: torch.Tensor, offset: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        codes = torch.round(base / factor + offset) + zero
+        inside = (codes >= 0) & (codes <= maxq)
+        levels = torch.minimum(codes.clamp_min(0), maxq.to(codes.dtype)) - zero
+        ctx.save_for_backward(base, scale, factor, levels, inside)
+        return scale * factor * levels
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        base, scale, factor, levels, inside = ctx.saved_tensors  # type: ignore[attr-defined]
+        scaled = grad * scale
+        through = torch.where(inside, scaled, 0.0)
+        return None, None, None, None, through * factor, scaled * levels - through * base / factor
 
 
 def output_error(out: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:

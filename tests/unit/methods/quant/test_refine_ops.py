@@ -86,3 +86,33 @@ def test_output_error_plain_and_normalized_per_token() -> None:
     out = target + off
     torch.testing.assert_close(output_error(out, target, "mse"), torch.tensor([2.0, 8.0]))
     torch.testing.assert_close(output_error(out, target, "normalized"), torch.tensor([1 + 1 / 1250, 4 + 4 / 1250]))
+
+
+@pytest.mark.parametrize("per_column_maxq", [False, True])
+def test_refined_weight_has_the_composed_forms_value_and_gradients(per_column_maxq: bool) -> None:
+    """The hand-written backward against autograd through the definition (``refined_codes``' straight-through
+    round and clamps), on weights some of which the grid clamps, with per-group factors expanded to columns."""
+    generator = torch.Generator().manual_seed(0)
+    out, n_groups, size = 6, 3, 4
+    base = torch.randn(out, n_groups * size, generator=generator) * 5  # beyond the 3-bit grid's +-4 often
+    scale = torch.rand(out, n_groups * size, generator=generator) + 0.1
+    zero = torch.full_like(base, 4.0)
+    maxq = torch.tensor([7.0, 15.0, 3.0]).repeat_interleave(size).expand_as(base) if per_column_maxq else MAXQ
+    zero = torch.minimum(zero, torch.as_tensor(maxq).expand_as(base).ceil() / 2)
+    weights = torch.randn(out, n_groups * size, generator=generator)
+    results = []
+    for composed in (True, False):
+        offset = (torch.rand(out, n_groups * size, generator=generator) - 0.5).requires_grad_()
+        factor = (torch.rand(out, n_groups, generator=torch.Generator().manual_seed(1)) + 0.5).requires_grad_()
+        columns = factor[:, :, None].expand(out, n_groups, size).reshape(out, -1)
+        with torch.no_grad():
+            offset.copy_(torch.rand(out, n_groups * size, generator=torch.Generator().manual_seed(2)) - 0.5)
+        if composed:
+            w = scale * columns * (refined_codes(base, zero, maxq, offset, columns) - zero)
+        else:
+            w = refined_weight(base, scale, zero, maxq, offset, columns)
+        (w * weights).sum().backward()
+        results.append((w.detach(), offset.grad, factor.grad))
+    for expected, actual in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(actual, expected)
+    assert (results[0][1] == 0).any() and (results[0][1] != 0).any()  # some codes clamped, some not
