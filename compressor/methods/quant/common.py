@@ -63,9 +63,10 @@ class WeightQuantConfig(TargetedConfig):
         "(auto-round uses 8; 2 keeps a 512-token step of a 135M model near a second on CPU)."
     )
     refine_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="Precision of the refinement's forwards and backwards: bfloat16 (autocast; the codes, "
-        "scales and learned parameters stay float32) roughly halves a step on CPUs with AVX512-BF16/AMX and on "
-        "GPUs; float32; auto = bfloat16 where it is fast (as auto-round does on CPU), else float32."
+        "auto", description="Precision of the refinement's forwards and backwards: bfloat16 (autocast; the targets, "
+        "codes, scales and learned parameters stay float32; on an AVX512-BF16 CPU it cut a demo-model layer's "
+        "50-step refinement from 13.1 s to 9.8 s), float32, or auto = bfloat16 where it is fast (AVX512-BF16/AMX "
+        "CPUs, CUDA; as auto-round does on CPU), else float32."
     )
     refine_target: Literal["float_input", "quantized_input"] = Field(
         "float_input", description="What the refined layer (fed the quantized layers' outputs) is trained to "

@@ -166,10 +166,10 @@ def refine_layer(
     prefix = ctx.prefix + "."
     modules = [_Refined.start(path.removeprefix(prefix), ctx.run.quantized[path], value)
                for path, value in rounded.items()]
+    starting = [module.snapshot() for module in modules]
     low = _low_precision(ctx, config)
     with torch.autocast(ctx.run.device.type, dtype=torch.bfloat16, enabled=low):
         initial = _sequence_losses(ctx, modules, targets, config.refine_loss)
-        starting = [module.snapshot() for module in modules]
         best = _signed_descent(ctx, config, modules, targets, initial)
         final = initial
         if best is not None:

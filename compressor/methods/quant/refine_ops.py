@@ -71,9 +71,10 @@ def refined_weight(base: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     """The dequantized weight ``scale * factor * (codes - zero)``, ``[out, in]`` float32, differentiable in
     ``offset`` and ``factor`` (shapes as in :func:`refined_codes`; ``scale: [out, in]``).
 
-    The gradients are :func:`refined_codes`' straight-through ones, written out by hand (:class:`_RefinedWeight`):
-    autograd through the composed form walks a dozen full-size elementwise tensors per step and refinement step,
-    about as long as the layer's own backward in bfloat16."""
+    The gradients are :func:`refined_codes`' straight-through ones, written out by hand (:class:`_RefinedWeight`)
+    instead of autograd through the composed form's dozen full-size elementwise tensors: the demo model's seven
+    linears of one layer took 29-41 ms per step forward and backward against 50-76 ms composed (2 threads); a whole
+    refined run did not show the difference beyond its ~10% run-to-run noise."""
     return _RefinedWeight.apply(base, scale, zero, maxq, offset, factor)
 
 

@@ -32,14 +32,19 @@ def _stage(method: str, **options: object) -> GPTQ | RTN:
     return GPTQ(GPTQConfig(**config)) if method == "gptq" else RTN(RTNConfig(**config))  # type: ignore[arg-type]
 
 
+def _fresh_first_layer() -> tuple[ModelContext, LayerContext, list[torch.Tensor]]:
+    """A fresh tiny llama's run, its layer 0's context, and that float layer's outputs."""
+    model = tiny_model("llama")
+    run = ModelContext(model, get_adapter(model), TOKENS, torch.device("cpu"), batch_size=4)
+    ctx = LayerContext(index=0, layer=run.adapter.layers()[0], run=run, inputs=run.capture_inputs().layer(0))
+    return run, ctx, ctx.forward()
+
+
 def _first_layer(stage: GPTQ | RTN) -> tuple[float, dict[str, QuantizedWeight]]:
     """Quantize layer 0 of a fresh tiny llama; its output's squared error against the float layer and the stage's
     integer results. The error is measured as the engine makes the next layer's inputs (``ctx.forward`` right
     after the stage, replayed sublayers included), so a refinement that left stale replays shows here."""
-    model = tiny_model("llama")
-    run = ModelContext(model, get_adapter(model), TOKENS, torch.device("cpu"), batch_size=4)
-    ctx = LayerContext(index=0, layer=run.adapter.layers()[0], run=run, inputs=run.capture_inputs().layer(0))
-    targets = ctx.forward()
+    run, ctx, targets = _fresh_first_layer()
     stage.prepare(run)
     stage.apply(ctx)
     error = sum(float((out - target).square().sum()) for out, target in zip(ctx.forward(), targets, strict=True))
@@ -197,14 +202,6 @@ def test_quantized_input_targets_follow_the_quantized_prefix(monkeypatch: pytest
     seen, outputs = _refinement_targets("quantized_input", monkeypatch)
     torch.testing.assert_close(seen[0], outputs[0], rtol=1e-5, atol=1e-5)
     assert all(not torch.allclose(seen[i], outputs[i], rtol=1e-3, atol=1e-3) for i in range(1, len(outputs)))
-
-
-def _fresh_first_layer() -> tuple[ModelContext, LayerContext, list[torch.Tensor]]:
-    """A fresh tiny llama's run, its layer 0's context, and that float layer's outputs."""
-    model = tiny_model("llama")
-    run = ModelContext(model, get_adapter(model), TOKENS, torch.device("cpu"), batch_size=4)
-    ctx = LayerContext(index=0, layer=run.adapter.layers()[0], run=run, inputs=run.capture_inputs().layer(0))
-    return run, ctx, ctx.forward()
 
 
 def _unrefined_loss(loss: str) -> float:
