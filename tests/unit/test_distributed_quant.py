@@ -102,6 +102,7 @@ def _compress(configs: list[MethodConfig], export_format: str = "dense") -> dict
         "codes": {path: (q.q, q.scale, q.zero, q.group_bits) for path, q in run.quantized.items()},
         "plan": [(r.module, r.method, r.bits, r.extra.get("bits_per_group")) for r in records],
         "errors": [(r.module, r.rel_error) for r in records],
+        "refine": [r.extra.get("refine") for r in records],
         "blocks": dict(getattr(stages[0], "blocks", {})),
     }
 
@@ -177,6 +178,27 @@ def test_bitstack_fisher_two_processes_choose_the_same_blocks(tmp_path: Path) ->
     # every linear was decomposed once, on one of the two processes
     assert all(0 < result["rows"] < single["rows"] for result in ranks)
     assert sum(result["rows"] for result in ranks) == single["rows"]
+
+
+MSE = ("layer_mse_before", "layer_mse_after")
+REFINE = [_config("gptq", bits=3, group_size=32, refine_iters=20, refine_batch=3, refine_dtype="float32")]
+
+
+def test_refinement_two_processes_take_one_process_steps(tmp_path: Path) -> None:
+    """Each step's 3 sequences are drawn from all 5 (a step can straddle the two processes' shares); the gradients
+    and losses are summed across processes, so both processes take one process's steps and keep the same weights."""
+    single, ranks = one_then_two_processes(partial(_compress, REFINE), tmp_path)
+    refined = [summary for summary in single["refine"] if summary is not None]
+    assert len(refined) == 3 * 7 and all(s["layer_mse_after"] < s["layer_mse_before"] for s in refined)
+    for result in ranks:
+        for got, want in zip(result["refine"], single["refine"], strict=True):
+            assert got.keys() == want.keys()  # the losses are sums over both processes: float32 rounding apart
+            assert {k: v for k, v in got.items() if "mse" not in k} == {k: v for k, v in want.items() if "mse" not in k}
+            assert [got[k] for k in MSE] == pytest.approx([want[k] for k in MSE], rel=1e-6)
+        for name, tensor in single["state"].items():
+            assert torch.equal(result["state"][name], tensor), name
+        for path, want in single["codes"].items():
+            assert torch.equal(result["codes"][path][0], want[0]), path
 
 
 def _fisher_failing_on_rank_1() -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from compressor.distributed import Job, is_distributed, world_size
+from compressor.distributed import Job, world_size
 from compressor.errors import RecipeError
 from compressor.methods.base import GroupSize, LayerRecord, Method, TargetedConfig
 from compressor.methods.quant.ops import Grid, QuantizedWeight, ScaleSearch, effective_group_size, relative_error
@@ -197,9 +197,6 @@ class WeightQuantizer(Method):
     def prepare(self, run: ModelContext) -> list[LayerRecord]:
         config = self.config
         assert isinstance(config, TargetedConfig)
-        if getattr(config, "refine_iters", 0) and is_distributed():  # it trains on this process's sequences only
-            raise RecipeError(f"{self.name}: refine_iters does not support data-parallel calibration yet; set it "
-                              "to 0 or run in one process")
         self.plan = BitPlan.take(run.plans)
         if self.plan is not None:
             self.plan.check_targets(targeted_linears(run.adapter, config), self.name)

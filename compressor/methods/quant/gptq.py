@@ -19,7 +19,7 @@ from compressor.methods.base import LayerRecord
 from compressor.methods.quant.common import WeightQuantConfig, WeightQuantizer, quantize_layer_linears
 from compressor.methods.quant.gptq_ops import FitOn, GPTQResult, gptq_quantize
 from compressor.methods.quant.ops import Grid, QuantizedWeight, ScaleSearch
-from compressor.methods.quant.refine import float_targets, refine_layer
+from compressor.methods.quant.refine import float_targets, layer_weights, refine_layer, shared_across_processes
 from compressor.methods.registry import register_method
 
 if TYPE_CHECKING:
@@ -87,13 +87,14 @@ class GPTQConfig(WeightQuantConfig):
 class GPTQ(WeightQuantizer):
     config_class = GPTQConfig
     per_group_bits = True
-    supports_distributed = True  # its Hessians are all-reduced; refinement (refine_iters) is refused in prepare
+    supports_distributed = True  # its Hessians are all-reduced, and the refinement's gradients
 
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
         config = self.config
         assert isinstance(config, GPTQConfig)
         targets = float_targets(ctx, config)
-        rounded: list[torch.Tensor | None] = []
+        originals = layer_weights(ctx, config) if targets is not None else {}
+        rounded: dict[int, torch.Tensor] = {}  # storage of an original weight -> what GPTQ rounded (solved here)
 
         def run(
             W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, bits_per_group: torch.Tensor | None = None
@@ -115,7 +116,8 @@ class GPTQ(WeightQuantizer):
             if result.cholesky_retries:
                 log.warning("%s: %s", ctx.prefix, notes[0])
             if targets is not None:
-                rounded.append(result.rounded)
+                assert result.rounded is not None
+                rounded[W.data_ptr()] = result.rounded
             return result.qweight, "; ".join(notes)
 
         def solve_mixed(
@@ -136,14 +138,15 @@ class GPTQ(WeightQuantizer):
                 start = rows.stop
                 if targets is not None:
                     assert result.rounded is not None
-                    rounded.append(result.rounded[rows])
+                    rounded[W.data_ptr()] = result.rounded[rows]
                 parts.append((_rows(result.qweight, rows), "; ".join(_numerics_notes(W, config.dampening, result))))
             return parts
 
         records = quantize_layer_linears(ctx, config, solve, sequential=True, solve_mixed=solve_mixed, plan=self.plan,
                                          solve_joint=solve_joint if STACK_SHARED_INPUTS else None)
         if targets is not None:
-            refine_layer(ctx, config, targets, dict(zip([r.module for r in records], rounded, strict=True)), records)
+            solved = {r.module: rounded.get(originals[r.module].data_ptr()) for r in records}
+            refine_layer(ctx, config, targets, shared_across_processes(solved, originals), records)
         return records
 
 

@@ -25,7 +25,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from compressor.distributed import all_reduce_sum_float64, is_distributed, rank, world_size
 from compressor.methods.base import LayerRecord
+from compressor.methods.quant.common import targeted_groups
 from compressor.methods.quant.ops import QuantizedWeight
 from compressor.methods.quant.refine_ops import (
     FACTOR_RANGE,
@@ -141,6 +143,26 @@ def float_targets(ctx: LayerContext, config: WeightQuantConfig) -> list[torch.Te
     return targets
 
 
+def layer_weights(ctx: LayerContext, config: WeightQuantConfig) -> dict[str, torch.Tensor]:
+    """Full path -> weight tensor of every linear of this layer the stage targets, taken before it quantizes them
+    (the write-back gives each module a new tensor, so these keep the original values)."""
+    return {ctx.path(name): ctx.module(name).weight.data for _, names in targeted_groups(ctx, config)
+            for name in names}
+
+
+def shared_across_processes(values: dict[str, torch.Tensor | None],
+                            like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """``values`` (path -> a tensor shaped as ``like[path]``) completed from every process: data-parallel, each
+    linear is solved by one process, which alone holds what its solve rounded; the others hold None."""
+    if not is_distributed():
+        assert all(value is not None for value in values.values()), "a solved linear without its rounded values"
+        return values
+    parts = [torch.zeros(like[path].shape) if value is None else value.float() for path, value in values.items()]
+    total = all_reduce_sum_float64(torch.cat([part.reshape(-1) for part in parts])).float()
+    pieces = total.split([part.numel() for part in parts])
+    return {path: piece.view(like[path].shape) for path, piece in zip(values, pieces, strict=True)}
+
+
 def _first(out: Any) -> torch.Tensor:
     """A decoder layer's hidden states (some families return a tuple)."""
     return out[0] if isinstance(out, tuple) else out
@@ -175,13 +197,13 @@ def refine_layer(
         if best is not None:
             _restore(modules, best)
             final = _sequence_losses(ctx, modules, targets, config.refine_loss)
-    if best is None or final.sum() >= initial.sum():  # a running estimate can mislead: never end above the start
+    before, after, count = _global_sums(initial.sum(), final.sum(), sum(t.numel() for t in targets))
+    if best is None or after >= before:  # a running estimate can mislead: never end above the start
         _restore(modules, starting)
-        final = initial
+        after = before
     _write_back(ctx, modules)
-    count = sum(t.numel() for t in targets)
     summary = {"steps": config.refine_iters, "loss": config.refine_loss, "dtype": "bfloat16" if low else "float32",
-               "layer_mse_before": float(initial.sum()) / count, "layer_mse_after": float(final.sum()) / count}
+               "layer_mse_before": before / count, "layer_mse_after": after / count}
     share = (time.perf_counter() - start) / len(rounded)
     for record in records:
         if record.module in rounded:
@@ -221,11 +243,13 @@ def _signed_descent(
             weights = _weights(ctx.layer, modules)  # once per step, shared by the step's batches
             loss = sum((_chunk_error(ctx, weights, targets, index, rows, config.refine_loss)
                         for index, rows in chunk), torch.zeros(()))
-        reference = float(initial[torch.cat([_flat(ctx.inputs, index, rows) for index, rows in chunk])].sum())
-        ratio = float(loss.detach()) / reference if reference > 0 else 1.0
+        rows_here = [_flat(ctx.inputs, index, rows) for index, rows in chunk]
+        reference = float(initial[torch.cat(rows_here)].sum()) if rows_here else 0.0
+        step_loss, reference, _ = _global_sums(loss.detach(), reference, 0)
+        ratio = step_loss / reference if reference > 0 else 1.0
         if ratio < best_ratio:
             best, best_ratio = [module.snapshot() for module in modules], ratio
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = _summed_gradients(loss, params)
         step_lr = decayed_lr(lr, step, steps)
         with torch.no_grad():
             for module, g_offset, g_factor in zip(modules, grads[0::2], grads[1::2], strict=True):
@@ -236,17 +260,55 @@ def _signed_descent(
     return best
 
 
+def _global_sums(*values: torch.Tensor | float) -> list[float]:
+    """``values`` summed over every process (as given in one process, where nothing needs adding)."""
+    if not is_distributed():
+        return [float(value) for value in values]
+    return all_reduce_sum_float64(torch.tensor([float(value) for value in values])).tolist()
+
+
+def _summed_gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """d ``loss`` / d ``params``, summed over every process's share of the step's sequences.
+
+    Data-parallel, each process holds part of the step (possibly none of it); the sum, taken in float64, is the
+    gradient one process would take on the whole step, and every process applies the same signed step to it.
+    """
+    grads = list(torch.autograd.grad(loss, params, allow_unused=True)) if loss.requires_grad else [None] * len(params)
+    if not is_distributed():
+        return grads
+    flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads,
+                                                                                          strict=True)])
+    total = all_reduce_sum_float64(flat).to(flat.dtype)
+    return [part.view_as(p) for p, part in zip(params, total.split([p.numel() for p in params]), strict=True)]
+
+
 def _chunks(inputs: list[CapturedBatch], size: int, generator: torch.Generator) -> Any:
-    """Endless steps of ``size`` sequences each, a fresh shuffle of all sequences per epoch, grouped by batch."""
+    """Endless steps of ``size`` sequences each, a fresh shuffle of all sequences per epoch, grouped by batch.
+
+    Data-parallel, the shuffle is of every process's sequences (each process holds a contiguous share of them,
+    in rank order), and each process gets its own part of each step: together they take one process's steps.
+    """
     counts = [batch.hidden.shape[0] for batch in inputs]
     owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     row = torch.cat([torch.arange(c) for c in counts])
+    first, total = _share_of_sequences(len(owner))
     while True:
-        order = torch.randperm(len(owner), generator=generator)
-        for begin in range(0, len(order), size):
+        order = torch.randperm(total, generator=generator)
+        for begin in range(0, total, size):
             picked = order[begin : begin + size]
+            picked = picked[(picked >= first) & (picked < first + len(owner))] - first
             yield [(int(b), torch.sort(row[picked[owner[picked] == b]]).values)
                    for b in torch.unique(owner[picked])]
+
+
+def _share_of_sequences(count: int) -> tuple[int, int]:
+    """(index of this process's first sequence among all processes', all processes' sequence count)."""
+    if not is_distributed():
+        return 0, count
+    counts = torch.zeros(world_size(), dtype=torch.float64)
+    counts[rank()] = count
+    counts = all_reduce_sum_float64(counts).long()
+    return int(counts[: rank()].sum()), int(counts.sum())
 
 
 def _flat(inputs: list[CapturedBatch], index: int, rows: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from compressor.methods.base import LayerRecord
 from compressor.methods.quant.common import WeightQuantConfig, WeightQuantizer, quantize_layer_linears
 from compressor.methods.quant.ops import QuantizedWeight, quantize_rtn
-from compressor.methods.quant.refine import float_targets, refine_layer
+from compressor.methods.quant.refine import float_targets, layer_weights, refine_layer
 from compressor.methods.registry import register_method
 
 if TYPE_CHECKING:
@@ -37,17 +37,15 @@ class RTNConfig(WeightQuantConfig):
 class RTN(WeightQuantizer):
     config_class = RTNConfig
     per_group_bits = True
-    supports_distributed = True  # its Hessians are all-reduced; refinement (refine_iters) is refused in prepare
+    supports_distributed = True  # its Hessians are all-reduced, and the refinement's gradients
 
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
         config = self.config
         assert isinstance(config, RTNConfig)
         targets = float_targets(ctx, config)
-        rounded: list[torch.Tensor | None] = []
+        originals = layer_weights(ctx, config) if targets is not None else {}  # what RTN rounds
 
         def solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int) -> tuple[QuantizedWeight, str]:
-            if targets is not None:
-                rounded.append(W)  # the module gets a new weight tensor; this one keeps the original values
             return quantize_rtn(W, bits, group_size, config.symmetric, grid=config.grid,
                                 scale_search=config.scale_search, importance=_importance(H)), ""
 
@@ -55,15 +53,13 @@ class RTN(WeightQuantizer):
             W: torch.Tensor, H: torch.Tensor, group_size: int, bits_per_group: torch.Tensor
         ) -> tuple[QuantizedWeight, str]:
             widths = int(bits_per_group.max())
-            if targets is not None:
-                rounded.append(W)
             return quantize_rtn(W, widths, group_size, config.symmetric, grid=config.grid,
                                 scale_search=config.scale_search, importance=_importance(H),
                                 bits_per_group=bits_per_group), ""
 
         records = quantize_layer_linears(ctx, config, solve, sequential=False, solve_mixed=solve_mixed, plan=self.plan)
         if targets is not None:
-            refine_layer(ctx, config, targets, dict(zip([r.module for r in records], rounded, strict=True)), records)
+            refine_layer(ctx, config, targets, {r.module: originals[r.module] for r in records}, records)
         return records
 
 
