@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--fit-on", default="auto", choices=["auto", "original", "sweep"],
                         help="GPTQ: when group scales are fitted.")
     parser.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order.")
+    parser.add_argument("--dampening", type=float, default=0.01, help="GPTQ: fraction of mean(diag H) added to H.")
     parser.add_argument("--refine-iters", type=int, default=0,
                         help="Block-wise refinement steps per layer after rtn/gptq (0: off; rtn then runs through "
                         "the engine).")
@@ -123,7 +124,8 @@ def main() -> None:
                       "refine_loss": args.refine_loss, "refine_dtype": args.refine_dtype}
             if method == "gptq" or args.scale_search == "weighted" or args.refine_iters:
                 stage = (GPTQ(GPTQConfig(method="gptq", act_order=not args.no_act_order, fit_on=args.fit_on,
-                                         **scheme)) if method == "gptq" else RTN(RTNConfig(method="rtn", **scheme)))
+                                         dampening=args.dampening, **scheme))
+                         if method == "gptq" else RTN(RTNConfig(method="rtn", **scheme)))
                 run = ModelContext(loaded.model, get_adapter(loaded.model), tokens, torch.device("cpu"), 8)
                 run_stages(run, [stage])
                 quantized = run.quantized
@@ -135,7 +137,8 @@ def main() -> None:
                 f"/refine{args.refine_iters}b{args.refine_batch}/{args.refine_target}/{args.refine_loss}"
                 + (f"/lr{args.refine_lr}" if args.refine_lr else "") + f"/{args.refine_dtype}"
                 if args.refine_iters else "") + (
-                f"/{args.fit_on}/{'no-' if args.no_act_order else ''}act-order" if method == "gptq" else "")
+                f"/{args.fit_on}/{'no-' if args.no_act_order else ''}act-order/damp{args.dampening}"
+                if method == "gptq" else "")
             rows.append({"setting": name, "method": method, "options": options, "ppl": ppl(), "seconds": seconds,
                          "bits_per_weight": bpw, "bits_incl_metadata": bpw_meta})
             print(json.dumps(rows[-1]), flush=True)
@@ -143,7 +146,8 @@ def main() -> None:
                                                                            "refine_iters", "refine_batch",
                                                                            "refine_target", "refine_lr",
                                                                            "refine_loss", "refine_dtype")}
-              | {"act_order": not args.no_act_order}, "calibration": f"demo:lee {args.samples}x{args.seq_len}",
+              | {"act_order": not args.no_act_order, "dampening": args.dampening},
+              "calibration": f"demo:lee {args.samples}x{args.seq_len}",
               "eval": f"demo:wiki {args.eval_tokens} tokens, windows of 512", "floor_forward_seconds": floor,
               "threads": torch.get_num_threads(), "peak_rss_mb": round(peak_rss_bytes() / 2**20), "rows": rows}
     print(json.dumps(result, indent=2))

@@ -27,13 +27,18 @@ def sharded_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -
     return parity.sharded_checkpoints(tmp_path_factory, tiny_tokenizer, "sharded")
 
 
-#: The shipped w4a16-gptq recipe's stage (act_order, dampening, lm_head ignored) beside the plain one.
-W4A16 = {"targets": ["Linear"], "ignore": ["lm_head"], "group_size": 128, "act_order": True, "dampening": 0.01}
+#: The shipped w4a16-gptq recipe's stage (act_order, dampening, lm_head ignored, block-wise refinement with fewer
+#: steps) beside the plain one.
+W4A16 = {"targets": ["Linear"], "ignore": ["lm_head"], "group_size": 128, "act_order": True, "dampening": 0.01,
+         "refine_iters": 3, "refine_lr": 0.05}
+#: A refinement with room to gain on the tiny checkpoint (GPTQ's 4-bit codes already fit its 128 calibration tokens).
+REFINED = {"bits": 3, "refine_iters": 12, "refine_lr": 0.05}
 
 
 @pytest.mark.parametrize(("method", "export", "dtype", "tied"), [
     ("gptq", "compressed-tensors", "float32", False),
     ("w4a16", "compressed-tensors", "float32", False),
+    ("refined", "compressed-tensors", "float32", False),
     ("gptq", "compressed-tensors", "bfloat16", True),
     ("rtn", "compressed-tensors", "bfloat16", False),
     ("gptq", "dense", "bfloat16", False),
@@ -43,6 +48,7 @@ def test_streamed_output_is_the_in_ram_output(sharded_dir: Any, text_file: Path,
                                               export: str, dtype: str, tied: bool) -> None:
     source = sharded_dir(dtype, tied, generation_file=method != "w4a16")
     recipe = parity.quantizer_recipe(text_file, "gptq", export, **W4A16) if method == "w4a16" else \
+        parity.quantizer_recipe(text_file, "rtn", export, **REFINED) if method == "refined" else \
         parity.quantizer_recipe(text_file, method, export)
     in_ram = compress(str(source), recipe, tmp_path / "ram", device="cpu", memory_budget="none")
     streamed = compress(str(source), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
@@ -53,6 +59,9 @@ def test_streamed_output_is_the_in_ram_output(sharded_dir: Any, text_file: Path,
     assert parity.timeless_rows(in_ram) == parity.timeless_rows(streamed)
     assert "streamed from disk" in streamed.warnings[0]["message"]
     assert not (tmp_path / "stream.partial").exists()
+    if method == "refined":  # the refinement ran and changed layers, streamed as in RAM
+        refined = [row["extra"]["refine"] for row in streamed.layers if "refine" in row.get("extra", {})]
+        assert refined and any(r["layer_mse_after"] < r["layer_mse_before"] for r in refined)
 
 
 def _layer_drop_recipe(text_file: Path, drop: dict[str, Any], then: str | None, export: str) -> Any:

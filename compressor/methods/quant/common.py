@@ -33,7 +33,8 @@ class WeightQuantConfig(TargetedConfig):
     group_size: GroupSize = Field(
         128,
         description="Columns sharing one scale; -1 = one scale per output channel. A width the size "
-        "does not divide gets the largest divisor below it (reported), unless strict_groups.",
+        "does not divide gets the largest power of two below it that divides the width (reported), unless "
+        "strict_groups.",
     )
     symmetric: bool = Field(True, description="Zero point fixed at the middle of the range.")
     strict_groups: bool = Field(False, description="Fail instead of shrinking a group size that does not divide.")
