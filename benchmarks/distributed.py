@@ -66,8 +66,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo:smollm2")
     parser.add_argument("--recipe", default="w4a16-gptq")
-    parser.add_argument("--set", action="append", default=[], help="recipe override, as compressor's --set (e.g. "
-                        "stages.0.refine_iters=0: the README's run measured plain GPTQ, before the recipe refined)")
     parser.add_argument("--calib", default=None, help="Calibration SOURCE (default: the recipe's).")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -79,7 +77,6 @@ def main() -> None:
     common = ["compress", args.model, "--recipe", args.recipe, "--calib-samples", str(args.samples),
               "--seq-len", str(args.seq_len), "--no-checkpoint", "--quiet"]
     common += ["--calib", args.calib] if args.calib else []
-    common += [option for value in args.set for option in ("--set", value)]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.processes),
                 "--monitor-interval", "0.2", "--master-port", str(_free_port()), "-m", "compressor"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -113,9 +113,7 @@ def main() -> None:
     parser.add_argument("--dump-layers", default="0,5,11,20,29")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    # GPTQ's own time against the floor: the shipped recipe's refinement stays off unless --set turns it on
-    overrides = [f"calibration.samples={args.samples}", f"calibration.seq_len={args.seq_len}",
-                 "stages.0.refine_iters=0", *args.set]
+    overrides = [f"calibration.samples={args.samples}", f"calibration.seq_len={args.seq_len}", *args.set]
     if args.layers:
         overrides.append(f"stages.0.targets=['re:model\\.layers\\.({'|'.join(map(str, range(args.layers)))})\\.']")
     recipe = load_recipe(args.recipe, overrides)

@@ -78,11 +78,9 @@ def write_checkpoint(directory: Path, args: argparse.Namespace) -> int:
 
 def run_compress(checkpoint: Path, calib: Path, out: Path, budget: str, args: argparse.Namespace) -> dict[str, Any]:
     """One ``compressor compress`` in a fresh process; its wall time and report."""
-    # plain GPTQ (the recipe's refinement off): the README's streamed run measured GPTQ W4 alone
     command = [sys.executable, "-m", "compressor", "compress", str(checkpoint), "--recipe", "w4a16-gptq",
-               "--set", "stages.0.refine_iters=0", "--calib", str(calib), "--calib-samples", str(args.samples),
-               "--seq-len", str(args.seq_len), "--out", str(out), "--memory-budget", budget, "--no-checkpoint",
-               "--json", "--device", "cpu"]
+               "--calib", str(calib), "--calib-samples", str(args.samples), "--seq-len", str(args.seq_len),
+               "--out", str(out), "--memory-budget", budget, "--no-checkpoint", "--json", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as stdout_file, tempfile.TemporaryFile("w+") as stderr_file:

@@ -231,7 +231,7 @@ RECIPES = {
     "bitstack": ("  - {method: bitstack, iterations: 2, rank: 2, budget: 2.5bpw, order: fisher, signs: residual}\n",
                  "bitstack"),
     "gptq": ("  - {method: gptq, bits: 3, group_size: 32, refine_iters: 20, refine_batch: 3, refine_dtype: float32}\n",
-             "compressed-tensors"),  # with the refinement, as the shipped w4a16-gptq
+             "compressed-tensors"),  # with the block-wise refinement
 }
 
 
