@@ -27,7 +27,7 @@ from torch.func import functional_call
 
 from compressor.distributed import all_reduce_sum_float64, is_distributed, rank, world_size
 from compressor.methods.base import LayerRecord
-from compressor.methods.quant.common import targeted_groups
+from compressor.methods.quant.common import claim_linear, targeted_groups
 from compressor.methods.quant.ops import QuantizedWeight
 from compressor.methods.quant.refine_ops import (
     FACTOR_RANGE,
@@ -146,8 +146,7 @@ def float_targets(ctx: LayerContext, config: WeightQuantConfig) -> list[torch.Te
 def layer_weights(ctx: LayerContext, config: WeightQuantConfig) -> dict[str, torch.Tensor]:
     """Full path -> weight tensor of every linear of this layer the stage targets, taken before it quantizes them
     (the write-back gives each module a new tensor, so these keep the original values)."""
-    return {ctx.path(name): ctx.module(name).weight.data for _, names in targeted_groups(ctx, config)
-            for name in names}
+    return dict(claim_linear(ctx, name) for _, names in targeted_groups(ctx, config) for name in names)
 
 
 def shared_across_processes(values: dict[str, torch.Tensor | None],
@@ -158,9 +157,14 @@ def shared_across_processes(values: dict[str, torch.Tensor | None],
         assert all(value is not None for value in values.values()), "a solved linear without its rounded values"
         return values
     parts = [torch.zeros(like[path].shape) if value is None else value.float() for path, value in values.items()]
-    total = all_reduce_sum_float64(torch.cat([part.reshape(-1) for part in parts])).float()
-    pieces = total.split([part.numel() for part in parts])
-    return {path: piece.view(like[path].shape) for path, piece in zip(values, pieces, strict=True)}
+    return dict(zip(values, _summed_over_processes(parts), strict=True))
+
+
+def _summed_over_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each of ``tensors`` summed over every process (in float64, one all-reduce), in its own shape and dtype."""
+    total = all_reduce_sum_float64(torch.cat([tensor.reshape(-1) for tensor in tensors]))
+    pieces = total.split([tensor.numel() for tensor in tensors])
+    return [piece.view(tensor.shape).to(tensor.dtype) for tensor, piece in zip(tensors, pieces, strict=True)]
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -245,7 +249,7 @@ def _signed_descent(
                         for index, rows in chunk), torch.zeros(()))
         rows_here = [_flat(ctx.inputs, index, rows) for index, rows in chunk]
         reference = float(initial[torch.cat(rows_here)].sum()) if rows_here else 0.0
-        step_loss, reference, _ = _global_sums(loss.detach(), reference, 0)
+        step_loss, reference = _global_sums(loss.detach(), reference)
         ratio = step_loss / reference if reference > 0 else 1.0
         if ratio < best_ratio:
             best, best_ratio = [module.snapshot() for module in modules], ratio
@@ -273,13 +277,12 @@ def _summed_gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> list[to
     Data-parallel, each process holds part of the step (possibly none of it); the sum, taken in float64, is the
     gradient one process would take on the whole step, and every process applies the same signed step to it.
     """
-    grads = list(torch.autograd.grad(loss, params, allow_unused=True)) if loss.requires_grad else [None] * len(params)
+    grads: list[torch.Tensor | None] = (list(torch.autograd.grad(loss, params, allow_unused=True))
+                                        if loss.requires_grad else [None] * len(params))
     if not is_distributed():
         return grads
-    flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads,
-                                                                                          strict=True)])
-    total = all_reduce_sum_float64(flat).to(flat.dtype)
-    return [part.view_as(p) for p, part in zip(params, total.split([p.numel() for p in params]), strict=True)]
+    return list(_summed_over_processes([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads,
+                                                                                            strict=True)]))
 
 
 def _chunks(inputs: list[CapturedBatch], size: int, generator: torch.Generator) -> Any:
