@@ -84,6 +84,8 @@ def main() -> None:
                         help="GPTQ: when group scales are fitted.")
     parser.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order.")
     parser.add_argument("--dampening", type=float, default=0.01, help="GPTQ: fraction of mean(diag H) added to H.")
+    parser.add_argument("--asymmetric", type=float, default=0.0,
+                        help="GPTQ: strength of the asymmetric (GPTAQ) correction toward the float model's inputs.")
     parser.add_argument("--refine-iters", type=int, default=0,
                         help="Block-wise refinement steps per layer after rtn/gptq (0: off; rtn then runs through "
                         "the engine).")
@@ -124,7 +126,7 @@ def main() -> None:
                       "refine_loss": args.refine_loss, "refine_dtype": args.refine_dtype}
             if method == "gptq" or args.scale_search == "weighted" or args.refine_iters:
                 stage = (GPTQ(GPTQConfig(method="gptq", act_order=not args.no_act_order, fit_on=args.fit_on,
-                                         dampening=args.dampening, **scheme))
+                                         dampening=args.dampening, asymmetric=args.asymmetric, **scheme))
                          if method == "gptq" else RTN(RTNConfig(method="rtn", **scheme)))
                 run = ModelContext(loaded.model, get_adapter(loaded.model), tokens, torch.device("cpu"), 8)
                 run_stages(run, [stage])
@@ -138,7 +140,7 @@ def main() -> None:
                 + (f"/lr{args.refine_lr}" if args.refine_lr else "") + f"/{args.refine_dtype}"
                 if args.refine_iters else "") + (
                 f"/{args.fit_on}/{'no-' if args.no_act_order else ''}act-order/damp{args.dampening}"
-                if method == "gptq" else "")
+                + (f"/asym{args.asymmetric}" if args.asymmetric else "") if method == "gptq" else "")
             rows.append({"setting": name, "method": method, "options": options, "ppl": ppl(), "seconds": seconds,
                          "bits_per_weight": bpw, "bits_incl_metadata": bpw_meta})
             print(json.dumps(rows[-1]), flush=True)
@@ -146,7 +148,7 @@ def main() -> None:
                                                                            "refine_iters", "refine_batch",
                                                                            "refine_target", "refine_lr",
                                                                            "refine_loss", "refine_dtype")}
-              | {"act_order": not args.no_act_order, "dampening": args.dampening},
+              | {"act_order": not args.no_act_order, "dampening": args.dampening, "asymmetric": args.asymmetric},
               "calibration": f"demo:lee {args.samples}x{args.seq_len}",
               "eval": f"demo:wiki {args.eval_tokens} tokens, windows of 512", "floor_forward_seconds": floor,
               "threads": torch.get_num_threads(), "peak_rss_mb": round(peak_rss_bytes() / 2**20), "rows": rows}

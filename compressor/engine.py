@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import torch
 from torch import nn
 
-from compressor.calibration.capture import CapturedBatch, CapturedInputs, StopForward, capture_inputs, patched_forwards
+from compressor.calibration.capture import (
+    CapturedBatch,
+    CapturedInputs,
+    FloatReference,
+    StopForward,
+    capture_inputs,
+    patched_forwards,
+)
 from compressor.calibration.precision import fitting_precision
 from compressor.distributed import Job, WeightedSum, raise_together, solve_partitioned
 from compressor.errors import NumericalError
@@ -291,35 +298,65 @@ class LayerContext:
         inside that sublayer changes again: the caller promises it (GPTQ's data-flow order), and the
         engine thaws before every stage. The projection itself may change (it is applied live).
         """
+        return self._hessian(group, replay)
+
+    def asymmetric_hessian(
+        self, group: LinearGroup, reference: FloatReference, replay: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(H, D)`` of the group's input ``X`` (this layer as it is now, on its own inputs) and ``X_f`` (the same
+        linear's input in ``reference.layer`` on ``reference.hidden``): ``D = 2/n (X_f - X)^T X``, ``[in, in]``.
+
+        Token by token, ``X_f`` is what the float model feeds the linear where the quantized prefix feeds it
+        ``X``: ``D`` is the cross term of the objective ``||X_f W^T - X Q^T||^2`` that GPTQ's symmetric objective
+        (``X_f = X``) leaves out (GPTAQ's asymmetric calibration). One pass computes both; ``replay`` as in
+        :meth:`hessian`.
+        """
+        shift = WeightedSum()
+        H = self._hessian(group, replay, (reference, shift))
+        D = shift.mean()
+        if D is None or not torch.isfinite(D).all():
+            raise NumericalError(f"non-finite float-model inputs reach {self.path(group.names[0])}: cannot "
+                                 "calibrate it asymmetrically")
+        return H, D.float()
+
+    def _hessian(
+        self, group: LinearGroup, replay: bool, reference: tuple[FloatReference, WeightedSum] | None = None
+    ) -> torch.Tensor:
         target = self._replayable(group) if replay else None
-        if target is None:
-            return self.hessians([group])[group]
-        kept: list[torch.Tensor] = []
-        H = self.hessians([group], keep=kept)[group]
-        sublayer, returns_tuple = target
-        self._replays[sublayer] = _Replay(self.module(group.names[0]), kept, returns_tuple)
+        kept: list[torch.Tensor] | None = [] if target is not None else None
+        H = self.hessians([group], keep=kept, reference=reference)[group]
+        if target is not None:
+            assert kept is not None
+            sublayer, returns_tuple = target
+            self._replays[sublayer] = _Replay(self.module(group.names[0]), kept, returns_tuple)
         return H
 
     @torch.no_grad()
     def hessians(
-        self, groups: list[LinearGroup], keep: list[torch.Tensor] | None = None
+        self, groups: list[LinearGroup], keep: list[torch.Tensor] | None = None,
+        reference: tuple[FloatReference, WeightedSum] | None = None,
     ) -> dict[LinearGroup, torch.Tensor]:
         """Hessians of several groups from shared forward passes (one pass when all are requested).
 
         Each batch's ``2/n X^T X`` is summed in float64, weighted by its tokens, over every process's batches.
 
-        ``keep`` (one group only) receives the inputs themselves, one tensor per batch.
+        ``keep`` (one group only) receives the inputs themselves, one tensor per batch. ``reference`` (one group
+        only): :meth:`asymmetric_hessian`'s cross term is summed into its ``WeightedSum`` the same way.
         """
-        if keep is not None and len(groups) != 1:
-            raise ValueError("hessians(keep=...) records the inputs of exactly one group")
+        if (keep is not None or reference is not None) and len(groups) != 1:
+            raise ValueError("hessians(keep=..., reference=...) records the inputs of exactly one group")
         sums = {g: WeightedSum() for g in groups}
 
-        def fold(total: WeightedSum, x: torch.Tensor) -> None:
-            total.add(*accumulate_hessian(None, x, 0))  # this batch's 2/n X^T X (float32) and its n tokens
+        def fold(group: LinearGroup, x: torch.Tensor) -> None:
+            sums[group].add(*accumulate_hessian(None, x, 0))  # this batch's 2/n X^T X (float32) and its n tokens
             if keep is not None:
                 keep.append(x)
+            if reference is not None:
+                rows = x.reshape(-1, x.shape[-1]).float()
+                shift = self._reference_input(reference[0], group.names[0]).reshape(rows.shape).float() - rows
+                reference[1].add(shift.T @ rows * (2 / max(rows.shape[0], 1)), rows.shape[0])
 
-        self.collect_many([(self.module(g.names[0]), partial(fold, sums[g])) for g in groups])
+        self.collect_many([(self.module(g.names[0]), partial(fold, g)) for g in groups])
         result = {}
         for group, total in sums.items():
             H = total.mean()  # over every process's batches (distributed.py): float64, then float32
@@ -327,6 +364,26 @@ class LayerContext:
                 raise NumericalError(f"non-finite inputs reach {self.path(group.names[0])}: cannot quantize it")
             result[group] = H.float()
         return result
+
+    def _reference_input(self, reference: FloatReference, name: str) -> torch.Tensor:
+        """The input of ``reference.layer``'s linear ``name`` on the running batch's float hidden states."""
+        found: list[torch.Tensor] = []
+
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            found.append(args[0])
+            raise StopForward
+
+        handle = reference.layer.get_submodule(name).register_forward_pre_hook(hook)
+        try:
+            with self.adapter.statistics(reference.layer):
+                reference.layer(reference.hidden[self._batch], **self.inputs[self._batch].kwargs)
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not found:
+            raise NumericalError(f"{self.path(name)}: the float layer's forward never reached it")
+        return found[0]
 
 
 

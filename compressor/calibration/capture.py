@@ -51,6 +51,16 @@ class CapturedInputs:
         return [CapturedBatch(h, kwargs) for h, kwargs in zip(states, self.kwargs[index], strict=True)]
 
 
+@dataclass
+class FloatReference:
+    """The float model's side of a layer for asymmetric statistics (``engine.LayerContext.asymmetric_hessian``)."""
+
+    #: The layer as it was before the stage changed it (a copy: the stage quantizes the live one in place).
+    layer: nn.Module
+    #: Per batch: the float model's hidden states entering this layer (the live layer gets the quantized prefix's).
+    hidden: list[torch.Tensor]
+
+
 @contextmanager
 def patched_forwards(patches: Mapping[nn.Module, Callable[..., Any]]) -> Iterator[None]:
     """Give modules another ``forward`` (an instance attribute) for the block, then restore what was there.

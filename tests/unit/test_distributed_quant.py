@@ -181,6 +181,16 @@ def test_bitstack_fisher_two_processes_choose_the_same_blocks(tmp_path: Path) ->
     assert sum(result["rows"] for result in ranks) == single["rows"]
 
 
+def test_asymmetric_gptq_two_processes_solve_as_one(tmp_path: Path) -> None:
+    """GPTAQ's cross terms (float model's inputs against the quantized prefix's) are summed like the Hessians, each
+    process carries the float hidden states of its own sequences, and each linear is retargeted and solved once."""
+    configs = [_config("gptq", bits=3, group_size=32, asymmetric=0.5)]
+    single, ranks = one_then_two_processes(partial(_compress, configs), tmp_path)
+    assert len(single["hessians"]) == 2 * 4 * 3  # H and D of each of 4 groups in 3 layers
+    for result in ranks:
+        _assert_same_run(single, result)
+
+
 MSE = ("layer_mse_before", "layer_mse_after")
 REFINE = [_config("gptq", bits=3, group_size=32, refine_iters=20, refine_batch=3, refine_dtype="float32")]
 

@@ -31,12 +31,15 @@ def sharded_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -
 W4A16 = {"targets": ["Linear"], "ignore": ["lm_head"], "group_size": 128, "act_order": True, "dampening": 0.01}
 #: A refinement with room to gain on the tiny checkpoint (GPTQ's 4-bit codes already fit its 128 calibration tokens).
 REFINED = {"bits": 3, "refine_iters": 12, "refine_lr": 0.05}
+#: Named cases: (method, stage options).
+STAGES = {"w4a16": ("gptq", W4A16), "refined": ("rtn", REFINED), "asymmetric": ("gptq", {"bits": 3, "asymmetric": 0.5})}
 
 
 @pytest.mark.parametrize(("method", "export", "dtype", "tied"), [
     ("gptq", "compressed-tensors", "float32", False),
     ("w4a16", "compressed-tensors", "float32", False),
     ("refined", "compressed-tensors", "float32", False),
+    ("asymmetric", "compressed-tensors", "float32", False),
     ("gptq", "compressed-tensors", "bfloat16", True),
     ("rtn", "compressed-tensors", "bfloat16", False),
     ("gptq", "dense", "bfloat16", False),
@@ -45,9 +48,8 @@ REFINED = {"bits": 3, "refine_iters": 12, "refine_lr": 0.05}
 def test_streamed_output_is_the_in_ram_output(sharded_dir: Any, text_file: Path, tmp_path: Path, method: str,
                                               export: str, dtype: str, tied: bool) -> None:
     source = sharded_dir(dtype, tied, generation_file=method != "w4a16")
-    recipe = parity.quantizer_recipe(text_file, "gptq", export, **W4A16) if method == "w4a16" else \
-        parity.quantizer_recipe(text_file, "rtn", export, **REFINED) if method == "refined" else \
-        parity.quantizer_recipe(text_file, method, export)
+    stage, options = STAGES.get(method, (method, {}))
+    recipe = parity.quantizer_recipe(text_file, stage, export, **options)
     in_ram = compress(str(source), recipe, tmp_path / "ram", device="cpu", memory_budget="none")
     streamed = compress(str(source), recipe, tmp_path / "stream", device="cpu", memory_budget="1KB")
     parity.same_files(tmp_path / "ram", tmp_path / "stream")

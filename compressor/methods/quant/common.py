@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -18,7 +19,7 @@ from compressor.methods.base import GroupSize, LayerRecord, Method, TargetedConf
 from compressor.methods.quant.ops import Grid, QuantizedWeight, ScaleSearch, effective_group_size, relative_error
 
 if TYPE_CHECKING:
-    from compressor.engine import LayerContext, ModelContext
+    from compressor.engine import FloatReference, LayerContext, ModelContext
     from compressor.models.base import LinearGroup, ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,18 @@ SolveMixed = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], tuple[Qua
 #: ``solve_joint([W, ...], H, bits, group_size)``: linears that read one input (q/k/v, gate/up) solved together, one
 #: ``(qweight, note)`` each, for a method whose rows are independent given H (GPTQ: one factorisation, one sweep).
 SolveJoint = Callable[[list[torch.Tensor], torch.Tensor, int, int], list[tuple[QuantizedWeight, str]]]
+#: ``retarget(W, H, D)``: the weight a solve on ``H`` should be given so that it fits the float model's outputs
+#: (``D``: :meth:`~compressor.engine.LayerContext.asymmetric_hessian`'s cross term).
+Retarget = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class AsymmetricCalibration:
+    """Solve each linear against the float model's inputs as well as its own (GPTAQ): :func:`quantize_layer_linears`
+    collects each group's cross term with ``reference`` and solves ``retarget(W, H, D)`` instead of ``W``."""
+
+    reference: FloatReference
+    retarget: Retarget
 
 
 @dataclass
@@ -226,6 +239,7 @@ def quantize_layer_linears(
     solve_mixed: SolveMixed | None = None,
     plan: BitPlan | None = None,
     solve_joint: SolveJoint | None = None,
+    asymmetric: AsymmetricCalibration | None = None,
 ) -> list[LayerRecord]:
     """For each linear group in data-flow order: collect H once, solve each targeted linear, write back.
 
@@ -235,23 +249,29 @@ def quantize_layer_linears(
     With a ``plan`` every targeted module gets its planned width (``config.bits`` is not used); one with
     per-group widths goes through ``solve_mixed``, which a method that cannot honour them leaves None
     (then such a plan is an error). ``solve_joint``, when given, takes a group's linears at once where they all
-    get the same width.
+    get the same width. With ``asymmetric`` (sequential only) each solve is given ``retarget(W, H, D)`` in place of
+    ``W``; the records still measure the result against ``W``.
     """
     records = []
     groups = targeted_groups(ctx, config)
     shared = {} if sequential or not groups else ctx.hessians([group for group, _ in groups])
     for group, names in groups:
         # Sequentially, nothing upstream of a group changes after its Hessian: its sublayer may replay.
-        H = shared[group] if group in shared else ctx.hessian(group, replay=sequential)
+        aim: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if asymmetric is not None and group not in shared:
+            H, D = ctx.asymmetric_hessian(group, asymmetric.reference, replay=sequential)
+            aim = partial(_aimed, asymmetric.retarget, H=H, D=D)
+        else:
+            H = shared[group] if group in shared else ctx.hessian(group, replay=sequential)
         planned = [(config.bits, None) if plan is None else plan.widths(ctx.path(n), config.method) for n in names]
         widths_of = [(config.bits if bits is None else bits, widths) for bits, widths in planned]
         # under torchrun the group's linears go to several processes instead of one joint solve
         if (solve_joint is not None and world_size() == 1 and len(names) > 1 and len(set(widths_of)) == 1
                 and widths_of[0][1] is None):
-            records += _quantize_joint(ctx, config, names, H, widths_of[0][0], solve_joint)
+            records += _quantize_joint(ctx, config, names, H, widths_of[0][0], solve_joint, aim)
         else:
             jobs = [_solve_job(ctx, config, name, H, bits, _mixed_solver(solve_mixed, widths, config.method,
-                                                                          ctx.path(name)) or solve)
+                                                                          ctx.path(name)) or solve, aim)
                     for name, (bits, widths) in zip(names, widths_of, strict=True)]
             solved = ctx.solve_each([job for _, job in jobs])
             for name, (W, _), (qweight, note, seconds) in zip(names, jobs, solved, strict=True):
@@ -282,8 +302,13 @@ def _mixed_solver(
     return solve
 
 
+def _aimed(retarget: Retarget, W: torch.Tensor, H: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    return retarget(W, H, D)
+
+
 def _quantize_joint(
-    ctx: LayerContext, config: WeightQuantConfig, names: list[str], H: torch.Tensor, bits: int, solve: SolveJoint
+    ctx: LayerContext, config: WeightQuantConfig, names: list[str], H: torch.Tensor, bits: int, solve: SolveJoint,
+    aim: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[LayerRecord]:
     """:func:`_solve_job`'s work for linears sharing ``H``, solved by one call; each record gets the solve's time
     in proportion to its rows."""
@@ -291,7 +316,7 @@ def _quantize_joint(
     paths, weights = [path for path, _ in claimed], [W for _, W in claimed]
     start = time.perf_counter()
     sizes = [layer_group_size(config, path, W.shape[1]) for path, W in zip(paths, weights, strict=True)]
-    solved = solve(weights, H, bits, sizes[0][0])
+    solved = solve(weights if aim is None else [aim(W) for W in weights], H, bits, sizes[0][0])
     per_row = (time.perf_counter() - start) / sum(W.shape[0] for W in weights)
     records = []
     for name, W, (_, group_note), (qweight, note) in zip(names, weights, sizes, solved, strict=True):
@@ -301,7 +326,8 @@ def _quantize_joint(
 
 
 def _solve_job(
-    ctx: LayerContext, config: WeightQuantConfig, name: str, H: torch.Tensor, bits: int, solve: Solve
+    ctx: LayerContext, config: WeightQuantConfig, name: str, H: torch.Tensor, bits: int, solve: Solve,
+    aim: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, Job[tuple[QuantizedWeight, str, float]]]:
     """One linear's weight and its solve as a job for ``ctx.solve_each`` (under torchrun one process solves it,
     the others receive the result).
@@ -314,7 +340,7 @@ def _solve_job(
 
     def run() -> tuple[QuantizedWeight, str, float]:
         start = time.perf_counter()
-        qweight, note = solve(W, H, bits, group_size)
+        qweight, note = solve(W if aim is None else aim(W), H, bits, group_size)
         return qweight, "; ".join(n for n in (group_note, note) if n), time.perf_counter() - start
 
     return W, Job(float(W.shape[0] * W.shape[1] ** 2), run)  # GPTQ's sweep: rows x cols^2

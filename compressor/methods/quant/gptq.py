@@ -7,6 +7,7 @@ group's Hessian comes from inputs produced by already-quantized predecessors.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -14,12 +15,24 @@ from typing import TYPE_CHECKING
 import torch
 from pydantic import Field, field_validator
 
+from compressor.calibration.capture import FloatReference
 from compressor.errors import NumericalError
 from compressor.methods.base import LayerRecord
-from compressor.methods.quant.common import WeightQuantConfig, WeightQuantizer, quantize_layer_linears
-from compressor.methods.quant.gptq_ops import FitOn, GPTQResult, gptq_quantize
+from compressor.methods.quant.common import (
+    AsymmetricCalibration,
+    WeightQuantConfig,
+    WeightQuantizer,
+    quantize_layer_linears,
+)
+from compressor.methods.quant.gptq_ops import FitOn, GPTQResult, asymmetric_target, gptq_quantize
 from compressor.methods.quant.ops import Grid, QuantizedWeight, ScaleSearch
-from compressor.methods.quant.refine import float_targets, layer_weights, refine_layer, shared_across_processes
+from compressor.methods.quant.refine import (
+    float_states,
+    float_targets,
+    layer_weights,
+    refine_layer,
+    shared_across_processes,
+)
 from compressor.methods.registry import register_method
 
 if TYPE_CHECKING:
@@ -50,6 +63,7 @@ class GPTQConfig(WeightQuantConfig):
       grid: full              # or restricted / full_positive (see rtn)
       scale_search: weighted  # or none / mse (weighted by diag(H))
       fit_on: auto        # or original / sweep: when group scales are fitted
+      asymmetric: 0       # > 0: fit the float model's outputs, not only the quantized prefix's (GPTAQ)
       refine_iters: 0     # > 0: SignRound-style block-wise refinement of the codes per decoder layer
       refine_batch: 2     # sequences per refinement step
     ```
@@ -75,6 +89,17 @@ class GPTQConfig(WeightQuantConfig):
         "sweep without: the GPTQ reference).",
     )
 
+    asymmetric: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Asymmetric calibration (GPTAQ): each linear, fed the quantized layers' outputs, is fitted to "
+        "what its float weights make of the float model's own inputs, so it also corrects the error the layers "
+        "before it left. The value scales that correction (0: plain GPTQ; 1: the full least-squares target). "
+        "Costs a float copy of each layer, the float model's hidden states beside the quantized ones and one "
+        "more partial forward per group.",
+    )
+
     @field_validator("bits")
     @classmethod
     def _storable_bits(cls, value: int) -> int:
@@ -92,9 +117,24 @@ class GPTQ(WeightQuantizer):
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
         config = self.config
         assert isinstance(config, GPTQConfig)
-        targets = float_targets(ctx, config)
+        asymmetric = states = reference = None
+        if config.asymmetric > 0 or (config.refine_iters > 0 and config.refine_target == "float_input"):
+            states = float_states(ctx, config)  # before anything here changes the layer
+        if config.asymmetric > 0:
+            assert states is not None
+            reference = FloatReference(copy.deepcopy(ctx.layer), states[0])
+        targets = float_targets(ctx, config, states)
         originals = layer_weights(ctx, config) if targets is not None else {}
         rounded: dict[int, torch.Tensor] = {}  # storage of an original weight -> what GPTQ rounded (solved here)
+        aimed: dict[int, int] = {}  # storage of a retargeted weight -> storage of its original
+        if reference is not None:
+
+            def retarget(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+                target = asymmetric_target(W, H, D, config.dampening, config.asymmetric)
+                aimed[target.data_ptr()] = W.data_ptr()
+                return target
+
+            asymmetric = AsymmetricCalibration(reference, retarget)
 
         def run(
             W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, bits_per_group: torch.Tensor | None = None
@@ -117,7 +157,7 @@ class GPTQ(WeightQuantizer):
                 log.warning("%s: %s", ctx.prefix, notes[0])
             if targets is not None:
                 assert result.rounded is not None
-                rounded[W.data_ptr()] = result.rounded
+                rounded[aimed.pop(W.data_ptr(), W.data_ptr())] = result.rounded
             return result.qweight, "; ".join(notes)
 
         def solve_mixed(
@@ -138,12 +178,13 @@ class GPTQ(WeightQuantizer):
                 start = rows.stop
                 if targets is not None:
                     assert result.rounded is not None
-                    rounded[W.data_ptr()] = result.rounded[rows]
+                    rounded[aimed.pop(W.data_ptr(), W.data_ptr())] = result.rounded[rows]
                 parts.append((_rows(result.qweight, rows), "; ".join(_numerics_notes(W, config.dampening, result))))
             return parts
 
         records = quantize_layer_linears(ctx, config, solve, sequential=True, solve_mixed=solve_mixed, plan=self.plan,
-                                         solve_joint=solve_joint if STACK_SHARED_INPUTS else None)
+                                         solve_joint=solve_joint if STACK_SHARED_INPUTS else None,
+                                         asymmetric=asymmetric)
         if targets is not None:
             solved = {r.module: rounded.get(originals[r.module].data_ptr()) for r in records}
             refine_layer(ctx, config, targets, shared_across_processes(solved, originals), records)

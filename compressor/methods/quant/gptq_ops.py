@@ -85,6 +85,34 @@ def accumulate_hessian(
     return _symmetric_update(H, rows, beta=n_seen / n_new, alpha=2 / n_new), n_new
 
 
+def asymmetric_target(
+    W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, dampening: float, strength: float = 1.0
+) -> torch.Tensor:
+    """The weight to give GPTQ (with ``H``) so that it minimises ``||X_f W^T - X Q^T||^2``: GPTAQ's asymmetric
+    objective, in which the quantized layer, fed the quantized prefix's inputs ``X``, is fitted to what the float
+    weights make of the float model's inputs ``X_f``. ``float32 [out, in]``.
+
+    With ``H = 2/n X^T X`` and ``D = 2/n (X_f - X)^T X`` (``engine.LayerContext.asymmetric_hessian``) the
+    objective of one output row ``q`` is ``(q - w')^T H (q - w') + const`` with ``w'^T = w^T (I + D H^-1)``, the
+    least-squares weight on ``X``: so GPTQ's own sweep on ``w'`` (the symmetric objective's minimiser) is the
+    asymmetric one's, column for column. ``H`` is dampened as GPTQ dampens it (``dampening * mean(diag H)``,
+    inputs that were always zero set to 1) so the correction is the ridge solution GPTQ's factor implies.
+    ``strength`` scales the correction: 0 is plain GPTQ, 1 the full least-squares target; between them a
+    shrunken one (the GPTAQ reference scales its correction by 0.25).
+    """
+    if strength == 0:
+        return W.float()
+    Hd = H.double().clone()
+    diagonal = torch.diagonal(Hd)
+    diagonal[diagonal == 0] = 1
+    diagonal.add_(dampening * diagonal.mean())
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info) != 0:
+        raise ValueError("the dampened Hessian is not positive definite: use a larger dampening")
+    correction = torch.cholesky_solve(D.double().T, L).T  # D H^-1 (H symmetric)
+    return (W.double() + strength * (W.double() @ correction)).float()
+
+
 def _symmetric_update(H: torch.Tensor, rows: torch.Tensor, beta: float, alpha: float, block: int = 192) -> torch.Tensor:
     """``beta * H + alpha * rows^T rows``, computing only the blocks on and above the diagonal.
 

@@ -112,35 +112,46 @@ class _FloatStream:
     hidden: list[torch.Tensor]
 
 
-def float_targets(ctx: LayerContext, config: WeightQuantConfig) -> list[torch.Tensor] | None:
+def float_targets(
+    ctx: LayerContext, config: WeightQuantConfig, states: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+) -> list[torch.Tensor] | None:
     """What the refined layer must reproduce, one tensor per calibration batch, computed before quantizing;
     None when refinement is off.
 
     ``quantized_input``: the float layer on this layer's own (quantized-prefix) inputs. ``float_input``: the
-    float layer on the float model's hidden states, a stream this function carries from layer to layer in
-    ``ctx.run.plans`` (layer 0: the captured inputs; layer i + 1: these targets), so a layer's refinement also
-    corrects the error the quantized layers before it left. A stream that is missing past layer 0 (a run
-    resumed from a checkpoint) starts again from this layer's inputs, with a warning.
+    float layer on the float model's hidden states (:func:`float_states`; pass ``states`` when the stage took
+    them already), so a layer's refinement also corrects the error the quantized layers before it left.
     """
     if config.refine_iters == 0:
         return None
     if config.refine_target == "quantized_input":
         return ctx.forward()
+    return (states or float_states(ctx, config))[1]
+
+
+def float_states(ctx: LayerContext, config: WeightQuantConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(the float model's hidden states entering this layer, the float layer's output on them), one tensor per
+    calibration batch; call it before the stage changes the layer, once per layer.
+
+    The stream is carried from layer to layer beside the engine's quantized-prefix one, in ``ctx.run.plans``
+    (layer 0: the captured inputs; layer i + 1: layer i's outputs here). A stream that is missing past layer 0 (a
+    run resumed from a checkpoint) starts again from this layer's inputs, with a warning.
+    """
     streams = ctx.run.plans.setdefault(_STREAMS, {})
     stream = streams.pop(id(config), None)
     if stream is None or stream.index != ctx.index:
         if ctx.index > 0:
-            log.warning("%s: refinement's float hidden states are missing (resumed run?); they restart from this "
+            log.warning("%s: the float model's hidden states are missing (resumed run?); they restart from this "
                         "layer's inputs", ctx.prefix)
         stream = _FloatStream(ctx.index, [batch.hidden for batch in ctx.inputs])
     with torch.no_grad():
-        targets = [_first(ctx.layer(hidden, **batch.kwargs))
+        outputs = [_first(ctx.layer(hidden, **batch.kwargs))
                    for hidden, batch in zip(stream.hidden, ctx.inputs, strict=True)]
     if ctx.index + 1 < len(ctx.adapter.layers()):
-        streams[id(config)] = _FloatStream(ctx.index + 1, targets)
+        streams[id(config)] = _FloatStream(ctx.index + 1, outputs)
     elif not streams:
         del ctx.run.plans[_STREAMS]
-    return targets
+    return stream.hidden, outputs
 
 
 def layer_weights(ctx: LayerContext, config: WeightQuantConfig) -> dict[str, torch.Tensor]:
