@@ -19,7 +19,8 @@ from compressor.methods.base import GroupSize, LayerRecord, Method, TargetedConf
 from compressor.methods.quant.ops import Grid, QuantizedWeight, ScaleSearch, effective_group_size, relative_error
 
 if TYPE_CHECKING:
-    from compressor.engine import FloatReference, LayerContext, ModelContext
+    from compressor.calibration.capture import FloatReference
+    from compressor.engine import LayerContext, ModelContext
     from compressor.models.base import LinearGroup, ModelAdapter
 
 log = logging.getLogger(__name__)

@@ -117,13 +117,11 @@ class GPTQ(WeightQuantizer):
     def apply(self, ctx: LayerContext) -> list[LayerRecord]:
         config = self.config
         assert isinstance(config, GPTQConfig)
-        asymmetric = states = reference = None
-        if config.asymmetric > 0 or (config.refine_iters > 0 and config.refine_target == "float_input"):
-            states = float_states(ctx, config)  # before anything here changes the layer
-        if config.asymmetric > 0:
-            assert states is not None
+        asymmetric = reference = None
+        states = float_states(ctx, config) if config.asymmetric > 0 else None  # before anything changes the layer
+        if states is not None:
             reference = FloatReference(copy.deepcopy(ctx.layer), states[0])
-        targets = float_targets(ctx, config, states)
+        targets = float_targets(ctx, config, states)  # takes the float states itself when only it needs them
         originals = layer_weights(ctx, config) if targets is not None else {}
         rounded: dict[int, torch.Tensor] = {}  # storage of an original weight -> what GPTQ rounded (solved here)
         aimed: dict[int, int] = {}  # storage of a retargeted weight -> storage of its original
