@@ -27,8 +27,9 @@ def sharded_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -
     return parity.sharded_checkpoints(tmp_path_factory, tiny_tokenizer, "sharded")
 
 
-#: The shipped w4a16-gptq recipe's stage (act_order, dampening, lm_head ignored) beside the plain one.
-W4A16 = {"targets": ["Linear"], "ignore": ["lm_head"], "group_size": 128, "act_order": True, "dampening": 0.01}
+#: The shipped w4a16-gptq recipe's stage (act_order, dampening, asymmetric, lm_head ignored) beside the plain one.
+W4A16 = {"targets": ["Linear"], "ignore": ["lm_head"], "group_size": 128, "act_order": True, "dampening": 0.01,
+         "asymmetric": 0.25}
 #: A refinement with room to gain on the tiny checkpoint (GPTQ's 4-bit codes already fit its 128 calibration tokens).
 REFINED = {"bits": 3, "refine_iters": 12, "refine_lr": 0.05}
 #: Named cases: (method, stage options).
