@@ -16,7 +16,7 @@ from tiny import tiny_model
 from compressor.errors import RecipeError, UsageError
 from compressor.export.streamed import TensorSpec, write_safetensors
 from compressor.pipeline import compress
-from compressor.recipe import recipe_from_dict
+from compressor.recipe import load_recipe, recipe_from_dict
 from compressor.streaming import checkpoint_weight_bytes, plan_streaming
 from compressor.streaming.layers import LayerStreamer
 
@@ -27,20 +27,19 @@ def sharded_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -
     return parity.sharded_checkpoints(tmp_path_factory, tiny_tokenizer, "sharded")
 
 
-#: The shipped w4a16-gptq recipe's stage (act_order, dampening, asymmetric, lm_head ignored) beside the plain one.
-W4A16 = {"targets": ["Linear"], "ignore": ["lm_head"], "group_size": 128, "act_order": True, "dampening": 0.01,
-         "asymmetric": 0.25}
+#: The shipped w4a16-gptq recipe's own stage (act-order, dampening, asymmetric calibration, lm_head ignored), beside
+#: the plain one.
+W4A16 = load_recipe("w4a16-gptq").stages[0].model_dump(exclude_unset=True, exclude={"method"})
 #: A refinement with room to gain on the tiny checkpoint (GPTQ's 4-bit codes already fit its 128 calibration tokens).
 REFINED = {"bits": 3, "refine_iters": 12, "refine_lr": 0.05}
 #: Named cases: (method, stage options).
-STAGES = {"w4a16": ("gptq", W4A16), "refined": ("rtn", REFINED), "asymmetric": ("gptq", {"bits": 3, "asymmetric": 0.5})}
+STAGES = {"w4a16": ("gptq", W4A16), "refined": ("rtn", REFINED)}
 
 
 @pytest.mark.parametrize(("method", "export", "dtype", "tied"), [
     ("gptq", "compressed-tensors", "float32", False),
     ("w4a16", "compressed-tensors", "float32", False),
     ("refined", "compressed-tensors", "float32", False),
-    ("asymmetric", "compressed-tensors", "float32", False),
     ("gptq", "compressed-tensors", "bfloat16", True),
     ("rtn", "compressed-tensors", "bfloat16", False),
     ("gptq", "dense", "bfloat16", False),
